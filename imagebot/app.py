@@ -1,0 +1,294 @@
+"""Composition root: build Services and the PTB Application, and own the process lifecycle.
+
+Start: open + migrate the store → ops server → Application.initialize (getMe, retried while
+Telegram is unreachable) → start → resume unfinished jobs → replay saved updates → intake.
+Stop (SIGTERM/SIGINT): intake first (no new updates, webhooks answered 503), then the runner
+(in-flight submits and sends finish, the rest stays resumable), then PTB, then the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from telegram.error import InvalidToken, NetworkError
+from telegram.ext import Application, ContextTypes
+from telegram.request import HTTPXRequest
+
+from imagebot.bot.context import SERVICES_KEY, BotContext
+from imagebot.bot.handlers import register
+from imagebot.config import Settings
+from imagebot.delivery import Delivery
+from imagebot.errors import ConfigError
+from imagebot.health import Heartbeat, sd_notify
+from imagebot.intake import Intake, PerChatUpdateProcessor
+from imagebot.logs import get_logger
+from imagebot.media import (
+    GuardedFetcher,
+    download_telegram_file,
+    inspect_image,
+    prepare_edit_input,
+)
+from imagebot.metrics import Metrics
+from imagebot.models import ImageFile, Job, JobKind
+from imagebot.netguard import AddressGuard, Resolver, system_resolver
+from imagebot.ops_server import OpsServer, OpsState
+from imagebot.policy import Policy
+from imagebot.progress import Progress
+from imagebot.providers.base import ImageProvider
+from imagebot.providers.fal import FalProvider
+from imagebot.providers.local import LocalProvider
+from imagebot.providers.replicate import ReplicateProvider
+from imagebot.ratelimit import TelegramRateLimiter
+from imagebot.results import ResultFiles
+from imagebot.services import Services
+from imagebot.store.db import Database
+from imagebot.store.inbox import Inbox
+from imagebot.store.jobs import JobStore
+from imagebot.store.migrate import migrate
+from imagebot.worker import JobRunner
+
+log = get_logger(__name__)
+
+SHUTDOWN_GRACE_S = 15.0  # imagebot.service gives TimeoutStopSec=45
+
+
+@dataclass
+class App:
+    """Everything one running bot owns."""
+
+    services: Services
+    application: Application[Any, Any, Any, Any, Any, Any]
+    ops: OpsServer
+    state: OpsState
+    providers: dict[JobKind, ImageProvider]
+    fetcher: GuardedFetcher
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    exit_code: int = 0
+
+    def request_stop(self, reason: str = "signal", exit_code: int = 0) -> None:
+        if not self.stop_event.is_set():
+            log.info("stop_requested", reason=reason)
+            self.exit_code = exit_code
+            self.stop_event.set()
+
+
+def _providers(settings: Settings, fetcher: GuardedFetcher) -> dict[JobKind, ImageProvider]:
+    generate: ImageProvider
+    if settings.generate.provider == "replicate":
+        assert settings.replicate_api_token is not None
+        generate = ReplicateProvider(
+            settings.replicate,
+            settings.replicate_api_token.get_secret_value(),
+            fetcher.fetch_image,
+        )
+    else:
+        generate = LocalProvider()
+    edit: ImageProvider
+    if settings.edit.provider == "fal":
+        assert settings.fal_key is not None
+        edit = FalProvider(settings.fal, settings.fal_key.get_secret_value(), fetcher.fetch_image)
+    else:
+        edit = generate if isinstance(generate, LocalProvider) else LocalProvider()
+    return {JobKind.GENERATE: generate, JobKind.EDIT: edit}
+
+
+def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
+    """Wire every collaborator (no I/O happens here)."""
+    metrics = Metrics()
+    db = Database(settings.storage.database, synchronous=settings.storage.synchronous)
+    inbox = Inbox(db)
+    store = JobStore(db)
+    tg = settings.telegram
+    timeout = tg.request_timeout_s
+    application = (
+        Application.builder()
+        .token(settings.bot_token)
+        .base_url(tg.bot_url)
+        .base_file_url(tg.file_url)
+        .local_mode(tg.local_mode)
+        .updater(None)
+        .request(
+            HTTPXRequest(
+                connection_pool_size=128,
+                connect_timeout=10,
+                read_timeout=timeout,
+                write_timeout=timeout,
+                pool_timeout=timeout,
+                media_write_timeout=max(60.0, timeout),
+            )
+        )
+        .get_updates_request(HTTPXRequest(connection_pool_size=2, connect_timeout=10))
+        .rate_limiter(TelegramRateLimiter(tg, on_flood_wait=lambda _: metrics.telegram_429.inc()))
+        .context_types(ContextTypes(context=BotContext))
+        .concurrent_updates(PerChatUpdateProcessor(inbox))
+        .build()
+    )
+    guard = AddressGuard(
+        settings.media.allowed_hosts, settings.media.allowed_private_networks, resolver
+    )
+    fetcher = GuardedFetcher(
+        guard,
+        max_bytes=settings.media.max_bytes,
+        max_pixels=settings.media.max_pixels,
+        timeout_s=settings.media.timeout_s,
+        max_redirects=settings.media.max_redirects,
+    )
+    providers = _providers(settings, fetcher)
+    delivery = Delivery(application.bot)
+    progress = Progress(delivery, store, settings.progress)
+    results = ResultFiles(settings.storage.results_dir)
+
+    async def load_input(job: Job) -> ImageFile:
+        assert job.input_file_id is not None
+        data = await download_telegram_file(
+            application.bot, job.input_file_id, file_base_url=tg.file_url, local_mode=tg.local_mode
+        )
+        image = await asyncio.to_thread(inspect_image, data, settings.media.max_pixels)
+        return await asyncio.to_thread(prepare_edit_input, image, settings.edit.max_input_side_px)
+
+    runner = JobRunner(
+        settings=settings,
+        store=store,
+        providers=providers,
+        delivery=delivery,
+        progress=progress,
+        metrics=metrics,
+        results=results,
+        load_input=load_input,
+    )
+    assert application.job_queue is not None, "python-telegram-bot[job-queue] is required"
+    runner.attach(application.job_queue)
+    state = OpsState(heartbeat=Heartbeat())
+    app_ref: list[App] = []
+    intake = Intake(
+        application,
+        inbox,
+        metrics,
+        settings,
+        on_fatal=lambda why: app_ref[0].request_stop(why, exit_code=2),
+    )
+    services = Services(
+        settings=settings,
+        db=db,
+        inbox=inbox,
+        store=store,
+        policy=Policy(settings),
+        runner=runner,
+        delivery=delivery,
+        progress=progress,
+        metrics=metrics,
+        results=results,
+        intake=intake,
+    )
+    application.bot_data[SERVICES_KEY] = services
+    register(application)
+    app = App(services, application, OpsServer(services, state), state, providers, fetcher)
+    app_ref.append(app)
+    return app
+
+
+async def _initialize(app: App) -> None:
+    """getMe, retried with backoff while Telegram is unreachable; a rejected token is fatal."""
+    delay = 1.0
+    while True:
+        try:
+            await app.application.initialize()
+        except InvalidToken as exc:
+            raise ConfigError(
+                "TELEGRAM_BOT_TOKEN", "was rejected by Telegram: check the token from @BotFather"
+            ) from exc
+        except NetworkError as exc:
+            log.warning("telegram_unreachable", error=str(exc), retry_in_s=delay)
+        else:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(app.stop_event.wait(), delay)
+        if app.stop_event.is_set():
+            raise asyncio.CancelledError
+        delay = min(delay * 2, 30.0)
+
+
+def _schedule_maintenance(app: App) -> None:
+    services = app.services
+    settings = services.settings
+    job_queue = app.application.job_queue
+    assert job_queue is not None
+
+    async def sweep(_: object) -> None:
+        await services.runner.sweep()
+
+    async def refresh_queue(_: object) -> None:
+        await services.progress.refresh_queue()
+
+    async def prune(_: object) -> None:
+        await _prune(services)
+
+    job_queue.run_repeating(sweep, settings.limits.sweep_interval_s, name="sweep")
+    job_queue.run_repeating(refresh_queue, settings.progress.queue_refresh_s, name="queue-refresh")
+    job_queue.run_repeating(prune, settings.storage.prune_interval_s, first=60, name="prune")
+
+
+async def _prune(services: Services) -> None:
+    """Retention: processed inbox rows, old finished jobs and their files, old result files."""
+    storage = services.settings.storage
+    inbox_rows = await services.inbox.prune(storage.inbox_retention_days)
+    removed_jobs = await services.store.prune(storage.jobs_retention_days)
+    files = sum(services.results.remove(job.result_paths) for job in removed_jobs)
+    for job in await services.store.with_results_older_than(storage.results_retention_days):
+        files += services.results.remove(job.result_paths)
+        await services.store.update(job.id, result_paths=[])
+    if inbox_rows or removed_jobs or files:
+        log.info("pruned", inbox_rows=inbox_rows, jobs=len(removed_jobs), files=files)
+
+
+async def run(app: App) -> int:
+    """Run until `app.stop_event` is set; return the process exit code."""
+    services = app.services
+    settings = services.settings
+    await services.db.open()
+    try:
+        applied = await migrate(services.db)
+        app.state.heartbeat.start()
+        await app.ops.start()
+        log.info(
+            "starting",
+            mode=settings.telegram.mode,
+            ops=f"{settings.ops.listen}:{app.ops.port}",
+            migrations_applied=applied,
+            generate_provider=settings.generate.provider,
+            edit_provider=settings.edit.provider,
+        )
+        await _initialize(app)
+        try:
+            await app.application.start()
+            _schedule_maintenance(app)
+            await services.runner.recover()
+            await services.intake.replay()
+            await services.intake.start()
+            app.state.ready = True
+            sd_notify("READY=1")
+            log.info("bot_ready", username=app.application.bot.username)
+            await app.stop_event.wait()
+        finally:
+            app.state.stopping = True
+            sd_notify("STOPPING=1")
+            log.info("stopping")
+            await services.intake.stop()
+            await services.runner.shutdown(SHUTDOWN_GRACE_S)
+            if app.application.running:
+                await app.application.stop()
+            await app.application.shutdown()
+    except asyncio.CancelledError:
+        log.info("start_aborted")
+    finally:
+        await app.ops.stop()
+        for provider in {id(p): p for p in app.providers.values()}.values():
+            await provider.aclose()
+        await app.fetcher.aclose()
+        await app.state.heartbeat.stop()
+        await services.db.close()
+        log.info("stopped", exit_code=app.exit_code)
+    return app.exit_code

@@ -1,0 +1,193 @@
+"""The one path from a user's request to a job: access, input, policy, store, "Generating…", run.
+
+/generate, /edit (every way in) and the 🔁 Again button all come through `request_job`, so
+every guard applies the same way whatever the entry.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from telegram import Chat, Message, Update, User
+
+from imagebot.bot import texts
+from imagebot.bot.context import BotContext
+from imagebot.delivery import cancel_keyboard
+from imagebot.errors import DeliveryError
+from imagebot.logs import get_logger
+from imagebot.models import Job, JobKind, NewJob
+from imagebot.policy import Decision, Reason
+from imagebot.store.db import utcnow
+from imagebot.store.usage import claim_notice
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EditInput:
+    """The photo an edit works on: a Telegram file_id and what Telegram told us of it."""
+
+    file_id: str
+    file_size: int | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+def command_argument(text: str | None) -> str:
+    """The text after the leading /command (or /command@bot), newlines kept."""
+    if not text:
+        return ""
+    stripped = text.lstrip()
+    if not stripped.startswith("/"):
+        return stripped
+    parts = stripped.split(maxsplit=1)
+    return parts[1] if len(parts) > 1 else ""
+
+
+def is_addressed(message: Message | None, context: BotContext) -> bool:
+    """In a group, a command must name this bot (/generate@BotName) unless the operator
+    turned that off; in a private chat anything goes."""
+    if message is None or message.chat.type == Chat.PRIVATE:
+        return True
+    if not context.services.settings.telegram.groups_require_mention:
+        return True
+    text = message.text or message.caption or ""
+    first = text.split(maxsplit=1)[0] if text else ""
+    _, _, mention = first.partition("@")
+    return bool(mention) and mention.lower() == (context.bot.username or "").lower()
+
+
+async def reply(update: Update, context: BotContext, text: str) -> None:
+    """Answer in the chat of the update, quoting the message when there is one."""
+    chat = update.effective_chat
+    if chat is None:
+        return
+    message = update.effective_message
+    try:
+        await context.services.delivery.send_text(
+            chat.id, text, reply_to=message.message_id if message else None
+        )
+    except DeliveryError as exc:
+        log.warning("reply_failed", error_code=exc.code)
+
+
+async def ensure_access(update: Update, context: BotContext) -> bool:
+    """Allowlist check; a refused user is told their id at most once per window."""
+    services = context.services
+    user, chat = update.effective_user, update.effective_chat
+    if user is None or chat is None:
+        return False
+    if services.policy.may_use(user.id, chat.id):
+        return True
+    services.metrics.refusals.labels(Reason.ALLOWLIST.value).inc()
+    log.info("request_refused", reason=Reason.ALLOWLIST.value, user_id=user.id, chat_id=chat.id)
+    interval = services.settings.access.refusal_notice_interval_s
+    if await claim_notice(services.db, user.id, Reason.ALLOWLIST.value, interval):
+        await reply(update, context, texts.not_allowed(user.id))
+    return False
+
+
+async def refuse(update: Update, context: BotContext, kind: JobKind, decision: Decision) -> None:
+    services = context.services
+    reason = decision.reason or Reason.INPUT
+    services.metrics.refusals.labels(reason.value).inc()
+    log.info("request_refused", reason=reason.value, code=decision.code, limit=decision.limit)
+    retry = decision.retry_after_s or 0.0
+    if reason is Reason.RATE:
+        text = texts.rate_limited(decision.limit or 0, retry)
+    elif reason is Reason.CAP:
+        text = texts.cap_reached(kind, decision.limit or 0, retry, decision.code == "disabled")
+    elif reason is Reason.SPEND:
+        log.warning("spend_cap_reached", spent_usd=decision.used, cap_usd=decision.limit)
+        text = texts.spend_cap_reached(retry)
+    else:
+        text = texts.input_problem(decision.code, decision.limit, decision.used, kind)
+    await reply(update, context, text)
+
+
+def _operation(
+    context: BotContext, kind: JobKind
+) -> tuple[str, dict[str, str | int | float | bool]]:
+    settings = context.services.settings
+    op = settings.generate if kind is JobKind.GENERATE else settings.edit
+    return op.provider, dict(op.params)
+
+
+async def request_job(
+    update: Update,
+    context: BotContext,
+    kind: JobKind,
+    text: str | None,
+    *,
+    edit_input: EditInput | None = None,
+    parent_job_id: int | None = None,
+) -> Job | None:
+    """Check and create a job for this update, answer "Generating…", and start it."""
+    services = context.services
+    user: User | None = update.effective_user
+    chat: Chat | None = update.effective_chat
+    message = update.effective_message
+    if user is None or chat is None or not await ensure_access(update, context):
+        return None
+    prompt, decision = services.policy.clean_text(text)
+    if not decision.allowed:
+        await refuse(update, context, kind, decision)
+        return None
+    provider, params = _operation(context, kind)
+    new = NewJob(
+        kind=kind,
+        update_id=update.update_id,
+        chat_id=chat.id,
+        user_id=user.id,
+        chat_type=chat.type,
+        prompt=prompt,
+        provider=provider,
+        params=params,
+        cost_estimate_usd=services.policy.cost_estimate(kind),
+        command_message_id=message.message_id if message else None,
+        input_file_id=edit_input.file_id if edit_input else None,
+        input_file_size=edit_input.file_size if edit_input else None,
+        input_width=edit_input.width if edit_input else None,
+        input_height=edit_input.height if edit_input else None,
+        parent_job_id=parent_job_id,
+    )
+    now = utcnow()
+    async with services.runner.acknowledging(update.update_id):
+        decision_or_none, job = await services.store.create(
+            new,
+            decide=lambda counters: services.policy.decide(user.id, kind, counters, now),
+        )
+        if job is None:
+            if decision_or_none is None:
+                log.info("update_already_made_job")
+            else:
+                await refuse(update, context, kind, decision_or_none)
+            return None
+        services.metrics.jobs_created.labels(kind.value).inc()
+        log.info("job_created", job_id=job.id, kind=kind.value, provider=provider)
+        await _send_status(context, job)
+        arrived = services.intake.received_at(update.update_id)
+        if arrived is not None:
+            services.metrics.ack_latency.labels(kind.value).observe(time.monotonic() - arrived)
+    if not await services.runner.submit(job.id):
+        position = await services.store.queue_position(job.id)
+        await services.progress.show_queued(job, position, force=True)
+    return job
+
+
+async def _send_status(context: BotContext, job: Job) -> None:
+    services = context.services
+    try:
+        status = await services.delivery.send_text(
+            job.chat_id,
+            texts.status_started(job.kind, job.id),
+            reply_to=job.command_message_id,
+            markup=cancel_keyboard(job.id),
+        )
+    except DeliveryError as exc:
+        # The worker sends it when it starts the job; the job itself is safe in the store.
+        log.warning("status_message_failed", job_id=job.id, error_code=exc.code)
+        return
+    job.status_message_id = status.message_id
+    await services.store.update(job.id, status_message_id=status.message_id)

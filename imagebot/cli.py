@@ -1,0 +1,114 @@
+"""Command line: `imagebot [--polling|--webhook] [--config PATH]`, `imagebot check-config`.
+
+A configuration problem prints one line naming the setting and exits with code 2, before
+anything touches the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+
+from imagebot import __version__
+from imagebot.config import Settings, load_settings
+from imagebot.errors import ConfigError, StoreError
+from imagebot.logs import configure_logging
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagebot",
+        description="Telegram bot that generates images (Replicate) and edits photos (fal.ai).",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["run", "check-config"],
+        default="run",
+        help="run the bot (default) or validate the configuration and print it",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--polling",
+        action="store_const",
+        const="polling",
+        dest="mode",
+        help="receive updates with getUpdates long polling (development)",
+    )
+    mode.add_argument(
+        "--webhook",
+        action="store_const",
+        const="webhook",
+        dest="mode",
+        help="receive updates on the webhook (production)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $IMAGEBOT_CONFIG, else ./config.toml)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        help="log format (default: [logs] format, json unless a terminal)",
+    )
+    parser.add_argument(
+        "--check-config", action="store_true", help="same as the check-config command"
+    )
+    parser.add_argument("--version", action="version", version=f"imagebot {__version__}")
+    return parser
+
+
+def effective_settings(settings: Settings) -> dict[str, object]:
+    """Every setting as JSON, secrets masked (a set secret shows as '**********')."""
+    data: dict[str, object] = settings.model_dump(mode="json")
+    for key in (
+        "telegram_bot_token",
+        "replicate_api_token",
+        "fal_key",
+        "webhook_secret",
+        "ops_token",
+    ):
+        data[key] = "**********" if data.get(key) else None
+    return data
+
+
+async def _serve(settings: Settings) -> int:
+    from imagebot.app import build, run  # the bot's heavy imports, only when running it
+
+    app = build(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.request_stop, sig.name)
+    return await run(app)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, mode=args.mode)
+    except ConfigError as exc:
+        print(f"imagebot: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+    if args.command == "check-config" or args.check_config:
+        print(json.dumps(effective_settings(settings), indent=2, default=str))  # noqa: T201
+        return 0
+    configure_logging(
+        fmt=args.log_format or settings.logs.format,
+        level=settings.logs.level,
+        secrets=settings.secret_values(),
+    )
+    try:
+        return asyncio.run(_serve(settings))
+    except ConfigError as exc:
+        print(f"imagebot: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_CONFIG
+    except StoreError as exc:
+        print(f"imagebot: database error: {exc}", file=sys.stderr)  # noqa: T201
+        return 1

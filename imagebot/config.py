@@ -1,0 +1,459 @@
+"""Settings: config.toml, overridden by IMAGEBOT_<SECTION>__<KEY>; secrets from vendor variables.
+
+Every problem becomes one `ConfigError` naming the dotted key (or the environment variable) before
+any network call is made.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from imagebot.errors import ConfigError
+
+DEFAULT_TELEGRAM_API = "https://api.telegram.org"
+SECRET_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+# Backend parameters the user must never set: the user's text and photo go in these.
+RESERVED_PARAMS = frozenset({"prompt", "image", "image_url", "image_urls", "input_image"})
+
+# Clamps applied to the operator's [generate.params] / [edit.params] (vendor limits).
+PARAM_CLAMPS: dict[str, tuple[float, float]] = {
+    "num_outputs": (1, 4),
+    "num_images": (1, 4),
+    "num_inference_steps": (1, 50),
+    "guidance": (0, 10),
+    "guidance_scale": (0, 20),
+    "output_quality": (0, 100),
+    "lora_scale": (-1, 3),
+    "extra_lora_scale": (-1, 3),
+    "prompt_strength": (0, 1),
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TelegramSettings(Section):
+    mode: Literal["polling", "webhook"] = "polling"
+    api_base_url: str = DEFAULT_TELEGRAM_API
+    local_mode: bool = False
+    poll_timeout_s: int = Field(30, ge=0, le=50)
+    groups_require_mention: bool = True
+    rate_overall_per_s: float = Field(25, gt=0, le=1000)
+    rate_per_chat_per_s: float = Field(1, gt=0, le=30)
+    rate_group_per_min: float = Field(20, gt=0, le=600)
+    max_send_retries: int = Field(5, ge=0, le=20)
+    request_timeout_s: float = Field(20, gt=0, le=300)
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @property
+    def bot_url(self) -> str:
+        return f"{self.api_base_url}/bot"
+
+    @property
+    def file_url(self) -> str:
+        return f"{self.api_base_url}/file/bot"
+
+
+class WebhookSettings(Section):
+    url: str = ""
+    listen: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    path: str = "/telegram/webhook"
+    max_connections: int = Field(40, ge=1, le=100)
+
+    @field_validator("path")
+    @classmethod
+    def _leading_slash(cls, value: str) -> str:
+        return value if value.startswith("/") else f"/{value}"
+
+
+class OpsSettings(Section):
+    listen: str = "127.0.0.1"
+    port: int = Field(9090, ge=0, le=65535)
+    jobs_page_max: int = Field(200, ge=1, le=10000)
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.listen)
+
+
+class StorageSettings(Section):
+    database: Path = Path()
+    results_dir: Path = Path()
+    synchronous: Literal["full", "normal"] = "full"
+    inbox_retention_days: float = Field(8, ge=7)
+    jobs_retention_days: float = Field(30, gt=0)
+    results_retention_days: float = Field(7, gt=0)
+    prune_interval_s: float = Field(3600, gt=0)
+
+
+class AccessSettings(Section):
+    open: bool = False
+    users: list[int] = []
+    admins: list[int] = []
+    chats: list[int] = []
+    refusal_notice_interval_s: float = Field(3600, ge=0)
+
+
+class LimitsSettings(Section):
+    max_running: int = Field(100, ge=1, le=10000)
+    rate_per_minute: int = Field(5, ge=1, le=1000)
+    max_prompt_chars: int = Field(500, ge=1, le=4000)
+    daily_spend_usd: float = Field(0, ge=0)
+    max_attempts: int = Field(3, ge=1, le=10)
+    retry_base_s: float = Field(1.0, gt=0, le=60)
+    retry_max_s: float = Field(20.0, gt=0, le=600)
+    stale_slack_s: float = Field(60, ge=0)
+    sweep_interval_s: float = Field(30, gt=0)
+
+
+ParamValue = str | int | float | bool
+
+
+class OperationSettings(Section):
+    daily_cap: int = Field(50, ge=0)
+    timeout_s: float = Field(90, gt=0, le=3600)
+    cost_per_image_usd: float = Field(0.0, ge=0)
+    params: dict[str, ParamValue] = {}
+
+    @field_validator("params")
+    @classmethod
+    def _clamp(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+        return clamp_params(params)
+
+    @property
+    def outputs_per_job(self) -> int:
+        value = self.params.get("num_outputs", self.params.get("num_images", 1))
+        return int(value) if isinstance(value, int | float) else 1
+
+
+class GenerateSettings(OperationSettings):
+    provider: Literal["replicate", "local"] = "replicate"
+    cost_per_image_usd: float = Field(0.003, ge=0)
+    params: dict[str, ParamValue] = {
+        "num_outputs": 1,
+        "aspect_ratio": "1:1",
+        "output_format": "png",
+    }
+
+
+class EditSettings(OperationSettings):
+    provider: Literal["fal", "local"] = "fal"
+    daily_cap: int = Field(20, ge=0)
+    timeout_s: float = Field(30, gt=0, le=3600)
+    cost_per_image_usd: float = Field(0.039, ge=0)
+    max_input_side_px: int = Field(2048, ge=64, le=8192)
+    conversation_timeout_s: float = Field(300, gt=0)
+    params: dict[str, ParamValue] = {"num_images": 1, "output_format": "png"}
+
+
+class ReplicateSettings(Section):
+    base_url: str = "https://api.replicate.com"
+    model: str = "black-forest-labs/flux-schnell"
+    poll_interval_s: float = Field(0.25, gt=0, le=30)
+    max_requests_per_s: float = Field(40, gt=0)
+    request_timeout_s: float = Field(30, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, value: str) -> str:
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+(:[0-9a-f]{16,64})?", value):
+            raise ValueError("must be 'owner/name' or 'owner/name:<version id>'")
+        return value
+
+
+class FalSettings(Section):
+    base_url: str = "https://queue.fal.run"
+    edit_app: str = "fal-ai/nano-banana/edit"
+    poll_interval_s: float = Field(0.25, gt=0, le=30)
+    max_requests_per_s: float = Field(40, gt=0)
+    request_timeout_s: float = Field(30, gt=0)
+
+    @field_validator("edit_app")
+    @classmethod
+    def _app_ref(cls, value: str) -> str:
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+(/[\w./-]+)?", value):
+            raise ValueError("must look like 'owner/app' or 'owner/app/path'")
+        return value
+
+
+class MediaSettings(Section):
+    allowed_hosts: list[str] = [
+        "replicate.delivery",
+        "*.replicate.delivery",
+        "fal.media",
+        "*.fal.media",
+        "storage.googleapis.com",
+    ]
+    allowed_private_networks: list[str] = []
+    max_bytes: int = Field(20_000_000, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=10_000)
+    timeout_s: float = Field(30, gt=0)
+    max_redirects: int = Field(3, ge=0, le=10)
+
+    @field_validator("allowed_private_networks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not an IP network") from exc
+        return values
+
+
+class ProgressSettings(Section):
+    edit_interval_s: float = Field(3, ge=1)
+    group_edit_interval_s: float = Field(10, ge=3)
+    chat_action_interval_s: float = Field(4, ge=1, le=5)
+    queue_refresh_s: float = Field(5, ge=1)
+
+
+class LogSettings(Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """All of imagebot's settings; secrets come from their own environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGEBOT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    telegram: TelegramSettings = TelegramSettings()
+    webhook: WebhookSettings = WebhookSettings()
+    ops: OpsSettings = OpsSettings()
+    storage: StorageSettings = StorageSettings()
+    access: AccessSettings = AccessSettings()
+    limits: LimitsSettings = LimitsSettings()
+    generate: GenerateSettings = GenerateSettings()
+    edit: EditSettings = EditSettings()
+    replicate: ReplicateSettings = ReplicateSettings()
+    fal: FalSettings = FalSettings()
+    media: MediaSettings = MediaSettings()
+    progress: ProgressSettings = ProgressSettings()
+    logs: LogSettings = LogSettings()
+
+    telegram_bot_token: SecretStr | None = Field(None, validation_alias="TELEGRAM_BOT_TOKEN")
+    replicate_api_token: SecretStr | None = Field(None, validation_alias="REPLICATE_API_TOKEN")
+    fal_key: SecretStr | None = Field(None, validation_alias="FAL_KEY")
+    webhook_secret: SecretStr | None = Field(None, validation_alias="IMAGEBOT_WEBHOOK_SECRET")
+    ops_token: SecretStr | None = Field(None, validation_alias="IMAGEBOT_OPS_TOKEN")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Command line, then environment, then the TOML file (which arrives as init kwargs).
+        return _CliOverrides(settings_cls), env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        _check_secrets(self)
+        return self
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the log redactor."""
+        secrets = (
+            self.telegram_bot_token,
+            self.replicate_api_token,
+            self.fal_key,
+            self.webhook_secret,
+            self.ops_token,
+        )
+        return [s.get_secret_value() for s in secrets if s and s.get_secret_value()]
+
+    @property
+    def bot_token(self) -> str:
+        assert self.telegram_bot_token is not None  # guaranteed by _check_secrets
+        return self.telegram_bot_token.get_secret_value()
+
+
+_CLI_OVERRIDES: ContextVar[dict[str, Any] | None] = ContextVar("cli_overrides", default=None)
+
+
+class _CliOverrides(PydanticBaseSettingsSource):
+    """Settings given as command-line switches (`--polling`), above everything else."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return _CLI_OVERRIDES.get() or {}
+
+
+class _Problem(ValueError):
+    """A cross-field problem that must name its own key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+        self.problem = problem
+
+
+def _check_secrets(s: Settings) -> None:
+    if s.telegram_bot_token is None or not s.telegram_bot_token.get_secret_value().strip():
+        raise _Problem(
+            "TELEGRAM_BOT_TOKEN",
+            "is not set: export TELEGRAM_BOT_TOKEN=<token from @BotFather>",
+        )
+    if not re.fullmatch(r"\d+:[A-Za-z0-9_-]+", s.telegram_bot_token.get_secret_value()):
+        raise _Problem("TELEGRAM_BOT_TOKEN", "does not look like a bot token ('123456:ABC-...')")
+    if s.generate.provider == "replicate" and not s.replicate_api_token:
+        raise _Problem(
+            "REPLICATE_API_TOKEN",
+            "is not set: export REPLICATE_API_TOKEN=r8_... "
+            '(or set generate.provider = "local" to try the bot without Replicate)',
+        )
+    if s.edit.provider == "fal" and not s.fal_key:
+        raise _Problem(
+            "FAL_KEY",
+            "is not set: export FAL_KEY=<key id>:<key secret> "
+            '(or set edit.provider = "local" to try the bot without fal.ai)',
+        )
+    if s.telegram.mode == "webhook":
+        if not s.webhook.url:
+            raise _Problem("webhook.url", "is required in webhook mode (the public https URL)")
+        official = s.telegram.api_base_url == DEFAULT_TELEGRAM_API
+        if official and not s.webhook.url.startswith("https://"):
+            raise _Problem("webhook.url", "must be an https:// URL (Telegram requires TLS)")
+        if s.webhook_secret is None:
+            raise _Problem(
+                "IMAGEBOT_WEBHOOK_SECRET",
+                "is not set: webhook mode needs a secret token (1-256 of A-Z a-z 0-9 _ -)",
+            )
+        if not SECRET_TOKEN_RE.fullmatch(s.webhook_secret.get_secret_value()):
+            raise _Problem(
+                "IMAGEBOT_WEBHOOK_SECRET", "must be 1-256 characters of A-Z a-z 0-9 _ -"
+            )
+    if not s.ops.is_loopback and s.ops_token is None:
+        raise _Problem(
+            "IMAGEBOT_OPS_TOKEN",
+            f"is required because ops.listen = {s.ops.listen!r} is not a loopback address",
+        )
+    for op in ("generate", "edit"):
+        params: Mapping[str, Any] = getattr(s, op).params
+        reserved = sorted(RESERVED_PARAMS & params.keys())
+        if reserved:
+            raise _Problem(f"{op}.params.{reserved[0]}", "comes from the user, not from config")
+
+
+def clamp_params(params: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
+    """Clamp known numeric backend parameters into the vendor's accepted range."""
+    out: dict[str, ParamValue] = {}
+    for key, value in params.items():
+        bounds = PARAM_CLAMPS.get(key)
+        if bounds and isinstance(value, int | float) and not isinstance(value, bool):
+            low, high = bounds
+            clamped = min(max(value, low), high)
+            value = int(clamped) if isinstance(value, int) else float(clamped)
+        out[key] = value
+    return out
+
+
+def is_loopback_host(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _config_path(explicit: str | Path | None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get("IMAGEBOT_CONFIG")
+    if from_env:
+        return Path(from_env)
+    default = Path("config.toml")
+    return default if default.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+
+
+def _default_paths(data: dict[str, Any]) -> None:
+    """Database next to systemd's StateDirectory if there is one, else ./data."""
+    storage = data.setdefault("storage", {})
+    if not isinstance(storage, dict):
+        return
+    state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    base = Path(state_dir) if state_dir else Path("data")
+    if not storage.get("database"):
+        storage["database"] = str(base / "imagebot.db")
+    if not storage.get("results_dir"):
+        storage["results_dir"] = str(Path(storage["database"]).parent / "results")
+
+
+def _format_error(exc: ValidationError) -> ConfigError:
+    err = exc.errors()[0]
+    loc = [str(part) for part in err["loc"]]
+    ctx = err.get("ctx") or {}
+    inner = ctx.get("error")
+    if isinstance(inner, _Problem):
+        return ConfigError(inner.key, inner.problem)
+    key = ".".join(loc) or "config"
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "is not a known setting"
+    return ConfigError(key, message)
+
+
+def load_settings(config_path: str | Path | None = None, *, mode: str | None = None) -> Settings:
+    """Read config.toml (or --config / IMAGEBOT_CONFIG) plus the environment; raise ConfigError."""
+    path = _config_path(config_path)
+    data: dict[str, Any] = _read_toml(path) if path else {}
+    _default_paths(data)
+    token = _CLI_OVERRIDES.set({"telegram": {"mode": mode}} if mode else {})
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise _format_error(exc) from None
+    finally:
+        _CLI_OVERRIDES.reset(token)

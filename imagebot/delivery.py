@@ -1,0 +1,255 @@
+"""Everything sent to a chat: status messages, results (photo, album or document), texts.
+
+Telegram errors are translated once, here, into DeliveryError with a stable code and the
+decision whether sending again may help.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from telegram import (
+    Bot,
+    ForceReply,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputMediaPhoto,
+    Message,
+    ReplyParameters,
+)
+from telegram.constants import ChatAction
+from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
+
+from imagebot.bot import texts
+from imagebot.errors import DeliveryError
+from imagebot.models import ImageFile
+
+PHOTO_MAX_BYTES = 10 * 1000 * 1000
+PHOTO_MAX_SIDES = 10_000
+PHOTO_MAX_RATIO = 20
+ALBUM_MAX = 10
+
+
+def fits_as_photo(image: ImageFile) -> bool:
+    """Telegram's sendPhoto limits: 10 MB, width + height <= 10000, aspect ratio <= 20."""
+    if len(image.data) > PHOTO_MAX_BYTES or image.width + image.height > PHOTO_MAX_SIDES:
+        return False
+    short, long = sorted((max(1, image.width), max(1, image.height)))
+    return long / short <= PHOTO_MAX_RATIO and image.mime in ("image/jpeg", "image/png")
+
+
+@contextlib.contextmanager
+def telegram_errors() -> Iterator[None]:
+    """Map telegram.error to DeliveryError (PTB's tree: Forbidden, BadRequest, NetworkError)."""
+    try:
+        yield
+    except Forbidden as exc:
+        raise DeliveryError(exc.message, "blocked") from exc
+    except RetryAfter as exc:
+        raise DeliveryError(exc.message, "flood", is_retryable=True) from exc
+    except BadRequest as exc:
+        text = exc.message.lower()
+        if "chat not found" in text:
+            raise DeliveryError(exc.message, "chat_not_found") from exc
+        raise DeliveryError(exc.message, "bad_request") from exc
+    except NetworkError as exc:  # TimedOut included
+        raise DeliveryError(exc.message, "network", is_retryable=True) from exc
+    except TelegramError as exc:
+        raise DeliveryError(exc.message, "telegram_error") from exc
+
+
+def result_keyboard(job_id: int, image_count: int) -> InlineKeyboardMarkup:
+    """🔁 Again / ✏️ Edit this / 📎 Original; their data names the job, which lives in SQLite."""
+    if image_count <= 1:
+        return InlineKeyboardMarkup(
+            [
+                [
+                    InlineKeyboardButton(texts.BUTTON_AGAIN, callback_data=f"a:{job_id}"),
+                    InlineKeyboardButton(texts.BUTTON_EDIT, callback_data=f"e:{job_id}:0"),
+                    InlineKeyboardButton(texts.BUTTON_ORIGINAL, callback_data=f"o:{job_id}:0"),
+                ]
+            ]
+        )
+    rows = [
+        [
+            InlineKeyboardButton(texts.BUTTON_AGAIN, callback_data=f"a:{job_id}"),
+            InlineKeyboardButton(texts.BUTTON_ORIGINAL, callback_data=f"o:{job_id}:*"),
+        ],
+        [
+            InlineKeyboardButton(f"✏️ {n + 1}", callback_data=f"e:{job_id}:{n}")
+            for n in range(image_count)
+        ],
+    ]
+    return InlineKeyboardMarkup(rows)
+
+
+def cancel_keyboard(job_id: int) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup(
+        [[InlineKeyboardButton(texts.BUTTON_CANCEL, callback_data=f"x:{job_id}")]]
+    )
+
+
+def _reply_to(message_id: int | None) -> ReplyParameters | None:
+    # A deleted command must not make the result fail: send it without the reply then.
+    if message_id is None:
+        return None
+    return ReplyParameters(message_id=message_id, allow_sending_without_reply=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """What a result delivery produced: message ids, and file_ids of the photos (for edits)."""
+
+    message_ids: list[int]
+    file_ids: list[str]
+
+
+def _photo_file_id(message: Message) -> str:
+    if message.photo:
+        return max(message.photo, key=lambda p: p.width * p.height).file_id
+    if message.document:
+        return message.document.file_id
+    return ""
+
+
+class Delivery:
+    """Sends to Telegram through the bot (and so through its rate limiter)."""
+
+    def __init__(self, bot: Bot) -> None:
+        self.bot = bot
+
+    async def send_text(
+        self,
+        chat_id: int,
+        text: str,
+        *,
+        reply_to: int | None = None,
+        markup: InlineKeyboardMarkup | ForceReply | None = None,
+    ) -> Message:
+        with telegram_errors():
+            return await self.bot.send_message(
+                chat_id,
+                texts.utf16_trim(text, texts.TEXT_LIMIT),
+                reply_parameters=_reply_to(reply_to),
+                reply_markup=markup,
+            )
+
+    async def edit_text(
+        self,
+        chat_id: int,
+        message_id: int,
+        text: str,
+        markup: InlineKeyboardMarkup | None = None,
+    ) -> bool:
+        """Edit a status message; False if it is gone. 'Not modified' counts as done."""
+        try:
+            with telegram_errors():
+                await self.bot.edit_message_text(
+                    texts.utf16_trim(text, texts.TEXT_LIMIT),
+                    chat_id=chat_id,
+                    message_id=message_id,
+                    reply_markup=markup,
+                )
+        except DeliveryError as exc:
+            if "not modified" in exc.message.lower():
+                return True
+            if exc.code == "bad_request":
+                return False
+            raise
+        return True
+
+    async def delete(self, chat_id: int, message_id: int) -> bool:
+        try:
+            with telegram_errors():
+                return bool(await self.bot.delete_message(chat_id, message_id))
+        except DeliveryError as exc:
+            if exc.code == "bad_request":
+                return False
+            raise
+
+    async def chat_action(self, chat_id: int) -> None:
+        with telegram_errors():
+            await self.bot.send_chat_action(chat_id, ChatAction.UPLOAD_PHOTO)
+
+    async def send_results(
+        self,
+        chat_id: int,
+        job_id: int,
+        images: Sequence[ImageFile],
+        *,
+        caption: str,
+        reply_to: int | None,
+    ) -> Sent:
+        """One photo with buttons; an album and a button message for several; documents for
+        images over the photo limits."""
+        photos = [img for img in images if fits_as_photo(img)]
+        documents = [img for img in images if not fits_as_photo(img)]
+        message_ids: list[int] = []
+        file_ids: list[str] = []
+        keyboard = result_keyboard(job_id, len(images))
+        with telegram_errors():
+            if len(images) == 1:
+                image = images[0]
+                name = f"imagebot-{job_id}.{image.extension}"
+                send = self.bot.send_photo if photos else self.bot.send_document
+                message = await send(
+                    chat_id,
+                    image.data,
+                    filename=name,
+                    caption=caption,
+                    reply_parameters=_reply_to(reply_to),
+                    reply_markup=keyboard,
+                )
+                return Sent([message.message_id], [_photo_file_id(message)])
+            for start in range(0, len(photos), ALBUM_MAX):
+                chunk = photos[start : start + ALBUM_MAX]
+                first_caption = caption if not message_ids else None
+                if len(chunk) == 1:  # an album needs at least two items
+                    message = await self.bot.send_photo(
+                        chat_id,
+                        chunk[0].data,
+                        filename=f"imagebot-{job_id}-{start}.{chunk[0].extension}",
+                        caption=first_caption,
+                        reply_parameters=_reply_to(reply_to),
+                    )
+                    sent: Sequence[Message] = (message,)
+                else:
+                    sent = await self.bot.send_media_group(
+                        chat_id,
+                        [
+                            InputMediaPhoto(
+                                img.data,
+                                filename=f"imagebot-{job_id}-{start + n}.{img.extension}",
+                                caption=first_caption if n == 0 else None,
+                            )
+                            for n, img in enumerate(chunk)
+                        ],
+                        reply_parameters=_reply_to(reply_to),
+                    )
+                message_ids += [m.message_id for m in sent]
+                file_ids += [_photo_file_id(m) for m in sent]
+            for n, img in enumerate(documents):
+                message = await self.bot.send_document(
+                    chat_id,
+                    img.data,
+                    filename=f"imagebot-{job_id}-d{n}.{img.extension}",
+                    caption=caption if not message_ids else None,
+                    reply_parameters=_reply_to(reply_to),
+                )
+                message_ids.append(message.message_id)
+                file_ids.append(_photo_file_id(message))
+            buttons = await self.bot.send_message(
+                chat_id, texts.many_results(job_id, len(images)), reply_markup=keyboard
+            )
+            message_ids.append(buttons.message_id)
+        return Sent(message_ids, file_ids)
+
+    async def send_document(
+        self, chat_id: int, data: bytes, filename: str, *, reply_to: int | None = None
+    ) -> Message:
+        with telegram_errors():
+            return await self.bot.send_document(
+                chat_id, data, filename=filename, reply_parameters=_reply_to(reply_to)
+            )

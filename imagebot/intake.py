@@ -1,0 +1,245 @@
+"""Durable intake: every update is committed to the inbox before Telegram is told it arrived.
+
+PTB's Updater confirms polled updates and answers webhooks before handlers run, so the
+Application is built with `updater(None)` and this module feeds it:
+- webhook: an aiohttp route checks the secret header (constant time), commits the raw update,
+  answers an empty 200, and queues the update;
+- polling: a getUpdates loop commits each batch before asking with the next offset (which is
+  what confirms the batch to Telegram), backing off on errors instead of spinning.
+Saved-but-unprocessed updates are replayed at start-up; a repeat of a known update_id is
+dropped before it reaches any handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from aiohttp import web
+from telegram import Update
+from telegram.error import Conflict, InvalidToken, NetworkError, TelegramError, TimedOut
+from telegram.ext import Application, BaseUpdateProcessor
+
+from imagebot.config import Settings
+from imagebot.logs import get_logger
+from imagebot.metrics import Metrics
+from imagebot.store.inbox import Inbox, update_kind
+
+log = get_logger(__name__)
+
+ALLOWED_UPDATES = ["message", "callback_query"]
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 - a header name
+_MAX_BACKOFF_S = 30.0
+_MAX_TRACKED = 10_000
+
+
+def _chat_key(update: object) -> int | None:
+    if isinstance(update, Update) and update.effective_chat is not None:
+        return update.effective_chat.id
+    return None
+
+
+class PerChatUpdateProcessor(BaseUpdateProcessor):
+    """Updates of different chats run concurrently; one chat's updates run in order (so a
+    conversation sees its photo before its instruction). Each update is marked processed in
+    the inbox once its handlers ran."""
+
+    def __init__(self, inbox: Inbox, max_concurrent_updates: int = 256) -> None:
+        super().__init__(max_concurrent_updates)
+        self.inbox = inbox
+        self._locks: dict[int | None, tuple[asyncio.Lock, int]] = {}
+
+    async def do_process_update(self, update: object, coroutine: Any) -> None:
+        key = _chat_key(update)
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                try:
+                    await coroutine
+                finally:
+                    if isinstance(update, Update):
+                        await self.inbox.mark_processed(update.update_id)
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    async def initialize(self) -> None:
+        """Nothing to set up."""
+
+    async def shutdown(self) -> None:
+        """Nothing to release."""
+
+
+class Intake:
+    """Receives updates (webhook or polling), saves them, and hands them to the Application."""
+
+    def __init__(
+        self,
+        application: Application[Any, Any, Any, Any, Any, Any],
+        inbox: Inbox,
+        metrics: Metrics,
+        settings: Settings,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        self.application = application
+        self.inbox = inbox
+        self.metrics = metrics
+        self.settings = settings
+        self.on_fatal = on_fatal
+        self.running = False
+        self.webhook_port: int | None = None
+        self._received: dict[int, float] = {}
+        self._poll_task: asyncio.Task[None] | None = None
+        self._web: web.AppRunner | None = None
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+        self._secret = secret.encode()
+
+    @property
+    def mode(self) -> str:
+        return self.settings.telegram.mode
+
+    def received_at(self, update_id: int) -> float | None:
+        """time.monotonic() when the update arrived (for the ack latency metric)."""
+        return self._received.pop(update_id, None)
+
+    async def accept(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
+        """Commit raw updates, then queue the new ones for the Application."""
+        now = time.monotonic()
+        fresh = await self.inbox.save(payloads)
+        for payload, is_new in zip(payloads, fresh, strict=True):
+            self.metrics.updates_received.labels(update_kind(payload)).inc()
+            if not is_new:
+                self.metrics.updates_duplicate.inc()
+                log.info("update_duplicate", update_id=payload["update_id"])
+                continue
+            if len(self._received) > _MAX_TRACKED:
+                self._received.clear()
+            self._received[int(payload["update_id"])] = now
+            await self.application.update_queue.put(Update.de_json(payload, self.application.bot))
+        return fresh
+
+    async def replay(self) -> int:
+        """Queue updates that were saved but not processed when the last run stopped."""
+        saved = await self.inbox.unprocessed()
+        for item in saved:
+            await self.application.update_queue.put(
+                Update.de_json(item.payload, self.application.bot)
+            )
+        if saved:
+            log.info("updates_replayed", count=len(saved))
+        return len(saved)
+
+    async def start(self) -> None:
+        self.running = True
+        if self.mode == "webhook":
+            await self._start_webhook()
+        else:
+            await self.application.bot.delete_webhook(drop_pending_updates=False)
+            self._poll_task = asyncio.get_running_loop().create_task(
+                self._poll_loop(), name="telegram-polling"
+            )
+        log.info("intake_started", mode=self.mode)
+
+    async def stop(self) -> None:
+        """Stop taking updates: cancel the long poll, close the webhook listener."""
+        self.running = False
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            await asyncio.gather(self._poll_task, return_exceptions=True)
+            self._poll_task = None
+        if self._web is not None:
+            await self._web.cleanup()
+            self._web = None
+        log.info("intake_stopped", mode=self.mode)
+
+    # -- webhook ---------------------------------------------------------------------------
+
+    async def _start_webhook(self) -> None:
+        hook = self.settings.webhook
+        app = web.Application(client_max_size=2 * 1024 * 1024)
+        app.router.add_post(hook.path, self._webhook)
+        self._web = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._web.setup()
+        site = web.TCPSite(self._web, hook.listen, hook.port)
+        await site.start()
+        server = site._server  # the bound port matters when the config asks for port 0
+        sockets = getattr(server, "sockets", None) or []
+        self.webhook_port = sockets[0].getsockname()[1] if sockets else hook.port
+        await self.application.bot.set_webhook(
+            url=hook.url,
+            secret_token=self._secret.decode(),
+            allowed_updates=ALLOWED_UPDATES,
+            max_connections=hook.max_connections,
+            drop_pending_updates=False,
+        )
+        log.info("webhook_set", listen=hook.listen, port=self.webhook_port, path=hook.path)
+
+    async def _webhook(self, request: web.Request) -> web.Response:
+        started = time.monotonic()
+        if not self.running:
+            return web.Response(status=503)  # stopping: Telegram will resend later
+        given = request.headers.get(SECRET_HEADER, "").encode()
+        if not hmac.compare_digest(given, self._secret):
+            log.warning("webhook_forbidden", remote=request.remote, has_header=bool(given))
+            return web.Response(status=403)
+        try:
+            payload = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError):
+            return web.Response(status=400, text="body is not JSON")
+        if not isinstance(payload, dict) or not isinstance(payload.get("update_id"), int):
+            return web.Response(status=400, text="not a Telegram update")
+        try:
+            await self.accept([payload])
+        except Exception:
+            log.exception("webhook_save_failed", update_id=payload["update_id"])
+            return web.Response(status=500)  # not saved: let Telegram resend it
+        self.metrics.webhook_latency.observe(time.monotonic() - started)
+        return web.Response(status=200)
+
+    # -- polling ---------------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        bot = self.application.bot
+        timeout = self.settings.telegram.poll_timeout_s
+        offset: int | None = None
+        backoff = 1.0
+        while self.running:
+            try:
+                updates = await bot.get_updates(
+                    offset=offset,
+                    timeout=timedelta(seconds=timeout),
+                    allowed_updates=ALLOWED_UPDATES,
+                    read_timeout=timeout + 10,
+                )
+                payloads = [json.loads(u.to_json()) for u in updates]
+                if payloads:
+                    # Committed before the next getUpdates, whose offset confirms them.
+                    await self.accept(payloads)
+                    offset = max(p["update_id"] for p in payloads) + 1
+                backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except TimedOut:
+                continue
+            except InvalidToken:
+                log.error("telegram_token_rejected", setting="TELEGRAM_BOT_TOKEN")  # noqa: TRY400 - no trace
+                if self.on_fatal:
+                    self.on_fatal("Telegram rejected TELEGRAM_BOT_TOKEN")
+                return
+            except (Conflict, NetworkError, TelegramError) as exc:
+                log.warning("polling_error", error=str(exc), retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            except Exception:
+                log.exception("polling_save_failed", retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)

@@ -1,0 +1,118 @@
+"""Prometheus metrics, all in one registry owned by the running app (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SLOW = (0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120, 300, 600)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """Every counter, gauge and histogram imagebot exports at /metrics."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.updates_received = Counter(
+            "imagebot_updates_received", "Telegram updates received, by type", ["type"], registry=r
+        )
+        self.updates_duplicate = Counter(
+            "imagebot_updates_duplicate",
+            "Updates dropped because their update_id was seen",
+            registry=r,
+        )
+        self.jobs_created = Counter(
+            "imagebot_jobs_created", "Jobs created, by kind", ["kind"], registry=r
+        )
+        self.jobs_finished = Counter(
+            "imagebot_jobs_finished",
+            "Jobs that reached a final status, by kind and status",
+            ["kind", "status"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "imagebot_refusals",
+            "Requests refused before a job was created, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.provider_calls = Counter(
+            "imagebot_provider_calls",
+            "Calls to a provider, by provider and call",
+            ["provider", "call"],
+            registry=r,
+        )
+        self.provider_retries = Counter(
+            "imagebot_provider_retries",
+            "Provider calls retried, by provider",
+            ["provider"],
+            registry=r,
+        )
+        self.provider_errors = Counter(
+            "imagebot_provider_errors",
+            "Provider errors, by provider and error class",
+            ["provider", "error"],
+            registry=r,
+        )
+        self.ack_latency = Histogram(
+            "imagebot_ack_latency_seconds",
+            "Update received to the 'Generating…' reply sent",
+            ["kind"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.webhook_latency = Histogram(
+            "imagebot_webhook_response_seconds",
+            "Webhook request received to response (update saved)",
+            buckets=_FAST,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "imagebot_queue_wait_seconds",
+            "Job created to started",
+            ["kind"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.provider_time = Histogram(
+            "imagebot_provider_seconds",
+            "Provider submit to result, by provider",
+            ["provider"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.end_to_end = Histogram(
+            "imagebot_end_to_end_seconds",
+            "Job created to result delivered",
+            ["kind"],
+            buckets=_SLOW,
+            registry=r,
+        )
+        self.jobs_running = Gauge(
+            "imagebot_jobs_running", "Jobs talking to a provider", registry=r
+        )
+        self.jobs_queued = Gauge("imagebot_jobs_queued", "Jobs waiting for a slot", registry=r)
+        self.cost_usd = Counter(
+            "imagebot_estimated_cost_usd",
+            "Estimated spend of succeeded jobs, by provider",
+            ["provider"],
+            registry=r,
+        )
+        self.telegram_429 = Counter(
+            "imagebot_telegram_flood_waits", "Telegram 429 (retry_after) answers seen", registry=r
+        )
+        self.delivery_errors = Counter(
+            "imagebot_delivery_errors", "Telegram refused a result, by code", ["code"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,145 @@
+"""Plain data the layers pass to each other: job status, kinds, jobs and provider results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class JobKind(StrEnum):
+    GENERATE = "generate"
+    EDIT = "edit"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+
+
+class Phase(StrEnum):
+    """Where a job is inside `running`; what a restart resumes from."""
+
+    NEW = "new"  # nothing sent to the vendor yet
+    SUBMITTING = "submitting"  # create/submit sent, no request id saved: outcome unknown
+    SUBMITTED = "submitted"  # vendor request id saved; waiting for it
+    FETCHED = "fetched"  # outputs downloaded to the results directory
+    DELIVERING = "delivering"  # sending to Telegram; message ids not yet saved
+    DONE = "done"  # final status written
+
+
+@dataclass(slots=True)
+class Job:
+    """One row of the `jobs` table."""
+
+    id: int
+    kind: JobKind
+    status: JobStatus
+    phase: Phase
+    update_id: int
+    chat_id: int
+    user_id: int
+    chat_type: str
+    prompt: str
+    provider: str
+    params: dict[str, Any]
+    created_at: str
+    command_message_id: int | None = None
+    status_message_id: int | None = None
+    input_file_id: str | None = None
+    input_file_size: int | None = None
+    input_width: int | None = None
+    input_height: int | None = None
+    parent_job_id: int | None = None
+    provider_request_id: str | None = None
+    attempts: int = 0
+    poll_failures: int = 0
+    error_code: str | None = None
+    error_message: str | None = None
+    output_urls: list[str] = field(default_factory=list)
+    result_paths: list[str] = field(default_factory=list)
+    result_file_ids: list[str] = field(default_factory=list)
+    delivered_message_ids: list[int] = field(default_factory=list)
+    cost_estimate_usd: float = 0.0
+    started_at: str | None = None
+    submitted_at: str | None = None
+    deadline_at: str | None = None
+    finished_at: str | None = None
+    updated_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """What a handler asks the store to create."""
+
+    kind: JobKind
+    update_id: int
+    chat_id: int
+    user_id: int
+    chat_type: str
+    prompt: str
+    provider: str
+    params: dict[str, Any]
+    cost_estimate_usd: float
+    command_message_id: int | None = None
+    input_file_id: str | None = None
+    input_file_size: int | None = None
+    input_width: int | None = None
+    input_height: int | None = None
+    parent_job_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRequest:
+    """A vendor-neutral request: the user's text, the operator's params, maybe an input image."""
+
+    job_id: int
+    kind: JobKind
+    prompt: str
+    params: dict[str, Any]
+    image: bytes | None = None
+    image_mime: str | None = None
+
+
+class PollState(StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+@dataclass(frozen=True, slots=True)
+class PollResult:
+    """A vendor's answer about one request."""
+
+    state: PollState
+    output_urls: tuple[str, ...] = ()
+    queue_position: int | None = None
+    error: str | None = None
+    error_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFile:
+    """A downloaded, checked image."""
+
+    data: bytes
+    mime: str
+    width: int
+    height: int
+
+    @property
+    def extension(self) -> str:
+        return {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}.get(
+            self.mime, "bin"
+        )

@@ -1,0 +1,192 @@
+"""The side HTTP server for operators: /healthz, /jobs, /jobs/{id}, /metrics. Read-only.
+
+/jobs and /metrics need `Authorization: Bearer $IMAGEBOT_OPS_TOKEN` whenever a token is set
+(start-up insists on one when ops.listen is not a loopback address); /healthz stays open.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from imagebot import __version__
+from imagebot.health import Heartbeat
+from imagebot.metrics import CONTENT_TYPE
+from imagebot.models import Job, JobKind, JobStatus
+from imagebot.services import Services
+from imagebot.store.db import iso
+from imagebot.store.jobs import JobFilter
+
+SERVICES = web.AppKey("services", Services)
+
+
+@dataclass
+class OpsState:
+    """What /healthz reports besides the store: set by app.py as the process starts and stops."""
+
+    heartbeat: Heartbeat
+    ready: bool = False
+    stopping: bool = False
+
+
+STATE = web.AppKey("state", OpsState)
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    """A job as /jobs shows it (no field of a job row holds a secret)."""
+    data = asdict(job)
+    for key in ("kind", "status", "phase"):
+        data[key] = str(data[key])
+    return data
+
+
+def _authorized(request: web.Request) -> bool:
+    token = request.app[SERVICES].settings.ops_token
+    if token is None:
+        return True
+    given = request.headers.get("Authorization", "")
+    expected = f"Bearer {token.get_secret_value()}"
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path.startswith("/healthz") or _authorized(request):
+        response: web.StreamResponse = await handler(request)
+        return response
+    return web.json_response(
+        {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def _bad(message: str) -> web.Response:
+    return web.json_response({"error": message}, status=400)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Ready: database reachable, intake running, event loop responsive. 503 otherwise."""
+    services, state = request.app[SERVICES], request.app[STATE]
+    database = await services.db.is_healthy()
+    intake = services.intake.running
+    loop = state.heartbeat.is_responsive()
+    ready = state.ready and not state.stopping and database and intake and loop
+    body: dict[str, Any] = {
+        "status": "ok" if ready else ("stopping" if state.stopping else "unavailable"),
+        "live": True,
+        "ready": ready,
+        "version": __version__,
+        "mode": services.settings.telegram.mode,
+        "checks": {"database": database, "intake": intake, "event_loop": loop},
+        "loop_lag_ms": round(state.heartbeat.lag_s * 1000, 1),
+    }
+    if database:
+        counts = await services.store.counts()
+        body.update(queued=counts["queued"], running=counts["running"])
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def livez(request: web.Request) -> web.Response:
+    """Live: the process answers (what a restart would fix is a 'no' here, not a busy bot)."""
+    return web.json_response({"live": True, "version": __version__})
+
+
+def _int(value: str | None, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "{name} must be an integer"}}', content_type="application/json"
+        ) from None
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """Newest first. Filters: status, kind, user_id, chat_id, since; pages with `before`."""
+    services = request.app[SERVICES]
+    query = request.query
+    page_max = services.settings.ops.jobs_page_max
+    try:
+        status = JobStatus(query["status"]) if query.get("status") else None
+        kind = JobKind(query["kind"]) if query.get("kind") else None
+    except ValueError:
+        return _bad(
+            "status must be one of queued, running, succeeded, failed, canceled; "
+            "kind one of generate, edit"
+        )
+    since = query.get("since")
+    if since:
+        try:
+            since = iso(datetime.fromisoformat(since.replace("Z", "+00:00")))
+        except ValueError:
+            return _bad("since must be an ISO-8601 time, e.g. 2026-11-21T00:00:00Z")
+    limit = _int(query.get("limit"), "limit") or 50
+    if limit < 1:
+        return _bad("limit must be at least 1")
+    flt = JobFilter(
+        status=status,
+        kind=kind,
+        user_id=_int(query.get("user_id"), "user_id"),
+        chat_id=_int(query.get("chat_id"), "chat_id"),
+        since=since,
+        before_id=_int(query.get("before"), "before"),
+        limit=min(limit, page_max),
+    )
+    jobs = await services.store.find(flt)
+    next_before = jobs[-1].id if len(jobs) == flt.limit else None
+    return web.json_response(
+        {"jobs": [job_json(j) for j in jobs], "count": len(jobs), "next_before": next_before}
+    )
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job_id = _int(request.match_info["job_id"], "job id")
+    job = await request.app[SERVICES].store.get(job_id or 0)
+    if job is None:
+        return web.json_response({"error": "no such job"}, status=404)
+    return web.json_response(job_json(job))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICES].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def build_app(services: Services, state: OpsState) -> web.Application:
+    app = web.Application(middlewares=[_auth])
+    app[SERVICES] = services
+    app[STATE] = state
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz/ready", healthz)
+    app.router.add_get("/healthz/live", livez)
+    app.router.add_get("/jobs", list_jobs)
+    app.router.add_get(r"/jobs/{job_id}", get_job)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+class OpsServer:
+    """Runs the ops app on ops.listen:ops.port inside the bot's event loop."""
+
+    def __init__(self, services: Services, state: OpsState) -> None:
+        self._app = build_app(services, state)
+        self._runner: web.AppRunner | None = None
+        self.settings = services.settings.ops
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.listen, self.settings.port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,130 @@
+"""The ImageProvider protocol and the one place vendor HTTP outcomes become ProviderErrors."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Protocol
+
+import httpx
+
+from imagebot.errors import (
+    ProviderError,
+    ProviderRejected,
+    SubmitOutcomeUnknown,
+)
+from imagebot.models import ImageFile, PollResult, ProviderRequest
+
+# Words vendors use when a safety filter refused the prompt or the output.
+_SAFETY_WORDS = ("nsfw", "safety", "content policy", "content_policy", "moderation", "flagged")
+
+
+class ImageProvider(Protocol):
+    """A vendor that turns a ProviderRequest into images, in three resumable steps."""
+
+    name: str
+
+    async def submit(self, request: ProviderRequest) -> str:
+        """Create the vendor request and return its id (sent once; never retried blindly)."""
+        ...
+
+    async def poll(self, request_id: str) -> PollResult:
+        """Ask the vendor where the request is."""
+        ...
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the vendor to stop the request (best effort)."""
+        ...
+
+    async def fetch_output(self, url: str) -> ImageFile:
+        """Download one output image (through the SSRF guard for remote vendors)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def retry_after_seconds(headers: Mapping[str, str] | httpx.Headers | None) -> float | None:
+    """Parse a Retry-After header (seconds or an HTTP date)."""
+    if not headers:
+        return None
+    value = (headers.get("Retry-After") or headers.get("retry-after") or "").strip()
+    if not value:
+        return None
+    if value.replace(".", "", 1).isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - time.time())
+
+
+def is_safety_refusal(text: str | None) -> bool:
+    lowered = (text or "").lower()
+    return any(word in lowered for word in _SAFETY_WORDS)
+
+
+def error_for_status(
+    provider: str,
+    status: int,
+    detail: str,
+    *,
+    submit: bool,
+    retry_after_s: float | None = None,
+) -> ProviderError:
+    """Map a vendor HTTP error status to a ProviderError with the right retry decision.
+
+    Only a 429 is retried on submit (the vendor said it did not take the request); a 5xx on
+    submit may have created the request, so it is not sent again. Status polls retry 5xx too.
+    """
+    if status == 429:
+        return ProviderError(
+            provider,
+            detail or "rate limited",
+            code="rate_limited",
+            is_retryable=True,
+            retry_after_s=retry_after_s,
+            status=status,
+        )
+    if status in (401, 403):
+        return ProviderError(provider, detail, code="auth", status=status)
+    if status == 402:
+        return ProviderError(provider, detail, code="billing", status=status)
+    if status == 404 and not submit:
+        return ProviderError(provider, detail, code="not_found", status=status)
+    if 400 <= status < 500:
+        code = "safety" if is_safety_refusal(detail) else "invalid_input"
+        return ProviderRejected(provider, detail, code=code, status=status)
+    return ProviderError(
+        provider,
+        detail or f"HTTP {status}",
+        code="provider_unavailable",
+        is_retryable=not submit,
+        retry_after_s=retry_after_s,
+        status=status,
+    )
+
+
+@contextmanager
+def map_transport_errors(provider: str, *, submit: bool) -> Iterator[None]:
+    """Turn httpx transport errors into ProviderErrors.
+
+    A connection that never opened is safe to retry. Anything later on a submit (the request
+    may have reached the vendor) is an unknown outcome and must not be resent blindly.
+    """
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        raise ProviderError(
+            provider, f"cannot connect: {type(exc).__name__}", code="connect", is_retryable=True
+        ) from exc
+    except httpx.TransportError as exc:
+        if submit:
+            raise SubmitOutcomeUnknown(
+                provider, f"no answer to the submit: {type(exc).__name__}"
+            ) from exc
+        raise ProviderError(
+            provider, f"network error: {type(exc).__name__}", code="network", is_retryable=True
+        ) from exc

@@ -1,0 +1,157 @@
+"""Photo + instruction → edited image through fal.ai's queue protocol, with a small httpx client.
+
+Why not `fal-client` (1.0.3): it has no base-URL setting (hosts are fixed at import time and
+always https), it retries a submit up to ten times on its own (each a paid request), and it
+sends `Authorization: Key …` to whatever status/result URLs a response names. The queue
+protocol is four documented calls, so this module speaks it directly: every URL is built from
+`fal.base_url` and the request id (never taken from a response), a submit is sent exactly once,
+and the key only ever goes to the configured host. The input photo travels as a data URI of
+bytes we downloaded ourselves: a Telegram file URL (it carries the bot token) is never sent.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from aiolimiter import AsyncLimiter
+
+from imagebot.config import FalSettings
+from imagebot.errors import ProviderError
+from imagebot.models import ImageFile, PollResult, PollState, ProviderRequest
+from imagebot.providers.base import (
+    error_for_status,
+    is_safety_refusal,
+    map_transport_errors,
+    retry_after_seconds,
+)
+
+NAME = "fal"
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:300]
+    detail: Any = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, list):  # 422: [{"loc": [...], "msg": "...", "type": "..."}]
+        parts = [f"{d.get('type', '')}: {d.get('msg', '')}" for d in detail if isinstance(d, dict)]
+        return "; ".join(parts) or str(detail)
+    return str(detail)
+
+
+class FalProvider:
+    """nano-banana/edit (or any image-in, images-out app) on fal's queue."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        settings: FalSettings,
+        key: str,
+        fetch_image: Callable[[str], Awaitable[ImageFile]],
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self._fetch_image = fetch_image
+        self._limiter = AsyncLimiter(settings.max_requests_per_s, 1)
+        owner, name, *_ = settings.edit_app.split("/")
+        self._submit_path = f"/{settings.edit_app}"
+        # Status, result and cancel live under owner/app, without the subpath ("/edit").
+        self._requests_path = f"/{owner}/{name}/requests"
+        self._http = httpx.AsyncClient(
+            base_url=settings.base_url.rstrip("/"),
+            headers={"Authorization": f"Key {key}", "User-Agent": "imagebot"},
+            timeout=httpx.Timeout(settings.request_timeout_s, connect=10.0),
+            follow_redirects=False,
+            transport=transport,
+            trust_env=False,
+        )
+
+    async def _call(self, method: str, path: str, *, submit: bool, **kwargs: Any) -> Any:
+        async with self._limiter:
+            with map_transport_errors(NAME, submit=submit):
+                resp = await self._http.request(method, path, **kwargs)
+        if resp.status_code >= 400:
+            raise error_for_status(
+                NAME,
+                resp.status_code,
+                _detail(resp),
+                submit=submit,
+                retry_after_s=retry_after_seconds(resp.headers),
+            )
+        if resp.status_code >= 300:
+            raise ProviderError(
+                NAME, f"unexpected redirect {resp.status_code}", code="bad_response"
+            )
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise ProviderError(NAME, "answer is not JSON", code="bad_response") from exc
+
+    async def submit(self, request: ProviderRequest) -> str:
+        if request.image is None or not request.image_mime:
+            raise ProviderError(NAME, "an edit needs an input image", code="invalid_input")
+        payload = {
+            **request.params,
+            "prompt": request.prompt,
+            "image_urls": [data_uri(request.image, request.image_mime)],
+        }
+        body = await self._call("POST", self._submit_path, submit=True, json=payload)
+        request_id = body.get("request_id") if isinstance(body, dict) else None
+        if not request_id:
+            raise ProviderError(NAME, "submit answer has no request_id", code="bad_response")
+        return str(request_id)
+
+    async def poll(self, request_id: str) -> PollResult:
+        base = f"{self._requests_path}/{request_id}"
+        status = await self._call("GET", f"{base}/status", submit=False, params={"logs": "0"})
+        state = str(status.get("status", "")) if isinstance(status, dict) else ""
+        if state == "IN_QUEUE":
+            position = status.get("queue_position")
+            return PollResult(
+                PollState.PENDING, queue_position=int(position) if position is not None else None
+            )
+        if state == "IN_PROGRESS":
+            return PollResult(PollState.PENDING)
+        if state != "COMPLETED":
+            return PollResult(
+                PollState.FAILED, error=f"status {state!r}", error_code="bad_response"
+            )
+        if status.get("error"):
+            error = str(status["error"])
+            if "cancel" in error.lower():
+                return PollResult(PollState.CANCELED, error=error)
+            kind = str(status.get("error_type") or "")
+            code = "safety" if is_safety_refusal(f"{kind} {error}") else "model_error"
+            return PollResult(PollState.FAILED, error=error, error_code=code)
+        try:
+            result = await self._call("GET", base, submit=False)
+        except ProviderError as exc:
+            if exc.is_retryable or exc.code in ("auth", "billing"):
+                raise
+            code = "safety" if exc.code == "safety" else "model_error"
+            return PollResult(PollState.FAILED, error=exc.message, error_code=code)
+        images = result.get("images") if isinstance(result, dict) else None
+        urls = tuple(str(i["url"]) for i in images or [] if isinstance(i, dict) and i.get("url"))
+        if not urls:
+            return PollResult(
+                PollState.FAILED, error="no images in result", error_code="no_output"
+            )
+        return PollResult(PollState.SUCCEEDED, output_urls=urls)
+
+    async def cancel(self, request_id: str) -> None:
+        await self._call("PUT", f"{self._requests_path}/{request_id}/cancel", submit=False)
+
+    async def fetch_output(self, url: str) -> ImageFile:
+        return await self._fetch_image(url)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,53 @@
+"""Retry policy (tenacity): only retryable errors, exponential backoff with jitter, Retry-After."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+
+MAX_RETRY_AFTER_S = 120.0  # a vendor asking for longer than this is as good as down
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return bool(getattr(exc, "is_retryable", False))
+
+
+def retrying(
+    *,
+    attempts: int,
+    base_s: float,
+    max_s: float,
+    deadline: float | None = None,
+    before_sleep: Callable[[RetryCallState], Awaitable[None]] | None = None,
+) -> AsyncRetrying:
+    """An AsyncRetrying for at most `attempts` tries of a call.
+
+    Waits follow the error's `retry_after_s` when it has one (a vendor's Retry-After), else
+    exponential backoff with jitter; no wait runs past `deadline` (a time.monotonic value).
+    """
+    backoff = wait_exponential(multiplier=base_s, max=max_s) + wait_random(0, base_s)
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        hint = getattr(exc, "retry_after_s", None)
+        seconds = min(float(hint), MAX_RETRY_AFTER_S) if hint else backoff(state)
+        if deadline is not None:
+            seconds = max(0.0, min(seconds, deadline - time.monotonic()))
+        return seconds
+
+    return AsyncRetrying(
+        stop=stop_after_attempt(max(1, attempts)),
+        wait=wait,
+        retry=retry_if_exception(is_retryable),
+        before_sleep=before_sleep,
+        reraise=True,
+    )

@@ -1,0 +1,32 @@
+"""The one app object: every long-lived collaborator, built once in app.py and passed around."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from imagebot.config import Settings
+from imagebot.delivery import Delivery
+from imagebot.intake import Intake
+from imagebot.metrics import Metrics
+from imagebot.policy import Policy
+from imagebot.progress import Progress
+from imagebot.results import ResultFiles
+from imagebot.store.db import Database
+from imagebot.store.inbox import Inbox
+from imagebot.store.jobs import JobStore
+from imagebot.worker import JobRunner
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    settings: Settings
+    db: Database
+    inbox: Inbox
+    store: JobStore
+    policy: Policy
+    runner: JobRunner
+    delivery: Delivery
+    progress: Progress
+    metrics: Metrics
+    results: ResultFiles
+    intake: Intake

@@ -1,0 +1,88 @@
+"""The update inbox: each update is committed here before Telegram is told it arrived."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from imagebot.store.db import Database, iso, utcnow
+
+UPDATE_KINDS = (
+    "message",
+    "edited_message",
+    "callback_query",
+    "channel_post",
+    "edited_channel_post",
+    "my_chat_member",
+    "chat_member",
+    "inline_query",
+)
+
+
+def update_kind(payload: dict[str, Any]) -> str:
+    for kind in UPDATE_KINDS:
+        if kind in payload:
+            return kind
+    keys = [k for k in payload if k != "update_id"]
+    return keys[0] if keys else "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class SavedUpdate:
+    update_id: int
+    payload: dict[str, Any]
+
+
+class Inbox:
+    """Dedupe on update_id and remember which updates still have to be processed."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def save(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
+        """Commit a batch of raw updates in one transaction; True where the update is new."""
+        now = iso()
+        fresh: list[bool] = []
+        async with self.db.transaction() as conn:
+            for payload in payloads:
+                cursor = await conn.execute(
+                    "INSERT INTO inbox (update_id, kind, received_at, payload) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (update_id) DO NOTHING",
+                    (
+                        int(payload["update_id"]),
+                        update_kind(payload),
+                        now,
+                        json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+                    ),
+                )
+                fresh.append(cursor.rowcount == 1)
+        return fresh
+
+    async def mark_processed(self, update_id: int) -> None:
+        await self.db.execute_write(
+            "UPDATE inbox SET processed_at = ? WHERE update_id = ? AND processed_at IS NULL",
+            (iso(), update_id),
+        )
+
+    async def unprocessed(self) -> list[SavedUpdate]:
+        rows = await self.db.fetchall(
+            "SELECT update_id, payload FROM inbox WHERE processed_at IS NULL ORDER BY update_id"
+        )
+        return [SavedUpdate(row["update_id"], json.loads(row["payload"])) for row in rows]
+
+    async def prune(self, older_than_days: float) -> int:
+        """Drop processed updates older than the retention (Telegram may resend for days)."""
+        cutoff = iso(utcnow() - timedelta(days=older_than_days))
+        return await self.db.execute_write(
+            "DELETE FROM inbox WHERE processed_at IS NOT NULL AND received_at < ?", (cutoff,)
+        )
+
+    async def counts(self) -> dict[str, int]:
+        row = await self.db.fetchone(
+            "SELECT count(*) AS total, sum(processed_at IS NULL) AS pending FROM inbox"
+        )
+        assert row is not None
+        return {"total": row["total"] or 0, "pending": row["pending"] or 0}

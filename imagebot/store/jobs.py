@@ -1,0 +1,291 @@
+"""JobStore: create (policy decided in the same transaction), claim, advance, finish, list."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import aiosqlite
+
+from imagebot.models import FINAL_STATUSES, Job, JobKind, JobStatus, NewJob, Phase
+from imagebot.store.db import Database, iso, utcnow
+from imagebot.store.usage import Counters, read_counters
+
+
+class _Decision(Protocol):
+    @property
+    def allowed(self) -> bool: ...
+
+
+D = TypeVar("D", bound=_Decision)
+
+_JSON_LIST_FIELDS = ("output_urls", "result_paths", "result_file_ids", "delivered_message_ids")
+_COLUMNS = tuple(f.name for f in fields(Job))
+_WRITABLE = frozenset(_COLUMNS) - {"id", "created_at", "update_id"}
+
+
+def _row_to_job(row: aiosqlite.Row) -> Job:
+    data: dict[str, Any] = {key: row[key] for key in row.keys() if key in _COLUMNS}  # noqa: SIM118 - Row has no __iter__ over keys
+    for key in _JSON_LIST_FIELDS:
+        data[key] = json.loads(data[key] or "[]")
+    data["params"] = json.loads(data["params"] or "{}")
+    data["kind"] = JobKind(data["kind"])
+    data["status"] = JobStatus(data["status"])
+    data["phase"] = Phase(data["phase"])
+    return Job(**data)
+
+
+def _encode(key: str, value: Any) -> Any:
+    if key in _JSON_LIST_FIELDS or key == "params":
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, JobKind | JobStatus | Phase):
+        return value.value
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    """Filters of GET /jobs."""
+
+    status: JobStatus | None = None
+    kind: JobKind | None = None
+    user_id: int | None = None
+    chat_id: int | None = None
+    since: str | None = None
+    before_id: int | None = None
+    limit: int = 50
+
+
+class JobStore:
+    """All reads and writes of the jobs table."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(
+        self, new: NewJob, decide: Callable[[Counters], D]
+    ) -> tuple[D | None, Job | None]:
+        """Create a job for an update if `decide(counters)` allows it, in one transaction.
+
+        The same transaction marks the update processed, so a crash leaves either both or
+        neither. Returns (None, None) when the update already made a job (a resent update).
+        """
+        now = utcnow()
+        async with self.db.transaction() as conn:
+            async with conn.execute(
+                "SELECT 1 FROM jobs WHERE update_id = ?", (new.update_id,)
+            ) as cursor:
+                if await cursor.fetchone() is not None:
+                    return None, None
+            decision = decide(
+                await read_counters(conn, user_id=new.user_id, kind=new.kind, now=now)
+            )
+            if not decision.allowed:
+                return decision, None
+            stamp = iso(now)
+            cursor = await conn.execute(
+                "INSERT INTO jobs (kind, status, phase, update_id, chat_id, user_id, chat_type,"
+                " command_message_id, prompt, input_file_id, input_file_size, input_width,"
+                " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
+                " updated_at) VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?, ?)",
+                (
+                    new.kind.value,
+                    new.update_id,
+                    new.chat_id,
+                    new.user_id,
+                    new.chat_type,
+                    new.command_message_id,
+                    new.prompt,
+                    new.input_file_id,
+                    new.input_file_size,
+                    new.input_width,
+                    new.input_height,
+                    new.parent_job_id,
+                    new.provider,
+                    json.dumps(new.params, ensure_ascii=False),
+                    new.cost_estimate_usd,
+                    stamp,
+                    stamp,
+                ),
+            )
+            job_id = cursor.lastrowid
+            await conn.execute(
+                "UPDATE inbox SET processed_at = ? WHERE update_id = ? AND processed_at IS NULL",
+                (stamp, new.update_id),
+            )
+            async with conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cursor:
+                row = await cursor.fetchone()
+        assert row is not None
+        return decision, _row_to_job(row)
+
+    async def get(self, job_id: int) -> Job | None:
+        row = await self.db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _row_to_job(row) if row else None
+
+    async def by_ids(self, job_ids: Sequence[int]) -> list[Job]:
+        if not job_ids:
+            return []
+        marks = ", ".join("?" for _ in job_ids)
+        rows = await self.db.fetchall(
+            f"SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY id",  # noqa: S608 - placeholders only
+            list(job_ids),
+        )
+        return [_row_to_job(row) for row in rows]
+
+    async def find(self, flt: JobFilter) -> list[Job]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("status", flt.status.value if flt.status else None),
+            ("kind", flt.kind.value if flt.kind else None),
+            ("user_id", flt.user_id),
+            ("chat_id", flt.chat_id),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if flt.since:
+            clauses.append("created_at >= ?")
+            params.append(flt.since)
+        if flt.before_id is not None:
+            clauses.append("id < ?")
+            params.append(flt.before_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self.db.fetchall(
+            f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?",  # noqa: S608 - fixed column names
+            (*params, flt.limit),
+        )
+        return [_row_to_job(row) for row in rows]
+
+    async def update(
+        self, job_id: int, *, expect: Sequence[JobStatus] | None = None, **values: Any
+    ) -> bool:
+        """Set columns of one job; with `expect`, only if its status is one of those."""
+        unknown = set(values) - _WRITABLE
+        if unknown:
+            raise ValueError(f"not writable: {sorted(unknown)}")
+        values["updated_at"] = iso()
+        assignments = ", ".join(f"{key} = ?" for key in values)
+        params = [_encode(key, value) for key, value in values.items()]
+        sql = f"UPDATE jobs SET {assignments} WHERE id = ?"  # noqa: S608 - keys checked above
+        params.append(job_id)
+        if expect:
+            sql += f" AND status IN ({', '.join('?' for _ in expect)})"
+            params.extend(status.value for status in expect)
+        return await self.db.execute_write(sql, params) == 1
+
+    async def claim_next(self, slots: int, timeouts: dict[JobKind, float]) -> list[Job]:
+        """Move up to `slots` of the oldest queued jobs to running (FIFO by id)."""
+        if slots <= 0:
+            return []
+        now = utcnow()
+        claimed: list[Job] = []
+        async with self.db.transaction() as conn:
+            async with conn.execute(
+                "SELECT * FROM jobs WHERE status = 'queued' ORDER BY id LIMIT ?", (slots,)
+            ) as cursor:
+                rows = list(await cursor.fetchall())
+            for row in rows:
+                job = _row_to_job(row)
+                deadline = iso(now + timedelta(seconds=timeouts[job.kind]))
+                await conn.execute(
+                    "UPDATE jobs SET status = 'running', started_at = ?, deadline_at = ?,"
+                    " updated_at = ? WHERE id = ? AND status = 'queued'",
+                    (iso(now), deadline, iso(now), job.id),
+                )
+                job.status = JobStatus.RUNNING
+                job.started_at = iso(now)
+                job.deadline_at = deadline
+                claimed.append(job)
+        return claimed
+
+    async def finish(
+        self,
+        job_id: int,
+        status: JobStatus,
+        *,
+        error_code: str | None = None,
+        error_message: str | None = None,
+        **values: Any,
+    ) -> bool:
+        """Write a final status once; False if the job was already final."""
+        assert status in FINAL_STATUSES
+        return await self.update(
+            job_id,
+            expect=(JobStatus.QUEUED, JobStatus.RUNNING),
+            status=status,
+            phase=Phase.DONE,
+            error_code=error_code,
+            error_message=error_message,
+            finished_at=iso(),
+            **values,
+        )
+
+    async def by_status(self, *statuses: JobStatus) -> list[Job]:
+        marks = ", ".join("?" for _ in statuses)
+        rows = await self.db.fetchall(
+            f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY id",  # noqa: S608 - placeholders only
+            [s.value for s in statuses],
+        )
+        return [_row_to_job(row) for row in rows]
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self.db.fetchall(
+            "SELECT status, count(*) AS n FROM jobs WHERE status IN ('queued', 'running')"
+            " GROUP BY status"
+        )
+        counts = {"queued": 0, "running": 0}
+        counts.update({row["status"]: int(row["n"]) for row in rows})
+        return counts
+
+    async def queue_positions(self) -> dict[int, int]:
+        """1-based place in line of every queued job."""
+        rows = await self.db.fetchall("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id")
+        return {row["id"]: n for n, row in enumerate(rows, start=1)}
+
+    async def queue_position(self, job_id: int) -> int:
+        row = await self.db.fetchone(
+            "SELECT count(*) AS n FROM jobs WHERE status = 'queued' AND id <= ?", (job_id,)
+        )
+        return int(row["n"]) if row else 0
+
+    async def latest_active(self, user_id: int, chat_id: int) -> Job | None:
+        """The user's newest queued or running job in this chat (for /cancel)."""
+        row = await self.db.fetchone(
+            "SELECT * FROM jobs WHERE user_id = ? AND chat_id = ?"
+            " AND status IN ('queued', 'running') ORDER BY id DESC LIMIT 1",
+            (user_id, chat_id),
+        )
+        return _row_to_job(row) if row else None
+
+    async def overdue(self, now: datetime, slack_s: float) -> list[Job]:
+        """Running jobs whose deadline passed more than `slack_s` ago."""
+        rows = await self.db.fetchall(
+            "SELECT * FROM jobs WHERE status = 'running' AND deadline_at < ? ORDER BY id",
+            (iso(now - timedelta(seconds=slack_s)),),
+        )
+        return [_row_to_job(row) for row in rows]
+
+    async def prune(self, older_than_days: float) -> list[Job]:
+        """Delete final jobs older than the retention; return them (their files go too)."""
+        cutoff = iso(utcnow() - timedelta(days=older_than_days))
+        async with self.db.transaction() as conn:
+            async with conn.execute(
+                "SELECT * FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')"
+                " AND coalesce(finished_at, created_at) < ?",
+                (cutoff,),
+            ) as cursor:
+                rows = list(await cursor.fetchall())
+            await conn.executemany("DELETE FROM jobs WHERE id = ?", [(row["id"],) for row in rows])
+        return [_row_to_job(row) for row in rows]
+
+    async def with_results_older_than(self, days: float) -> list[Job]:
+        cutoff = iso(utcnow() - timedelta(days=days))
+        rows = await self.db.fetchall(
+            "SELECT * FROM jobs WHERE result_paths != '[]' AND finished_at < ?", (cutoff,)
+        )
+        return [_row_to_job(row) for row in rows]

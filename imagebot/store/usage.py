@@ -1,0 +1,91 @@
+"""Counters behind the rate limit, daily caps and spend cap, read from the jobs table.
+
+A job holds one unit of its user's daily cap from creation until it fails or is canceled, so
+the counts are simply the user's jobs of today that are not failed or canceled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import aiosqlite
+
+from imagebot.models import JobKind
+from imagebot.store.db import Database, iso, parse_iso
+
+RATE_WINDOW = timedelta(minutes=1)
+# A failed or canceled job gives its unit back, so only other jobs count.
+_COUNT_CHARGED = (
+    "SELECT count(*) FROM jobs WHERE created_at >= ? AND status NOT IN ('failed', 'canceled')"
+)
+_SPENT = (
+    "SELECT coalesce(sum(cost_estimate_usd), 0) FROM jobs"
+    " WHERE created_at >= ? AND status NOT IN ('failed', 'canceled')"
+)
+_PER_KIND = (
+    "SELECT kind, count(*) AS n FROM jobs"
+    " WHERE created_at >= ? AND status NOT IN ('failed', 'canceled') AND user_id = ?"
+    " GROUP BY kind"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """What the policy needs to know about one user's request, read in the write transaction."""
+
+    recent_requests: tuple[datetime, ...]  # the user's job creations inside the rate window
+    used_today: int  # the user's charged jobs of this kind since 00:00 UTC
+    spent_today_usd: float  # estimated spend of every user since 00:00 UTC
+
+
+def day_start(now: datetime) -> datetime:
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+async def read_counters(
+    conn: aiosqlite.Connection, *, user_id: int, kind: JobKind, now: datetime
+) -> Counters:
+    since_day = iso(day_start(now))
+    async with conn.execute(
+        "SELECT created_at FROM jobs WHERE user_id = ? AND created_at >= ? ORDER BY created_at",
+        (user_id, iso(now - RATE_WINDOW)),
+    ) as cursor:
+        recent = tuple(parse_iso(row[0]) for row in await cursor.fetchall())
+    async with conn.execute(
+        _COUNT_CHARGED + " AND user_id = ? AND kind = ?", (since_day, user_id, kind.value)
+    ) as cursor:
+        row = await cursor.fetchone()
+        used = int(row[0]) if row else 0
+    async with conn.execute(_SPENT, (since_day,)) as cursor:
+        row = await cursor.fetchone()
+        spent = float(row[0]) if row else 0.0
+    return Counters(recent, used, spent)
+
+
+async def used_today(db: Database, user_id: int, now: datetime) -> dict[JobKind, int]:
+    """The user's charged jobs per kind since 00:00 UTC (for /usage)."""
+    rows = await db.fetchall(_PER_KIND, (iso(day_start(now)), user_id))
+    counts = dict.fromkeys(JobKind, 0)
+    for row in rows:
+        counts[JobKind(row["kind"])] = int(row["n"])
+    return counts
+
+
+async def spent_today(db: Database, now: datetime) -> float:
+    row = await db.fetchone(_SPENT, (iso(day_start(now)),))
+    return float(row[0]) if row else 0.0
+
+
+async def claim_notice(db: Database, user_id: int, reason: str, interval_s: float) -> bool:
+    """True if the user may be told about `reason` now (at most once per interval); records it."""
+    now = iso()
+    cutoff = iso(parse_iso(now) - timedelta(seconds=interval_s))
+    async with db.transaction() as conn:
+        cursor = await conn.execute(
+            "INSERT INTO notices (user_id, reason, sent_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (user_id, reason) DO UPDATE SET sent_at = excluded.sent_at"
+            " WHERE notices.sent_at <= ?",
+            (user_id, reason, now, cutoff),
+        )
+        return cursor.rowcount == 1
