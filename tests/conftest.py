@@ -105,7 +105,10 @@ def make_settings(
             "limits": {"retry_base_s": 0.05, "retry_max_s": 0.2, "rate_per_minute": 100},
             "replicate": {"base_url": replicate.url, "poll_interval_s": 0.05},
             "fal": {"base_url": fal.url, "poll_interval_s": 0.05},
-            "media": {"allowed_hosts": ["127.0.0.1"], "allowed_private_networks": ["127.0.0.1/32"]},
+            "media": {
+                "allowed_hosts": ["127.0.0.1"],
+                "allowed_private_networks": ["127.0.0.1/32"],
+            },
             "progress": {"edit_interval_s": 1, "queue_refresh_s": 1},
             "TELEGRAM_BOT_TOKEN": BOT_TOKEN,
             "REPLICATE_API_TOKEN": REPLICATE_TOKEN,
