@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
+import structlog
 from aiohttp import web
 from telegram import Update
 from telegram.error import Conflict, InvalidToken, NetworkError, TelegramError, TimedOut
@@ -36,6 +37,18 @@ ALLOWED_UPDATES = ["message", "callback_query"]
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 - a header name
 _MAX_BACKOFF_S = 30.0
 _MAX_TRACKED = 10_000
+
+
+def _log_fields(update: object) -> dict[str, int]:
+    """update_id, chat_id, user_id for every log line of this update's handlers."""
+    if not isinstance(update, Update):
+        return {}
+    fields = {"update_id": update.update_id}
+    if update.effective_chat is not None:
+        fields["chat_id"] = update.effective_chat.id
+    if update.effective_user is not None:
+        fields["user_id"] = update.effective_user.id
+    return fields
 
 
 def _chat_key(update: object) -> int | None:
@@ -60,11 +73,12 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
         self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                try:
-                    await coroutine
-                finally:
-                    if isinstance(update, Update):
-                        await self.inbox.mark_processed(update.update_id)
+                with structlog.contextvars.bound_contextvars(**_log_fields(update)):
+                    try:
+                        await coroutine
+                    finally:
+                        if isinstance(update, Update):
+                            await self.inbox.mark_processed(update.update_id)
         finally:
             lock, users = self._locks[key]
             if users <= 1:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from collections.abc import Iterable
+from types import TracebackType
 from typing import Any, TextIO
 
 import structlog
@@ -13,9 +15,13 @@ from structlog.typing import EventDict, Processor
 
 MASK = "<redacted>"
 
-# A bot token anywhere (URLs, reprs), and a Telegram file URL even when the token form is odd.
-_TOKEN_RE = re.compile(r"\d{3,}:[A-Za-z0-9_-]{20,}")
-_BOT_PATH_RE = re.compile(r"/(file/)?bot\d+:[^/\s\"']*")
+# A bot token anywhere (URLs, reprs, also with the colon percent-encoded), and the token part of
+# a Bot API or Telegram file URL (`/bot<token>/getMe`, `/file/bot<token>/photos/x.jpg`) even
+# when the token is not one we were told about.
+_TOKEN_RE = re.compile(r"\d{3,}(?::|%3[Aa])[A-Za-z0-9_-]{20,}")
+_BOT_PATH_RE = re.compile(r"/(file/)?bot\d+(?::|%3[Aa])[^/\s\"'?&#]*")
+_MIN_SECRET_LEN = 4
+_MIN_PART_LEN = 8
 
 # Libraries that log every request (URL with the token) or every scheduler tick at INFO.
 _QUIET_LOGGERS = {
@@ -33,8 +39,16 @@ class Redactor:
     """Masks configured secrets, bot tokens and Telegram bot/file URL paths in every string."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
+        found: set[str] = set()
+        for secret in secrets:
+            if len(secret) >= _MIN_SECRET_LEN:
+                found.add(secret)
+            # The secret half of "<bot id>:<secret>" or fal's "<key id>:<key secret>" alone.
+            _, sep, tail = secret.partition(":")
+            if sep and len(tail) >= _MIN_PART_LEN:
+                found.add(tail)
         # Longest first so a secret that contains another is masked whole.
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._secrets = sorted(found, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -47,9 +61,9 @@ class Redactor:
         if isinstance(value, str):
             return self.redact(value)
         if isinstance(value, dict):
-            return {k: self._walk(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return type(value)(self._walk(v) for v in value)
+            return {self._walk(k): self._walk(v) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self._walk(v) for v in value]
         if isinstance(value, bytes | bytearray):
             return self.redact(bytes(value).decode("utf-8", "replace"))
         if isinstance(value, int | float | bool) or value is None:
@@ -121,8 +135,33 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings (PTBUserWarning, ...) become log lines too
     for name, quiet_level in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(max(quiet_level, logging.getLevelName(level)))
+
+
+def install_excepthook() -> None:
+    """Log uncaught exceptions (main thread and others) through the pipeline, redacted, instead
+    of Python's plain traceback on stderr."""
+    log = get_logger("imagebot")
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        log.critical("uncaught_exception", exc_info=(exc_type, exc, tb))
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is None:
+            return
+        log.critical(
+            "uncaught_exception",
+            thread=args.thread.name if args.thread else None,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        )
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook
 
 
 def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:

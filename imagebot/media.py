@@ -51,23 +51,50 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageFile:
     return ImageFile(data, ACCEPTED_FORMATS[fmt], width, height)
 
 
+def _has_metadata(img: Image.Image) -> bool:
+    """EXIF (GPS, camera, orientation), XMP or text chunks: anything that says more than pixels."""
+    if img.getexif():
+        return True
+    if any(key in img.info for key in ("exif", "xmp", "XML:com.adobe.xmp", "comment")):
+        return True
+    # PNG tEXt/iTXt/zTXt chunks land in info as strings; the colour profile is kept on purpose.
+    return any(
+        isinstance(value, str | bytes) for key, value in img.info.items() if key != "icc_profile"
+    )
+
+
 def prepare_edit_input(image: ImageFile, max_side: int) -> ImageFile:
-    """Shrink to `max_side`, apply EXIF rotation and drop metadata (GPS) before it leaves us."""
-    with Image.open(io.BytesIO(image.data)) as img:
-        has_exif = bool(img.getexif())
-        if max(img.size) <= max_side and not has_exif and img.format in ("JPEG", "PNG"):
-            return image
-        out = ImageOps.exif_transpose(img) or img
-        out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-        keep_alpha = out.mode in ("RGBA", "LA") or (out.mode == "P" and "transparency" in out.info)
-        buf = io.BytesIO()
-        if keep_alpha:
-            out.save(buf, format="PNG", optimize=False)
-            mime = "image/png"
-        else:
-            out.convert("RGB").save(buf, format="JPEG", quality=92)
-            mime = "image/jpeg"
-        return ImageFile(buf.getvalue(), mime, out.width, out.height)
+    """Shrink to `max_side`, apply EXIF rotation and drop metadata (GPS) before it leaves us.
+
+    A small JPEG or PNG that carries no metadata is sent as it came.
+    """
+    try:
+        with Image.open(io.BytesIO(image.data)) as img:
+            if (
+                max(img.size) <= max_side
+                and img.format in ("JPEG", "PNG")
+                and not _has_metadata(img)
+            ):
+                return image
+            out = ImageOps.exif_transpose(img) or img
+            out.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+            keep_alpha = out.mode in ("RGBA", "LA") or (
+                out.mode == "P" and "transparency" in out.info
+            )
+            buf = io.BytesIO()
+            # A fresh save writes no EXIF, XMP or text chunks unless asked to; only the colour
+            # profile is carried over, so colours stay right.
+            extra = {"icc_profile": img.info["icc_profile"]} if "icc_profile" in img.info else {}
+            if keep_alpha:
+                out.convert("RGBA").save(buf, format="PNG", **extra)
+                mime = "image/png"
+            else:
+                out.convert("RGB").save(buf, format="JPEG", quality=92, **extra)
+                mime = "image/jpeg"
+            return ImageFile(buf.getvalue(), mime, out.width, out.height)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # verify() passed but decoding failed: a truncated or corrupt file.
+        raise NotAnImage(f"cannot decode the image: {type(exc).__name__}") from exc
 
 
 class GuardedFetcher:
@@ -94,14 +121,16 @@ class GuardedFetcher:
             trust_env=False,
             timeout=httpx.Timeout(timeout_s),
             transport=transport,
-            headers={"User-Agent": "imagebot"},
+            # identity: the byte cap counts what the server sends, so a small gzip body cannot
+            # inflate to gigabytes in memory.
+            headers={"User-Agent": "imagebot", "Accept-Encoding": "identity"},
         )
 
     async def fetch(self, url: str) -> bytes:
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await self._fetch(url)
-        except TimeoutError as exc:
+        except (TimeoutError, httpx.TimeoutException) as exc:
             raise MediaError("download timed out", "download_timeout", is_retryable=True) from exc
         except httpx.TransportError as exc:
             raise MediaError(
@@ -145,8 +174,11 @@ class GuardedFetcher:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             raise MediaTooLarge(f"output is {declared} bytes, over {self.max_bytes}")
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise MediaError(f"output sent with content-encoding {encoding}", "download_failed")
         buf = bytearray()
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.aiter_raw():
             buf += chunk
             if len(buf) > self.max_bytes:
                 raise MediaTooLarge(f"output is over {self.max_bytes} bytes")

@@ -19,6 +19,9 @@ import httpx
 from imagebot.errors import BlockedAddress
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# NAT64 (RFC 6052 well-known prefix, RFC 8215 local-use prefix): the last 32 bits are an IPv4
+# address a DNS64 resolver wrapped, so they decide, not the IPv6 prefix.
+_NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 
@@ -35,6 +38,8 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
         return ip.sixtofour
     if ip.teredo is not None:
         return ip.teredo[1]
+    if any(ip in net for net in _NAT64):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     # IPv4-compatible ::a.b.c.d (deprecated, but some stacks still route it)
     if int(ip) >> 32 == 0 and int(ip) > 1:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
@@ -47,6 +52,8 @@ def is_public(ip: IPAddress) -> bool:
         inner = _embedded_ipv4(ip)
         if inner is not None:
             return is_public(inner)
+        if ip.is_site_local:  # fec0::/10, deprecated but still private where it is used
+            return False
     return ip.is_global and not ip.is_multicast and not ip.is_reserved
 
 

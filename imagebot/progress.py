@@ -94,7 +94,7 @@ class Progress:
     async def show_queued(self, job: Job, position: int, *, force: bool = False) -> None:
         if self._shown_position.get(job.id) == position or not self._may_edit(job, force=force):
             return
-        if await self._edit(job, texts.status_queued(job.kind, job.id, position)):
+        if await self._edit(job, texts.status_queued(job.id, position)):
             self._shown_position[job.id] = position
 
     async def refresh_queue(self) -> None:

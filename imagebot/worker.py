@@ -432,7 +432,12 @@ class JobRunner:
                 before_sleep=self._on_retry(job, "fetch"),
             ):
                 with attempt:
-                    images.append(await provider.fetch_output(url))
+                    self.metrics.provider_calls.labels(provider.name, "fetch").inc()
+                    try:
+                        images.append(await provider.fetch_output(url))
+                    except MediaError as exc:
+                        self.metrics.provider_errors.labels(provider.name, exc.code).inc()
+                        raise
         return images
 
     async def _deliver(self, job: Job, images: list[ImageFile]) -> None:
@@ -485,7 +490,13 @@ class JobRunner:
         if not await asyncio.shield(write()):
             return
         self.metrics.jobs_finished.labels(job.kind.value, JobStatus.FAILED.value).inc()
-        log.warning("job_failed", outcome="failed", error_code=code, error=redact(message)[:300])
+        log.warning(
+            "job_failed",
+            outcome="failed",
+            error_code=code,
+            error=redact(message)[:300],
+            duration_ms=int((utcnow() - parse_iso(job.created_at)).total_seconds() * 1000),
+        )
         await self.progress.ended(job, texts.job_failed(job.id, code))
 
     # -- cancel, sweep, recover, shutdown --------------------------------------------------

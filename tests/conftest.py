@@ -42,6 +42,8 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("IMAGEBOT_") or key in _SECRET_VARS:
             monkeypatch.delenv(key, raising=False)
+    # As the CLI does: PTB's RetryAfter otherwise warns about its int/timedelta change.
+    monkeypatch.setenv("PTB_TIMEDELTA", "true")
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ async def ops_get(app: Any, path: str) -> tuple[int, Any]:
 
 
 def rows(db_path: str, sql: str = "SELECT * FROM jobs ORDER BY id") -> list[sqlite3.Row]:
-    conn = sqlite3.connect(db_path)
+    conn = sqlite3.connect(db_path, timeout=30)
     conn.row_factory = sqlite3.Row
     try:
         return list(conn.execute(sql))

@@ -21,7 +21,7 @@ from imagebot.worker import CancelOutcome
 log = get_logger(__name__)
 
 _CANCEL_ANSWERS = {
-    CancelOutcome.CANCELED: "Canceled.",
+    CancelOutcome.CANCELED: texts.CANCELED_SHORT,
     CancelOutcome.NOT_FOUND: texts.BUTTON_EXPIRED,
     CancelOutcome.FINISHED: texts.NOTHING_TO_CANCEL,
     CancelOutcome.NOT_YOURS: texts.NOT_YOUR_JOB,

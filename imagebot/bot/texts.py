@@ -85,12 +85,11 @@ def status_working(kind: JobKind, job_id: int, elapsed_s: float) -> str:
     return f"{_VERB[kind]}… {duration(elapsed_s)} (job {job_id})"
 
 
-def status_queued(kind: JobKind, job_id: int, position: int) -> str:
-    ahead = position - 1
-    if ahead <= 0:
-        return f"{_VERB[kind]} next… (job {job_id})"
-    noun = "request" if ahead == 1 else "requests"
-    return f"Waiting in line: {ahead} {noun} ahead of you. (job {job_id})"
+def status_queued(job_id: int, position: int) -> str:
+    """`position` is the place among waiting jobs: 1 means the next free slot is yours."""
+    if position <= 1:
+        return f"You're next in line. (job {job_id})"
+    return f"You're #{position} in line. (job {job_id})"
 
 
 def status_canceled(job_id: int) -> str:
@@ -185,6 +184,7 @@ def many_results(job_id: int, count: int) -> str:
 
 
 NOTHING_TO_CANCEL = "You have nothing running to cancel."
+CANCELED_SHORT = "Canceled."
 TOO_LATE_TO_CANCEL = "Too late to cancel: the result is on its way."
 NOT_YOUR_JOB = "That isn't your request."
 BUTTON_EXPIRED = "This button has expired."

@@ -1,0 +1,304 @@
+"""Crash-test harness: the real daemon as a subprocess, the vendor fakes in the test process.
+
+The fakes (Telegram, Replicate, fal) run in the test's event loop, so everything they saw
+survives any number of daemon restarts, exactly as the real services would. The daemon is
+`python -m imagebot --config <toml>` with its secrets in the environment, its stdout and stderr
+appended to one log file under tmp_path (a pipe could fill up and block it), its webhook and
+ops ports chosen once by the OS and kept across restarts (Telegram's webhook URL does not change
+when the bot restarts). Readiness is GET /healthz = 200 on the ops port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET, deep_merge
+from tests.fakes.base import wait_until
+from tests.fakes.fal_api import FakeFal
+from tests.fakes.replicate_api import FakeReplicate
+from tests.fakes.telegram_api import FakeTelegram
+
+REPO = Path(__file__).resolve().parents[1]
+WEBHOOK_PATH = "/telegram/webhook"
+READY_WITHIN_S = 20.0
+FINAL_STATUSES = ("succeeded", "failed", "canceled")
+
+
+def free_port() -> int:
+    """A loopback port the OS says is free now (bound, read, closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def toml_dumps(data: Mapping[str, Any], prefix: str = "") -> str:
+    """Nested dicts of scalars and lists as TOML tables (enough for imagebot's config)."""
+    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
+    out = []
+    if scalars:
+        out.append((f"[{prefix}]\n" if prefix else "") + "\n".join(scalars) + "\n")
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.append(toml_dumps(value, f"{prefix}.{key}" if prefix else key))
+    return "\n".join(out)
+
+
+def connect(db_path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(db_path), timeout=10)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def query(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    """Rows of one query on the daemon's database (it may be running: WAL lets us read)."""
+    conn = connect(db_path)
+    try:
+        return list(conn.execute(sql, params))
+    finally:
+        conn.close()
+
+
+def execute(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> int:
+    """One write statement, committed; returns the rows changed."""
+    conn = connect(db_path)
+    try:
+        with conn:
+            return conn.execute(sql, params).rowcount
+    finally:
+        conn.close()
+
+
+def integrity(db_path: Path) -> str:
+    """PRAGMA integrity_check of the database file, as the sqlite3 module sees it."""
+    conn = connect(db_path)
+    try:
+        rows = conn.execute("PRAGMA integrity_check").fetchall()
+        return "; ".join(str(r[0]) for r in rows)
+    finally:
+        conn.close()
+
+
+class Daemon:
+    """One imagebot installation (config, database, ports) that can be started many times."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        telegram: FakeTelegram,
+        replicate: FakeReplicate,
+        fal: FakeFal,
+        *,
+        mode: str = "webhook",
+        **sections: Any,
+    ) -> None:
+        self.dir = tmp_path
+        self.telegram = telegram
+        self.replicate = replicate
+        self.fal = fal
+        self.mode = mode
+        self.webhook_port = free_port()
+        self.ops_port = free_port()
+        self.db_path = tmp_path / "imagebot.db"
+        self.results_dir = tmp_path / "results"
+        self.config_path = tmp_path / "imagebot.toml"
+        self.log_path = tmp_path / "imagebot.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        self.kills = 0
+        self.config = deep_merge(self._base_config(), sections)
+        self.config_path.write_text(toml_dumps(self.config), encoding="utf-8")
+
+    def _base_config(self) -> dict[str, Any]:
+        return {
+            "telegram": {
+                "mode": self.mode,
+                "api_base_url": self.telegram.url,
+                "poll_timeout_s": 1,
+                "rate_per_chat_per_s": 30,
+                "rate_group_per_min": 600,
+                "rate_overall_per_s": 200,
+                "request_timeout_s": 10,
+            },
+            "webhook": {
+                "listen": "127.0.0.1",
+                "port": self.webhook_port,
+                "url": f"http://127.0.0.1:{self.webhook_port}{WEBHOOK_PATH}",
+                "path": WEBHOOK_PATH,
+            },
+            "ops": {"listen": "127.0.0.1", "port": self.ops_port},
+            "storage": {"database": str(self.db_path), "results_dir": str(self.results_dir)},
+            "access": {"open": True},
+            "limits": {"retry_base_s": 0.05, "retry_max_s": 0.2, "rate_per_minute": 1000},
+            "generate": {"daily_cap": 10000, "timeout_s": 120},
+            "edit": {"daily_cap": 10000, "timeout_s": 120},
+            "replicate": {"base_url": self.replicate.url, "poll_interval_s": 0.05},
+            "fal": {"base_url": self.fal.url, "poll_interval_s": 0.05},
+            "media": {
+                "allowed_hosts": ["127.0.0.1"],
+                "allowed_private_networks": ["127.0.0.1/32"],
+            },
+            "progress": {"edit_interval_s": 1, "queue_refresh_s": 1},
+            "logs": {"format": "json", "level": "INFO"},
+        }
+
+    # -- process ---------------------------------------------------------------------------
+
+    def _env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("IMAGEBOT_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")
+        }
+        env.update(
+            TELEGRAM_BOT_TOKEN=BOT_TOKEN,
+            REPLICATE_API_TOKEN=REPLICATE_TOKEN,
+            FAL_KEY=FAL_KEY,
+            IMAGEBOT_WEBHOOK_SECRET=WEBHOOK_SECRET,
+            PYTHONUNBUFFERED="1",
+            PYTHONDONTWRITEBYTECODE="1",
+        )
+        return env
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def start(self, *, wait: bool = True) -> None:
+        """Start the daemon; with `wait`, return once /healthz says it is ready."""
+        assert not self.running, "the daemon is already running"
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"--- start {self.starts} ---\n".encode())
+            log.flush()
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "imagebot",
+                "--config",
+                str(self.config_path),
+                cwd=str(self.dir),
+                env=self._env(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        if wait:
+            await self.wait_ready()
+
+    async def healthy(self) -> bool:
+        url = f"http://127.0.0.1:{self.ops_port}/healthz"
+        timeout = aiohttp.ClientTimeout(total=2)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(url) as resp,
+            ):
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def wait_ready(self, within: float = READY_WITHIN_S) -> None:
+        deadline = time.monotonic() + within
+        while True:
+            if not self.running:
+                raise AssertionError(f"the daemon exited during start-up:\n{self.log_tail()}")
+            if await self.healthy():
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not ready within {within} s:\n{self.log_tail()}")
+            await asyncio.sleep(0.05)
+
+    async def kill(self) -> None:
+        """kill -9, and wait for the process to be gone."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await self.proc.wait()
+        self.kills += 1
+
+    async def terminate(self, within: float = 45.0) -> tuple[int, float]:
+        """SIGTERM (what `systemctl stop` sends); return (exit code, seconds until exit)."""
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), within)
+        except TimeoutError:
+            await self.kill()
+            raise AssertionError(f"no exit within {within} s of SIGTERM:\n{self.log_tail()}")
+        return code, time.monotonic() - started
+
+    async def close(self) -> None:
+        """Test teardown: whatever state the daemon is in, it is gone afterwards."""
+        if self.running:
+            await self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        """Every JSON log line (of every run) whose event is `event`."""
+        found = []
+        for line in self.log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if f'"{event}"' not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if entry.get("event") == event:
+                    found.append(entry)
+        return found
+
+    # -- store -----------------------------------------------------------------------------
+
+    def jobs(self) -> list[sqlite3.Row]:
+        if not self.db_path.exists():
+            return []
+        return query(self.db_path, "SELECT * FROM jobs ORDER BY id")
+
+    def job(self, job_id: int) -> sqlite3.Row:
+        (row,) = query(self.db_path, "SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return row
+
+    def all_final(self) -> bool:
+        return all(row["status"] in FINAL_STATUSES for row in self.jobs())
+
+    async def wait_jobs(self, predicate: Any, within: float = 20.0) -> None:
+        """Bounded poll of the jobs table until `predicate(rows)` holds."""
+        await wait_until(lambda: predicate(self.jobs()), within=within, interval=0.05)
+
+
+def count_by(items: Iterator[str] | list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return dict(sorted(counts.items()))

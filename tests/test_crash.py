@@ -1,0 +1,286 @@
+"""Crash safety with the real daemon as a subprocess: kill -9, restarts and SIGTERM lose no
+request and pay for none twice (issue 5). The harness is in tests/crash_harness.py."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import updates
+from tests.crash_harness import FINAL_STATUSES, Daemon, count_by, integrity, query
+from tests.fakes.base import wait_until
+from tests.fakes.images import make_image
+from tests.fakes.fal_api import FakeFal
+from tests.fakes.replicate_api import FakeReplicate
+from tests.fakes.telegram_api import FakeTelegram
+
+pytestmark = pytest.mark.slow
+
+CHAT = updates.DEFAULT_CHAT_ID
+MakeDaemon = Callable[..., Daemon]
+
+
+@pytest.fixture
+async def daemon(
+    tmp_path: Path, telegram: FakeTelegram, replicate: FakeReplicate, fal: FakeFal
+) -> AsyncIterator[MakeDaemon]:
+    """`daemon(mode=..., limits={...})` makes a Daemon; every one is killed at teardown."""
+    made: list[Daemon] = []
+
+    def make(**sections: Any) -> Daemon:
+        made.append(Daemon(tmp_path, telegram, replicate, fal, **sections))
+        return made[-1]
+
+    yield make
+    for one in made:
+        await one.close()
+
+
+async def test_kill_during_slow_prediction_polls_it_after_restart(
+    daemon: MakeDaemon, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """kill -9 while a slow prediction runs: after the restart that prediction is polled, not
+    created again, and the photo arrives once."""
+    replicate.latency_s = 3.0
+    bot = daemon()
+    await bot.start()
+    telegram.push_update(updates.command("/generate a slow painting"))
+    await bot.wait_jobs(lambda rows: bool(rows) and rows[0]["provider_request_id"] is not None)
+    await bot.kill()
+    (row,) = bot.jobs()
+    assert (row["status"], row["phase"]) == ("running", "submitted")
+    polls_before = replicate.last_prediction.polls
+    await bot.start()
+    await telegram.wait_for(lambda: len(telegram.photos(CHAT)) == 1, within=15)
+    await bot.wait_jobs(lambda rows: rows[0]["status"] == "succeeded")
+    assert len(replicate.creates) == 1
+    assert replicate.last_prediction.polls > polls_before
+    (row,) = bot.jobs()
+    assert row["provider_request_id"] == replicate.last_prediction.id
+    assert len(telegram.photos(CHAT)) == 1
+    code, _ = await bot.terminate()
+    assert code == 0
+
+
+# -- kill -9 at random moments during a stream of /generate and /edit -------------------------
+
+SEED = int(os.environ.get("CRASH_SEED", "20260521"))
+KILLS = int(os.environ.get("CRASH_KILLS", "20"))
+STREAM_CHATS = (1001, 1002, 1003, 1004)
+TRIGGERS = ("activity", "ack", "create", "submit", "status", "photo", "poll", "startup")
+
+
+@dataclass
+class Sent:
+    """One update the fake Telegram was given for the bot."""
+
+    update_id: int
+    kind: str
+    prompt: str
+    chat_id: int
+    message_id: int
+
+
+@dataclass
+class Stream:
+    """Feeds unique /generate and /edit requests and picks kill moments from what the fakes see."""
+
+    daemon: Daemon
+    rng: random.Random
+    photo_file_id: str
+    sent: dict[int, Sent] = field(default_factory=dict)
+    delivering_at_kill: set[int] = field(default_factory=set)
+    submitting_at_kill: set[int] = field(default_factory=set)
+    triggers: list[str] = field(default_factory=list)
+
+    def push(self, count: int) -> None:
+        for _ in range(count):
+            n = len(self.sent) + 1
+            chat = self.rng.choice(STREAM_CHATS)
+            if self.rng.random() < 0.35:
+                prompt = f"edit number {n} make it teal"
+                update = updates.photo_message(
+                    self.photo_file_id, caption=f"/edit {prompt}", chat_id=chat, user_id=chat
+                )
+                kind = "edit"
+            else:
+                prompt = f"generate number {n} a lighthouse"
+                update = updates.command(f"/generate {prompt}", chat_id=chat, user_id=chat)
+                kind = "generate"
+            message_id = update["message"]["message_id"]
+            self.sent[update["update_id"]] = Sent(
+                update["update_id"], kind, prompt, chat, message_id
+            )
+            self.daemon.telegram.push_update(update)
+
+    def counter(self, trigger: str) -> Callable[[], int]:
+        tg, rep, fal = self.daemon.telegram, self.daemon.replicate, self.daemon.fal
+        return {
+            "activity": lambda: len(tg.calls) + len(rep.calls) + len(fal.calls),
+            "startup": lambda: len(tg.calls) + len(rep.calls) + len(fal.calls),
+            "ack": lambda: len(tg.webhook_acked_update_ids),
+            "create": lambda: len(rep.creates),
+            "submit": lambda: len(fal.submits),
+            "status": lambda: len(tg.calls_of("sendMessage")),
+            "photo": lambda: len(tg.calls_of("sendPhoto")),
+            "poll": lambda: len(rep.calls_of("get")) + len(fal.calls_of("status")),
+        }[trigger]
+
+    async def kill_at_random_moment(self) -> None:
+        """Run the daemon until a randomly chosen event (or a random bound), then kill -9."""
+        trigger = self.rng.choice(TRIGGERS)
+        self.triggers.append(trigger)
+        count = self.counter(trigger)
+        steps = self.rng.randint(1, 40) if trigger == "activity" else self.rng.randint(1, 3)
+        if trigger == "startup":
+            steps = self.rng.randint(0, 4)
+        within = self.rng.uniform(0.3, 2.5)
+        base = count()
+        await self.daemon.start(wait=trigger != "startup")
+        if trigger != "startup":
+            if self.rng.random() < 0.3:
+                # A slow vendor widens the window between sending a create and saving its id.
+                self.daemon.replicate.delay_next("create", 0.3)
+                self.daemon.fal.delay_next("submit", 0.3)
+            self.push(self.rng.randint(1, 4))
+            base = count()
+        # The kill moment: as soon as the chosen event happened, or after `within` seconds.
+        with contextlib.suppress(AssertionError):
+            await wait_until(lambda: count() >= base + steps, within=within, interval=0.002)
+        await self.daemon.kill()
+        self.after_kill()
+
+    def after_kill(self) -> None:
+        db = self.daemon.db_path
+        if not db.exists():
+            return
+        assert integrity(db) == "ok"
+        for row in query(db, "SELECT id, phase FROM jobs WHERE status = 'running'"):
+            if row["phase"] == "delivering":
+                self.delivering_at_kill.add(row["id"])
+            elif row["phase"] == "submitting":
+                self.submitting_at_kill.add(row["id"])
+
+
+def vendor_calls(replicate: FakeReplicate, fal: FakeFal) -> dict[str, int]:
+    """Create/submit calls per prompt, as the vendors received them."""
+    prompts = [str(c.params.get("input", {}).get("prompt")) for c in replicate.creates]
+    prompts += [str(c.params.get("prompt")) for c in fal.submits]
+    return count_by(prompts)
+
+
+@pytest.mark.timeout(240)
+async def test_kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice(
+    daemon: MakeDaemon, telegram: FakeTelegram, replicate: FakeReplicate, fal: FakeFal
+) -> None:
+    """At least 20 kill -9s at random moments of a /generate + /edit stream (webhook mode):
+    every acknowledged update has exactly one job, every job ends final, no job was created at
+    a vendor twice, every succeeded job's photo is in the chat once (a repeat only for a job
+    killed between its send and its record, counted apart) and every failed job was told."""
+    print(f"\ncrash stream: CRASH_SEED={SEED} CRASH_KILLS={KILLS}")  # noqa: T201
+    started = time.monotonic()
+    rng = random.Random(SEED)
+    replicate.latency_s = 0.3
+    fal.latency_s = 0.3
+    photo = make_image(48, 32, (200, 80, 20))
+    bot = daemon(limits={"max_running": 4})
+    stream = Stream(bot, rng, telegram.add_file(photo))
+    for _ in range(KILLS):
+        await stream.kill_at_random_moment()
+
+    # Settle: one more start, then everything acknowledged, one job each, all final.
+    await bot.start()
+    wanted = set(stream.sent)
+    await wait_until(lambda: wanted <= telegram.webhook_acked_update_ids, within=30)
+    await bot.wait_jobs(
+        lambda rows: {r["update_id"] for r in rows} >= wanted
+        and all(r["status"] in FINAL_STATUSES for r in rows),
+        within=40,
+    )
+    code, stop_s = await bot.terminate()
+    assert code == 0
+    assert integrity(bot.db_path) == "ok"
+
+    jobs = bot.jobs()
+    by_update = count_by(str(r["update_id"]) for r in jobs)
+    acknowledged = wanted & telegram.webhook_acked_update_ids
+    lost = sorted(u for u in acknowledged if str(u) not in by_update)
+    twice = sorted(u for u, n in by_update.items() if n > 1)
+    creates = vendor_calls(replicate, fal)
+    double_created = sorted(p for p, n in creates.items() if n > 1)
+    photos: dict[int, int] = {}
+    for chat in STREAM_CHATS:
+        for message in telegram.photos(chat):
+            key = message.reply_to_message_id or 0
+            photos[key] = photos.get(key, 0) + 1
+    commands = {r["command_message_id"] for r in jobs}
+    stray = sorted(k for k in photos if k not in commands)
+    missing, duplicated_in_window, duplicated_outside = [], [], []
+    unanswered, failed_with_photo = [], []
+    for row in jobs:
+        sent = stream.sent[row["update_id"]]
+        assert row["prompt"] == sent.prompt and row["kind"] == sent.kind
+        n = photos.get(row["command_message_id"], 0)
+        if row["status"] == "succeeded":
+            if n == 0:
+                missing.append(row["id"])
+            elif n > 1:
+                window = row["id"] in stream.delivering_at_kill
+                (duplicated_in_window if window else duplicated_outside).append(row["id"])
+            assert row["provider_request_id"]
+        else:
+            if n:
+                failed_with_photo.append(row["id"])
+            told = f"Sorry, job {row['id']} failed"
+            if not any(t.startswith(told) for t in telegram.texts(row["chat_id"])):
+                unanswered.append(row["id"])
+    outcomes = count_by(
+        r["status"] if r["status"] != "failed" else f"failed:{r['error_code']}" for r in jobs
+    )
+    figures = {
+        "seed": SEED,
+        "kills": bot.kills,
+        "starts": bot.starts,
+        "kill_triggers": count_by(stream.triggers),
+        "updates": len(stream.sent),
+        "acknowledged": len(acknowledged),
+        "jobs": len(jobs),
+        "outcomes": outcomes,
+        "lost": len(lost),
+        "jobs_per_update_over_1": len(twice),
+        "duplicated_photos_send_record_window": len(duplicated_in_window),
+        "duplicated_photos_outside_window": len(duplicated_outside),
+        "delivering_at_a_kill": len(stream.delivering_at_kill),
+        "submitting_at_a_kill": len(stream.submitting_at_kill),
+        "double_created": len(double_created),
+        "vendor_creates": sum(creates.values()),
+        "missing_photos": len(missing),
+        "stray_photos": len(stray),
+        "sigterm_stop_s": round(stop_s, 2),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    print("crash stream figures:", json.dumps(figures))  # noqa: T201
+    assert bot.kills >= 20 or KILLS < 20
+    assert len(acknowledged) == len(stream.sent), "an update was never acknowledged"
+    assert lost == [], f"acknowledged updates without a job: {lost}"
+    assert twice == [], f"updates with more than one job: {twice}"
+    assert double_created == [], f"prompts created at a vendor twice: {double_created}"
+    assert missing == [], f"succeeded jobs without their photo: {missing}"
+    assert duplicated_outside == [], f"photos sent twice outside the send window: {duplicated_outside}"
+    assert stray == [], f"photos that answer no job: {stray}"
+    assert failed_with_photo == [], f"failed jobs that sent a photo: {failed_with_photo}"
+    assert unanswered == [], f"failed jobs whose user was not told: {unanswered}"
+    # A job may fail only because it was killed while its create/submit was in flight.
+    for row in jobs:
+        if row["status"] == "failed":
+            assert row["error_code"] == "submit_unknown", dict(row)
+            assert row["id"] in stream.submitting_at_kill
