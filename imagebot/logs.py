@@ -135,7 +135,6 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    logging.captureWarnings(True)  # Python warnings (PTBUserWarning, ...) become log lines too
     for name, quiet_level in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(max(quiet_level, logging.getLevelName(level)))
 

@@ -251,7 +251,8 @@ class Daemon:
             code = await asyncio.wait_for(self.proc.wait(), within)
         except TimeoutError:
             await self.kill()
-            raise AssertionError(f"no exit within {within} s of SIGTERM:\n{self.log_tail()}")
+            tail = self.log_tail()
+            raise AssertionError(f"no exit within {within} s of SIGTERM:\n{tail}") from None
         return code, time.monotonic() - started
 
     async def close(self) -> None:

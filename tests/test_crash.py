@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,10 +17,10 @@ from typing import Any
 import pytest
 
 from tests import updates
-from tests.crash_harness import FINAL_STATUSES, Daemon, count_by, integrity, query
+from tests.crash_harness import FINAL_STATUSES, REPO, Daemon, count_by, integrity, query
 from tests.fakes.base import wait_until
-from tests.fakes.images import make_image
 from tests.fakes.fal_api import FakeFal
+from tests.fakes.images import make_image
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 
@@ -202,8 +203,10 @@ async def test_kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice(
     wanted = set(stream.sent)
     await wait_until(lambda: wanted <= telegram.webhook_acked_update_ids, within=30)
     await bot.wait_jobs(
-        lambda rows: {r["update_id"] for r in rows} >= wanted
-        and all(r["status"] in FINAL_STATUSES for r in rows),
+        lambda rows: (
+            {r["update_id"] for r in rows} >= wanted
+            and all(r["status"] in FINAL_STATUSES for r in rows)
+        ),
         within=40,
     )
     code, stop_s = await bot.terminate()
@@ -275,7 +278,9 @@ async def test_kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice(
     assert twice == [], f"updates with more than one job: {twice}"
     assert double_created == [], f"prompts created at a vendor twice: {double_created}"
     assert missing == [], f"succeeded jobs without their photo: {missing}"
-    assert duplicated_outside == [], f"photos sent twice outside the send window: {duplicated_outside}"
+    assert duplicated_outside == [], (
+        f"photos sent twice outside the send window: {duplicated_outside}"
+    )
     assert stray == [], f"photos that answer no job: {stray}"
     assert failed_with_photo == [], f"failed jobs that sent a photo: {failed_with_photo}"
     assert unanswered == [], f"failed jobs whose user was not told: {unanswered}"
@@ -284,3 +289,181 @@ async def test_kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice(
         if row["status"] == "failed":
             assert row["error_code"] == "submit_unknown", dict(row)
             assert row["id"] in stream.submitting_at_kill
+
+
+# -- graceful stop ----------------------------------------------------------------------------
+
+
+async def test_sigterm_with_jobs_in_flight_exits_0_and_resumes(
+    daemon: MakeDaemon, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """SIGTERM with one prediction waiting, one create in flight and two jobs queued behind
+    limits.max_running: exit 0 well within TimeoutStopSec, the create in flight is saved (not
+    left unknown), and after a restart every job completes with no second create."""
+    replicate.latency_s = 2.0
+    bot = daemon(limits={"max_running": 2})
+    await bot.start()
+    prompts = [f"stopped number {n}" for n in range(1, 5)]
+    telegram.push_update(updates.command(f"/generate {prompts[0]}"))
+    await bot.wait_jobs(lambda rows: len(rows) == 1 and rows[0]["phase"] == "submitted")
+    replicate.delay_next("create", 1.5)  # the second create is in flight at SIGTERM
+    for prompt in prompts[1:]:
+        telegram.push_update(updates.command(f"/generate {prompt}"))
+    await wait_until(lambda: len(replicate.creates) == 2)
+    await bot.wait_jobs(lambda rows: [r["status"] for r in rows].count("queued") == 2)
+    phases = [(r["status"], r["phase"]) for r in bot.jobs()]
+    assert phases == [
+        ("running", "submitted"),
+        ("running", "submitting"),
+        ("queued", "new"),
+        ("queued", "new"),
+    ]
+    code, stop_s = await bot.terminate(within=45)
+    print(f"\nSIGTERM stop took {stop_s:.2f} s")  # noqa: T201
+    assert code == 0
+    assert stop_s < 20, "well within imagebot.service's TimeoutStopSec=45"
+    assert bot.log_events("stopped"), "the last log line of the run was written"
+    rows = bot.jobs()
+    assert [r["status"] for r in rows] == ["running", "running", "queued", "queued"]
+    assert [r["phase"] for r in rows[:2]] == ["submitted", "submitted"]  # the create was saved
+    assert all(r["provider_request_id"] for r in rows[:2])
+    assert integrity(bot.db_path) == "ok"
+
+    await bot.start()
+    await telegram.wait_for(lambda: len(telegram.photos(CHAT)) == 4, within=30)
+    await bot.wait_jobs(lambda rows: all(r["status"] == "succeeded" for r in rows))
+    code, _ = await bot.terminate()
+    assert code == 0
+    assert sorted(vendor_calls(replicate, FakeFal()).items()) == [(p, 1) for p in prompts]
+    assert sorted(p.caption or "" for p in telegram.photos(CHAT)) == prompts
+
+
+async def test_updates_sent_while_stopping_are_not_lost(
+    daemon: MakeDaemon, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """Updates Telegram delivers while the bot stops are either saved or refused (503 /
+    connection refused) and resent: after the restart each has exactly one job and one photo."""
+    replicate.latency_s = 1.0
+    bot = daemon()
+    await bot.start()
+    telegram.push_update(updates.command("/generate before the stop"))
+    await bot.wait_jobs(lambda rows: len(rows) == 1 and rows[0]["phase"] == "submitted")
+    assert bot.proc is not None
+    bot.proc.send_signal(signal.SIGTERM)
+    for n in range(5):
+        telegram.push_update(updates.command(f"/generate during the stop {n}"))
+    assert await bot.proc.wait() == 0
+    await bot.start()
+    await telegram.wait_for(lambda: len(telegram.photos(CHAT)) == 6, within=30)
+    await bot.wait_jobs(
+        lambda rows: len(rows) == 6 and all(r["status"] == "succeeded" for r in rows)
+    )
+    assert telegram.pending_update_count == 0
+    assert all(n == 1 for n in vendor_calls(replicate, FakeFal()).values())
+
+
+# -- the database after kill -9 ---------------------------------------------------------------
+
+
+async def test_database_left_by_kill_9_opens_migrates_and_checks_ok(
+    daemon: MakeDaemon, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """A database killed during its first migration and again mid-stream passes PRAGMA
+    integrity_check (read with the sqlite3 module), opens and migrates at the next start, and
+    the jobs of the killed run complete."""
+    bot = daemon()
+    await bot.start(wait=False)
+    await wait_until(lambda: bot.db_path.exists(), within=15, interval=0.001)
+    await bot.kill()  # as early as the file exists: the migration may be half way
+    assert integrity(bot.db_path) == "ok"
+    await bot.start()
+    assert integrity(bot.db_path) == "ok"
+    names = [r["name"] for r in query(bot.db_path, "SELECT name FROM schema_migrations")]
+    assert names == sorted(p.stem for p in (REPO / "migrations").glob("[0-9]*.sql"))
+    for n in range(8):
+        telegram.push_update(updates.command(f"/generate integrity {n}"))
+    await wait_until(lambda: len(telegram.photos(CHAT)) >= 3, interval=0.002)
+    await bot.kill()
+    assert integrity(bot.db_path) == "ok"
+    assert query(bot.db_path, "PRAGMA journal_mode")[0][0] == "wal"
+    await bot.start()
+    await bot.wait_jobs(
+        lambda rows: len(rows) == 8 and all(r["status"] == "succeeded" for r in rows)
+    )
+    code, _ = await bot.terminate()
+    assert code == 0
+    assert integrity(bot.db_path) == "ok"
+
+
+# -- vendor results that expired while the bot was down ----------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["generate", "edit"])
+async def test_results_expired_while_down_fail_cleanly(
+    kind: str,
+    daemon: MakeDaemon,
+    telegram: FakeTelegram,
+    replicate: FakeReplicate,
+    fal: FakeFal,
+) -> None:
+    """A job whose vendor outputs expired while the bot was down fails with results_expired,
+    the user is told, nothing is created again, and the unit goes back (/usage shows 0 used)."""
+    replicate.latency_s = fal.latency_s = 0.8
+    bot = daemon()
+    await bot.start()
+    if kind == "generate":
+        telegram.push_update(updates.command("/generate gone by morning"))
+    else:
+        file_id = telegram.add_file(make_image(40, 30))
+        telegram.push_update(updates.photo_message(file_id, caption="/edit gone by morning"))
+    await bot.wait_jobs(lambda rows: bool(rows) and rows[0]["phase"] == "submitted")
+    await bot.kill()
+    vendor = replicate if kind == "generate" else fal
+    request = replicate.last_prediction if kind == "generate" else fal.last_request
+    await wait_until(lambda: request.status in ("succeeded", "COMPLETED"), within=5)
+    vendor.expire_outputs()
+    await bot.start()
+    await bot.wait_jobs(lambda rows: rows[0]["status"] == "failed")
+    (row,) = bot.jobs()
+    assert row["error_code"] == "results_expired"
+    await telegram.wait_for(
+        lambda: any(
+            t.startswith("Sorry, job 1 failed: the result expired") for t in telegram.texts(CHAT)
+        )
+    )
+    assert telegram.photos(CHAT) == []
+    assert len(replicate.creates) + len(fal.submits) == 1
+    telegram.push_update(updates.command("/usage"))
+    await telegram.wait_for(
+        lambda: any(t.startswith("Today (UTC):") for t in telegram.texts(CHAT))
+    )
+    usage = next(t for t in telegram.texts(CHAT) if t.startswith("Today (UTC):"))
+    assert "0 of 10000 used" in usage.splitlines()[1 if kind == "generate" else 2]
+
+
+async def test_failure_told_after_kill_between_record_and_message(
+    daemon: MakeDaemon, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """A job whose failure was recorded but whose failure message had not reached the chat when
+    the process died is told after the restart, once."""
+    replicate.outcome = "failed"
+    bot = daemon()
+    await bot.start()
+    # Telegram answers the failure edit with 429 for a while: the message waits in the bot.
+    telegram.fail_method(
+        "editMessageText", 429, "Too Many Requests: retry after 30", retry_after=30
+    )
+    telegram.push_update(updates.command("/generate refused at first"))
+    await bot.wait_jobs(lambda rows: bool(rows) and rows[0]["status"] == "failed")
+    await wait_until(lambda: bool(telegram.calls_of("editMessageText")))
+    await bot.kill()
+    assert not any(t.startswith("Sorry, job 1 failed") for t in telegram.texts(CHAT))
+    await bot.start()
+    await telegram.wait_for(
+        lambda: any(t.startswith("Sorry, job 1 failed") for t in telegram.texts(CHAT))
+    )
+    code, _ = await bot.terminate()
+    assert code == 0
+    told = [t for t in telegram.texts(CHAT) if t.startswith("Sorry, job 1 failed")]
+    assert len(told) == 1
+    assert len(replicate.creates) == 1

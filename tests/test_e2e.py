@@ -262,3 +262,31 @@ async def test_status_counts_in_jobs_listing(bot, telegram: FakeTelegram) -> Non
     assert [j["prompt"] for j in mine["jobs"]] == ["two"]
     assert len(done["jobs"]) == 1 and done["next_before"] == done["jobs"][0]["id"]
     assert missing == 404 and bad == 400
+
+
+async def test_polling_deletes_webhook_and_backs_off(
+    bot, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """Polling mode removes any webhook first; a getUpdates error is retried after a pause
+    (no spinning), and updates keep flowing afterwards."""
+    telegram.fail_method("getUpdates", 502, "Bad Gateway")
+    async with bot():
+        await wait_until(lambda: len(telegram.calls_of("getUpdates")) >= 2)
+        telegram.push_update(updates.command("/generate after the outage"))
+        await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
+    first, second = telegram.calls_of("getUpdates")[:2]
+    assert second.at - first.at >= 0.9
+    assert telegram.calls_of("deleteWebhook")
+    assert telegram.calls_of("deleteWebhook")[0].at < first.at
+
+
+async def test_oversized_result_goes_as_document(
+    bot, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """An output over Telegram's photo limits (aspect ratio > 20) is sent as a document."""
+    replicate.image_size = (2100, 100)
+    async with bot():
+        telegram.push_update(updates.command("/generate a very long banner"))
+        await wait_until(lambda: len(telegram.documents(CHAT)) == 1)
+    assert telegram.photos(CHAT) == []
+    assert telegram.documents(CHAT)[0].caption == "a very long banner"

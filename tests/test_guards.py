@@ -274,4 +274,3 @@ async def test_unknown_command_and_plain_text(bot, telegram: FakeTelegram) -> No
     hint, help_text = telegram.texts(CHAT)
     assert hint == "I don't know /dance. Try /help."
     assert "/generate" in help_text
-

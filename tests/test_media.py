@@ -190,9 +190,7 @@ def fetcher(
     max_redirects: int = 3,
     resolver: Any = None,
 ) -> GuardedFetcher:
-    guard = (
-        AddressGuard(hosts, networks, resolver) if resolver else AddressGuard(hosts, networks)
-    )
+    guard = AddressGuard(hosts, networks, resolver) if resolver else AddressGuard(hosts, networks)
     return GuardedFetcher(
         guard,
         max_bytes=max_bytes,

@@ -148,9 +148,7 @@ async def test_a_job_moves_the_job_provider_latency_and_cost_series(
     assert delta("imagebot_provider_seconds_count", provider="replicate") == 1
     assert delta("imagebot_end_to_end_seconds_count", kind="generate") == 1
     assert delta("imagebot_end_to_end_seconds_sum", kind="generate") > 0
-    assert delta("imagebot_estimated_cost_usd_total", provider="replicate") == pytest.approx(
-        0.003
-    )
+    assert delta("imagebot_estimated_cost_usd_total", provider="replicate") == pytest.approx(0.003)
     assert value(after, "imagebot_jobs_running") == 0
     assert value(after, "imagebot_jobs_queued") == 0
 
@@ -236,9 +234,7 @@ async def test_provider_retries_and_errors_by_class(
     assert delta("imagebot_jobs_finished_total", kind="generate", status="succeeded") == 1
     assert delta("imagebot_jobs_finished_total", kind="generate", status="failed") == 1
     # A failed job costs nothing in the estimate.
-    assert delta("imagebot_estimated_cost_usd_total", provider="replicate") == pytest.approx(
-        0.003
-    )
+    assert delta("imagebot_estimated_cost_usd_total", provider="replicate") == pytest.approx(0.003)
 
 
 async def test_telegram_429_is_counted_and_the_photo_still_arrives(

@@ -230,7 +230,8 @@ def conversation(
     timeout = application.bot_data["services"].settings.edit.conversation_timeout_s
     entry_points: list[BaseHandler[Update, Any, Any]] = [
         CommandHandler("edit", start_edit, filters=NEW),
-        MessageHandler(NEW & MEDIA & EDIT_CAPTION, caption_edit),
+        # Videos and GIFs captioned /edit come in too, to be told what can be edited.
+        MessageHandler(NEW & (MEDIA | UNSUPPORTED) & EDIT_CAPTION, caption_edit),
         CallbackQueryHandler(edit_this, pattern=r"^e:\d+:\d+$"),
     ]
     not_command = NEW & ~filters.COMMAND
