@@ -53,7 +53,9 @@ def build(api_base: str, token: str) -> Application[Any, Any, Any, Any, Any, Any
     return application
 
 
-def webhook_app(application: Application[Any, Any, Any, Any, Any, Any], secret: str) -> web.Application:
+def webhook_app(
+    application: Application[Any, Any, Any, Any, Any, Any], secret: str
+) -> web.Application:
     """The aiohttp app with the single webhook route."""
     expected = secret.encode()
 

@@ -11,7 +11,7 @@ their own wall-clock stamps (time.time(), one clock for all three):
 - GET  /telegram/sent          every message the bot sent: chat, method, kind, text, sent_at
 - GET  /replicate/predictions  every prediction: prompt, created, completed_at_ts
 - GET  /fal/requests           every edit request: prompt, created, completed_at_ts
-- GET  /state                  call counts per fake and operation, Telegram's 429 count
+- GET  /state                  call counts per fake and operation, Telegram's 429s and why
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 from collections import Counter
 from typing import Any
 
@@ -28,16 +29,44 @@ from aiohttp import web
 
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
-from tests.fakes.telegram_api import FakeTelegram
+from tests.fakes.telegram_api import FakeTelegram, MethodHandler, TelegramApiError
 
 HOST = "127.0.0.1"
+
+
+class BenchTelegram(FakeTelegram):
+    """FakeTelegram that also notes why each flood 429 was given (overall or per chat)."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__(token=token)
+        self.flood_log: list[dict[str, Any]] = []
+
+    async def _run(self, name: str, handler: MethodHandler, params: dict[str, Any]) -> Any:
+        flood = self._flood
+        chat = params.get("chat_id")
+        now = time.monotonic()
+        last = flood.last_in_chat.get(chat) if flood and isinstance(chat, int) else None
+        in_window = sum(1 for t in flood.overall if now - t < 1.0) if flood else 0
+        try:
+            return await super()._run(name, handler, params)
+        except TelegramApiError as exc:
+            if exc.code == 429:
+                self.flood_log.append(
+                    {
+                        "method": name,
+                        "chat_id": chat,
+                        "sent_in_last_s": in_window,
+                        "since_last_in_chat_s": None if last is None else round(now - last, 3),
+                    }
+                )
+            raise
 
 
 class BenchFakes:
     """The fakes plus the control app that scripts and reads them."""
 
     def __init__(self, telegram_token: str, replicate_token: str, fal_key: str) -> None:
-        self.telegram = FakeTelegram(token=telegram_token)
+        self.telegram = BenchTelegram(telegram_token)
         self.replicate = FakeReplicate(token=replicate_token)
         self.fal = FakeFal(key=fal_key)
         self.control = web.Application(client_max_size=64 * 1024 * 1024)
@@ -94,6 +123,7 @@ class BenchFakes:
         tg._chat_info.clear()
         tg._user_messages.clear()
         tg.flood_429s = 0
+        tg.flood_log.clear()
         tg.disable_flood()
         for fake in (self.replicate, self.fal):
             fake.calls.clear()
@@ -181,6 +211,7 @@ class BenchFakes:
                 "replicate": ops(self.replicate.calls),
                 "fal": ops(self.fal.calls),
                 "flood_429s": self.telegram.flood_429s,
+                "flood_log": self.telegram.flood_log[:50],
             }
         )
 

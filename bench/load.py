@@ -87,7 +87,9 @@ async def run(spec: Spec) -> dict[str, Any]:
     check_loopback(spec.url)
     if spec.count <= 0 or spec.rate <= 0:
         raise ValueError("count and rate must be positive")
-    bodies = [(json.dumps(u).encode(), u) for u in (build_update(spec, i) for i in range(spec.count))]
+    bodies = [
+        (json.dumps(u).encode(), u) for u in (build_update(spec, i) for i in range(spec.count))
+    ]
     headers = {"Content-Type": "application/json", SECRET_HEADER: spec.secret}
     connector = aiohttp.TCPConnector(limit=spec.connections, force_close=False)
     timeout = aiohttp.ClientTimeout(total=spec.timeout_s)

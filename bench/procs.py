@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -28,10 +29,10 @@ from bench.load import Spec
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 HOST = "127.0.0.1"
-BOT_TOKEN = "123456:BENCH-token_abc"
-REPLICATE_TOKEN = "r8_bench_token"
+BOT_TOKEN = "123456:BENCH-token_abc"  # noqa: S105 - the fakes' credentials
+REPLICATE_TOKEN = "r8_bench_token"  # noqa: S105
 FAL_KEY = "bench_key_id:bench_key_secret"
-WEBHOOK_SECRET = "bench-webhook_s3cret"
+WEBHOOK_SECRET = "bench-webhook_s3cret"  # noqa: S105
 WEBHOOK_PATH = "/telegram/webhook"
 _HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
 
@@ -74,6 +75,17 @@ def rss_kb(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             out[key] = int(value.split()[0])
     return out
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write `text` to `path`, creating its directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _tail(path: Path, chars: int = 2000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
 async def _stop(proc: asyncio.subprocess.Process, within: float = 30.0) -> int | None:
@@ -129,6 +141,7 @@ class Fakes:
             cwd=ROOT,
             env=clean_env(),
             stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         urls = json.loads(await _first_line(proc, 20, "bench.fakes"))
         for url in urls.values():
@@ -315,19 +328,25 @@ async def _wait_ready(
 
 
 async def start_imagebot(
-    fakes: Fakes, workdir: Path, overrides: dict[str, Any] | None = None
+    fakes: Fakes,
+    workdir: Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    module: str = "imagebot",
+    extra_env: dict[str, str] | None = None,
 ) -> Bot:
-    """Start `python -m imagebot --webhook` on a generated config; ready = 200 on /healthz."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Start `python -m imagebot --webhook` on a generated config; ready = 200 on /healthz.
+
+    `module` may name a wrapper that runs imagebot's CLI (bench.instrumented)."""
     webhook_port, ops_port = free_port(), free_port()
     config = deep_merge(imagebot_config(fakes, workdir, webhook_port, ops_port), overrides or {})
-    config_path = workdir / "config.toml"
-    config_path.write_text(to_toml(config))
+    config_path = _write(workdir / "config.toml", to_toml(config))
     env = clean_env(
         TELEGRAM_BOT_TOKEN=BOT_TOKEN,
         REPLICATE_API_TOKEN=REPLICATE_TOKEN,
         FAL_KEY=FAL_KEY,
         IMAGEBOT_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        **(extra_env or {}),
     )
     log_path = workdir / "imagebot.log"
     session = aiohttp.ClientSession(timeout=_HTTP_TIMEOUT)
@@ -336,7 +355,7 @@ async def start_imagebot(
         proc = await asyncio.create_subprocess_exec(
             PYTHON,
             "-m",
-            "imagebot",
+            module,
             "--webhook",
             "--config",
             str(config_path),
@@ -351,7 +370,7 @@ async def start_imagebot(
     except BenchError:
         await session.close()
         await _stop(proc, 10)
-        tail = log_path.read_text(errors="replace")[-2000:]
+        tail = _tail(log_path)
         raise BenchError(f"imagebot did not start; log tail:\n{tail}") from None
     ready_s = time.monotonic() - spawned
     return Bot(
@@ -367,7 +386,7 @@ async def start_imagebot(
 
 async def start_baseline(fakes: Fakes, workdir: Path) -> Bot:
     """Start bench/baseline_bot.py; ready when it prints 'ready <port>'."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    _write(workdir / "baseline.log", "")
     port = free_port()
     log_path = workdir / "baseline.log"
     with log_path.open("ab") as log:
@@ -400,7 +419,7 @@ async def start_baseline(fakes: Fakes, workdir: Path) -> Bot:
 async def run_load(spec: Spec) -> dict[str, Any]:
     """Run bench/load.py in its own process and return its JSON result."""
     check_loopback(spec.url)
-    payload = json.dumps({k: v for k, v in spec.__dict__.items()})
+    payload = json.dumps(dataclasses.asdict(spec))
     proc = await asyncio.create_subprocess_exec(
         PYTHON,
         "-m",

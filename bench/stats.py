@@ -32,7 +32,7 @@ def summary_ms(values: Sequence[float]) -> dict[str, float | int | None]:
     }
 
 
-_BUCKET = re.compile(r'^(?P<name>\w+)_bucket\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
+_BUCKET = re.compile(r"^(?P<name>\w+)_bucket\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
 
 
 def histogram_buckets(text: str, name: str) -> list[tuple[float, float]]:

@@ -24,7 +24,7 @@ from imagebot.delivery import Delivery
 from imagebot.errors import ConfigError
 from imagebot.health import Heartbeat, sd_notify
 from imagebot.intake import Intake, PerChatUpdateProcessor
-from imagebot.logs import get_logger
+from imagebot.logs import get_logger, unbind_all
 from imagebot.media import (
     GuardedFetcher,
     download_telegram_file,
@@ -217,18 +217,25 @@ def _schedule_maintenance(app: App) -> None:
     job_queue = app.application.job_queue
     assert job_queue is not None
 
+    # APScheduler runs jobs in a copy of the context that last woke it (often a handler's), so
+    # each maintenance job drops inherited log fields (update_id, job_id, ...) first.
     async def sweep(_: object) -> None:
+        unbind_all()
         await services.runner.sweep()
 
     async def refresh_queue(_: object) -> None:
+        unbind_all()
         await services.progress.refresh_queue()
 
     async def prune(_: object) -> None:
+        unbind_all()
         await _prune(services)
 
     job_queue.run_repeating(sweep, settings.limits.sweep_interval_s, name="sweep")
     job_queue.run_repeating(refresh_queue, settings.progress.queue_refresh_s, name="queue-refresh")
-    job_queue.run_repeating(prune, settings.storage.prune_interval_s, first=60, name="prune")
+    # The first prune a minute after start-up (or sooner when the interval is shorter).
+    interval = settings.storage.prune_interval_s
+    job_queue.run_repeating(prune, interval, first=min(60.0, interval), name="prune")
 
 
 async def _prune(services: Services) -> None:
@@ -240,6 +247,9 @@ async def _prune(services: Services) -> None:
     for job in await services.store.with_results_older_than(storage.results_retention_days):
         files += services.results.remove(job.result_paths)
         await services.store.update(job.id, result_paths=[])
+    files += await asyncio.to_thread(
+        services.results.remove_older_than, storage.results_retention_days
+    )
     if inbox_rows or removed_jobs or files:
         log.info("pruned", inbox_rows=inbox_rows, jobs=len(removed_jobs), files=files)
 

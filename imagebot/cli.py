@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from imagebot import __version__
 from imagebot.config import Settings, load_settings
 from imagebot.errors import ConfigError, StoreError
-from imagebot.logs import configure_logging
+from imagebot.logs import configure_logging, install_excepthook
 
 EXIT_CONFIG = 2
 
@@ -62,8 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-config", action="store_true", help="same as the check-config command"
     )
-    parser.add_argument("--version", action="version", version=f"imagebot {__version__}")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     return parser
+
+
+def _error(kind: str, exc: Exception) -> None:
+    """One line on stderr, whatever the message holds (journald shows it as one entry)."""
+    print(f"imagebot: {kind}: {' '.join(str(exc).split())}", file=sys.stderr)  # noqa: T201
 
 
 def effective_settings(settings: Settings) -> dict[str, object]:
@@ -95,10 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # otherwise (imagebot reads both forms).
     os.environ.setdefault("PTB_TIMEDELTA", "true")
     args = _parser().parse_args(argv)
+    if args.version:
+        print(f"imagebot {__version__}")  # noqa: T201
+        return 0
     try:
         settings = load_settings(args.config, mode=args.mode)
     except ConfigError as exc:
-        print(f"imagebot: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        _error("configuration error", exc)
         return EXIT_CONFIG
     if args.command == "check-config" or args.check_config:
         print(json.dumps(effective_settings(settings), indent=2, default=str))  # noqa: T201
@@ -108,11 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.logs.level,
         secrets=settings.secret_values(),
     )
+    install_excepthook()
     try:
         return asyncio.run(_serve(settings))
     except ConfigError as exc:
-        print(f"imagebot: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        _error("configuration error", exc)
         return EXIT_CONFIG
     except StoreError as exc:
-        print(f"imagebot: database error: {exc}", file=sys.stderr)  # noqa: T201
+        _error("database error", exc)
         return 1

@@ -7,6 +7,7 @@ any network call is made.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -25,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from imagebot.errors import ConfigError
 
@@ -455,5 +457,29 @@ def load_settings(config_path: str | Path | None = None, *, mode: str | None = N
         return Settings(**data)
     except ValidationError as exc:
         raise _format_error(exc) from None
+    except SettingsError as exc:  # an IMAGEBOT_* list/table value that is not JSON
+        raise _env_json_error(exc) from None
     finally:
         _CLI_OVERRIDES.reset(token)
+
+
+def _env_json_error(exc: SettingsError) -> ConfigError:
+    """Name the IMAGEBOT_<SECTION>__<KEY> variable whose list or table value is not JSON."""
+    match = re.search(r'field "(\w+)"', str(exc))
+    section = match.group(1) if match else ""
+    prefix = f"IMAGEBOT_{section.upper()}__"
+    field = Settings.model_fields.get(section)
+    model = field.annotation if field else None
+    for name, value in os.environ.items():
+        sub = name[len(prefix) :].lower()
+        if not name.upper().startswith(prefix) or not isinstance(model, type):
+            continue
+        sub_field = getattr(model, "model_fields", {}).get(sub)
+        if sub_field is None or not isinstance(sub_field.default, list | dict):
+            continue  # only lists and tables are read as JSON
+        try:
+            json.loads(value)
+        except ValueError:
+            example = "'[123, 456]'" if isinstance(sub_field.default, list) else """'{"a": 1}'"""
+            return ConfigError(f"{section}.{sub}", f"{name} must be JSON, e.g. {name}={example}")
+    return ConfigError(section or "environment", "an IMAGEBOT_* value could not be read")

@@ -32,6 +32,7 @@ _QUIET_LOGGERS = {
     "telegram.ext.Application": logging.INFO,
     "telegram.Bot": logging.INFO,
     "hpack": logging.WARNING,
+    "PIL": logging.INFO,  # Pillow logs every image chunk at DEBUG
 }
 
 
@@ -56,6 +57,10 @@ class Redactor:
                 text = text.replace(secret, MASK)
         text = _TOKEN_RE.sub(MASK, text)
         return _BOT_PATH_RE.sub(lambda m: f"/{m.group(1) or ''}bot{MASK}", text)
+
+    def scrub(self, value: Any) -> Any:
+        """`value` with every string inside it redacted (dicts, lists, bytes included)."""
+        return self._walk(value)
 
     def _walk(self, value: Any) -> Any:
         if isinstance(value, str):

@@ -16,14 +16,16 @@ import warnings
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 from telegram import Bot
-from telegram.error import BadRequest, NetworkError, TelegramError
+from telegram.constants import FileSizeLimit
+from telegram.error import BadRequest, InvalidToken, NetworkError, TelegramError
 
 from imagebot.errors import BlockedAddress, MediaError, MediaExpired, MediaTooLarge, NotAnImage
 from imagebot.models import ImageFile
 from imagebot.netguard import AddressGuard
 
 ACCEPTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
-TELEGRAM_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # bots may download up to 20 MB
+# Bots may download up to 20 MB; PTB counts that in decimal megabytes, the stricter reading.
+TELEGRAM_DOWNLOAD_LIMIT = int(FileSizeLimit.FILESIZE_DOWNLOAD)
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -210,6 +212,9 @@ async def download_telegram_file(
         raise BlockedAddress("Telegram file is not on the configured file host")
     try:
         data = bytes(await tg_file.download_as_bytearray())
+    except (BadRequest, InvalidToken) as exc:
+        # PTB raises InvalidToken for a 404: the file path is no longer served.
+        raise MediaError("Telegram cannot serve that file any more", "input_unavailable") from exc
     except TelegramError as exc:
         raise MediaError(
             "Telegram download failed", "telegram_network", is_retryable=True

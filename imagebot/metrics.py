@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # No `*_created` timestamp series next to every counter: noise on a small bot's page.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
 
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SLOW = (0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120, 300, 600)
@@ -21,11 +25,25 @@ _SLOW = (0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120, 300, 600)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class _ProcessCollector(ProcessCollector):
+    """prometheus-client's process_* metrics, also under systemd's `ProcSubset=pid`, which hides
+    /proc/stat (where the boot time is read; without it the collector exports nothing)."""
+
+    def _boot_time(self) -> float:
+        try:
+            btime: float | None = super()._boot_time()  # type: ignore[no-untyped-call]
+        except OSError:
+            btime = None
+        return btime or time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class Metrics:
     """Every counter, gauge and histogram imagebot exports at /metrics."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
+        _ProcessCollector(registry=r)  # process_resident_memory_bytes (vs MemoryMax), CPU, fds
+        PlatformCollector(registry=r)  # python_info
         self.updates_received = Counter(
             "imagebot_updates_received", "Telegram updates received, by type", ["type"], registry=r
         )

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from imagebot import __version__
 from imagebot.health import Heartbeat
+from imagebot.logs import Redactor
 from imagebot.metrics import CONTENT_TYPE
 from imagebot.models import Job, JobKind, JobStatus
 from imagebot.services import Services
@@ -34,14 +35,18 @@ class OpsState:
 
 
 STATE = web.AppKey("state", OpsState)
+REDACTOR = web.AppKey("redactor", Redactor)
 
 
-def job_json(job: Job) -> dict[str, Any]:
-    """A job as /jobs shows it (no field of a job row holds a secret)."""
+def job_json(job: Job, redactor: Redactor | None = None) -> dict[str, Any]:
+    """A job as /jobs shows it. No column is meant to hold a secret; the redactor makes sure
+    (a vendor's error text echoing a key, a pasted token) before anything leaves the process."""
     data = asdict(job)
     for key in ("kind", "status", "phase"):
         data[key] = str(data[key])
-    return data
+    if redactor is None:
+        return data
+    return {key: redactor.scrub(value) for key, value in data.items()}
 
 
 def _authorized(request: web.Request) -> bool:
@@ -121,12 +126,17 @@ async def list_jobs(request: web.Request) -> web.Response:
     since = query.get("since")
     if since:
         try:
-            since = iso(datetime.fromisoformat(since.replace("Z", "+00:00")))
+            moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
         except ValueError:
             return _bad("since must be an ISO-8601 time, e.g. 2026-11-21T00:00:00Z")
-    limit = _int(query.get("limit"), "limit") or 50
+        # Without an offset it is UTC, like every time imagebot stores.
+        since = iso(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    limit = _int(query.get("limit"), "limit")
+    if limit is None:
+        limit = 50
     if limit < 1:
         return _bad("limit must be at least 1")
+    limit = min(limit, page_max)
     flt = JobFilter(
         status=status,
         kind=kind,
@@ -134,12 +144,18 @@ async def list_jobs(request: web.Request) -> web.Response:
         chat_id=_int(query.get("chat_id"), "chat_id"),
         since=since,
         before_id=_int(query.get("before"), "before"),
-        limit=min(limit, page_max),
+        limit=limit + 1,  # one more than shown: tells whether another page exists
     )
     jobs = await services.store.find(flt)
-    next_before = jobs[-1].id if len(jobs) == flt.limit else None
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    redactor = request.app[REDACTOR]
     return web.json_response(
-        {"jobs": [job_json(j) for j in jobs], "count": len(jobs), "next_before": next_before}
+        {
+            "jobs": [job_json(j, redactor) for j in jobs],
+            "count": len(jobs),
+            "next_before": jobs[-1].id if more else None,
+        }
     )
 
 
@@ -148,7 +164,7 @@ async def get_job(request: web.Request) -> web.Response:
     job = await request.app[SERVICES].store.get(job_id or 0)
     if job is None:
         return web.json_response({"error": "no such job"}, status=404)
-    return web.json_response(job_json(job))
+    return web.json_response(job_json(job, request.app[REDACTOR]))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -160,6 +176,7 @@ def build_app(services: Services, state: OpsState) -> web.Application:
     app = web.Application(middlewares=[_auth])
     app[SERVICES] = services
     app[STATE] = state
+    app[REDACTOR] = Redactor(services.settings.secret_values())
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/healthz/ready", healthz)
     app.router.add_get("/healthz/live", livez)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +63,25 @@ class ResultFiles:
             try:
                 (self.directory / Path(name).name).unlink()
                 removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def remove_older_than(self, days: float) -> int:
+        """Remove files not written for `days`, whether or not a row names them: results of
+        jobs that failed after their files were saved, and `.tmp` files of a write that a
+        crash cut short, would otherwise stay forever."""
+        cutoff = time.time() - days * 86400
+        try:
+            paths = list(self.directory.iterdir())
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        for path in paths:
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
             except FileNotFoundError:
                 continue
         return removed

@@ -229,6 +229,8 @@ class JobRunner:
         except _JobGone:
             log.info("job_left_running")
         except (ProviderError, MediaError, DeliveryError) as exc:
+            if isinstance(exc, DeliveryError):
+                self.metrics.delivery_errors.labels(exc.code).inc()
             await self._fail(job, exc.code, str(exc))
         except asyncio.CancelledError:
             if run.cancel_reason == "shutdown":
@@ -273,8 +275,17 @@ class JobRunner:
     async def _submit(self, run: _Run, job: Job, provider: ImageProvider) -> None:
         if job.attempts >= self._max_attempts:
             raise ProviderError(provider.name, "no attempts left", code="too_many_attempts")
-        request = await self._request_for(job)
         deadline = self._deadline_monotonic(job)
+        # The edit photo comes from Telegram: a network blip there is worth another try.
+        async for attempt in retrying(
+            attempts=self._max_attempts,
+            base_s=self.settings.limits.retry_base_s,
+            max_s=self.settings.limits.retry_max_s,
+            deadline=deadline,
+            before_sleep=self._on_retry(job, "input"),
+        ):
+            with attempt:
+                request = await self._request_for(job)
         async for attempt in retrying(
             attempts=self._max_attempts - job.attempts,
             base_s=self.settings.limits.retry_base_s,
@@ -483,8 +494,13 @@ class JobRunner:
 
     async def _fail(self, job: Job, code: str, message: str) -> None:
         async def write() -> bool:
+            # phase `delivering` until the user is told: a restart tells them (recover).
             return await self.store.finish(
-                job.id, JobStatus.FAILED, error_code=code, error_message=redact(message)[:500]
+                job.id,
+                JobStatus.FAILED,
+                error_code=code,
+                error_message=redact(message)[:500],
+                phase=Phase.DELIVERING,
             )
 
         if not await asyncio.shield(write()):
@@ -497,7 +513,13 @@ class JobRunner:
             error=redact(message)[:300],
             duration_ms=int((utcnow() - parse_iso(job.created_at)).total_seconds() * 1000),
         )
+        await self._tell_failure(job, code)
+
+    async def _tell_failure(self, job: Job, code: str | None) -> None:
+        """Send the failure message, then record that it was sent (best effort: a refused send
+        is not retried forever)."""
         await self.progress.ended(job, texts.job_failed(job.id, code))
+        await self.store.update(job.id, phase=Phase.DONE)
 
     # -- cancel, sweep, recover, shutdown --------------------------------------------------
 
@@ -568,6 +590,9 @@ class JobRunner:
             self._schedule(job)
         if running:
             log.info("jobs_recovered", count=len(running), job_ids=[j.id for j in running])
+        for job in await self.store.untold_failures():
+            log.info("failure_retold", job_id=job.id, error_code=job.error_code)
+            self._in_background(self._tell_failure(job, job.error_code))
         await self.pump()
         return len(running)
 

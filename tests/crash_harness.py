@@ -84,12 +84,25 @@ def query(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3
         conn.close()
 
 
-def execute(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> int:
-    """One write statement, committed; returns the rows changed."""
-    conn = connect(db_path)
+def write(db_path: Path, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+    """Write statements in one BEGIN IMMEDIATE transaction (a deferred one that has to upgrade
+    may fail at once with "database is locked" under WAL); returns the rows each changed or
+    the last inserted id for an INSERT. Call it through asyncio.to_thread while a bot runs in
+    this event loop: its busy wait must not block the loop the bot needs to commit."""
+    conn = sqlite3.connect(str(db_path), timeout=10, isolation_level=None)
     try:
-        with conn:
-            return conn.execute(sql, params).rowcount
+        conn.execute("BEGIN IMMEDIATE")
+        results = []
+        try:
+            for sql, params in statements:
+                cursor = conn.execute(sql, params)
+                is_insert = sql.lstrip().upper().startswith("INSERT")
+                results.append(cursor.lastrowid if is_insert else cursor.rowcount)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return [r or 0 for r in results]
     finally:
         conn.close()
 
@@ -223,6 +236,14 @@ class Daemon:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
+    async def ops_get(self, path: str) -> tuple[int, Any]:
+        """GET a path of the ops server: (status, JSON body)."""
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+            session.get(f"http://127.0.0.1:{self.ops_port}{path}") as resp,
+        ):
+            return resp.status, await resp.json()
+
     async def wait_ready(self, within: float = READY_WITHIN_S) -> None:
         deadline = time.monotonic() + within
         while True:
@@ -242,17 +263,19 @@ class Daemon:
         await self.proc.wait()
         self.kills += 1
 
-    async def terminate(self, within: float = 45.0) -> tuple[int, float]:
-        """SIGTERM (what `systemctl stop` sends); return (exit code, seconds until exit)."""
+    async def terminate(
+        self, within: float = 45.0, sig: signal.Signals = signal.SIGTERM
+    ) -> tuple[int, float]:
+        """SIGTERM (what `systemctl stop` sends) or `sig`; return (exit code, seconds)."""
         assert self.proc is not None
         started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(sig)
         try:
             code = await asyncio.wait_for(self.proc.wait(), within)
         except TimeoutError:
             await self.kill()
             tail = self.log_tail()
-            raise AssertionError(f"no exit within {within} s of SIGTERM:\n{tail}") from None
+            raise AssertionError(f"no exit within {within} s of {sig.name}:\n{tail}") from None
         return code, time.monotonic() - started
 
     async def close(self) -> None:

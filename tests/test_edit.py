@@ -4,16 +4,24 @@ out; every way in, the input checks, the SSRF guard on outputs, and the bot toke
 from __future__ import annotations
 
 import base64
+import io
 import json
+import logging
 import sqlite3
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
+from imagebot import logs
 from imagebot.bot import texts
 from imagebot.config import MediaSettings
+from imagebot.logs import configure_logging
 from tests import updates
 from tests.conftest import BOT_TOKEN, FAL_KEY, SettingsFactory, running
 from tests.fakes.base import wait_until
@@ -36,6 +44,28 @@ DEFAULT_HOSTS = MediaSettings().allowed_hosts
 # -- helpers --------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """The production log pipeline (JSON, DEBUG) into a StringIO, told no secrets to mask, so
+    only a token that never reached a log line passes; the previous set-up is put back after."""
+    root = logging.getLogger()
+    names = ("httpx", "httpcore", "apscheduler", "telegram.Bot", "telegram.ext.Application")
+    quiet = {name: logging.getLogger(name).level for name in names}
+    saved = (list(root.handlers), root.level, structlog.get_config())
+    hooks = (sys.excepthook, threading.excepthook, logs._redactor)
+    stream = io.StringIO()
+    configure_logging(fmt="json", level="DEBUG", secrets=(), stream=stream)
+    try:
+        yield stream
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        structlog.configure(**saved[2])
+        sys.excepthook, threading.excepthook, logs._redactor = hooks
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def jobs(app: Any) -> list[sqlite3.Row]:
     return rows(db_path(app))
 
@@ -56,6 +86,12 @@ async def texts_seen(telegram: FakeTelegram, text: str, chat: int = CHAT, times:
     await wait_until(lambda: telegram.texts(chat).count(text) >= times, within=5)
 
 
+async def told(telegram: FakeTelegram, fragment: str, chat: int = CHAT) -> str:
+    """Wait for a text containing `fragment` in the chat (failure notices follow the row)."""
+    await wait_until(lambda: any(fragment in t for t in telegram.texts(chat)), within=5)
+    return next(t for t in telegram.texts(chat) if fragment in t)
+
+
 async def finished(app: Any, count: int = 1) -> list[sqlite3.Row]:
     done = ("succeeded", "failed", "canceled")
     await wait_until(lambda: len([r for r in jobs(app) if r["status"] in done]) >= count, within=8)
@@ -64,11 +100,11 @@ async def finished(app: Any, count: int = 1) -> list[sqlite3.Row]:
 
 async def settle(app: Any, update: dict[str, Any]) -> None:
     """Wait until the bot's handlers are done with an update (its inbox row is processed)."""
-    sql = f"SELECT processed_at FROM inbox WHERE update_id = {int(update['update_id'])}"
+    update_id = int(update["update_id"])
 
     def processed() -> bool:
-        found = rows(db_path(app), sql)
-        return bool(found and found[0]["processed_at"])
+        found = rows(db_path(app), "SELECT update_id, processed_at FROM inbox")
+        return any(r["update_id"] == update_id and r["processed_at"] for r in found)
 
     await wait_until(processed, within=5)
 
@@ -77,7 +113,8 @@ def no_token_in(blob: bytes | str, where: str) -> None:
     data = blob.encode() if isinstance(blob, str) else blob
     assert BOT_TOKEN.encode() not in data, f"bot token in {where}"
     assert TOKEN_SECRET.encode() not in data, f"token secret in {where}"
-    assert b"/file/bot" not in data, f"Telegram file URL in {where}"
+    # a Telegram file URL may only appear masked ("/file/bot<redacted>", in debug logs)
+    assert b"/file/bot" not in data.replace(b"/file/bot<redacted>", b""), f"file URL in {where}"
 
 
 async def assert_token_stayed_home(app: Any, fal: FakeFal) -> None:
@@ -96,6 +133,16 @@ async def assert_token_stayed_home(app: Any, fal: FakeFal) -> None:
         no_token_in(json.dumps(one), f"/jobs/{row['id']}")
 
 
+def files_without_token(root: Path) -> list[str]:
+    """Check every file under `root` (database, WAL, result files); return their names."""
+    names = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            no_token_in(path.read_bytes(), str(path.relative_to(root)))
+            names.append(path.name)
+    return names
+
+
 def photo_upd(file_id: str, caption: str | None = None, **kw: Any) -> dict[str, Any]:
     return updates.photo_message(file_id, width=64, height=48, caption=caption, **kw)
 
@@ -104,7 +151,7 @@ def photo_upd(file_id: str, caption: str | None = None, **kw: Any) -> dict[str, 
 
 
 async def test_caption_edit_end_to_end(
-    bot, telegram: FakeTelegram, fal: FakeFal, connections: list[Any], capsys
+    bot, telegram: FakeTelegram, fal: FakeFal, connections: list[Any], log_output: io.StringIO
 ) -> None:
     """A photo captioned /edit: "Editing… (job 1)" within a second, fal gets the photo as a data
     URI with the instruction and [edit.params], the edited photo replies, the row succeeds, and
@@ -154,8 +201,8 @@ async def test_caption_edit_end_to_end(
     assert row["provider_request_id"] == request_id
     assert json.loads(row["delivered_message_ids"]) == [photo.message_id]
     # and the logs
-    out = capsys.readouterr()
-    no_token_in(out.out + out.err, "the logs")
+    assert '"job_delivered"' in log_output.getvalue()  # the logs really were captured
+    no_token_in(log_output.getvalue(), "the logs")
     assert {a[0] for a in connections} == {"127.0.0.1"}
 
 
@@ -465,9 +512,9 @@ async def test_file_telegram_says_is_over_20_mb_fails_the_job(
     async with bot() as app:
         telegram.push_update(photo_upd(file_id, "/edit x"))
         (row,) = await finished(app)
+        await told(telegram, "job 1 failed: that image is too large")
     assert (row["status"], row["error_code"]) == ("failed", "too_large")
     assert fal.submits == []
-    assert any("job 1 failed: that image is too large" in t for t in telegram.texts(CHAT))
 
 
 @pytest.mark.parametrize(
@@ -481,7 +528,7 @@ async def test_file_that_is_not_an_image_fails(
     async with bot() as app:
         telegram.push_update(updates.document_message(file_id, mime, name, 5, caption="/edit x"))
         (row,) = await finished(app)
-        await wait_until(lambda: any("job 1 failed" in t for t in telegram.texts(CHAT)), within=3)
+        await told(telegram, "job 1 failed")
     assert (row["status"], row["error_code"]) == ("failed", "not_an_image")
     assert fal.submits == []
     assert telegram.photos(CHAT) == []
@@ -500,7 +547,7 @@ async def test_decompression_bomb_is_refused(bot, telegram: FakeTelegram, fal: F
             )
         )
         (row,) = await finished(app)
-        await wait_until(lambda: any("too many pixels" in t for t in telegram.texts(CHAT)), 3)
+        await told(telegram, "too many pixels")
     assert (row["status"], row["error_code"]) == ("failed", "too_many_pixels")
     assert fal.submits == []
 
@@ -564,9 +611,10 @@ async def test_loopback_outputs_refused_with_default_media_config(
     async with bot(media=media) as app:
         telegram.push_update(photo_upd(file_id, "/edit x"))
         (row,) = await finished(app)
+        await told(telegram, "job 1 failed: the image service returned a file I'm not allowed")
     assert (row["status"], row["error_code"]) == ("failed", "blocked_address")
+    assert "is not on media.allowed_hosts" in row["error_message"]
     assert fal.calls_of("file") == [] and set(fal.downloads.values()) == {0}
-    assert any("not allowed to fetch" in t for t in telegram.texts(CHAT))
     assert telegram.photos(CHAT) == []
 
 
@@ -580,6 +628,7 @@ async def test_loopback_host_allowed_but_not_its_network_is_refused(
         telegram.push_update(photo_upd(file_id, "/edit x"))
         (row,) = await finished(app)
     assert (row["status"], row["error_code"]) == ("failed", "blocked_address")
+    assert "non-public address 127.0.0.1" in row["error_message"]
     assert fal.calls_of("file") == []
 
 
@@ -608,6 +657,7 @@ async def test_private_output_urls_refused_without_connecting(
         telegram.push_update(photo_upd(file_id, "/edit x"))
         (row,) = await finished(app)
     assert (row["status"], row["error_code"]) == ("failed", "blocked_address")
+    assert "non-public address" in row["error_message"]
     assert json.loads(row["output_urls"])[0].startswith(base.format(port=fal.port))
     assert fal.calls_of("file") == []
     assert {a[0] for a in connections} == {"127.0.0.1"}  # only the fakes were ever dialled
@@ -630,6 +680,7 @@ async def test_redirect_to_loopback_is_refused(
             telegram.push_update(photo_upd(file_id, "/edit x"))
             (row,) = await finished(app)
     assert (row["status"], row["error_code"]) == ("failed", "blocked_address")
+    assert "non-public address 127.0.0.1" in row["error_message"]
     assert len(outputs.calls_of("away")) == 1
     assert inner.calls == []
     assert not connected_to([a for a in connections if a[1] == inner.port], "127.0.0.1")
@@ -661,6 +712,7 @@ async def test_outputs_by_name_are_pinned_and_rebinding_refused(
         ("succeeded", None),
         ("failed", "blocked_address"),
     ]
+    assert "non-public address 10.0.0.1" in done[1]["error_message"]
     (download,) = fal.calls_of("file")
     assert download.headers["Host"] == f"v3.fal.media:{fal.port}"
 
@@ -676,6 +728,7 @@ async def test_replicate_outputs_go_through_the_same_guard(
         telegram.push_update(updates.command("/generate a red fox"))
         (row,) = await finished(app)
     assert (row["status"], row["error_code"]) == ("failed", "blocked_address")
+    assert "non-public address" in row["error_message"]
     assert replicate.calls_of("file") == []
     assert {a[0] for a in connections} == {"127.0.0.1"}
 
@@ -695,6 +748,7 @@ async def test_replicate_redirect_to_loopback_is_refused(
             telegram.push_update(updates.command("/generate a red fox"))
             (row,) = await finished(app)
     assert (row["status"], row["error_code"]) == ("failed", "blocked_address")
+    assert "non-public address 127.0.0.1" in row["error_message"]
     assert len(outputs.calls_of("away")) == 1 and inner.calls == []
 
 
@@ -708,7 +762,7 @@ async def test_failed_fal_request_fails_the_job(bot, telegram: FakeTelegram, fal
     async with bot() as app:
         telegram.push_update(photo_upd(file_id, "/edit x"))
         (row,) = await finished(app)
-        await wait_until(lambda: any("job 1 failed" in t for t in telegram.texts(CHAT)), 3)
+        await told(telegram, "job 1 failed")
     assert (row["status"], row["error_code"]) == ("failed", "safety")
     assert len(fal.submits) == 1
     assert any("safety filter" in t for t in telegram.texts(CHAT))
@@ -792,7 +846,7 @@ async def test_cancel_reaches_fal(bot, telegram: FakeTelegram, fal: FakeFal) -> 
 
 
 async def test_token_never_leaves_across_flows(
-    bot, telegram: FakeTelegram, fal: FakeFal, tmp_path: Path, capsys
+    bot, telegram: FakeTelegram, fal: FakeFal, tmp_path: Path, log_output: io.StringIO
 ) -> None:
     """Across caption, reply, conversation and a failed edit, the bot token appears nowhere in
     what fal received, the database files, the ops API or the logs."""
@@ -818,8 +872,136 @@ async def test_token_never_leaves_across_flows(
     assert len(fal.submits) == 3
     for n in range(3):
         assert sent_image(fal, n) == ("image/png", png)
-    for path in tmp_path.iterdir():
-        if path.is_file():
-            no_token_in(path.read_bytes(), path.name)
-    out = capsys.readouterr()
-    no_token_in(out.out + out.err, "the logs")
+    assert "imagebot.db" in files_without_token(tmp_path)
+    assert '"job_failed"' in log_output.getvalue()  # the logs really were captured
+    no_token_in(log_output.getvalue(), "the logs")
+
+
+async def test_instruction_is_asked_when_missing(
+    bot, telegram: FakeTelegram, fal: FakeFal
+) -> None:
+    """A photo captioned just /edit, or a bare /edit replying to a photo, asks what to change."""
+    file_id = telegram.add_file(make_image(64, 48))
+    async with bot() as app:
+        telegram.push_update(photo_upd(file_id, "/edit"))
+        await texts_seen(telegram, texts.EDIT_ASK_INSTRUCTION)
+        telegram.push_update(updates.text_message("make it blue"))
+        await photos(telegram, 1)
+        original = photo_upd(file_id)
+        telegram.push_update(original)
+        telegram.push_update(updates.command("/edit", reply_to=original["message"]))
+        await texts_seen(telegram, texts.EDIT_ASK_INSTRUCTION, times=2)
+        telegram.push_update(updates.text_message("make it green"))
+        await photos(telegram, 2)
+        done = await finished(app, 2)
+    assert [(r["prompt"], r["status"]) for r in done] == [
+        ("make it blue", "succeeded"),
+        ("make it green", "succeeded"),
+    ]
+    assert all(r["input_file_id"] == file_id for r in done)
+
+
+async def test_group_conversation_uses_forced_replies(
+    bot, telegram: FakeTelegram, fal: FakeFal
+) -> None:
+    """In a group the questions are forced replies (privacy mode lets the answers through), and
+    the conversation ends in an edit there."""
+    file_id = telegram.add_file(make_image(64, 48))
+    async with bot() as app:
+        telegram.push_update(updates.command("/edit@imagebot_test_bot", chat_id=GROUP))
+        await texts_seen(telegram, texts.EDIT_ASK_PHOTO, chat=GROUP)
+        ask_photo = telegram.messages(GROUP)[-1]
+        telegram.push_update(
+            photo_upd(file_id, chat_id=GROUP, reply_to=updates.bot_message_dict(ask_photo))
+        )
+        await texts_seen(telegram, texts.EDIT_ASK_INSTRUCTION, chat=GROUP)
+        ask_text = telegram.messages(GROUP)[-1]
+        telegram.push_update(
+            updates.text_message(
+                "make it blue", chat_id=GROUP, reply_to=updates.bot_message_dict(ask_text)
+            )
+        )
+        await photos(telegram, 1, chat=GROUP)
+        (row,) = await finished(app)
+    assert (row["chat_id"], row["prompt"], row["status"]) == (GROUP, "make it blue", "succeeded")
+    for question in (ask_photo, ask_text):
+        assert question.reply_markup is not None
+        assert question.reply_markup.get("force_reply") is True
+
+
+async def test_telegram_download_blip_is_retried(
+    bot, telegram: FakeTelegram, fal: FakeFal
+) -> None:
+    """A 502 while downloading the photo from Telegram is retried and the edit succeeds."""
+    png = make_image(64, 48)
+    file_id = telegram.add_file(png)
+    telegram.fail_next("fileDownload", 502, b"Bad Gateway")
+    async with bot() as app:
+        telegram.push_update(photo_upd(file_id, "/edit x"))
+        await photos(telegram, 1)
+        (row,) = await finished(app)
+    assert row["status"] == "succeeded"
+    assert len(telegram.calls_of("fileDownload")) == 2
+    assert sent_image(fal)[1] == png
+
+
+async def test_photo_telegram_no_longer_serves_fails_clearly(
+    bot, telegram: FakeTelegram, fal: FakeFal
+) -> None:
+    """A photo Telegram answers 404 for fails as input_unavailable at once, with a clear reply."""
+    file_id = telegram.add_file(make_image(64, 48))
+    telegram.fail_next("fileDownload", 404, {"ok": False, "error_code": 404, "description": "x"})
+    async with bot() as app:
+        telegram.push_update(photo_upd(file_id, "/edit x"))
+        (row,) = await finished(app)
+        await told(telegram, "job 1 failed")
+    assert (row["status"], row["error_code"]) == ("failed", "input_unavailable")
+    assert len(telegram.calls_of("fileDownload")) == 1
+    assert any("Telegram no longer has that photo" in t for t in telegram.texts(CHAT))
+    assert fal.submits == []
+
+
+async def test_stray_non_image_file_gets_a_hint(bot, telegram: FakeTelegram) -> None:
+    """A PDF sent on its own is told what can be edited; a stray photo gets the /edit hint."""
+    async with bot() as app:
+        pdf = updates.document_message("pdf-1", "application/pdf", "a.pdf", 100)
+        telegram.push_update(pdf)
+        await texts_seen(telegram, texts.EDIT_NOT_IMAGE_FILE)
+        await settle(app, pdf)
+        assert jobs(app) == []
+
+
+async def test_unusable_request_id_from_fal_fails_without_resubmitting(
+    bot, telegram: FakeTelegram, fal: FakeFal
+) -> None:
+    """A submit answer whose request_id is not an id (it would be pasted into our URLs) fails
+    the job as a bad response; it is not sent again."""
+    fal.fail_next("submit", 200, {"request_id": "../../storage/auth/token"})
+    file_id = telegram.add_file(make_image(64, 48))
+    async with bot() as app:
+        telegram.push_update(photo_upd(file_id, "/edit x"))
+        (row,) = await finished(app)
+    assert (row["status"], row["error_code"]) == ("failed", "bad_response")
+    assert len(fal.submits) == 1
+    assert [c.op for c in fal.calls] == ["submit"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        ({"status": "FAILED", "error": "runner crashed"}, "model_error"),
+        ({"status": "FAILED", "error": "flagged by the safety checker"}, "safety"),
+        ({"status": "SOMETHING_NEW"}, "bad_response"),
+    ],
+)
+async def test_unexpected_fal_statuses_fail_the_job(
+    bot, telegram: FakeTelegram, fal: FakeFal, answer: dict[str, Any], code: str
+) -> None:
+    """A status fal's docs don't list ends the job as failed with a fitting code, not a hang."""
+    fal.fail_next("status", 200, answer, times=10)
+    file_id = telegram.add_file(make_image(64, 48))
+    async with bot() as app:
+        telegram.push_update(photo_upd(file_id, "/edit x"))
+        (row,) = await finished(app)
+    assert (row["status"], row["error_code"]) == ("failed", code)
+    assert len(fal.submits) == 1 and fal.calls_of("result") == []

@@ -1,4 +1,4 @@
-"""GuardedFetcher against real loopback servers, and the image checks an edit input goes through."""
+"""GuardedFetcher against real loopback servers, and the checks an edit input goes through."""
 
 from __future__ import annotations
 
@@ -346,7 +346,7 @@ async def test_redirect_is_rechecked(
 
 
 async def test_redirect_to_loopback_from_allowed_private_host(connections: list[Any]) -> None:
-    """Outputs allowed on 127.0.0.2 redirecting to 127.0.0.1 are refused; 127.0.0.1 sees nothing."""
+    """Outputs on an allowed 127.0.0.2 redirecting to 127.0.0.1 are refused; it sees nothing."""
     async with Origin("127.0.0.2") as outputs, Origin("127.0.0.1") as inner:
         outputs.redirect_to = f"{inner.url}/img.png"
         f = fetcher(hosts=("127.0.0.2", "127.0.0.1"), networks=("127.0.0.2/32",))

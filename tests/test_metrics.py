@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -42,6 +43,10 @@ PROMISED = {
     "imagebot_jobs_queued": "gauge",
     "imagebot_estimated_cost_usd": "counter",
     "imagebot_telegram_flood_waits": "counter",
+    # beyond the issue's list
+    "imagebot_webhook_response_seconds": "histogram",
+    "imagebot_delivery_errors": "counter",
+    "process_resident_memory_bytes": "gauge",
 }
 
 
@@ -122,6 +127,8 @@ async def test_updates_received_by_type_and_duplicates(
     )
     duplicates = "imagebot_updates_duplicate_total"
     assert value(after, duplicates) - value(before, duplicates) == 1
+    answered = "imagebot_webhook_response_seconds_count"
+    assert value(after, answered) - value(before, answered) == 3
 
 
 async def test_a_job_moves_the_job_provider_latency_and_cost_series(
@@ -298,3 +305,46 @@ async def test_a_blocked_output_counts_as_a_provider_error(
     assert moved == 1
     assert replicate.downloads == {} or set(replicate.downloads.values()) == {0}
     assert rows(db_path(app))[0]["error_code"] == "blocked_address"
+
+
+async def test_a_chat_that_blocked_the_bot_counts_a_delivery_error(
+    bot, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """When Telegram refuses the result with 403 (the user blocked the bot), the job fails
+    and delivery_errors{code="blocked"} moves."""
+    telegram.forbid_chat(CHAT)
+    async with bot() as app:
+        before = await scrape(app)
+        telegram.push_update(updates.command("/generate for nobody"))
+        await wait_until(lambda: len(replicate.creates) == 1)
+        after = await scrape_until(
+            app,
+            lambda s: (
+                value(s, "imagebot_jobs_finished_total", kind="generate", status="failed") == 1
+            ),
+        )
+    name = "imagebot_delivery_errors_total"
+    assert value(after, name, code="blocked") - value(before, name, code="blocked") == 1
+    assert rows(db_path(app))[0]["error_code"] == "blocked"
+    assert telegram.photos(CHAT) == []
+
+
+def test_process_metrics_survive_a_hidden_proc_stat(tmp_path: Path) -> None:
+    """Under systemd's ProcSubset=pid only /proc/<pid> is visible; process memory and start
+    time are still exported (the boot time comes from CLOCK_BOOTTIME instead of /proc/stat)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+
+    from imagebot.metrics import _ProcessCollector
+
+    def exported(collector: type[ProcessCollector], proc: Path) -> dict[str, float]:
+        registry = CollectorRegistry()
+        collector(proc=str(proc), registry=registry)
+        text = generate_latest(registry).decode()
+        return {f.name: f.samples[0].value for f in text_string_to_metric_families(text)}
+
+    (tmp_path / "self").symlink_to("/proc/self")  # a /proc with pids only
+    hidden = exported(_ProcessCollector, tmp_path)
+    full = exported(ProcessCollector, Path("/proc"))
+    assert exported(ProcessCollector, tmp_path) == {}  # what the library alone would do
+    assert hidden["process_resident_memory_bytes"] > 0
+    assert abs(hidden["process_start_time_seconds"] - full["process_start_time_seconds"]) < 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import pytest
 
@@ -43,7 +44,7 @@ PRIVATE = [
 PUBLIC = ["93.184.216.34", "2606:2800:220:1::1", "8.8.8.8", "64:ff9b::5db8:d822"]
 
 
-def stub(answers: dict[str, list[str]]):
+def stub(answers: dict[str, list[str]]) -> Any:
     """A resolver answering from a table (and failing like getaddrinfo for unknown names)."""
     asked: list[tuple[str, int]] = []
 
@@ -57,7 +58,9 @@ def stub(answers: dict[str, list[str]]):
     return resolve
 
 
-def guard_for(hosts: list[str], networks: list[str] = (), answers=None) -> AddressGuard:  # type: ignore[assignment]
+def guard_for(
+    hosts: list[str], networks: tuple[str, ...] | list[str] = (), answers: Any = None
+) -> AddressGuard:
     return AddressGuard(hosts, networks, stub(answers or {}))
 
 

@@ -214,10 +214,18 @@ async def timed_out(update: object, context: BotContext) -> None:
 
 async def stray_media(update: Update, context: BotContext) -> None:
     """A photo, sticker or video in a private chat outside any edit: say what to do with it."""
-    picked = pick_input(update.effective_message)
-    await reply(
-        update, context, texts.PHOTO_HINT if isinstance(picked, EditInput) else str(picked)
-    )
+    message = update.effective_message
+    picked = pick_input(message)
+    text = texts.PHOTO_HINT if isinstance(picked, EditInput) else str(picked)
+    document = message.document if message else None
+    if (
+        isinstance(picked, EditInput)
+        and document
+        and not (document.mime_type or "").startswith("image/")
+    ):
+        # Only a hint: if it is edited anyway, the worker checks the bytes themselves.
+        text = texts.EDIT_NOT_IMAGE_FILE
+    await reply(update, context, text)
 
 
 def stray_media_handler() -> BaseHandler[Update, Any, Any]:

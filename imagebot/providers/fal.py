@@ -12,6 +12,7 @@ bytes we downloaded ourselves: a Telegram file URL (it carries the bot token) is
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,6 +30,8 @@ from imagebot.providers.base import (
 )
 
 NAME = "fal"
+# fal's request ids are UUIDs; anything else would be pasted into our request paths.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def data_uri(data: bytes, mime: str) -> str:
@@ -106,9 +109,11 @@ class FalProvider:
         }
         body = await self._call("POST", self._submit_path, submit=True, json=payload)
         request_id = body.get("request_id") if isinstance(body, dict) else None
-        if not request_id:
-            raise ProviderError(NAME, "submit answer has no request_id", code="bad_response")
-        return str(request_id)
+        if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
+            raise ProviderError(
+                NAME, "submit answer has no usable request_id", code="bad_response"
+            )
+        return request_id
 
     async def poll(self, request_id: str) -> PollResult:
         base = f"{self._requests_path}/{request_id}"
@@ -121,6 +126,12 @@ class FalProvider:
             )
         if state == "IN_PROGRESS":
             return PollResult(PollState.PENDING)
+        if state in ("CANCELED", "CANCELLED"):  # not in fal's docs; some schemas have it
+            return PollResult(PollState.CANCELED, error=str(status.get("error") or state))
+        if state in ("FAILED", "ERROR"):
+            error = str(status.get("error") or state)
+            code = "safety" if is_safety_refusal(error) else "model_error"
+            return PollResult(PollState.FAILED, error=error, error_code=code)
         if state != "COMPLETED":
             return PollResult(
                 PollState.FAILED, error=f"status {state!r}", error_code="bad_response"

@@ -210,20 +210,32 @@ class JobStore:
         *,
         error_code: str | None = None,
         error_message: str | None = None,
+        phase: Phase = Phase.DONE,
         **values: Any,
     ) -> bool:
-        """Write a final status once; False if the job was already final."""
+        """Write a final status once; False if the job was already final.
+
+        `phase=DELIVERING` records that the user still has to be told (see `untold_failures`).
+        """
         assert status in FINAL_STATUSES
         return await self.update(
             job_id,
             expect=(JobStatus.QUEUED, JobStatus.RUNNING),
             status=status,
-            phase=Phase.DONE,
+            phase=phase,
             error_code=error_code,
             error_message=error_message,
             finished_at=iso(),
             **values,
         )
+
+    async def untold_failures(self) -> list[Job]:
+        """Failed jobs whose failure message may not have reached the chat (the process died
+        between recording the failure and sending the message)."""
+        rows = await self.db.fetchall(
+            "SELECT * FROM jobs WHERE status = 'failed' AND phase = 'delivering' ORDER BY id"
+        )
+        return [_row_to_job(row) for row in rows]
 
     async def by_status(self, *statuses: JobStatus) -> list[Job]:
         marks = ", ".join("?" for _ in statuses)

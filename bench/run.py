@@ -1,0 +1,275 @@
+"""`python -m bench`: run every report, print the table, write bench/results/latest.json."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.procs import Fakes
+from bench.scenarios import Context
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPORTS = ("ack", "added", "memory", "startup", "flood")
+RUN_LIMIT_S = 900  # a hard stop far above the expected ~4-5 minutes
+
+Row = tuple[str, str, str, str, str]
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        value = f"{value:g}"
+    return f"{value}{unit}"
+
+
+def _three(fig: dict[str, Any]) -> str:
+    return "/".join(_fmt(fig.get(k)) for k in ("p50_ms", "p95_ms", "p99_ms"))
+
+
+def _two(fig: dict[str, Any]) -> str:
+    return "/".join(_fmt(fig.get(k)) for k in ("p50_ms", "p99_ms"))
+
+
+def _met(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "MISSED")
+
+
+def _ack_rows(ack: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    ib, base = ack["bots"]["imagebot"], ack["bots"]["baseline"]
+    for rate in ("50", "200"):
+        fig_i, fig_b = ib["fixed"][rate], base["fixed"][rate]
+        p99 = fig_i.get("p99_ms")
+        rows.append(
+            (
+                f"1 webhook ack @{rate}/s p50/p95/p99 ms",
+                _three(fig_i),
+                _three(fig_b),
+                "p99 < 50",
+                _met(p99 is not None and p99 < 50 and not fig_i["errors"]),
+            )
+        )
+        rows.append(
+            (
+                f"  CPU per update @{rate}/s (ms)",
+                _fmt(fig_i["cpu_ms_per_update"]),
+                _fmt(fig_b["cpu_ms_per_update"]),
+                "",
+                "",
+            )
+        )
+    ratio = ack["throughput_ratio"]
+    rows.append(
+        (
+            "1 max sustained rate, p99 < 100 ms (upd/s)",
+            _fmt(ib["max_sustained_rate"]),
+            _fmt(base["max_sustained_rate"]),
+            "ratio >= 0.7",
+            f"{_met(ratio is not None and ratio >= 0.7)} ({_fmt(ratio)})",
+        )
+    )
+    for rate in ("50", "200"):
+        rows.append(
+            (
+                f"2 update -> 'Generating…' @{rate}/s p50/p99 ms",
+                _two(ib["reply"][rate]),
+                _two(base["reply"][rate]),
+                "",
+                "",
+            )
+        )
+    metric = ib["reply"]["50"].get("metric")
+    if metric:
+        rows.append(("  (imagebot_ack_latency_seconds @50/s)", _two(metric), "", "histogram", ""))
+    return rows
+
+
+def _added_rows(added: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for run in added["runs"]:
+        for kind in ("generate", "edit"):
+            fig = run[kind]
+            p50 = fig.get("p50_ms")
+            rows.append(
+                (
+                    f"3 added latency /{kind} {run['rate_per_kind']:g}/s, poll "
+                    f"{run['poll_interval_s']} s, p50/p99 ms",
+                    _two(fig),
+                    "",
+                    "p50 < 150",
+                    _met(p50 is not None and p50 < 150 and not fig["missing"]),
+                )
+            )
+    return rows
+
+
+def _memory_rows(mem: dict[str, Any]) -> list[Row]:
+    return [
+        ("4 RSS idle (MB)", _fmt(mem["idle_rss_mb"]), "", "< 120", _met(mem["idle_rss_mb"] < 120)),
+        (
+            f"4 RSS, {mem['running']} running + {mem['queued']} queued (MB)",
+            _fmt(mem["loaded_rss_mb"]),
+            "",
+            "< 200",
+            _met(mem["loaded_rss_mb"] < 200),
+        ),
+    ]
+
+
+def _startup_rows(start: dict[str, Any]) -> list[Row]:
+    return [
+        (
+            "5 start-up to /healthz 200, median (s)",
+            f"{_fmt(start['median_s'])} "
+            f"(all {start['all_starts_n']}: {start['all_starts_median_s']})",
+            "",
+            "< 2",
+            _met(start["median_s"] < 2),
+        )
+    ]
+
+
+def _flood_rows(flood: dict[str, Any]) -> list[Row]:
+    n = flood["results_expected"]
+    return [
+        (
+            f"6 flood: {n} results/{flood['chats']} chats, 429s",
+            _fmt(flood["telegram_429s"]),
+            "",
+            "0",
+            _met(flood["telegram_429s"] == 0),
+        ),
+        ("6 flood: results lost", _fmt(flood["lost"]), "", "0", _met(flood["lost"] == 0)),
+        ("6 flood: time to drain (s)", _fmt(flood["drain_s"]), "", "", ""),
+    ]
+
+
+def table(results: dict[str, Any]) -> list[Row]:
+    """The rows of the printed table (also stored in the JSON)."""
+    reports = results["reports"]
+    rows: list[Row] = []
+    builders: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+        "ack": _ack_rows,
+        "added": _added_rows,
+        "memory": _memory_rows,
+        "startup": _startup_rows,
+        "flood": _flood_rows,
+    }
+    for name, build in builders.items():
+        if name in reports:
+            rows += build(reports[name])
+    return rows
+
+
+def render(results: dict[str, Any]) -> str:
+    """The table as text, headed by the machine."""
+    m = results["machine"]
+    head = (
+        f"imagebot benchmark: {m['cpus']} CPUs, {m['implementation']} {m['python']}, "
+        f"{m['platform']}, {m['when']} ({results['duration_s']:.0f} s)"
+    )
+    header: Row = ("figure", "imagebot", "baseline", "target", "")
+    rows = [header, *results["table"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [head, ""]
+    for n, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Start the fakes, run the chosen reports in order, stop everything."""
+    only = [r for r in (args.only or ",".join(REPORTS)).split(",") if r]
+    unknown = set(only) - set(REPORTS) - {"profile"}
+    if unknown:
+        raise SystemExit(f"unknown report(s): {', '.join(sorted(unknown))}")
+    if args.profile and "profile" not in only:
+        only.append("profile")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="imagebot-bench-"))
+    started = time.monotonic()
+    reports: dict[str, Any] = {}
+    fakes = await Fakes.start()
+    ctx = Context(fakes, workdir, quick=args.quick, provider_latency_s=args.provider_latency)
+    steps: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
+        "ack": lambda: scenarios.report_ack(ctx),
+        "added": lambda: scenarios.report_added_latency(ctx),
+        "memory": lambda: scenarios.report_memory(ctx),
+        "flood": lambda: scenarios.report_flood(ctx),
+        "startup": lambda: scenarios.report_startup(ctx),
+        "profile": lambda: scenarios.report_profile(ctx, RESULTS_DIR),
+    }
+    try:
+        # start-up last: it reports every start of the run as well as its own three
+        for name in sorted(only, key=lambda n: (n == "startup", n == "profile")):
+            t0 = time.monotonic()
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            reports[name] = await steps[name]()
+            print(f"[bench] {name} done in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    finally:
+        await fakes.stop()
+        if args.keep_workdir:
+            print(f"[bench] work directory kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {
+            "quick": args.quick,
+            "provider_latency_s": args.provider_latency,
+            "imagebot_log_level": "WARNING",
+        },
+        "reports": reports,
+        "duration_s": round(time.monotonic() - started, 1),
+    }
+    results["table"] = table(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options, run, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="shorter loads (a smoke run)")
+    parser.add_argument("--profile", action="store_true", help="also profile with py-spy")
+    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(REPORTS)}")
+    parser.add_argument(
+        "--provider-latency",
+        type=float,
+        default=scenarios.PROVIDER_LATENCY_S,
+        help="fake provider latency in seconds for the load reports",
+    )
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "latest.json")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep databases and logs")
+    args = parser.parse_args(argv)
+    results = asyncio.run(asyncio.wait_for(run(args), RUN_LIMIT_S))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(render(results))
+    print(f"\nJSON: {args.output}")
+    return 0
