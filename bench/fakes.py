@@ -6,7 +6,8 @@ URLs, and serves until SIGTERM/SIGINT. The control routes expose what the fakes 
 their own wall-clock stamps (time.time(), one clock for all three):
 
 - POST /reset                  forget calls, messages, predictions, files; flood limits off
-- POST /configure              {"replicate_latency_s", "fal_latency_s", "flood", "image_size"}
+- POST /configure              {"replicate_latency_s", "fal_latency_s", "latency_jitter_s",
+                                "flood", "image_size"}
 - POST /telegram/file          body = image bytes; answers {"file_id"} (a user's photo)
 - GET  /telegram/sent          every message the bot sent: chat, method, kind, text, sent_at
 - GET  /replicate/predictions  every prediction: prompt, created, completed_at_ts
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import signal
 import sys
 import time
@@ -32,6 +34,32 @@ from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, MethodHandler, TelegramApiError
 
 HOST = "127.0.0.1"
+
+
+class BenchReplicate(FakeReplicate):
+    """FakeReplicate whose predictions take latency_s plus a uniform random extra."""
+
+    latency_jitter_s = 0.0
+
+    def _take_behaviour(self) -> dict[str, Any]:
+        behaviour = super()._take_behaviour()
+        behaviour["latency_s"] = float(behaviour["latency_s"]) + random.uniform(
+            0, self.latency_jitter_s
+        )
+        return behaviour
+
+
+class BenchFal(FakeFal):
+    """FakeFal whose requests take latency_s plus a uniform random extra."""
+
+    latency_jitter_s = 0.0
+
+    def _take_behaviour(self) -> dict[str, Any]:
+        behaviour = super()._take_behaviour()
+        behaviour["latency_s"] = float(behaviour["latency_s"]) + random.uniform(
+            0, self.latency_jitter_s
+        )
+        return behaviour
 
 
 class BenchTelegram(FakeTelegram):
@@ -67,8 +95,8 @@ class BenchFakes:
 
     def __init__(self, telegram_token: str, replicate_token: str, fal_key: str) -> None:
         self.telegram = BenchTelegram(telegram_token)
-        self.replicate = FakeReplicate(token=replicate_token)
-        self.fal = FakeFal(key=fal_key)
+        self.replicate = BenchReplicate(token=replicate_token)
+        self.fal = BenchFal(key=fal_key)
         self.control = web.Application(client_max_size=64 * 1024 * 1024)
         self._runner: web.AppRunner | None = None
         self.control_url = ""
@@ -140,6 +168,9 @@ class BenchFakes:
         if "fal_latency_s" in body:
             self.fal.latency_s = float(body["fal_latency_s"])
             self.fal.queue_s = min(self.fal.queue_s, self.fal.latency_s)
+        if "latency_jitter_s" in body:
+            self.replicate.latency_jitter_s = float(body["latency_jitter_s"])
+            self.fal.latency_jitter_s = float(body["latency_jitter_s"])
         if "image_size" in body:
             size = tuple(int(v) for v in body["image_size"])
             self.replicate.image_size = (size[0], size[1])

@@ -23,8 +23,11 @@ from bench.profile import profile_under_load
 from bench.stats import histogram_buckets, histogram_quantile, ms, percentile, summary_ms
 from tests.fakes.images import make_image
 
-# A fixed, documented fake provider latency for the load reports (FLUX schnell takes ~1-3 s).
+# The fake provider's latency for the load reports: PROVIDER_LATENCY_S plus a uniform random
+# extra of up to LATENCY_JITTER_S (FLUX schnell takes ~1-3 s). The jitter keeps completions
+# from lining up with the poll grid (a fixed 2.0 s is a multiple of the 0.25 s poll interval).
 PROVIDER_LATENCY_S = 2.0
+LATENCY_JITTER_S = 1.0
 ACK_P99_LIMIT_S = 0.100  # "sustained" = p99 webhook ack under 100 ms
 LAG_LIMIT_S = 0.020  # above this the load generator itself fell behind: the step is not judged
 DEFAULT_RATES = (50, 200)
@@ -40,6 +43,7 @@ class Context:
     quick: bool = False
     provider_latency_s: float = PROVIDER_LATENCY_S
     startups: list[float] = field(default_factory=list)
+    stops: list[float] = field(default_factory=list)
     _runs: int = 0
     _update_base: int = 1_000_000
     _chat_base: int = 10_000_000
@@ -76,6 +80,7 @@ class Context:
         config: dict[str, Any] = {
             "replicate_latency_s": self.provider_latency_s,
             "fal_latency_s": self.provider_latency_s,
+            "latency_jitter_s": LATENCY_JITTER_S,
             "image_size": [64, 64],
             "flood": False,
         }
@@ -87,7 +92,9 @@ class Context:
         try:
             yield bot
         finally:
+            asked = time.monotonic()
             await bot.stop()
+            self.stops.append(time.monotonic() - asked)
 
     @contextlib.asynccontextmanager
     async def baseline(self, name: str) -> AsyncIterator[Bot]:
@@ -161,9 +168,12 @@ async def _load_with_cpu(ctx: Context, bot: Bot, spec: Spec) -> tuple[dict[str, 
 async def report_ack(ctx: Context) -> dict[str, Any]:
     """Reports 1 and 2: ack latency at fixed rates, the highest sustained rate, and
     update → "Generating…" latency, for imagebot and the baseline."""
-    out: dict[str, Any] = {"provider_latency_s": ctx.provider_latency_s, "bots": {}}
-    duration = ctx.seconds(6)
-    step_s = ctx.seconds(4)
+    out: dict[str, Any] = {
+        "provider_latency_s": [ctx.provider_latency_s, ctx.provider_latency_s + LATENCY_JITTER_S],
+        "bots": {},
+    }
+    duration = ctx.seconds(5)
+    step_s = ctx.seconds(3)
     for name in ("baseline", "imagebot"):
         fixed: dict[str, Any] = {}
         reply: dict[str, Any] = {}
@@ -232,7 +242,7 @@ def _histogram_figures(metrics: str, name: str) -> dict[str, Any]:
 
 async def _added_latency(ctx: Context, poll_s: float, rate: float) -> dict[str, Any]:
     overrides = {"replicate": {"poll_interval_s": poll_s}, "fal": {"poll_interval_s": poll_s}}
-    count = int(rate * ctx.seconds(12))
+    count = int(rate * ctx.seconds(10))
     async with ctx.imagebot(f"added-{poll_s}-{rate}", overrides) as bot:
         file_id = await ctx.fakes.add_file(make_image(64, 64, (30, 160, 90), fmt="JPEG"))
         gen = ctx.spec(bot, rate, count, kind="generate", tag=f"g{poll_s}-{rate:g}")
@@ -268,7 +278,7 @@ async def report_added_latency(ctx: Context) -> dict[str, Any]:
     loaded (10/s of each) at the default."""
     runs = [(0.25, 2.0), (0.1, 2.0), (0.25, 10.0)]
     return {
-        "provider_latency_s": ctx.provider_latency_s,
+        "provider_latency_s": [ctx.provider_latency_s, ctx.provider_latency_s + LATENCY_JITTER_S],
         "runs": [await _added_latency(ctx, poll, rate) for poll, rate in runs],
     }
 
@@ -321,6 +331,8 @@ async def report_startup(ctx: Context) -> dict[str, Any]:
         "all_starts_median_s": round(statistics.median(every), 3),
         "all_starts_max_s": round(max(every), 3),
         "all_starts_n": len(every),
+        "stop_s_median": round(statistics.median(ctx.stops), 2) if ctx.stops else None,
+        "stop_s_max": round(max(ctx.stops), 2) if ctx.stops else None,
     }
 
 
@@ -342,14 +354,7 @@ async def report_flood(ctx: Context) -> dict[str, Any]:
         spec = ctx.spec(bot, 100, total, chats=chats)
         started = time.time()
         await run_load(spec)
-        deadline = time.monotonic() + 180
-        photos: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            photos = [m for m in await ctx.fakes.sent() if m["kind"] == "photo"]
-            health = await bot.healthz()
-            if len(photos) >= total or (not health.get("running") and not health.get("queued")):
-                break
-            await asyncio.sleep(0.5)
+        photos = await _wait_photos(ctx, bot, total, within=180, stall_s=20)
         state = await ctx.fakes.state()
         metrics = await bot.metrics()
     last = max((p["sent_at"] for p in photos), default=started)
@@ -372,6 +377,29 @@ async def report_flood(ctx: Context) -> dict[str, Any]:
             k: v for k, v in state["telegram"].items() if k.startswith(("send", "edit", "delete"))
         },
     }
+
+
+async def _wait_photos(
+    ctx: Context, bot: Bot, total: int, within: float, stall_s: float
+) -> list[dict[str, Any]]:
+    """Photos the fake Telegram received, once all `total` arrived, or none arrived for
+    `stall_s` while no job ran or waited (updates may still wait in per-chat order before
+    they become jobs, so an idle job table alone does not mean done), or after `within`."""
+    deadline = time.monotonic() + within
+    last_change, seen = time.monotonic(), -1
+    photos: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        photos = [m for m in await ctx.fakes.sent() if m["kind"] == "photo"]
+        if len(photos) >= total:
+            break
+        if len(photos) != seen:
+            seen, last_change = len(photos), time.monotonic()
+        health = await bot.healthz()
+        idle = not health.get("running") and not health.get("queued")
+        if idle and time.monotonic() - last_change > stall_s:
+            break
+        await asyncio.sleep(0.5)
+    return photos
 
 
 def _counter(metrics: str, name: str, **labels: str) -> float:

@@ -114,6 +114,8 @@ class JobRunner:
             JobKind.EDIT: settings.edit.timeout_s,
         }
         self._max_attempts = limits.max_attempts
+        # Read at scrape time, so the gauge is never behind the runner.
+        metrics.jobs_running.set_function(lambda: len(self._scheduled))
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -147,7 +149,6 @@ class JobRunner:
             free = self.settings.limits.max_running - len(self._scheduled)
             for job in await self.store.claim_next(free, self._timeouts):
                 self._schedule(job)
-        self.metrics.jobs_running.set(len(self._scheduled))
         counts = await self.store.counts()
         self.metrics.jobs_queued.set(counts["queued"])
 
@@ -268,7 +269,7 @@ class JobRunner:
         else:
             images = await self.results.load(job.result_paths)
         await self._critical(run, self._deliver(job, images))
-        await self.progress.done(job)
+        await self._settle(job)
 
     # -- submit ----------------------------------------------------------------------------
 
@@ -475,11 +476,13 @@ class JobRunner:
         finished = await self.store.finish(
             job.id,
             JobStatus.SUCCEEDED,
+            phase=Phase.DELIVERING,  # until the status line is removed (see _settle)
             delivered_message_ids=sent.message_ids,
             result_file_ids=sent.file_ids,
         )
         if not finished:
             raise _JobGone
+        job.status = JobStatus.SUCCEEDED
         elapsed = (utcnow() - parse_iso(job.created_at)).total_seconds()
         self.metrics.jobs_finished.labels(job.kind.value, JobStatus.SUCCEEDED.value).inc()
         self.metrics.end_to_end.labels(job.kind.value).observe(elapsed)
@@ -494,7 +497,7 @@ class JobRunner:
 
     async def _fail(self, job: Job, code: str, message: str) -> None:
         async def write() -> bool:
-            # phase `delivering` until the user is told: a restart tells them (recover).
+            # phase `delivering` until the user is told (see _settle).
             return await self.store.finish(
                 job.id,
                 JobStatus.FAILED,
@@ -513,12 +516,23 @@ class JobRunner:
             error=redact(message)[:300],
             duration_ms=int((utcnow() - parse_iso(job.created_at)).total_seconds() * 1000),
         )
-        await self._tell_failure(job, code)
+        job.status, job.error_code = JobStatus.FAILED, code
+        await self._settle(job)
 
-    async def _tell_failure(self, job: Job, code: str | None) -> None:
-        """Send the failure message, then record that it was sent (best effort: a refused send
-        is not retried forever)."""
-        await self.progress.ended(job, texts.job_failed(job.id, code))
+    async def _settle(self, job: Job) -> None:
+        """After a final status: tidy the chat (remove the status line, or turn it into the
+        failure/cancel message), then record phase `done`.
+
+        Final statuses are written with phase `delivering` first, so a crash in between is
+        finished by `recover`; this step is at-least-once (best effort: a refused send is not
+        retried forever).
+        """
+        if job.status is JobStatus.SUCCEEDED:
+            await self.progress.done(job)
+        elif job.status is JobStatus.CANCELED:
+            await self.progress.ended(job, texts.status_canceled(job.id))
+        else:
+            await self.progress.ended(job, texts.job_failed(job.id, job.error_code))
         await self.store.update(job.id, phase=Phase.DONE)
 
     # -- cancel, sweep, recover, shutdown --------------------------------------------------
@@ -541,12 +555,15 @@ class JobRunner:
             return CancelOutcome.FINISHED
         if job.phase in (Phase.FETCHED, Phase.DELIVERING):
             return CancelOutcome.TOO_LATE
-        if not await self.store.finish(job_id, JobStatus.CANCELED, error_code="canceled"):
+        if not await self.store.finish(
+            job_id, JobStatus.CANCELED, error_code="canceled", phase=Phase.DELIVERING
+        ):
             return CancelOutcome.FINISHED
         self.metrics.jobs_finished.labels(job.kind.value, JobStatus.CANCELED.value).inc()
         log.info("job_canceled", job_id=job_id, outcome="canceled", by="user")
         await self._cancel_at_vendor(job, self.providers[job.kind])
-        await self.progress.ended(job, texts.status_canceled(job_id))
+        job.status = JobStatus.CANCELED
+        await self._settle(job)
         self._in_background(self.pump())
         return CancelOutcome.CANCELED
 
@@ -590,9 +607,9 @@ class JobRunner:
             self._schedule(job)
         if running:
             log.info("jobs_recovered", count=len(running), job_ids=[j.id for j in running])
-        for job in await self.store.untold_failures():
-            log.info("failure_retold", job_id=job.id, error_code=job.error_code)
-            self._in_background(self._tell_failure(job, job.error_code))
+        for job in await self.store.unsettled():
+            log.info("job_settled_late", job_id=job.id, status=job.status.value)
+            self._in_background(self._settle(job))
         await self.pump()
         return len(running)
 

@@ -75,10 +75,20 @@ async def test_kill_during_slow_prediction_polls_it_after_restart(
 
 # -- kill -9 at random moments during a stream of /generate and /edit -------------------------
 
-SEED = int(os.environ.get("CRASH_SEED", "20260521"))
+SEED = int(os.environ.get("CRASH_SEED", "3"))
 KILLS = int(os.environ.get("CRASH_KILLS", "20"))  # webhook mode; polling mode gets a third
 STREAM_CHATS = (1001, 1002, 1003, 1004)
-TRIGGERS = ("activity", "ack", "create", "submit", "status", "photo", "poll", "startup")
+TRIGGERS = (
+    "activity",
+    "ack",
+    "create",
+    "submit",
+    "status",
+    "poll",
+    "download",
+    "photo",
+    "startup",
+)
 
 
 @dataclass
@@ -142,6 +152,7 @@ class Stream:
             "status": lambda: len(tg.calls_of("sendMessage")),
             "photo": lambda: len(tg.calls_of("sendPhoto")),
             "poll": lambda: len(rep.calls_of("get")) + len(fal.calls_of("status")),
+            "download": lambda: len(rep.calls_of("file")) + len(fal.calls_of("file")),
         }[trigger]
 
     async def kill_at_random_moment(self) -> None:

@@ -215,7 +215,7 @@ class JobStore:
     ) -> bool:
         """Write a final status once; False if the job was already final.
 
-        `phase=DELIVERING` records that the user still has to be told (see `untold_failures`).
+        `phase=DELIVERING` records that the chat still has to be tidied (see `unsettled`).
         """
         assert status in FINAL_STATUSES
         return await self.update(
@@ -229,11 +229,12 @@ class JobStore:
             **values,
         )
 
-    async def untold_failures(self) -> list[Job]:
-        """Failed jobs whose failure message may not have reached the chat (the process died
-        between recording the failure and sending the message)."""
+    async def unsettled(self) -> list[Job]:
+        """Final jobs whose chat was not tidied yet (status line to remove, failure or cancel
+        message to send): the process died between the final write and that message."""
         rows = await self.db.fetchall(
-            "SELECT * FROM jobs WHERE status = 'failed' AND phase = 'delivering' ORDER BY id"
+            "SELECT * FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')"
+            " AND phase = 'delivering' ORDER BY id"
         )
         return [_row_to_job(row) for row in rows]
 
