@@ -13,7 +13,6 @@ from telegram import Chat, Message, Update, User
 
 from imagebot.bot import texts
 from imagebot.bot.context import BotContext
-from imagebot.delivery import cancel_keyboard
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.models import Job, JobKind, NewJob
@@ -166,7 +165,8 @@ async def request_job(
             return None
         services.metrics.jobs_created.labels(kind.value).inc()
         log.info("job_created", job_id=job.id, kind=kind.value, provider=provider)
-        await _send_status(context, job)
+        # If Telegram refuses it now, the worker sends it when the job starts.
+        job = await services.progress.ensure_status(job)
         arrived = services.intake.received_at(update.update_id)
         if arrived is not None:
             services.metrics.ack_latency.labels(kind.value).observe(time.monotonic() - arrived)
@@ -175,19 +175,3 @@ async def request_job(
         await services.progress.show_queued(job, position, force=True)
     return job
 
-
-async def _send_status(context: BotContext, job: Job) -> None:
-    services = context.services
-    try:
-        status = await services.delivery.send_text(
-            job.chat_id,
-            texts.status_started(job.kind, job.id),
-            reply_to=job.command_message_id,
-            markup=cancel_keyboard(job.id),
-        )
-    except DeliveryError as exc:
-        # The worker sends it when it starts the job; the job itself is safe in the store.
-        log.warning("status_message_failed", job_id=job.id, error_code=exc.code)
-        return
-    job.status_message_id = status.message_id
-    await services.store.update(job.id, status_message_id=status.message_id)
