@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,9 +28,33 @@ RUN_LIMIT_S = 900  # a hard stop far above the expected ~4-5 minutes
 Row = tuple[str, str, str, str, str]
 
 
+def revision() -> str:
+    """The git commit the benchmark ran on, with '+dirty' when imagebot/ has local changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],  # noqa: S607 - git from PATH
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "imagebot"],  # noqa: S607
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty else head
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     return {
+        "revision": revision(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
@@ -190,7 +215,7 @@ def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     head = (
         f"imagebot benchmark: {m['cpus']} CPUs, {m['implementation']} {m['python']}, "
-        f"{m['platform']}, {m['when']} ({results['duration_s']:.0f} s)"
+        f"{m['platform']}, {m['when']}, rev {m['revision']} ({results['duration_s']:.0f} s)"
     )
     header: Row = ("figure", "imagebot", "baseline", "target", "")
     rows = [header, *results["table"]]

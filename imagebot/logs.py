@@ -117,6 +117,8 @@ def configure_logging(
     ]
     structlog.configure(
         processors=[
+            # Drop events below the level before any other work is done on them.
+            structlog.stdlib.filter_by_level,
             *shared,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],

@@ -2,16 +2,22 @@
 
 PTB's AIORateLimiter throttles overall and per group only, and its leaky buckets start full,
 so a burst can send twice the rate inside one second. Telegram's limits are sliding windows:
-~30 messages/s overall, 1/s in one chat, 20/min in a group. Each bucket here is sized so that
-no window can ever hold more than the limit: capacity C plus rate R over the window stays under
-it. A RetryAfter from Telegram pauses every request for the time it names, then the request is
-sent again (up to `max_retries`), so no result message is dropped.
+~30 messages/s overall, 1/s in one chat, 20/min in a group. So:
+- the overall bucket is sized so that no one-second window can hold more than the limit
+  (capacity C plus rate R stays under it);
+- one chat's sends are serialised and spaced at the moment they are sent (a slot taken before
+  a wait elsewhere would let two sends reach Telegram closer than the spacing);
+- progress traffic (edits, chat actions, deletions) may use at most a share of the overall
+  rate, so results are never stuck behind it;
+- a RetryAfter from Telegram pauses every request for the time it names, then the request is
+  sent again (up to `max_retries`), so no result message is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import Any
@@ -40,8 +46,13 @@ SEND_METHODS = frozenset(
 UNLIMITED_METHODS = frozenset(
     {"getUpdates", "getMe", "getFile", "setWebhook", "deleteWebhook", "answerCallbackQuery"}
 )
+# Chat-bound calls that are progress, not results: they may use only a share of the rate.
+LOW_PRIORITY_METHODS = frozenset(
+    {"editMessageText", "editMessageReplyMarkup", "sendChatAction", "deleteMessage"}
+)
+_LOW_PRIORITY_SHARE = 0.3
 _SAFETY_S = 0.1  # margin so network jitter cannot squeeze two sends into one window
-_MAX_CHAT_LIMITERS = 2048
+_MAX_CHAT_SLOTS = 2048
 
 
 def retry_after_s(exc: RetryAfter) -> float:
@@ -53,6 +64,17 @@ def retry_after_s(exc: RetryAfter) -> float:
     return float(value)
 
 
+class _ChatSlot:
+    """One chat: its sends go one at a time, at least `period` seconds apart."""
+
+    __slots__ = ("last_sent", "lock", "period")
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.lock = asyncio.Lock()
+        self.last_sent = float("-inf")
+
+
 class TelegramRateLimiter(BaseRateLimiter[int]):
     """Keeps every outgoing request inside Telegram's flood limits."""
 
@@ -62,9 +84,11 @@ class TelegramRateLimiter(BaseRateLimiter[int]):
         rate = settings.rate_overall_per_s
         burst = max(1, int(rate // 8))
         self._overall = AsyncLimiter(burst, burst / rate)
+        low_rate = max(1.0, rate * _LOW_PRIORITY_SHARE)
+        self._low_priority = AsyncLimiter(1, 1 / low_rate)
         self._chat_period = 1 / settings.rate_per_chat_per_s + _SAFETY_S
         self._group_period = 60 / max(1.0, settings.rate_group_per_min - 1) + _SAFETY_S
-        self._chats: dict[int | str, AsyncLimiter] = {}
+        self._chats: dict[int | str, _ChatSlot] = {}
         self._max_retries = settings.max_send_retries
         self._open = asyncio.Event()
         self._open.set()
@@ -76,17 +100,19 @@ class TelegramRateLimiter(BaseRateLimiter[int]):
     async def shutdown(self) -> None:
         """Nothing to release."""
 
-    def _chat_limiter(self, chat_id: int | str) -> AsyncLimiter:
-        limiter = self._chats.get(chat_id)
-        if limiter is None:
-            if len(self._chats) > _MAX_CHAT_LIMITERS:
-                idle = [k for k, v in self._chats.items() if v.has_capacity(v.max_rate)]
-                for key in idle:
-                    del self._chats[key]
+    def _slot(self, chat_id: int | str) -> _ChatSlot:
+        slot = self._chats.get(chat_id)
+        if slot is None:
+            if len(self._chats) > _MAX_CHAT_SLOTS:
+                now = time.monotonic()
+                for key, old in list(self._chats.items()):
+                    if not old.lock.locked() and now - old.last_sent > old.period:
+                        del self._chats[key]
             is_group = isinstance(chat_id, str) or chat_id < 0
-            period = self._group_period if is_group else self._chat_period
-            limiter = self._chats[chat_id] = AsyncLimiter(1, period)
-        return limiter
+            slot = self._chats[chat_id] = _ChatSlot(
+                self._group_period if is_group else self._chat_period
+            )
+        return slot
 
     async def process_request(
         self,
@@ -137,11 +163,21 @@ class TelegramRateLimiter(BaseRateLimiter[int]):
         endpoint: str,
         chat_id: int | str | None,
     ) -> Any:
-        chat_limited = chat_id is not None and endpoint in SEND_METHODS
-        async with contextlib.AsyncExitStack() as stack:
-            if chat_limited:
-                assert chat_id is not None
-                await stack.enter_async_context(self._chat_limiter(chat_id))
+        if chat_id is None or endpoint not in SEND_METHODS:
+            # Progress traffic (and anything without a chat): overall budget, lower priority.
+            if endpoint in LOW_PRIORITY_METHODS:
+                await self._low_priority.acquire()
             await self._open.wait()
-            await stack.enter_async_context(self._overall)
+            async with self._overall:
+                return await callback(*args, **kwargs)
+        slot = self._slot(chat_id)
+        async with slot.lock:
+            # Spacing first, then the overall token: a token taken before a sleep would let
+            # sends bunch up in a later second. Waiting after the spacing only widens it.
+            wait = slot.last_sent + slot.period - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self._open.wait()
+            await self._overall.acquire()
+            slot.last_sent = time.monotonic()
             return await callback(*args, **kwargs)
