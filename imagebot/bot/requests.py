@@ -156,6 +156,7 @@ async def request_job(
         decision_or_none, job = await services.store.create(
             new,
             decide=lambda counters: services.policy.decide(user.id, kind, counters, now),
+            with_spend=services.settings.limits.daily_spend_usd > 0,
         )
         if job is None:
             if decision_or_none is None:
@@ -174,4 +175,3 @@ async def request_job(
         position = await services.store.queue_position(job.id)
         await services.progress.show_queued(job, position, force=True)
     return job
-

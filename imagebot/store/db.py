@@ -1,18 +1,28 @@
-"""The SQLite connection: WAL, busy_timeout, foreign keys; one writer, one reader."""
+"""SQLite connections: WAL, busy_timeout, foreign keys; one writer thread, an aiosqlite reader.
+
+Every write transaction runs whole, as one function, on a single writer thread: one hop from
+the event loop and back. A transaction built from several awaited statements would hold
+SQLite's write lock across event-loop turns, and under load every other write (the webhook's
+save-before-ack first) would queue behind it. aiosqlite runs one statement per hop, so the
+writer uses the standard library's sqlite3 on its own thread; reads (/jobs, /healthz,
+counters for status messages) go through aiosqlite and, thanks to WAL, never wait for writes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from imagebot.errors import StoreError
+
+T = TypeVar("T")
 
 
 def utcnow() -> datetime:
@@ -29,78 +39,96 @@ def parse_iso(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-async def _pragma(conn: aiosqlite.Connection, pragma: str) -> None:
-    # Read the answer so the statement is finished: a pending one keeps a lock open.
-    async with conn.execute(pragma) as cursor:
-        await cursor.fetchall()
-
-
 class Database:
-    """Owns the connections. Writes go one at a time through `transaction()`."""
+    """Owns the connections. `write(fn)` runs `fn(conn)` in one transaction on the writer."""
 
     def __init__(self, path: Path, *, synchronous: str = "full") -> None:
         self.path = path
         self.synchronous = synchronous.upper()
-        self._writer: aiosqlite.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
 
-    async def open(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = await self._connect()
-            await _pragma(self._writer, "PRAGMA journal_mode=WAL")
-            self._reader = await self._connect()
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
-
-    async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        conn.row_factory = aiosqlite.Row
-        for pragma in (
+    def _pragmas(self) -> list[str]:
+        return [
             "PRAGMA busy_timeout=5000",
             "PRAGMA foreign_keys=ON",
             f"PRAGMA synchronous={self.synchronous}",
-        ):
-            await _pragma(conn, pragma)
-        return conn
+        ]
+
+    def _connect_writer(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL").fetchall()
+        for pragma in self._pragmas():
+            conn.execute(pragma).fetchall()
+        self._writer = conn
+
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        try:
+            await self.run(lambda _: self._connect_writer(), connected=False)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            self._reader.row_factory = aiosqlite.Row
+            for pragma in self._pragmas():
+                async with self._reader.execute(pragma) as cursor:
+                    await cursor.fetchall()
+        except (OSError, sqlite3.Error) as exc:
+            await self.close()
+            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
 
     async def close(self) -> None:
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._executor is not None:
+            if self._writer is not None:
+                writer = self._writer
+                await asyncio.get_running_loop().run_in_executor(self._executor, writer.close)
+                self._writer = None
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
-    @property
-    def writer(self) -> aiosqlite.Connection:
-        if self._writer is None:
+    async def run(self, fn: Callable[[sqlite3.Connection], T], *, connected: bool = True) -> T:
+        """Run `fn(writer)` on the writer thread, outside any transaction (migrations)."""
+        if self._executor is None or (connected and self._writer is None):
             raise StoreError("database is not open")
-        return self._writer
+
+        def call() -> T:
+            return fn(self._writer)  # type: ignore[arg-type]
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(writer)` as one transaction: BEGIN IMMEDIATE … COMMIT, ROLLBACK if it raises.
+
+        Callable from any event loop (the webhook intake has its own). Once started, the
+        transaction completes even if the awaiting task is canceled.
+        """
+
+        def transaction(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self.run(transaction)
+
+    async def execute_write(self, sql: str, params: Iterable[Any] = ()) -> int:
+        """One statement in its own (autocommit) transaction; returns the rows changed."""
+        values = tuple(params)
+        return await self.run(lambda conn: conn.execute(sql, values).rowcount)
 
     @property
     def reader(self) -> aiosqlite.Connection:
         if self._reader is None:
             raise StoreError("database is not open")
         return self._reader
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE … COMMIT on the writer; ROLLBACK if the block raises."""
-        async with self._write_lock:
-            conn = self.writer
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await conn.execute("ROLLBACK")
-                raise
-            await conn.execute("COMMIT")
-
-    async def execute_write(self, sql: str, params: Iterable[Any] = ()) -> int:
-        """One statement in its own transaction; returns the number of rows changed."""
-        async with self._write_lock:
-            cursor = await self.writer.execute(sql, tuple(params))
-            return cursor.rowcount
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
         async with self.reader.execute(sql, tuple(params)) as cursor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,21 +46,28 @@ class Inbox:
     async def save(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
         """Commit a batch of raw updates in one transaction; True where the update is new."""
         now = iso()
-        fresh: list[bool] = []
-        async with self.db.transaction() as conn:
-            for payload in payloads:
-                cursor = await conn.execute(
+        rows = [
+            (
+                int(payload["update_id"]),
+                update_kind(payload),
+                now,
+                json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+            )
+            for payload in payloads
+        ]
+
+        def insert(conn: sqlite3.Connection) -> list[bool]:
+            return [
+                conn.execute(
                     "INSERT INTO inbox (update_id, kind, received_at, payload) VALUES (?, ?, ?, ?)"
                     " ON CONFLICT (update_id) DO NOTHING",
-                    (
-                        int(payload["update_id"]),
-                        update_kind(payload),
-                        now,
-                        json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
-                    ),
-                )
-                fresh.append(cursor.rowcount == 1)
-        return fresh
+                    row,
+                ).rowcount
+                == 1
+                for row in rows
+            ]
+
+        return await self.db.write(insert)
 
     async def mark_processed(self, update_id: int) -> None:
         await self.db.execute_write(

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
-
-import aiosqlite
 
 from imagebot.models import FINAL_STATUSES, Job, JobKind, JobStatus, NewJob, Phase
 from imagebot.store.db import Database, iso, utcnow
@@ -27,7 +26,7 @@ _COLUMNS = tuple(f.name for f in fields(Job))
 _WRITABLE = frozenset(_COLUMNS) - {"id", "created_at", "update_id"}
 
 
-def _row_to_job(row: aiosqlite.Row) -> Job:
+def _row_to_job(row: sqlite3.Row) -> Job:
     data: dict[str, Any] = {key: row[key] for key in row.keys() if key in _COLUMNS}  # noqa: SIM118 - Row has no __iter__ over keys
     for key in _JSON_LIST_FIELDS:
         data[key] = json.loads(data[key] or "[]")
@@ -66,27 +65,27 @@ class JobStore:
         self.db = db
 
     async def create(
-        self, new: NewJob, decide: Callable[[Counters], D]
+        self, new: NewJob, decide: Callable[[Counters], D], *, with_spend: bool = True
     ) -> tuple[D | None, Job | None]:
         """Create a job for an update if `decide(counters)` allows it, in one transaction.
 
         The same transaction marks the update processed, so a crash leaves either both or
         neither. Returns (None, None) when the update already made a job (a resent update).
+        `decide` runs on the writer thread, between reading the counters and inserting.
         """
         now = utcnow()
-        async with self.db.transaction() as conn:
-            async with conn.execute(
-                "SELECT 1 FROM jobs WHERE update_id = ?", (new.update_id,)
-            ) as cursor:
-                if await cursor.fetchone() is not None:
-                    return None, None
-            decision = decide(
-                await read_counters(conn, user_id=new.user_id, kind=new.kind, now=now)
+        stamp = iso(now)
+
+        def create(conn: sqlite3.Connection) -> tuple[D | None, sqlite3.Row | None]:
+            if conn.execute("SELECT 1 FROM jobs WHERE update_id = ?", (new.update_id,)).fetchone():
+                return None, None
+            counters = read_counters(
+                conn, user_id=new.user_id, kind=new.kind, now=now, with_spend=with_spend
             )
+            decision = decide(counters)
             if not decision.allowed:
                 return decision, None
-            stamp = iso(now)
-            cursor = await conn.execute(
+            row = conn.execute(
                 "INSERT INTO jobs (kind, status, phase, update_id, chat_id, user_id, chat_type,"
                 " command_message_id, prompt, input_file_id, input_file_size, input_width,"
                 " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
@@ -112,15 +111,17 @@ class JobStore:
                     stamp,
                 ),
             )
-            job_id = cursor.lastrowid
-            await conn.execute(
+            conn.execute(
                 "UPDATE inbox SET processed_at = ? WHERE update_id = ? AND processed_at IS NULL",
                 (stamp, new.update_id),
             )
-            async with conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)) as cursor:
-                row = await cursor.fetchone()
-        assert row is not None
-        return decision, _row_to_job(row)
+            # (no RETURNING: SQLite before 3.35, e.g. Debian 11, lacks it)
+            return decision, conn.execute(
+                "SELECT * FROM jobs WHERE id = ?", (row.lastrowid,)
+            ).fetchone()
+
+        decision, row = await self.db.write(create)
+        return decision, (_row_to_job(row) if row is not None else None)
 
     async def get(self, job_id: int) -> Job | None:
         row = await self.db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -183,25 +184,29 @@ class JobStore:
         if slots <= 0:
             return []
         now = utcnow()
-        claimed: list[Job] = []
-        async with self.db.transaction() as conn:
-            async with conn.execute(
-                "SELECT * FROM jobs WHERE status = 'queued' ORDER BY id LIMIT ?", (slots,)
-            ) as cursor:
-                rows = list(await cursor.fetchall())
-            for row in rows:
-                job = _row_to_job(row)
-                deadline = iso(now + timedelta(seconds=timeouts[job.kind]))
-                await conn.execute(
-                    "UPDATE jobs SET status = 'running', started_at = ?, deadline_at = ?,"
-                    " updated_at = ? WHERE id = ? AND status = 'queued'",
-                    (iso(now), deadline, iso(now), job.id),
+        stamp = iso(now)
+        deadlines = {kind: iso(now + timedelta(seconds=s)) for kind, s in timeouts.items()}
+
+        def claim(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT ?", (slots,)
                 )
-                job.status = JobStatus.RUNNING
-                job.started_at = iso(now)
-                job.deadline_at = deadline
-                claimed.append(job)
-        return claimed
+            ]
+            marks = ", ".join("?" for _ in ids)
+            conn.execute(
+                "UPDATE jobs SET status = 'running', started_at = ?, updated_at = ?,"  # noqa: S608 - placeholders only
+                " deadline_at = CASE kind WHEN 'edit' THEN ? ELSE ? END"
+                f" WHERE id IN ({marks})",
+                (stamp, stamp, deadlines[JobKind.EDIT], deadlines[JobKind.GENERATE], *ids),
+            )
+            return conn.execute(
+                f"SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY id",  # noqa: S608
+                ids,
+            ).fetchall()
+
+        return [_row_to_job(row) for row in await self.db.write(claim)]
 
     async def finish(
         self,
@@ -286,15 +291,17 @@ class JobStore:
     async def prune(self, older_than_days: float) -> list[Job]:
         """Delete final jobs older than the retention; return them (their files go too)."""
         cutoff = iso(utcnow() - timedelta(days=older_than_days))
-        async with self.db.transaction() as conn:
-            async with conn.execute(
+
+        def prune(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+            rows = conn.execute(
                 "SELECT * FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')"
                 " AND coalesce(finished_at, created_at) < ?",
                 (cutoff,),
-            ) as cursor:
-                rows = list(await cursor.fetchall())
-            await conn.executemany("DELETE FROM jobs WHERE id = ?", [(row["id"],) for row in rows])
-        return [_row_to_job(row) for row in rows]
+            ).fetchall()
+            conn.executemany("DELETE FROM jobs WHERE id = ?", [(row["id"],) for row in rows])
+            return rows
+
+        return [_row_to_job(row) for row in await self.db.write(prune)]
 
     async def with_results_older_than(self, days: float) -> list[Job]:
         cutoff = iso(utcnow() - timedelta(days=days))

@@ -47,18 +47,22 @@ async def migrate(db: Database, migrations: list[Migration] | None = None) -> li
     Refuses a database that has a migration this code does not know (it is newer than us).
     """
     migrations = migrations if migrations is not None else load_migrations()
-    conn = db.writer
-    await conn.execute(
+    applied = await db.run(lambda conn: _apply(conn, migrations, str(db.path)))
+    for name in applied:
+        log.info("migration_applied", migration=name)
+    return applied
+
+
+def _apply(conn: sqlite3.Connection, migrations: list[Migration], where: str) -> list[str]:
+    conn.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         " name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
     )
-    async with conn.execute("SELECT name FROM schema_migrations") as cursor:
-        done = {row[0] for row in await cursor.fetchall()}
-    known = {m.name for m in migrations}
-    unknown = sorted(done - known)
+    done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+    unknown = sorted(done - {m.name for m in migrations})
     if unknown:
         raise StoreError(
-            f"database {db.path} was migrated by a newer imagebot (it has {unknown[-1]}); "
+            f"database {where} was migrated by a newer imagebot (it has {unknown[-1]}); "
             "upgrade imagebot or restore a backup"
         )
     applied: list[str] = []
@@ -75,11 +79,10 @@ async def migrate(db: Database, migrations: list[Migration] | None = None) -> li
             "COMMIT;"
         )
         try:
-            await conn.executescript(script)
+            conn.executescript(script)
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                await conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
             raise StoreError(f"migration {migration.name} failed: {exc}") from exc
         applied.append(migration.name)
-        log.info("migration_applied", migration=migration.name)
     return applied

@@ -6,10 +6,9 @@ the counts are simply the user's jobs of today that are not failed or canceled.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-
-import aiosqlite
 
 from imagebot.models import JobKind
 from imagebot.store.db import Database, iso, parse_iso
@@ -43,22 +42,29 @@ def day_start(now: datetime) -> datetime:
     return now.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-async def read_counters(
-    conn: aiosqlite.Connection, *, user_id: int, kind: JobKind, now: datetime
+def read_counters(
+    conn: sqlite3.Connection, *, user_id: int, kind: JobKind, now: datetime, with_spend: bool
 ) -> Counters:
+    """Read inside the job-creating transaction (on the writer thread).
+
+    `with_spend=False` skips summing the whole day's spend when no spend cap is set.
+    """
     since_day = iso(day_start(now))
-    async with conn.execute(
-        "SELECT created_at FROM jobs WHERE user_id = ? AND created_at >= ? ORDER BY created_at",
-        (user_id, iso(now - RATE_WINDOW)),
-    ) as cursor:
-        recent = tuple(parse_iso(row[0]) for row in await cursor.fetchall())
-    async with conn.execute(
+    recent = tuple(
+        parse_iso(row[0])
+        for row in conn.execute(
+            "SELECT created_at FROM jobs WHERE user_id = ? AND created_at >= ?"
+            " ORDER BY created_at",
+            (user_id, iso(now - RATE_WINDOW)),
+        )
+    )
+    row = conn.execute(
         _COUNT_CHARGED + " AND user_id = ? AND kind = ?", (since_day, user_id, kind.value)
-    ) as cursor:
-        row = await cursor.fetchone()
-        used = int(row[0]) if row else 0
-    async with conn.execute(_SPENT, (since_day,)) as cursor:
-        row = await cursor.fetchone()
+    ).fetchone()
+    used = int(row[0]) if row else 0
+    spent = 0.0
+    if with_spend:
+        row = conn.execute(_SPENT, (since_day,)).fetchone()
         spent = float(row[0]) if row else 0.0
     return Counters(recent, used, spent)
 
@@ -81,11 +87,10 @@ async def claim_notice(db: Database, user_id: int, reason: str, interval_s: floa
     """True if the user may be told about `reason` now (at most once per interval); records it."""
     now = iso()
     cutoff = iso(parse_iso(now) - timedelta(seconds=interval_s))
-    async with db.transaction() as conn:
-        cursor = await conn.execute(
-            "INSERT INTO notices (user_id, reason, sent_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (user_id, reason) DO UPDATE SET sent_at = excluded.sent_at"
-            " WHERE notices.sent_at <= ?",
-            (user_id, reason, now, cutoff),
-        )
-        return cursor.rowcount == 1
+    changed = await db.execute_write(
+        "INSERT INTO notices (user_id, reason, sent_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (user_id, reason) DO UPDATE SET sent_at = excluded.sent_at"
+        " WHERE notices.sent_at <= ?",
+        (user_id, reason, now, cutoff),
+    )
+    return changed == 1
