@@ -15,10 +15,10 @@ from typing import Any
 
 from telegram.error import InvalidToken, NetworkError
 from telegram.ext import Application, ContextTypes
-from telegram.request import HTTPXRequest
 
 from imagebot.bot.context import SERVICES_KEY, BotContext
 from imagebot.bot.handlers import register
+from imagebot.botapi import AiohttpBotRequest
 from imagebot.config import Settings
 from imagebot.delivery import Delivery
 from imagebot.errors import ConfigError
@@ -111,16 +111,14 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         .local_mode(tg.local_mode)
         .updater(None)
         .request(
-            HTTPXRequest(
+            AiohttpBotRequest(
                 connection_pool_size=128,
-                connect_timeout=10,
                 read_timeout=timeout,
-                write_timeout=timeout,
                 pool_timeout=timeout,
-                media_write_timeout=max(60.0, timeout),
+                media_read_timeout=max(60.0, timeout),
             )
         )
-        .get_updates_request(HTTPXRequest(connection_pool_size=2, connect_timeout=10))
+        .get_updates_request(AiohttpBotRequest(connection_pool_size=2))
         .rate_limiter(TelegramRateLimiter(tg, on_flood_wait=lambda _: metrics.telegram_429.inc()))
         .context_types(ContextTypes(context=BotContext))
         .concurrent_updates(PerChatUpdateProcessor(inbox))

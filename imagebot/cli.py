@@ -88,6 +88,10 @@ def effective_settings(settings: Settings) -> dict[str, object]:
 async def _serve(settings: Settings) -> int:
     from imagebot.app import build, run  # the bot's heavy imports, only when running it
 
+    # The webhook thread must get the GIL quickly while the main loop is busy: each switch
+    # hands over after this long instead of CPython's default 5 ms.
+    sys.setswitchinterval(float(os.environ.get("IMAGEBOT_GIL_SWITCH_S", "0.0005")))
+
     app = build(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

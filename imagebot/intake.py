@@ -30,6 +30,7 @@ from imagebot.config import Settings
 from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
 from imagebot.store.inbox import Inbox, update_kind
+from imagebot.threaded_site import ThreadedSite
 
 log = get_logger(__name__)
 
@@ -113,7 +114,8 @@ class Intake:
         self.webhook_port: int | None = None
         self._received: dict[int, float] = {}
         self._poll_task: asyncio.Task[None] | None = None
-        self._web: web.AppRunner | None = None
+        self._web: ThreadedSite | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
         self._secret = secret.encode()
 
@@ -126,20 +128,31 @@ class Intake:
         return self._received.pop(update_id, None)
 
     async def accept(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
-        """Commit raw updates, then queue the new ones for the Application."""
-        now = time.monotonic()
+        """Commit raw updates, then queue the new ones for the Application.
+
+        Runs on the main loop (polling) or on the webhook thread's loop; the hand-over to the
+        Application always happens on the main loop.
+        """
+        arrived = time.monotonic()
         fresh = await self.inbox.save(payloads)
+        on_main = asyncio.get_running_loop() is self._loop
         for payload, is_new in zip(payloads, fresh, strict=True):
             self.metrics.updates_received.labels(update_kind(payload)).inc()
             if not is_new:
                 self.metrics.updates_duplicate.inc()
                 log.info("update_duplicate", update_id=payload["update_id"])
-                continue
-            if len(self._received) > _MAX_TRACKED:
-                self._received.clear()
-            self._received[int(payload["update_id"])] = now
-            await self.application.update_queue.put(Update.de_json(payload, self.application.bot))
+            elif on_main or self._loop is None:
+                self._hand_over(payload, arrived)
+            else:
+                self._loop.call_soon_threadsafe(self._hand_over, payload, arrived)
         return fresh
+
+    def _hand_over(self, payload: dict[str, Any], arrived: float) -> None:
+        """On the main loop: remember when it arrived and queue it for the handlers."""
+        if len(self._received) > _MAX_TRACKED:
+            self._received.clear()
+        self._received[int(payload["update_id"])] = arrived
+        self.application.update_queue.put_nowait(Update.de_json(payload, self.application.bot))
 
     async def replay(self) -> int:
         """Queue updates that were saved but not processed when the last run stopped."""
@@ -153,6 +166,7 @@ class Intake:
         return len(saved)
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.running = True
         if self.mode == "webhook":
             await self._start_webhook()
@@ -171,7 +185,7 @@ class Intake:
             await asyncio.gather(self._poll_task, return_exceptions=True)
             self._poll_task = None
         if self._web is not None:
-            await self._web.cleanup()
+            await asyncio.to_thread(self._web.stop)
             self._web = None
         log.info("intake_stopped", mode=self.mode)
 
@@ -181,13 +195,9 @@ class Intake:
         hook = self.settings.webhook
         app = web.Application(client_max_size=2 * 1024 * 1024)
         app.router.add_post(hook.path, self._webhook)
-        self._web = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._web.setup()
-        site = web.TCPSite(self._web, hook.listen, hook.port)
-        await site.start()
-        server = site._server  # the bound port matters when the config asks for port 0
-        sockets = getattr(server, "sockets", None) or []
-        self.webhook_port = sockets[0].getsockname()[1] if sockets else hook.port
+        self._web = ThreadedSite(app, hook.listen, hook.port, name="webhook-intake")
+        await asyncio.to_thread(self._web.start)
+        self.webhook_port = self._web.port
         await self.application.bot.set_webhook(
             url=hook.url,
             secret_token=self._secret.decode(),

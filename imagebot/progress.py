@@ -124,7 +124,12 @@ class Progress:
         last_shown = -1
         while True:
             now = time.monotonic()
-            if now - self._last_action.get(job.chat_id, 0) >= self.settings.chat_action_interval_s:
+            due = (
+                now - self._last_action.get(job.chat_id, 0) >= self.settings.chat_action_interval_s
+            )
+            # Best effort: when the budget is spent (a busy bot), this round's action is skipped.
+            if due and self._budget.has_capacity():
+                await self._budget.acquire()
                 self._last_action[job.chat_id] = now
                 try:
                     await self.delivery.chat_action(job.chat_id)

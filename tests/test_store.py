@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from imagebot.models import JobKind, JobStatus, NewJob
 from imagebot.policy import ALLOW, Decision, Reason
-from imagebot.store.db import Database, utcnow
+from imagebot.store.db import URGENT, Database, utcnow
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.migrate import migrate
@@ -99,3 +100,38 @@ async def test_failed_and_canceled_jobs_give_units_back(db: Database) -> None:
     counts = await used_today(db, 7, utcnow())
     assert counts[JobKind.GENERATE] == 2
     assert counts[JobKind.EDIT] == 0
+
+
+async def test_submitted_write_survives_cancellation(db: Database) -> None:
+    """A write whose caller is canceled while it waits its turn is still committed."""
+    store = JobStore(db)
+    _, job = await store.create(new_job(60), lambda c: ALLOW)
+    assert job is not None
+    blocker = asyncio.create_task(db.run(lambda conn: time.sleep(0.2)))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(store.update(job.id, provider_request_id="pred-1"))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    await blocker
+    await asyncio.sleep(0.05)
+    saved = await store.get(job.id)
+    assert saved is not None and saved.provider_request_id == "pred-1"
+
+
+async def test_urgent_writes_go_first(db: Database) -> None:
+    """An update saved for Telegram's ack jumps ahead of queued job writes."""
+    order: list[str] = []
+    blocker = asyncio.create_task(db.run(lambda conn: time.sleep(0.1)))
+    await asyncio.sleep(0.02)
+    normal = [
+        asyncio.create_task(db.run(lambda conn, n=n: order.append(f"job{n}"))) for n in range(3)
+    ]
+    await asyncio.sleep(0.01)
+    urgent = asyncio.create_task(
+        db.write(
+            lambda conn: order.append("inbox"),
+            priority=URGENT,
+        )
+    )
+    await asyncio.gather(blocker, urgent, *normal)
+    assert order == ["inbox", "job0", "job1", "job2"]

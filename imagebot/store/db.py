@@ -11,9 +11,12 @@ counters for status messages) go through aiosqlite and, thanks to WAL, never wai
 from __future__ import annotations
 
 import asyncio
+import itertools
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,13 +42,49 @@ def parse_iso(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+URGENT, NORMAL = 0, 1
+
+_Item = tuple[int, int, Callable[[], object] | None, "Future[object] | None"]
+
+
+class _WriterThread:
+    """One thread that runs submitted functions by priority, then in order of arrival."""
+
+    def __init__(self) -> None:
+        self._queue: queue.PriorityQueue[_Item] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._thread = threading.Thread(target=self._main, name="sqlite-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], T], priority: int) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put((priority, next(self._seq), fn, future))  # type: ignore[arg-type]
+        return future
+
+    def _main(self) -> None:
+        while True:
+            _, _, fn, future = self._queue.get()
+            if fn is None or future is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the awaiting task
+                future.set_exception(exc)
+
+    def stop(self) -> None:
+        self._queue.put((NORMAL + 1, next(self._seq), None, None))  # after queued writes
+        self._thread.join()
+
+
 class Database:
     """Owns the connections. `write(fn)` runs `fn(conn)` in one transaction on the writer."""
 
     def __init__(self, path: Path, *, synchronous: str = "full") -> None:
         self.path = path
         self.synchronous = synchronous.upper()
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: _WriterThread | None = None
         self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
 
@@ -66,7 +105,7 @@ class Database:
         self._writer = conn
 
     async def open(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._executor = _WriterThread()
         try:
             await self.run(lambda _: self._connect_writer(), connected=False)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
@@ -84,13 +123,18 @@ class Database:
             self._reader = None
         if self._executor is not None:
             if self._writer is not None:
-                writer = self._writer
-                await asyncio.get_running_loop().run_in_executor(self._executor, writer.close)
+                await asyncio.wrap_future(self._executor.submit(self._writer.close, NORMAL))
                 self._writer = None
-            self._executor.shutdown(wait=True)
+            await asyncio.to_thread(self._executor.stop)
             self._executor = None
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T], *, connected: bool = True) -> T:
+    async def run(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        *,
+        connected: bool = True,
+        priority: int = NORMAL,
+    ) -> T:
         """Run `fn(writer)` on the writer thread, outside any transaction (migrations)."""
         if self._executor is None or (connected and self._writer is None):
             raise StoreError("database is not open")
@@ -98,13 +142,16 @@ class Database:
         def call() -> T:
             return fn(self._writer)  # type: ignore[arg-type]
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        # Shielded: a write once submitted always runs, even if the awaiting task is canceled
+        # (a shutdown must not drop, say, the vendor request id on its way to the row).
+        return await asyncio.shield(asyncio.wrap_future(self._executor.submit(call, priority)))
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, priority: int = NORMAL) -> T:
         """Run `fn(writer)` as one transaction: BEGIN IMMEDIATE … COMMIT, ROLLBACK if it raises.
 
-        Callable from any event loop (the webhook intake has its own). Once started, the
-        transaction completes even if the awaiting task is canceled.
+        Callable from any event loop (the webhook intake has its own). Once submitted, the
+        transaction runs even if the awaiting task is canceled. URGENT work (saving an update
+        before Telegram is answered) goes ahead of queued job writes.
         """
 
         def transaction(conn: sqlite3.Connection) -> T:
@@ -117,7 +164,7 @@ class Database:
             conn.execute("COMMIT")
             return result
 
-        return await self.run(transaction)
+        return await self.run(transaction, priority=priority)
 
     async def execute_write(self, sql: str, params: Iterable[Any] = ()) -> int:
         """One statement in its own (autocommit) transaction; returns the rows changed."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from imagebot.store.db import Database, iso, utcnow
+from imagebot.store.db import URGENT, Database, iso, utcnow
 
 UPDATE_KINDS = (
     "message",
@@ -67,7 +67,8 @@ class Inbox:
                 for row in rows
             ]
 
-        return await self.db.write(insert)
+        # Telegram waits for this one: it goes ahead of queued job writes.
+        return await self.db.write(insert, priority=URGENT)
 
     async def mark_processed(self, update_id: int) -> None:
         await self.db.execute_write(
