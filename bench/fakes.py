@@ -10,8 +10,10 @@ their own wall-clock stamps (time.time(), one clock for all three):
                                 "flood", "image_size"}
 - POST /telegram/file          body = image bytes; answers {"file_id"} (a user's photo)
 - GET  /telegram/sent          every message the bot sent: chat, method, kind, text, sent_at
-- GET  /replicate/predictions  every prediction: prompt, created, completed_at_ts
-- GET  /fal/requests           every edit request: prompt, created, completed_at_ts
+- GET  /telegram/calls         every Bot API call: method, when, chat
+- GET  /replicate/predictions  every prediction: prompt, created, completed_at_ts, polls, and
+                               seen_done_at (the first poll that saw it finished)
+- GET  /fal/requests           every edit request: the same fields
 - GET  /state                  call counts per fake and operation, Telegram's 429s and why
 """
 
@@ -37,9 +39,14 @@ HOST = "127.0.0.1"
 
 
 class BenchReplicate(FakeReplicate):
-    """FakeReplicate whose predictions take latency_s plus a uniform random extra."""
+    """FakeReplicate whose predictions take latency_s plus a uniform random extra, and which
+    notes when a poll first saw each prediction finished (`seen_done`)."""
 
     latency_jitter_s = 0.0
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seen_done: dict[str, float] = {}
 
     def _take_behaviour(self) -> dict[str, Any]:
         behaviour = super()._take_behaviour()
@@ -47,12 +54,24 @@ class BenchReplicate(FakeReplicate):
             0, self.latency_jitter_s
         )
         return behaviour
+
+    async def _get(self, request: web.Request) -> web.Response:
+        response = await super()._get(request)
+        prediction = self.predictions.get(request.match_info["id"])
+        if prediction is not None and prediction.is_final:
+            self.seen_done.setdefault(prediction.id, time.time())
+        return response
 
 
 class BenchFal(FakeFal):
-    """FakeFal whose requests take latency_s plus a uniform random extra."""
+    """FakeFal whose requests take latency_s plus a uniform random extra, and which notes
+    when a status poll first saw each request completed (`seen_done`)."""
 
     latency_jitter_s = 0.0
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seen_done: dict[str, float] = {}
 
     def _take_behaviour(self) -> dict[str, Any]:
         behaviour = super()._take_behaviour()
@@ -60,6 +79,14 @@ class BenchFal(FakeFal):
             0, self.latency_jitter_s
         )
         return behaviour
+
+    async def _status(self, request: web.Request) -> web.Response:
+        response = await super()._status(request)
+        job = self._lookup(request)
+        now = time.time()
+        if job is not None and job.status_at(now) == "COMPLETED":
+            self.seen_done.setdefault(job.id, now)
+        return response
 
 
 class BenchTelegram(FakeTelegram):
@@ -105,6 +132,7 @@ class BenchFakes:
         r.add_post("/configure", self._configure)
         r.add_post("/telegram/file", self._add_file)
         r.add_get("/telegram/sent", self._sent)
+        r.add_get("/telegram/calls", self._calls)
         r.add_get("/replicate/predictions", self._predictions)
         r.add_get("/fal/requests", self._fal_requests)
         r.add_get("/state", self._state)
@@ -158,6 +186,8 @@ class BenchFakes:
             fake.files.clear()
         self.replicate.predictions.clear()
         self.fal.requests.clear()
+        self.replicate.seen_done.clear()
+        self.fal.seen_done.clear()
         return web.json_response({"ok": True})
 
     async def _configure(self, request: web.Request) -> web.Response:
@@ -206,6 +236,13 @@ class BenchFakes:
         ]
         return web.json_response(out)
 
+    async def _calls(self, request: web.Request) -> web.Response:
+        out = [
+            {"op": c.op, "at": c.at, "chat_id": c.params.get("chat_id")}
+            for c in self.telegram.calls
+        ]
+        return web.json_response(out)
+
     async def _predictions(self, request: web.Request) -> web.Response:
         out = [
             {
@@ -213,6 +250,7 @@ class BenchFakes:
                 "prompt": str(p.input.get("prompt", "")),
                 "created": p.created,
                 "completed_at_ts": p.completed_at_ts,
+                "seen_done_at": self.replicate.seen_done.get(p.id),
                 "polls": p.polls,
             }
             for p in self.replicate.predictions.values()
@@ -226,6 +264,7 @@ class BenchFakes:
                 "prompt": str(r.input.get("prompt", "")),
                 "created": r.created,
                 "completed_at_ts": r.completed_at_ts,
+                "seen_done_at": self.fal.seen_done.get(r.id),
                 "polls": r.polls,
             }
             for r in self.fal.requests.values()

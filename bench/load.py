@@ -125,6 +125,7 @@ async def run(spec: Spec) -> dict[str, Any]:
             }
         )
 
+    cpu0 = time.process_time()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         t0 = loop.time()
         wall0 = time.time()
@@ -149,6 +150,7 @@ async def run(spec: Spec) -> dict[str, Any]:
         "send_window_s": sent_s,
         "elapsed_s": elapsed,
         "unfinished": len(pending),
+        "cpu_s": round(time.process_time() - cpu0, 3),
         "records": records,
     }
 

@@ -172,6 +172,10 @@ class Fakes:
         result: list[dict[str, Any]] = await self._call("GET", "/telegram/sent")
         return result
 
+    async def calls(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self._call("GET", "/telegram/calls")
+        return result
+
     async def predictions(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = await self._call("GET", "/replicate/predictions")
         return result

@@ -51,6 +51,19 @@ def revision() -> str:
     return f"{head}+dirty" if dirty else head
 
 
+def calibrate() -> float:
+    """Milliseconds for a fixed pure-Python workload (best of 5): how fast this machine runs
+    Python right now. It moves between runs on a shared host; every figure moves with it."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        total = 0
+        for i in range(200_000):
+            total += i % 7
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 2)
+
+
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     return {
@@ -107,6 +120,22 @@ def _ack_rows(ack: dict[str, Any]) -> list[Row]:
                 "",
             )
         )
+    for name, bot in (("imagebot", ib), ("baseline", base)):
+        steps = bot.get("steps") or []
+        if steps:
+            detail = ", ".join(f"{st['rate']}:{_fmt(st['p99_ms'])}" for st in steps)
+            last = steps[-1]
+            cores = last.get("cores") or {}
+            rows.append(
+                (
+                    f"  {name} step-up p99 ms by rate",
+                    detail,
+                    "",
+                    "",
+                    f"cores at {last['rate']}/s: bot {cores.get('bot')}, fakes "
+                    f"{cores.get('fakes')}, load {cores.get('load')}",
+                )
+            )
     ratio = ack["throughput_ratio"]
     rows.append(
         (
@@ -149,6 +178,17 @@ def _added_rows(added: dict[str, Any]) -> list[Row]:
                     _met(p50 is not None and p50 < 150 and not fig["missing"]),
                 )
             )
+            if "poll_delay" in fig:
+                rows.append(
+                    (
+                        "  x = poll delay + after poll, p50 ms; polls/job",
+                        f"{_fmt(fig['poll_delay']['p50_ms'])} + "
+                        f"{_fmt(fig['after_poll']['p50_ms'])}; {_fmt(fig['polls_per_job'])}",
+                        "",
+                        "",
+                        "",
+                    )
+                )
     return rows
 
 
@@ -193,6 +233,55 @@ def _flood_rows(flood: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _profile_rows(prof: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for name in ("imagebot", "baseline"):
+        summary = prof.get(name) or {}
+        if "gil_held_pct_of_wall" in summary:
+            rows.append(
+                (
+                    f"P GIL held (% of wall) @{prof['rate']:g}/s, {name}",
+                    _fmt(summary["gil_held_pct_of_wall"]),
+                    "",
+                    "",
+                    "",
+                )
+            )
+    e2e = prof.get("end_to_end")
+    sampled = prof.get("end_to_end_sampled")
+    if e2e and sampled:
+        e2e = {
+            **e2e,
+            "cpu_ms_per_job": f"{e2e['cpu_ms_per_job']} ({sampled['cpu_ms_per_job']} "
+            "under py-spy)",
+        }
+    if e2e:
+        rows.append(
+            (
+                f"P CPU per /generate end to end @{e2e['rate']:g}/s (ms)",
+                _fmt(e2e["cpu_ms_per_job"]),
+                "",
+                "",
+                ", ".join(
+                    f"{k} {v}" for k, v in list(e2e["cpu_ms_per_job_by_thread"].items())[:4]
+                ),
+            )
+        )
+    counters = prof.get("counters")
+    if counters:
+        rows.append(
+            (
+                "P writer-thread calls / aiosqlite reads per update",
+                f"{_fmt(counters['writer_calls_per_update'])} / "
+                f"{_fmt(counters['reads_per_update'])}",
+                "",
+                "",
+                "",
+            )
+        )
+    return rows
+
+
 def table(results: dict[str, Any]) -> list[Row]:
     """The rows of the printed table (also stored in the JSON)."""
     reports = results["reports"]
@@ -203,6 +292,7 @@ def table(results: dict[str, Any]) -> list[Row]:
         "memory": _memory_rows,
         "startup": _startup_rows,
         "flood": _flood_rows,
+        "profile": _profile_rows,
     }
     for name, build in builders.items():
         if name in reports:
@@ -217,6 +307,12 @@ def render(results: dict[str, Any]) -> str:
         f"imagebot benchmark: {m['cpus']} CPUs, {m['implementation']} {m['python']}, "
         f"{m['platform']}, {m['when']}, rev {m['revision']} ({results['duration_s']:.0f} s)"
     )
+    if m.get("calibration_ms"):
+        before, after = m["calibration_ms"]
+        head += (
+            f"\ncalibration (a fixed Python loop, lower is faster): {before} ms before, "
+            f"{after} ms after"
+        )
     header: Row = ("figure", "imagebot", "baseline", "target", "")
     rows = [header, *results["table"]]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -238,6 +334,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         only.append("profile")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="imagebot-bench-"))
+    speed_before = calibrate()
     started = time.monotonic()
     reports: dict[str, Any] = {}
     fakes = await Fakes.start()
@@ -264,7 +361,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     results: dict[str, Any] = {
-        "machine": machine(),
+        "machine": {**machine(), "calibration_ms": [speed_before, calibrate()]},
         "settings": {
             "quick": args.quick,
             "provider_latency_s": args.provider_latency,

@@ -18,8 +18,23 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import Spec, prompt_for
-from bench.procs import Bot, Fakes, cpu_seconds, run_load, start_baseline, start_imagebot
-from bench.profile import profile_under_load
+from bench.procs import (
+    Bot,
+    Fakes,
+    cpu_seconds,
+    deep_merge,
+    run_load,
+    start_baseline,
+    start_imagebot,
+)
+from bench.profile import (
+    profile_under_load,
+    py_spy,
+    start_py_spy,
+    stop_py_spy,
+    thread_cpu,
+    thread_names,
+)
 from bench.stats import histogram_buckets, histogram_quantile, ms, percentile, summary_ms
 from tests.fakes.images import make_image
 
@@ -31,6 +46,7 @@ LATENCY_JITTER_S = 1.0
 ACK_P99_LIMIT_S = 0.100  # "sustained" = p99 webhook ack under 100 ms
 LAG_LIMIT_S = 0.020  # above this the load generator itself fell behind: the step is not judged
 DEFAULT_RATES = (50, 200)
+E2E_RATE_HZ = 500  # the end-to-end profile is light (10 jobs/s): sample it more often
 STEP_RATES = (10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 600, 800)
 
 
@@ -158,9 +174,19 @@ async def _reply_latency(ctx: Context, result: dict[str, Any]) -> dict[str, Any]
 
 
 async def _load_with_cpu(ctx: Context, bot: Bot, spec: Spec) -> tuple[dict[str, Any], float]:
-    before = cpu_seconds(bot.pid)
+    """Run a load; return its result and the bot's CPU seconds meanwhile. The result gets
+    `cores`: the CPU each process used over the load's window (bot, fakes, load generator),
+    in cores, to show when the machine (2 cores for all three) is the limit."""
+    before, fakes_before = cpu_seconds(bot.pid), cpu_seconds(ctx.fakes.pid)
     result = await run_load(spec)
-    return result, cpu_seconds(bot.pid) - before
+    cpu = cpu_seconds(bot.pid) - before
+    window = result["elapsed_s"] or 1.0
+    result["cores"] = {
+        "bot": round(cpu / window, 2),
+        "fakes": round((cpu_seconds(ctx.fakes.pid) - fakes_before) / window, 2),
+        "load": round(result["cpu_s"] / window, 2),
+    }
+    return result, cpu
 
 
 async def report_ack(ctx: Context) -> dict[str, Any]:
@@ -181,6 +207,7 @@ async def report_ack(ctx: Context) -> dict[str, Any]:
                 result, cpu = await _load_with_cpu(ctx, bot, ctx.spec(bot, rate, count))
                 fig = _ack_figures(result)
                 fig["cpu_ms_per_update"] = round(cpu / max(1, count) * 1000, 2)
+                fig["cores"] = result["cores"]
                 fixed[str(rate)] = fig
                 reply[str(rate)] = await _reply_latency(ctx, result)
                 if name == "imagebot":
@@ -202,6 +229,7 @@ async def report_ack(ctx: Context) -> dict[str, Any]:
                     "p99_ms": fig["p99_ms"],
                     "p50_ms": fig["p50_ms"],
                     "cpu_ms_per_update": round(cpu / max(1, count) * 1000, 2),
+                    "cores": result["cores"],
                 }
             )
             if verdict != "pass":
@@ -238,13 +266,33 @@ def _histogram_figures(metrics: str, name: str) -> dict[str, Any]:
     }
 
 
-async def _added_latency(ctx: Context, poll_s: float, rate: float) -> dict[str, Any]:
-    overrides = {"replicate": {"poll_interval_s": poll_s}, "fal": {"poll_interval_s": poll_s}}
+async def _added_latency(
+    ctx: Context,
+    poll_s: float,
+    rate: float,
+    *,
+    overrides: dict[str, Any] | None = None,
+    module: str = "imagebot",
+    extra_env: dict[str, str] | None = None,
+    label: str = "",
+) -> dict[str, Any]:
+    """/generate and /edit at `rate` each; x = photo at Telegram - provider completion.
+
+    x is split at the first poll that saw the job finished: `poll_delay` (completion → that
+    poll) and `after_poll` (that poll → photo at Telegram: result GET, download, save, send)."""
+    config: dict[str, Any] = {
+        "replicate": {"poll_interval_s": poll_s},
+        "fal": {"poll_interval_s": poll_s},
+    }
+    config = deep_merge(config, overrides or {})
     count = int(rate * ctx.seconds(10))
-    async with ctx.imagebot(f"added-{poll_s}-{rate}", overrides) as bot:
+    name = f"added-{label or poll_s}-{rate}"
+    async with ctx.imagebot(name, config, module=module, extra_env=extra_env) as bot:
         file_id = await ctx.fakes.add_file(make_image(64, 64, (30, 160, 90), fmt="JPEG"))
-        gen = ctx.spec(bot, rate, count, kind="generate", tag=f"g{poll_s}-{rate:g}")
-        edit = ctx.spec(bot, rate, count, kind="edit", tag=f"e{poll_s}-{rate:g}", file_id=file_id)
+        tag = f"{label}{poll_s}-{rate:g}"
+        gen = ctx.spec(bot, rate, count, kind="generate", tag=f"g{tag}")
+        edit = ctx.spec(bot, rate, count, kind="edit", tag=f"e{tag}", file_id=file_id)
+        before = cpu_seconds(bot.pid)
         await asyncio.gather(run_load(gen), run_load(edit))
         wanted = 2 * count
         deadline = time.monotonic() + ctx.seconds(30)
@@ -254,20 +302,46 @@ async def _added_latency(ctx: Context, poll_s: float, rate: float) -> dict[str, 
             if len(photos) >= wanted:
                 break
             await asyncio.sleep(0.25)
+        await _wait_idle(bot, 10)
+        cpu = cpu_seconds(bot.pid) - before
         by_caption = {p["caption"]: p["sent_at"] for p in photos if p["caption"]}
-        figures: dict[str, Any] = {"poll_interval_s": poll_s, "rate_per_kind": rate}
+        figures: dict[str, Any] = {
+            "poll_interval_s": poll_s,
+            "rate_per_kind": rate,
+            "cpu_ms_per_job": round(cpu / max(1, wanted) * 1000, 1),
+        }
+        if label:
+            figures["variant"] = label
         for kind, spec, done in (
             ("generate", gen, await ctx.fakes.predictions()),
             ("edit", edit, await ctx.fakes.fal_requests()),
         ):
-            completed = {d["prompt"]: d["completed_at_ts"] for d in done}
+            by_prompt = {d["prompt"]: d for d in done}
             added: list[float] = []
+            poll_delay: list[float] = []
+            after_poll: list[float] = []
             for i in range(spec.count):
                 prompt = prompt_for(spec, i)
-                if prompt in completed and prompt in by_caption:
-                    added.append(by_caption[prompt] - completed[prompt])
-            figures[kind] = {**summary_ms(added), "missing": spec.count - len(added)}
+                record = by_prompt.get(prompt)
+                if record is None or prompt not in by_caption:
+                    continue
+                added.append(by_caption[prompt] - record["completed_at_ts"])
+                if record.get("seen_done_at"):
+                    poll_delay.append(record["seen_done_at"] - record["completed_at_ts"])
+                    after_poll.append(by_caption[prompt] - record["seen_done_at"])
+            polls = [d["polls"] for d in done if d["prompt"].startswith(f"bench {spec.tag} ")]
+            figures[kind] = {
+                **summary_ms(added),
+                "missing": spec.count - len(added),
+                "poll_delay": _two_ms(poll_delay),
+                "after_poll": _two_ms(after_poll),
+                "polls_per_job": round(statistics.mean(polls), 1) if polls else None,
+            }
     return figures
+
+
+def _two_ms(values: list[float]) -> dict[str, float | None]:
+    return {"p50_ms": ms(percentile(values, 50)), "p99_ms": ms(percentile(values, 99))}
 
 
 async def report_added_latency(ctx: Context) -> dict[str, Any]:
@@ -334,9 +408,15 @@ async def report_startup(ctx: Context) -> dict[str, Any]:
     }
 
 
-async def report_flood(ctx: Context) -> dict[str, Any]:
+async def report_flood(
+    ctx: Context,
+    *,
+    extra: dict[str, Any] | None = None,
+    module: str = "imagebot",
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Report 6: 500 results to 100 chats against real 429s at 30/s overall, 1/s per chat,
-    with imagebot's default telegram.rate_* settings."""
+    with imagebot's default telegram.rate_* settings (`extra` etc.: for the experiments)."""
     chats, per_chat = 100, 5
     if ctx.quick:
         chats, per_chat = 40, 3
@@ -348,14 +428,31 @@ async def report_flood(ctx: Context) -> dict[str, Any]:
         "replicate_latency_s": 0.5,
         "flood": {"overall_per_s": 30, "per_chat_per_s": 1},
     }
-    async with ctx.imagebot("flood", overrides, **fake) as bot:
+    overrides = deep_merge(overrides, extra or {})
+    async with ctx.imagebot("flood", overrides, module=module, extra_env=extra_env, **fake) as bot:
         spec = ctx.spec(bot, 100, total, chats=chats)
         started = time.time()
         await run_load(spec)
         photos = await _wait_photos(ctx, bot, total, within=180, stall_s=20)
         state = await ctx.fakes.state()
         metrics = await bot.metrics()
+        calls = await ctx.fakes.calls()
     last = max((p["sent_at"] for p in photos), default=started)
+    timeline: dict[str, dict[str, float | int]] = {}
+    for op in ("sendMessage", "sendPhoto", "editMessageText", "deleteMessage", "sendChatAction"):
+        times = sorted(c["at"] - started for c in calls if c["op"] == op)
+        if times:
+            timeline[op] = {
+                "n": len(times),
+                "first_s": round(times[0], 1),
+                "last_s": round(times[-1], 1),
+            }
+    arrivals = sorted(p["sent_at"] - started for p in photos)
+    quartiles = {
+        f"{q}%": round(arrivals[max(0, int(q / 100 * len(arrivals)) - 1)], 1)
+        for q in (25, 50, 75, 100)
+        if arrivals
+    }
     per_chat_counts: dict[int, int] = {}
     for p in photos:
         per_chat_counts[p["chat_id"]] = per_chat_counts.get(p["chat_id"], 0) + 1
@@ -371,6 +468,8 @@ async def report_flood(ctx: Context) -> dict[str, Any]:
         "bot_flood_waits": _counter(metrics, "imagebot_telegram_flood_waits_total"),
         "jobs_failed": _counter(metrics, "imagebot_jobs_finished_total", status="failed"),
         "drain_s": round(last - started, 1),
+        "photos_arrived_by_s": quartiles,
+        "timeline": timeline,
         "send_calls": {
             k: v for k, v in state["telegram"].items() if k.startswith(("send", "edit", "delete"))
         },
@@ -416,7 +515,9 @@ def _counter(metrics: str, name: str, **labels: str) -> float:
 
 
 async def report_profile(ctx: Context, results_dir: Path, rate: float = 60.0) -> dict[str, Any]:
-    """py-spy (GIL samples) of imagebot and the baseline under the same /generate load."""
+    """py-spy (GIL samples) of imagebot and the baseline under the same /generate load; the
+    cost of a /generate end to end, by thread and by purpose; then the writer-thread, loop
+    and GC counters of bench.instrumented under the first load again."""
     duration = ctx.seconds(8)
     count = int(rate * duration)
     out: dict[str, Any] = {"rate": rate, "duration_s": duration}
@@ -427,27 +528,115 @@ async def report_profile(ctx: Context, results_dir: Path, rate: float = 60.0) ->
             out[name] = await profile_under_load(bot, spec, raw, duration)
             if out[name] is not None:
                 out[name]["raw"] = str(raw)
-    # The same load once more through bench.instrumented: SQLite round trips and write-lock
-    # waits per call site (a separate run, so the counters do not distort the samples above).
-    counters = results_dir / "profile-imagebot.sqlite.json"
+    # A job's whole cost: once without the profiler (the CPU figure), once sampled by it.
+    out["end_to_end"] = await end_to_end(ctx)
+    if py_spy() is not None:
+        raw = results_dir / "profile-imagebot-e2e.collapsed.txt"
+        out["end_to_end_sampled"] = await end_to_end(
+            ctx, rate_hz=E2E_RATE_HZ, raw=raw, label="e2e-sampled"
+        )
+    # The same load once more through bench.instrumented (a separate run, so the counters do
+    # not distort the samples above).
+    counters = results_dir / "profile-imagebot.counters.json"
+    counters.unlink(missing_ok=True)
     env = {"BENCH_INSTRUMENT_OUT": str(counters)}
-    async with ctx.imagebot("profile-sqlite", module="bench.instrumented", extra_env=env) as bot:
+    async with ctx.imagebot("profile-counters", module="bench.instrumented", extra_env=env) as bot:
         spec = ctx.spec(bot, rate, count)
         await run_load(spec)
-        await _wait_idle(bot, ctx.seconds(20))
+        await _wait_idle(bot, ctx.seconds(40))
         state = await ctx.fakes.state()
     if counters.exists():
-        data = json.loads(counters.read_text())
-        trips = data["round_trips"]
-        out["sqlite"] = {
-            "round_trips_per_update": round(sum(trips.values()) / count, 1),
-            "round_trips_per_update_by_site": {
-                k: round(v / count, 2) for k, v in sorted(trips.items(), key=lambda kv: -kv[1])
-            },
-            "write_lock": data["write_lock"],
-        }
+        out["counters"] = summarise_counters(json.loads(counters.read_text()), count)
     calls = {**state["telegram"], **{f"replicate {k}": v for k, v in state["replicate"].items()}}
     out["http_calls_per_update"] = {k: round(v / count, 2) for k, v in calls.items()}
+    return out
+
+
+def summarise_counters(data: dict[str, Any], updates: int) -> dict[str, Any]:
+    """bench.instrumented's counters, per update where that is what matters."""
+    writer = data["writer"]
+    sites = {
+        site: {
+            "per_update": round(fig["n"] / updates, 2),
+            "loop": fig["loop"],
+            "wait_p50_p99_ms": [fig["wait"]["p50_ms"], fig["wait"]["p99_ms"]],
+            "run_p50_p99_ms": [fig["run"]["p50_ms"], fig["run"]["p99_ms"]],
+            "hand_back_p50_p99_ms": [fig["hand_back"]["p50_ms"], fig["hand_back"]["p99_ms"]],
+            "run_total_s": fig["run"]["total_s"],
+        }
+        for site, fig in writer["sites"].items()
+    }
+    wall = data["wall"]
+    lifetime = max(1e-9, wall["ended"] - wall["started"])
+    return {
+        "writer_calls_per_update": round(
+            sum(f["n"] for f in writer["sites"].values()) / updates, 1
+        ),
+        "writer_busy_pct_of_lifetime": round(100 * writer["run_total_s"] / lifetime, 1),
+        "writer_sites": sites,
+        "reads_per_update": round(sum(f["n"] for f in data["reads"].values()) / updates, 1),
+        "reads_per_update_by_site": {
+            site: round(fig["n"] / updates, 2) for site, fig in data["reads"].items()
+        },
+        "loops_lag": data["loops"],
+        "gc": data["gc"],
+        "thread_cpu_s": data["thread_cpu_s"],
+        "webhook_route": data["webhook_route"],
+    }
+
+
+async def end_to_end(
+    ctx: Context,
+    *,
+    rate: float = 10.0,
+    rate_hz: int = 0,
+    raw: Path | None = None,
+    label: str = "e2e",
+    module: str = "imagebot",
+    extra_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """CPU of whole /generate jobs: a bounded load, until every job is done (photo sent and
+    status removed); CPU per job in all and by thread (/proc). With `rate_hz` and `raw`,
+    py-spy samples the whole time and the summary gives the GIL samples by purpose."""
+    count = int(rate * ctx.seconds(10))
+    async with ctx.imagebot(f"profile-{label}", module=module, extra_env=extra_env) as bot:
+        names = await thread_names(bot.pid)
+        before, total_before = thread_cpu(bot.pid), cpu_seconds(bot.pid)
+        budget = count / rate + 40
+        started = time.monotonic()
+        spy = None
+        if rate_hz and raw is not None and py_spy() is not None:
+            spy = await start_py_spy(bot.pid, raw, budget, rate_hz=rate_hz)
+        await run_load(ctx.spec(bot, rate, count))
+        await _wait_idle(bot, 30)
+        sampled = time.monotonic() - started
+        total = cpu_seconds(bot.pid) - total_before
+        after = thread_cpu(bot.pid)
+        names.update(await thread_names(bot.pid))
+        summary = None
+        if spy is not None and raw is not None:
+            summary = await stop_py_spy(spy, raw, sampled, rate_hz=rate_hz)
+        delivered = sum(1 for m in await ctx.fakes.sent() if m["kind"] == "photo")
+    by_thread: dict[str, float] = {}
+    for tid, cpu in after.items():
+        name = names.get(tid, "other threads")
+        by_thread[name] = by_thread.get(name, 0.0) + cpu - before.get(tid, 0.0)
+    jobs = max(1, delivered)
+    out: dict[str, Any] = {
+        "jobs": count,
+        "delivered": delivered,
+        "rate": rate,
+        "py_spy_hz": rate_hz if spy is not None else 0,
+        "sampled_s": round(sampled, 1),
+        "cpu_ms_per_job": round(total / jobs * 1000, 1),
+        "cpu_ms_per_job_by_thread": {
+            k: round(v / jobs * 1000, 1)
+            for k, v in sorted(by_thread.items(), key=lambda kv: -kv[1])
+        },
+    }
+    if summary is not None:
+        out["profile"] = summary
+        out["raw"] = str(raw)
     return out
 
 
