@@ -35,6 +35,7 @@ from imagebot.metrics import Metrics
 from imagebot.models import ImageFile, Job, JobKind
 from imagebot.netguard import AddressGuard, Resolver, system_resolver
 from imagebot.ops_server import OpsServer, OpsState
+from imagebot.pipeline import Pipeline
 from imagebot.policy import Policy
 from imagebot.progress import Progress
 from imagebot.providers.base import ImageProvider
@@ -147,7 +148,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         image = await asyncio.to_thread(inspect_image, data, settings.media.max_pixels)
         return await asyncio.to_thread(prepare_edit_input, image, settings.edit.max_input_side_px)
 
-    runner = JobRunner(
+    pipeline = Pipeline(
         settings=settings,
         store=store,
         providers=providers,
@@ -157,6 +158,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         results=results,
         load_input=load_input,
     )
+    runner = JobRunner(pipeline=pipeline, store=store, metrics=metrics)
     assert application.job_queue is not None, "python-telegram-bot[job-queue] is required"
     runner.attach(application.job_queue)
     state = OpsState(heartbeat=Heartbeat())

@@ -1,0 +1,382 @@
+"""The steps of one job: submit → save the vendor request id → wait → fetch → deliver → settle.
+
+Each step records its phase in the job row first, so a restart resumes from the row. Two
+durability rules live here: the vendor request id is committed before any waiting, and a
+delivery is marked `delivering` before the send and its message ids are stored right after.
+The sections that must not be cut short (a submit in flight, a send and its record) are run
+through the `critical` callable the runner passes in; everything else may be canceled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+from tenacity import RetryCallState
+
+from imagebot.bot import texts
+from imagebot.config import Settings
+from imagebot.delivery import Delivery, Sent
+from imagebot.errors import (
+    MediaError,
+    ProviderError,
+    ProviderTimeout,
+    SubmitOutcomeUnknown,
+)
+from imagebot.logs import get_logger, redact
+from imagebot.metrics import Metrics
+from imagebot.models import (
+    ImageFile,
+    Job,
+    JobKind,
+    JobStatus,
+    Phase,
+    PollResult,
+    PollState,
+    ProviderRequest,
+)
+from imagebot.progress import Progress
+from imagebot.providers.base import ImageProvider
+from imagebot.results import ResultFiles
+from imagebot.retries import retrying
+from imagebot.store.db import iso, parse_iso, utcnow
+from imagebot.store.jobs import JobStore
+
+log = get_logger(__name__)
+T = TypeVar("T")
+Critical = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
+
+_RUNNING = (JobStatus.RUNNING,)
+CANCEL_TIMEOUT_S = 10.0
+
+
+class JobGone(Exception):
+    """The row left `running` under us (canceled, swept): stop quietly."""
+
+
+class Pipeline:
+    """Takes one running job from the phase its row records to a final status."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: JobStore,
+        providers: Mapping[JobKind, ImageProvider],
+        delivery: Delivery,
+        progress: Progress,
+        metrics: Metrics,
+        results: ResultFiles,
+        load_input: Callable[[Job], Awaitable[ImageFile]],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.providers = providers
+        self.delivery = delivery
+        self.progress = progress
+        self.metrics = metrics
+        self.results = results
+        self.load_input = load_input
+        self.timeouts = {
+            JobKind.GENERATE: settings.generate.timeout_s,
+            JobKind.EDIT: settings.edit.timeout_s,
+        }
+        self._max_attempts = settings.limits.max_attempts
+
+    def _retrying(
+        self,
+        attempts: int | None = None,
+        *,
+        deadline: float | None = None,
+        before_sleep: Callable[[RetryCallState], Awaitable[None]] | None = None,
+    ) -> Any:
+        limits = self.settings.limits
+        return retrying(
+            attempts=self._max_attempts if attempts is None else attempts,
+            base_s=limits.retry_base_s,
+            max_s=limits.retry_max_s,
+            deadline=deadline,
+            before_sleep=before_sleep,
+        )
+
+    async def set(self, job: Job, **values: Any) -> None:
+        """Write columns of a running job (and mirror them on `job`); JobGone if it left."""
+        if not await self.store.update(job.id, expect=_RUNNING, **values):
+            raise JobGone
+        for key, value in values.items():
+            setattr(job, key, value)
+
+    async def advance(self, job: Job, critical: Critical) -> None:
+        provider = self.providers[job.kind]
+        if job.phase is Phase.SUBMITTING:
+            # We died between sending the submit and saving its id: it may exist at the
+            # vendor, so sending it again could pay twice. Never resend blindly.
+            raise SubmitOutcomeUnknown(provider.name, "stopped while a submit was in flight")
+        resumed = job.phase is Phase.SUBMITTED
+        if job.phase is Phase.NEW:
+            await self._submit(job, provider, critical)
+        if job.phase is Phase.SUBMITTED:
+            self.progress.working(job)
+            result = await self._wait(job, provider, poll_first=resumed)
+            images = await self._fetch(job, provider, result)
+            paths = await self.results.save(job.id, images)
+            await self.set(job, phase=Phase.FETCHED, result_paths=paths)
+        else:
+            images = await self.results.load(job.result_paths)
+        await critical(self._deliver(job, images))
+        await self.settle(job)
+
+    # -- submit ----------------------------------------------------------------------------
+
+    async def _submit(self, job: Job, provider: ImageProvider, critical: Critical) -> None:
+        if job.attempts >= self._max_attempts:
+            raise ProviderError(provider.name, "no attempts left", code="too_many_attempts")
+        deadline = self.deadline_monotonic(job)
+        # The edit photo comes from Telegram: a network blip there is worth another try.
+        async for attempt in self._retrying(
+            deadline=deadline, before_sleep=self._on_retry(job, "input")
+        ):
+            with attempt:
+                request = await self._request_for(job)
+        async for attempt in self._retrying(
+            self._max_attempts - job.attempts,
+            deadline=deadline,
+            before_sleep=self._on_retry(job, "submit"),
+        ):
+            with attempt:
+                if time.monotonic() >= deadline:
+                    raise ProviderTimeout(provider.name, "deadline passed before submitting")
+                await critical(self._submit_once(job, provider, request))
+
+    async def _submit_once(
+        self, job: Job, provider: ImageProvider, request: ProviderRequest
+    ) -> None:
+        await self.set(job, phase=Phase.SUBMITTING, attempts=job.attempts + 1)
+        self.metrics.provider_calls.labels(provider.name, "submit").inc()
+        try:
+            request_id = await provider.submit(request)
+        except ProviderError as exc:
+            self.metrics.provider_errors.labels(provider.name, exc.code).inc()
+            if not isinstance(exc, SubmitOutcomeUnknown):
+                await self.set(job, phase=Phase.NEW)  # the vendor said no: nothing exists there
+            raise
+        await self.set(
+            job, phase=Phase.SUBMITTED, provider_request_id=request_id, submitted_at=iso()
+        )
+        log.info("provider_submitted", request_id=request_id, attempt=job.attempts)
+
+    async def _request_for(self, job: Job) -> ProviderRequest:
+        image: ImageFile | None = None
+        if job.kind is JobKind.EDIT:
+            image = await self.load_input(job)
+        return ProviderRequest(
+            job_id=job.id,
+            kind=job.kind,
+            prompt=job.prompt,
+            params=dict(job.params),
+            image=image.data if image else None,
+            image_mime=image.mime if image else None,
+        )
+
+    def deadline_monotonic(self, job: Job) -> float:
+        if not job.deadline_at:
+            return time.monotonic() + self.timeouts[job.kind]
+        remaining = (parse_iso(job.deadline_at) - utcnow()).total_seconds()
+        return time.monotonic() + remaining
+
+    def _on_retry(
+        self, job: Job, call: str, persist: Callable[[int], Awaitable[None]] | None = None
+    ) -> Callable[[RetryCallState], Awaitable[None]]:
+        async def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            code = getattr(exc, "code", type(exc).__name__)
+            self.metrics.provider_retries.labels(job.provider).inc()
+            if persist is not None:
+                await persist(state.attempt_number)
+            log.warning(
+                "provider_retry",
+                call=call,
+                attempt=state.attempt_number,
+                error_code=code,
+                wait_s=round(state.upcoming_sleep, 2),
+            )
+
+        return before_sleep
+
+    # -- wait ------------------------------------------------------------------------------
+
+    async def _wait(self, job: Job, provider: ImageProvider, *, poll_first: bool) -> PollResult:
+        interval = self._poll_interval(provider)
+        deadline = self.deadline_monotonic(job)
+        started = time.monotonic()
+        result: PollResult | None = None
+        if poll_first:
+            # After a restart the vendor may have finished while we were down: look first.
+            result = await self._poll(job, provider)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                while result is None or result.state is PollState.PENDING:
+                    await asyncio.sleep(interval)
+                    result = await self._poll(job, provider)
+        except TimeoutError:
+            await self.cancel_at_vendor(job)
+            raise ProviderTimeout(
+                provider.name, f"no result within {self.timeouts[job.kind]:.0f} s"
+            ) from None
+        submitted = parse_iso(job.submitted_at) if job.submitted_at else None
+        elapsed = (
+            (utcnow() - submitted).total_seconds() if submitted else time.monotonic() - started
+        )
+        self.metrics.provider_time.labels(provider.name).observe(max(0.0, elapsed))
+        if result.state is PollState.SUCCEEDED:
+            await self.set(job, output_urls=list(result.output_urls))
+            return result
+        code = result.error_code or (
+            "provider_canceled" if result.state is PollState.CANCELED else "model_error"
+        )
+        self.metrics.provider_errors.labels(provider.name, code).inc()
+        raise ProviderError(provider.name, result.error or code, code=code)
+
+    def _poll_interval(self, provider: ImageProvider) -> float:
+        if provider.name == "replicate":
+            return self.settings.replicate.poll_interval_s
+        if provider.name == "fal":
+            return self.settings.fal.poll_interval_s
+        return 0.1
+
+    async def _poll(self, job: Job, provider: ImageProvider) -> PollResult:
+        assert job.provider_request_id is not None
+
+        async def persist(failures: int) -> None:
+            await self.set(job, poll_failures=failures)
+
+        async for attempt in self._retrying(
+            self._max_attempts - job.poll_failures,
+            before_sleep=self._on_retry(job, "poll", persist),
+        ):
+            with attempt:
+                self.metrics.provider_calls.labels(provider.name, "poll").inc()
+                try:
+                    result: PollResult = await provider.poll(job.provider_request_id)
+                except ProviderError as exc:
+                    self.metrics.provider_errors.labels(provider.name, exc.code).inc()
+                    raise
+        if job.poll_failures:
+            await self.set(job, poll_failures=0)
+        return result
+
+    async def cancel_at_vendor(self, job: Job) -> None:
+        """Ask the vendor to stop the job's request (best effort, bounded)."""
+        if not job.provider_request_id:
+            return
+        provider = self.providers[job.kind]
+        self.metrics.provider_calls.labels(provider.name, "cancel").inc()
+        try:
+            async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                await provider.cancel(job.provider_request_id)
+        except (ProviderError, TimeoutError) as exc:
+            log.warning("provider_cancel_failed", error_code=getattr(exc, "code", "timeout"))
+        else:
+            log.info("provider_canceled", request_id=job.provider_request_id)
+
+    # -- fetch and deliver -----------------------------------------------------------------
+
+    async def _fetch(
+        self, job: Job, provider: ImageProvider, result: PollResult
+    ) -> list[ImageFile]:
+        images: list[ImageFile] = []
+        for url in result.output_urls:
+            async for attempt in self._retrying(before_sleep=self._on_retry(job, "fetch")):
+                with attempt:
+                    self.metrics.provider_calls.labels(provider.name, "fetch").inc()
+                    try:
+                        images.append(await provider.fetch_output(url))
+                    except MediaError as exc:
+                        self.metrics.provider_errors.labels(provider.name, exc.code).inc()
+                        raise
+        return images
+
+    async def _deliver(self, job: Job, images: list[ImageFile]) -> None:
+        if job.phase is Phase.DELIVERING:
+            # The last run died between a send and its record: the chat may get it twice.
+            log.warning("delivery_repeated")
+        await self.set(job, phase=Phase.DELIVERING)
+        self.progress.stop(job.id)
+        sent: Sent | None = None
+        async for attempt in self._retrying():
+            with attempt:
+                sent = await self.delivery.send_results(
+                    job.chat_id,
+                    job.id,
+                    images,
+                    caption=texts.caption(job.prompt),
+                    reply_to=job.command_message_id,
+                )
+        assert sent is not None
+        finished = await self.store.finish(
+            job.id,
+            JobStatus.SUCCEEDED,
+            phase=Phase.DELIVERING,  # until the status line is removed (see settle)
+            delivered_message_ids=sent.message_ids,
+            result_file_ids=sent.file_ids,
+        )
+        if not finished:
+            raise JobGone
+        job.status = JobStatus.SUCCEEDED
+        elapsed = (utcnow() - parse_iso(job.created_at)).total_seconds()
+        self.metrics.jobs_finished.labels(job.kind.value, JobStatus.SUCCEEDED.value).inc()
+        self.metrics.end_to_end.labels(job.kind.value).observe(elapsed)
+        self.metrics.cost_usd.labels(job.provider).inc(job.cost_estimate_usd)
+        log.info(
+            "job_delivered",
+            outcome="succeeded",
+            images=len(images),
+            message_ids=sent.message_ids,
+            duration_ms=int(elapsed * 1000),
+        )
+
+    # -- endings ---------------------------------------------------------------------------
+
+    async def fail(self, job: Job, code: str, message: str) -> None:
+        """End the job `failed` (once) and tell the user; its quota unit returns."""
+
+        async def write() -> bool:
+            # phase `delivering` until the user is told (see settle).
+            return await self.store.finish(
+                job.id,
+                JobStatus.FAILED,
+                error_code=code,
+                error_message=redact(message)[:500],
+                phase=Phase.DELIVERING,
+            )
+
+        if not await asyncio.shield(write()):
+            return
+        self.metrics.jobs_finished.labels(job.kind.value, JobStatus.FAILED.value).inc()
+        log.warning(
+            "job_failed",
+            outcome="failed",
+            error_code=code,
+            error=redact(message)[:300],
+            duration_ms=int((utcnow() - parse_iso(job.created_at)).total_seconds() * 1000),
+        )
+        job.status, job.error_code = JobStatus.FAILED, code
+        await self.settle(job)
+
+    async def settle(self, job: Job) -> None:
+        """After a final status: tidy the chat (remove the status line, or turn it into the
+        failure/cancel message), then record phase `done`.
+
+        Final statuses are written with phase `delivering` first, so a crash in between is
+        finished by the runner's `recover`; this step is at-least-once (best effort: a
+        refused send is not retried forever).
+        """
+        if job.status is JobStatus.SUCCEEDED:
+            await self.progress.done(job)
+        elif job.status is JobStatus.CANCELED:
+            await self.progress.ended(job, texts.status_canceled(job.id))
+        else:
+            await self.progress.ended(job, texts.job_failed(job.id, job.error_code))
+        await self.store.update(job.id, phase=Phase.DONE)
