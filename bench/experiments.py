@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import scenarios
-from bench.procs import Fakes, deep_merge
+from bench.procs import Fakes
 from bench.run import RESULTS_DIR, machine
 from bench.scenarios import Context
+from tests.support import deep_merge
 
 RUN_LIMIT_S = 1800
 SLOW_S = 0.050  # an acknowledgement slower than this is "slow" for the matching

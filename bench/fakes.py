@@ -23,19 +23,24 @@ import argparse
 import asyncio
 import json
 import random
-import signal
-import sys
 import time
 from collections import Counter
 from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.base import serve_until_signalled
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, MethodHandler, TelegramApiError
 
 HOST = "127.0.0.1"
+
+
+def _jittered(behaviour: dict[str, Any], jitter_s: float) -> dict[str, Any]:
+    """A fake's next behaviour with a uniform random extra on its latency."""
+    behaviour["latency_s"] = float(behaviour["latency_s"]) + random.uniform(0, jitter_s)
+    return behaviour
 
 
 class BenchReplicate(FakeReplicate):
@@ -49,11 +54,7 @@ class BenchReplicate(FakeReplicate):
         self.seen_done: dict[str, float] = {}
 
     def _take_behaviour(self) -> dict[str, Any]:
-        behaviour = super()._take_behaviour()
-        behaviour["latency_s"] = float(behaviour["latency_s"]) + random.uniform(
-            0, self.latency_jitter_s
-        )
-        return behaviour
+        return _jittered(super()._take_behaviour(), self.latency_jitter_s)
 
     async def _get(self, request: web.Request) -> web.Response:
         response = await super()._get(request)
@@ -74,11 +75,7 @@ class BenchFal(FakeFal):
         self.seen_done: dict[str, float] = {}
 
     def _take_behaviour(self) -> dict[str, Any]:
-        behaviour = super()._take_behaviour()
-        behaviour["latency_s"] = float(behaviour["latency_s"]) + random.uniform(
-            0, self.latency_jitter_s
-        )
-        return behaviour
+        return _jittered(super()._take_behaviour(), self.latency_jitter_s)
 
     async def _status(self, request: web.Request) -> web.Response:
         response = await super()._status(request)
@@ -288,17 +285,12 @@ class BenchFakes:
 
 async def _serve(args: argparse.Namespace) -> None:
     fakes = BenchFakes(args.telegram_token, args.replicate_token, args.fal_key)
-    await fakes.start()
-    sys.stdout.write(json.dumps(fakes.urls()) + "\n")
-    sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await fakes.stop()
+
+    async def start() -> str:
+        await fakes.start()
+        return json.dumps(fakes.urls())
+
+    await serve_until_signalled(start, fakes.stop)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from bench.load import Spec
+from tests.support import deep_merge, free_port, toml_dumps
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -39,14 +39,6 @@ _HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
 
 class BenchError(RuntimeError):
     """A process did not start or answer as expected."""
-
-
-def free_port() -> int:
-    """A port the OS considers free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def check_loopback(url: str) -> str:
@@ -196,41 +188,6 @@ class Fakes:
 # -- the bots ----------------------------------------------------------------------------------
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `extra` merged in, section by section."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """A small TOML writer for nested sections of plain values (all the config needs)."""
-    plain = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    lines = [f"[{prefix}]"] if prefix and plain else []
-    lines += [f"{key} = {_toml_value(value)}" for key, value in plain.items()]
-    text = "\n".join(lines) + ("\n\n" if lines else "")
-    for key, table in tables.items():
-        text += to_toml(table, f"{prefix}.{key}" if prefix else key)
-    return text
-
-
 def imagebot_config(
     fakes: Fakes, workdir: Path, webhook_port: int, ops_port: int
 ) -> dict[str, Any]:
@@ -344,7 +301,7 @@ async def start_imagebot(
     `module` may name a wrapper that runs imagebot's CLI (bench.instrumented)."""
     webhook_port, ops_port = free_port(), free_port()
     config = deep_merge(imagebot_config(fakes, workdir, webhook_port, ops_port), overrides or {})
-    config_path = _write(workdir / "config.toml", to_toml(config))
+    config_path = _write(workdir / "config.toml", toml_dumps(config))
     env = clean_env(
         TELEGRAM_BOT_TOKEN=BOT_TOKEN,
         REPLICATE_API_TOKEN=REPLICATE_TOKEN,

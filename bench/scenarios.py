@@ -22,7 +22,6 @@ from bench.procs import (
     Bot,
     Fakes,
     cpu_seconds,
-    deep_merge,
     run_load,
     start_baseline,
     start_imagebot,
@@ -37,6 +36,7 @@ from bench.profile import (
 )
 from bench.stats import histogram_buckets, histogram_quantile, ms, percentile, summary_ms
 from tests.fakes.images import make_image
+from tests.support import deep_merge
 
 # The fake provider's latency for the load reports: PROVIDER_LATENCY_S plus a uniform random
 # extra of up to LATENCY_JITTER_S (FLUX schnell takes ~1-3 s). The jitter keeps completions

@@ -23,6 +23,7 @@ from imagebot.config import Settings
 from imagebot.delivery import Delivery
 from imagebot.errors import ConfigError
 from imagebot.health import Heartbeat, sd_notify
+from imagebot.hints import CompletionHints
 from imagebot.intake import Intake, PerChatUpdateProcessor
 from imagebot.logs import get_logger, unbind_all
 from imagebot.media import (
@@ -148,6 +149,12 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         image = await asyncio.to_thread(inspect_image, data, settings.media.max_pixels)
         return await asyncio.to_thread(prepare_edit_input, image, settings.edit.max_input_side_px)
 
+    hints = CompletionHints(
+        public_url=settings.webhook.url
+        if tg.mode == "webhook" and settings.webhook.completion_hints
+        else None,
+        secret=settings.webhook_secret.get_secret_value() if settings.webhook_secret else "",
+    )
     pipeline = Pipeline(
         settings=settings,
         store=store,
@@ -157,6 +164,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         metrics=metrics,
         results=results,
         load_input=load_input,
+        hints=hints,
     )
     runner = JobRunner(pipeline=pipeline, store=store, metrics=metrics)
     assert application.job_queue is not None, "python-telegram-bot[job-queue] is required"
@@ -168,6 +176,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         inbox,
         metrics,
         settings,
+        hints=hints,
         on_fatal=lambda why: app_ref[0].request_stop(why, exit_code=2),
     )
     services = Services(

@@ -89,6 +89,8 @@ class WebhookSettings(Section):
     port: int = Field(8080, ge=0, le=65535)
     path: str = "/telegram/webhook"
     max_connections: int = Field(40, ge=1, le=100)
+    # Replicate and fal call <url>/done/<job>/<token> when a request finishes (a wake-up only)
+    completion_hints: bool = True
 
     @field_validator("path")
     @classmethod

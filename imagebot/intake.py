@@ -27,6 +27,7 @@ from telegram.error import Conflict, InvalidToken, NetworkError, TelegramError, 
 from telegram.ext import Application, BaseUpdateProcessor
 
 from imagebot.config import Settings
+from imagebot.hints import ROUTE_SUFFIX, CompletionHints
 from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
 from imagebot.store.inbox import Inbox, update_kind
@@ -103,6 +104,7 @@ class Intake:
         inbox: Inbox,
         metrics: Metrics,
         settings: Settings,
+        hints: CompletionHints | None = None,
         on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.application = application
@@ -110,6 +112,7 @@ class Intake:
         self.metrics = metrics
         self.settings = settings
         self.on_fatal = on_fatal
+        self.hints = hints
         self.running = False
         self.webhook_port: int | None = None
         self._received: dict[int, float] = {}
@@ -167,6 +170,8 @@ class Intake:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.hints is not None:
+            self.hints.bind(self._loop)
         self.running = True
         if self.mode == "webhook":
             await self._start_webhook()
@@ -195,6 +200,8 @@ class Intake:
         hook = self.settings.webhook
         app = web.Application(client_max_size=2 * 1024 * 1024)
         app.router.add_post(hook.path, self._webhook)
+        if self.hints is not None and self.hints.enabled:
+            app.router.add_post(hook.path.rstrip("/") + ROUTE_SUFFIX, self._completion_hint)
         self._web = ThreadedSite(app, hook.listen, hook.port, name="webhook-intake")
         await asyncio.to_thread(self._web.start)
         self.webhook_port = self._web.port
@@ -228,6 +235,18 @@ class Intake:
             return web.Response(status=500)  # not saved: let Telegram resend it
         self.metrics.webhook_latency.observe(time.monotonic() - started)
         return web.Response(status=200)
+
+    async def _completion_hint(self, request: web.Request) -> web.Response:
+        """A vendor says a job's request finished: wake the job (its body is not read)."""
+        assert self.hints is not None
+        raw_id, token = request.match_info["job_id"], request.match_info["token"]
+        if not raw_id.isdigit() or not self.hints.verify(int(raw_id), token):
+            self.metrics.completion_hints.labels("forbidden").inc()
+            log.warning("completion_hint_forbidden", remote=request.remote)
+            return web.Response(status=403)
+        self.metrics.completion_hints.labels("accepted").inc()
+        self.hints.notify(int(raw_id))
+        return web.Response(status=204)
 
     # -- polling ---------------------------------------------------------------------------
 

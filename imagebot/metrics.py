@@ -85,6 +85,12 @@ class Metrics:
             ["provider", "error"],
             registry=r,
         )
+        self.completion_hints = Counter(
+            "imagebot_completion_hints",
+            "Completion calls from providers, by verdict (accepted, forbidden)",
+            ["verdict"],
+            registry=r,
+        )
         self.ack_latency = Histogram(
             "imagebot_ack_latency_seconds",
             "Update received to the 'Generating…' reply sent",

@@ -109,6 +109,8 @@ class ProviderRequest:
     params: dict[str, Any]
     image: bytes | None = None
     image_mime: str | None = None
+    # where the vendor may POST when the request finishes (a wake-up, see hints.py)
+    notify_url: str | None = None
 
 
 class PollState(StrEnum):

@@ -25,6 +25,7 @@ from imagebot.errors import (
     ProviderTimeout,
     SubmitOutcomeUnknown,
 )
+from imagebot.hints import CompletionHints
 from imagebot.logs import get_logger, redact
 from imagebot.metrics import Metrics
 from imagebot.models import (
@@ -70,6 +71,7 @@ class Pipeline:
         metrics: Metrics,
         results: ResultFiles,
         load_input: Callable[[Job], Awaitable[ImageFile]],
+        hints: CompletionHints | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -79,6 +81,7 @@ class Pipeline:
         self.metrics = metrics
         self.results = results
         self.load_input = load_input
+        self.hints = hints or CompletionHints(public_url=None, secret="")
         self.timeouts = {
             JobKind.GENERATE: settings.generate.timeout_s,
             JobKind.EDIT: settings.edit.timeout_s,
@@ -178,6 +181,7 @@ class Pipeline:
             params=dict(job.params),
             image=image.data if image else None,
             image_mime=image.mime if image else None,
+            notify_url=self.hints.url_for(job.id),
         )
 
     def deadline_monotonic(self, job: Job) -> float:
@@ -216,10 +220,11 @@ class Pipeline:
             # After a restart the vendor may have finished while we were down: look first.
             result = await self._poll(job, provider)
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                while result is None or result.state is PollState.PENDING:
-                    await asyncio.sleep(interval)
-                    result = await self._poll(job, provider)
+            with self.hints.waiting(job.id) as hinted:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    while result is None or result.state is PollState.PENDING:
+                        await _sleep_unless(hinted, interval)
+                        result = await self._poll(job, provider)
         except TimeoutError:
             await self.cancel_at_vendor(job)
             raise ProviderTimeout(
@@ -380,3 +385,14 @@ class Pipeline:
         else:
             await self.progress.ended(job, texts.job_failed(job.id, job.error_code))
         await self.store.update(job.id, phase=Phase.DONE)
+
+
+async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
+    """Sleep up to `seconds`; return early (and re-arm) when `event` is set."""
+    if not event.is_set():
+        try:
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        except TimeoutError:
+            return
+    event.clear()

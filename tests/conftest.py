@@ -20,6 +20,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.support import deep_merge
 
 BOT_TOKEN = "123456:TEST-token_abc"
 REPLICATE_TOKEN = "r8_test_token"
@@ -120,16 +121,6 @@ async def fal() -> AsyncIterator[FakeFal]:
     fake.latency_s = 0.15
     async with fake:
         yield fake
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 SettingsFactory = Callable[..., Settings]

@@ -15,58 +15,26 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET, deep_merge
+from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.support import deep_merge, free_port, toml_dumps
 
 REPO = Path(__file__).resolve().parents[1]
 WEBHOOK_PATH = "/telegram/webhook"
 READY_WITHIN_S = 20.0
 FINAL_STATUSES = ("succeeded", "failed", "canceled")
-
-
-def free_port() -> int:
-    """A loopback port the OS says is free now (bound, read, closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def toml_dumps(data: Mapping[str, Any], prefix: str = "") -> str:
-    """Nested dicts of scalars and lists as TOML tables (enough for imagebot's config)."""
-    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, Mapping)]
-    out = []
-    if scalars:
-        out.append((f"[{prefix}]\n" if prefix else "") + "\n".join(scalars) + "\n")
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            out.append(toml_dumps(value, f"{prefix}.{key}" if prefix else key))
-    return "\n".join(out)
 
 
 def connect(db_path: Path) -> sqlite3.Connection:

@@ -51,6 +51,8 @@ async def test_generate_by_polling(bot, telegram: FakeTelegram, replicate: FakeR
         update = updates.command("/generate a red fox")
         telegram.push_update(update)
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
+        # The status line goes once the row says succeeded (the photo is sent just before).
+        await wait_until(lambda: telegram.messages(CHAT, include_deleted=True)[0].deleted)
         status, job = await ops_get(app, "/jobs/1")
 
     command_id = update["message"]["message_id"]
@@ -64,6 +66,7 @@ async def test_generate_by_polling(bot, telegram: FakeTelegram, replicate: FakeR
     assert photo.reply_to_message_id == command_id
     assert photo.caption == "a red fox"
     assert replicate.creates[0].params["input"]["prompt"] == "a red fox"
+    assert "webhook" not in replicate.creates[0].params  # polling mode: no completion hints
     assert len(replicate.creates) == 1
     assert status == 200
     assert job["status"] == "succeeded"

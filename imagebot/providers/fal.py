@@ -107,7 +107,10 @@ class FalProvider:
             "prompt": request.prompt,
             "image_urls": [data_uri(request.image, request.image_mime)],
         }
-        body = await self._call("POST", self._submit_path, submit=True, json=payload)
+        params = {"fal_webhook": request.notify_url} if request.notify_url else None
+        body = await self._call(
+            "POST", self._submit_path, submit=True, json=payload, params=params
+        )
         request_id = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
             raise ProviderError(

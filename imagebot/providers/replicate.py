@@ -99,15 +99,18 @@ class ReplicateProvider:
 
     async def submit(self, request: ProviderRequest) -> str:
         payload = {**request.params, "prompt": request.prompt}
+        hook: dict[str, Any] = {}
+        if request.notify_url:
+            hook = {"webhook": request.notify_url, "webhook_events_filter": ["completed"]}
         async with self._limiter:
             with _errors(submit=True):
                 if self._version:
                     prediction = await self._client.predictions.async_create(
-                        version=self._version, input=payload
+                        version=self._version, input=payload, **hook
                     )
                 else:
                     prediction = await self._client.models.predictions.async_create(
-                        model=self._model, input=payload
+                        model=self._model, input=payload, **hook
                     )
         return str(prediction.id)
 

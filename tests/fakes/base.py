@@ -8,12 +8,18 @@ Every fake is a real HTTP server that the production code reaches through its re
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-from aiohttp import web
+import aiohttp
+from aiohttp import ClientTimeout, web
+
+from imagebot.config import is_loopback_host
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -52,6 +58,10 @@ class FakeServer:
         self._delays: dict[str, list[float]] = {}
         self._runner: web.AppRunner | None = None
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        # completion callbacks the fake made (the vendors' webhooks): (url, HTTP status or 0)
+        self.callbacks: list[tuple[str, int]] = []
+        self._callback_tasks: set[asyncio.Task[None]] = set()
+        self.callbacks_enabled = True
 
     @property
     def url(self) -> str:
@@ -69,6 +79,8 @@ class FakeServer:
         return self
 
     async def stop(self) -> None:
+        for task in list(self._callback_tasks):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -78,6 +90,34 @@ class FakeServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def call_back_when(
+        self, url: str, done_at: Callable[[], float], body: Callable[[], dict[str, Any]]
+    ) -> None:
+        """POST `body()` to `url` once the wall clock passes `done_at()`, as the vendors call
+        a request's webhook. Loopback only."""
+        if not self.callbacks_enabled:
+            return
+        host = urlsplit(url).hostname or ""
+        if not is_loopback_host(host):
+            raise ValueError(f"the fakes only call back loopback URLs, not {host!r}")
+
+        async def call() -> None:
+            await asyncio.sleep(max(0.0, done_at() - time.time()))
+            status = 0
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.post(url, json=body(), timeout=ClientTimeout(5)) as resp,
+                ):
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            self.callbacks.append((url, status))
+
+        task = asyncio.get_running_loop().create_task(call())
+        self._callback_tasks.add(task)
+        task.add_done_callback(self._callback_tasks.discard)
 
     # -- scripting -----------------------------------------------------------------------
 
@@ -143,3 +183,20 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(interval)
+
+
+async def serve_until_signalled(
+    start: Callable[[], Awaitable[str]], stop: Callable[[], Awaitable[None]]
+) -> None:
+    """Standalone fakes: start, print the line `start` returns (where to reach them), serve
+    until SIGINT or SIGTERM, stop."""
+    sys.stdout.write(await start() + "\n")
+    sys.stdout.flush()
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    try:
+        await stopped.wait()
+    finally:
+        await stop()

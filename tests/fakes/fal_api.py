@@ -8,11 +8,8 @@ import base64
 import binascii
 import hmac
 import io
-import ipaddress
 import json
 import secrets
-import signal
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,7 +22,8 @@ from aiohttp import web
 from PIL import Image
 from yarl import URL
 
-from tests.fakes.base import Call, FakeServer
+from imagebot.config import is_loopback_host
+from tests.fakes.base import Call, FakeServer, serve_until_signalled
 from tests.fakes.images import image_size, inverted, make_image
 
 POLICY_ERROR = "The model refused this request (content policy)"
@@ -83,16 +81,6 @@ def is_image(data: bytes) -> bool:
         return False
     else:
         return True
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether a URL host is one the fake may connect to."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -287,6 +275,10 @@ class FakeFal(FakeServer):
             return web.json_response({"detail": f"fake misconfigured: {exc}"}, status=500)
         owner, app = request.match_info["owner"], request.match_info["app"]
         job = self._new_request(f"{owner}/{app}", request, data, received, count, behaviour)
+        if job.webhook_url:
+            self.call_back_when(
+                job.webhook_url, lambda: job.completed_at_ts, lambda: _webhook_body(job)
+            )
         return web.json_response(
             {
                 "request_id": job.id,
@@ -516,21 +508,28 @@ class FakeFal(FakeServer):
         return job
 
 
+def _webhook_body(job: FakeFalRequest) -> dict[str, Any]:
+    """What fal POSTs to a request's fal_webhook once it completes."""
+    ok = job.result == "succeeded"
+    return {
+        "request_id": job.id,
+        "gateway_request_id": job.id,
+        "status": "OK" if ok else "ERROR",
+        "payload": {"images": job.images, "description": ""} if ok else None,
+        "error": None if ok else job.error_text,
+    }
+
+
 async def _serve(port: int, latency_s: float | None, key: str) -> None:
     fake = FakeFal(key=key)
     if latency_s is not None:
         fake.latency_s = latency_s
-    await fake.start(port)
-    sys.stdout.write(f"{fake.url}\n")
-    sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await fake.stop()
+
+    async def start() -> str:
+        await fake.start(port)
+        return fake.url
+
+    await serve_until_signalled(start, fake.stop)
 
 
 def main(argv: list[str] | None = None) -> None:

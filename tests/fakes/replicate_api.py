@@ -10,8 +10,6 @@ import hashlib
 import hmac
 import json
 import secrets
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import Call, FakeServer
+from tests.fakes.base import Call, FakeServer, serve_until_signalled
 from tests.fakes.images import make_image
 
 NSFW_ERROR = (
@@ -94,6 +92,7 @@ class FakePrediction:
     canceled: bool = False
     canceled_at: float | None = None
     polls: int = 0
+    webhook: str | None = None
     cancel_event: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -270,6 +269,10 @@ class FakeReplicate(FakeServer):
         except ValueError as exc:
             return problem(500, "Fake misconfigured", str(exc))
         prediction = self._new_prediction(model, version, inp, behaviour)
+        if isinstance(hook := data.get("webhook"), str):
+            # Only "completed" events are sent (the filter the bot asks for).
+            prediction.webhook = hook
+            self.call_back_when(hook, lambda: prediction.completed_at_ts, prediction.to_json)
         wait_s = parse_prefer_wait(request.headers.get("Prefer"))
         if wait_s is not None:
             await self._hold(prediction, wait_s)
@@ -385,17 +388,12 @@ async def _serve(port: int, latency_s: float | None, token: str) -> None:
     fake = FakeReplicate(token=token)
     if latency_s is not None:
         fake.latency_s = latency_s
-    await fake.start(port)
-    sys.stdout.write(f"{fake.url}\n")
-    sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await fake.stop()
+
+    async def start() -> str:
+        await fake.start(port)
+        return fake.url
+
+    await serve_until_signalled(start, fake.stop)
 
 
 def main(argv: list[str] | None = None) -> None:

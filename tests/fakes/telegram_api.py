@@ -12,9 +12,7 @@ import ipaddress
 import json
 import math
 import re
-import signal
 import socket
-import sys
 import time
 import warnings
 from collections import deque
@@ -31,7 +29,7 @@ from aiohttp.multipart import parse_content_disposition
 from PIL import Image
 
 from tests import updates as _updates
-from tests.fakes.base import FakeServer
+from tests.fakes.base import FakeServer, serve_until_signalled
 from tests.fakes.images import image_size
 
 DEFAULT_TOKEN = "123456:TEST-token_abc"
@@ -1415,17 +1413,12 @@ class FakeTelegram(FakeServer):
 async def _serve(host: str, port: int, token: str) -> None:
     fake = FakeTelegram(token=token)
     fake.host = host
-    await fake.start(port)
-    sys.stdout.write(f"{fake.url}\n")
-    sys.stdout.flush()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await fake.stop()
+
+    async def start() -> str:
+        await fake.start(port)
+        return fake.url
+
+    await serve_until_signalled(start, fake.stop)
 
 
 def main(argv: list[str] | None = None) -> None:

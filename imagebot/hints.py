@@ -1,0 +1,74 @@
+"""Completion hints: Replicate and fal call a per-job URL when a request finishes, so the job
+polls at once instead of at its next interval.
+
+A hint is only a wake-up: its body is never trusted or read. The job still learns the outcome
+by polling the vendor's authenticated API, so a forged or repeated hint costs one early poll at
+most, and a lost one costs the usual poll interval. The URL carries the job id and an HMAC of
+it keyed from the webhook secret (never the secret itself), so strangers cannot wake jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_MAX_EARLY = 10_000  # hints for jobs not (yet) waiting, kept until a job starts waiting
+ROUTE_SUFFIX = "/done/{job_id}/{token}"
+
+
+class CompletionHints:
+    """Per-job wake-up events, set by the webhook thread, awaited on the main loop."""
+
+    def __init__(self, *, public_url: str | None, secret: str) -> None:
+        self._base = public_url.rstrip("/") + "/done" if public_url else None
+        self._key = hashlib.sha256(b"imagebot completion hints\0" + secret.encode()).digest()
+        self._events: dict[int, asyncio.Event] = {}
+        self._waiting: set[int] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._base is not None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop the jobs wait on (hints arrive on another thread)."""
+        self._loop = loop
+
+    def token(self, job_id: int) -> str:
+        return hmac.new(self._key, f"job:{job_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def url_for(self, job_id: int) -> str | None:
+        """The URL a vendor calls when the job's request finishes (None: hints are off)."""
+        if self._base is None:
+            return None
+        return f"{self._base}/{job_id}/{self.token(job_id)}"
+
+    def verify(self, job_id: int, token: str) -> bool:
+        return hmac.compare_digest(self.token(job_id), token)
+
+    def notify(self, job_id: int) -> None:
+        """Wake the job's wait (thread-safe). A hint that comes before the wait is kept."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._set, job_id)
+
+    def _set(self, job_id: int) -> None:
+        if job_id not in self._events and len(self._events) >= _MAX_EARLY:
+            for stale in [j for j in self._events if j not in self._waiting]:
+                del self._events[stale]
+        self._events.setdefault(job_id, asyncio.Event()).set()
+
+    @contextmanager
+    def waiting(self, job_id: int) -> Iterator[asyncio.Event]:
+        """The job's wake-up event while it waits on its vendor; forgotten afterwards."""
+        event = self._events.setdefault(job_id, asyncio.Event())
+        self._waiting.add(job_id)
+        try:
+            yield event
+        finally:
+            self._waiting.discard(job_id)
+            self._events.pop(job_id, None)
