@@ -47,7 +47,7 @@ ACK_P99_LIMIT_S = 0.100  # "sustained" = p99 webhook ack under 100 ms
 LAG_LIMIT_S = 0.020  # above this the load generator itself fell behind: the step is not judged
 DEFAULT_RATES = (50, 200)
 E2E_RATE_HZ = 500  # the end-to-end profile is light (10 jobs/s): sample it more often
-STEP_RATES = (10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 600, 800)
+STEP_RATES = (10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 600, 800, 1000, 1200, 1600)
 
 
 @dataclass
