@@ -91,6 +91,8 @@ class WebhookSettings(Section):
     max_connections: int = Field(40, ge=1, le=100)
     # Replicate and fal call <url>/done/<job>/<token> when a request finishes (a wake-up only)
     completion_hints: bool = True
+    # while hints arrive, a job polls only this often (a safety net for a lost hint)
+    hint_safety_poll_s: float = Field(3.0, gt=0, le=60)
 
     @field_validator("path")
     @classmethod

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _MAX_EARLY = 10_000  # hints for jobs not (yet) waiting, kept until a job starts waiting
+TRUST_S = 3600.0  # hints count as arriving if one came within this long
 ROUTE_SUFFIX = "/done/{job_id}/{token}"
 
 
@@ -28,10 +29,25 @@ class CompletionHints:
         self._events: dict[int, asyncio.Event] = {}
         self._waiting: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_hint: float | None = None  # loop time of the last hint that woke a wait
 
     @property
     def enabled(self) -> bool:
         return self._base is not None
+
+    @property
+    def arriving(self) -> bool:
+        """Hints reach us (one came lately and none was found missing since): jobs may then
+        poll at the slow safety interval. Until one arrives (say the proxy does not pass
+        them) jobs poll at the vendor's usual interval."""
+        if self._last_hint is None or self._loop is None:
+            return False
+        return self._loop.time() - self._last_hint < TRUST_S
+
+    def missed(self) -> None:
+        """A poll found a request finished that no hint announced: stop relying on hints
+        until the next one arrives."""
+        self._last_hint = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop the jobs wait on (hints arrive on another thread)."""
@@ -57,6 +73,8 @@ class CompletionHints:
         loop.call_soon_threadsafe(self._set, job_id)
 
     def _set(self, job_id: int) -> None:
+        assert self._loop is not None
+        self._last_hint = self._loop.time()
         if job_id not in self._events and len(self._events) >= _MAX_EARLY:
             for stale in [j for j in self._events if j not in self._waiting]:
                 del self._events[stale]

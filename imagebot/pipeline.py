@@ -223,8 +223,14 @@ class Pipeline:
             with self.hints.waiting(job.id) as hinted:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     while result is None or result.state is PollState.PENDING:
-                        await _sleep_unless(hinted, interval)
+                        woken = await _sleep_unless(hinted, self._wait_interval(interval))
                         result = await self._poll(job, provider)
+                        if (
+                            not woken
+                            and not hinted.is_set()
+                            and result.state is not PollState.PENDING
+                        ):
+                            self.hints.missed()
         except TimeoutError:
             await self.cancel_at_vendor(job)
             raise ProviderTimeout(
@@ -243,6 +249,12 @@ class Pipeline:
         )
         self.metrics.provider_errors.labels(provider.name, code).inc()
         raise ProviderError(provider.name, result.error or code, code=code)
+
+    def _wait_interval(self, interval: float) -> float:
+        """While completion hints arrive, polling is only a safety net for a lost one."""
+        if self.hints.arriving:
+            return max(interval, self.settings.webhook.hint_safety_poll_s)
+        return interval
 
     def _poll_interval(self, provider: ImageProvider) -> float:
         if provider.name == "replicate":
@@ -387,12 +399,13 @@ class Pipeline:
         await self.store.update(job.id, phase=Phase.DONE)
 
 
-async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
-    """Sleep up to `seconds`; return early (and re-arm) when `event` is set."""
+async def _sleep_unless(event: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to `seconds`; return True early (and re-arm) when `event` is set."""
     if not event.is_set():
         try:
             async with asyncio.timeout(seconds):
                 await event.wait()
         except TimeoutError:
-            return
+            return False
     event.clear()
+    return True

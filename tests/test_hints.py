@@ -166,3 +166,35 @@ async def test_a_hint_before_the_wait_is_kept() -> None:
     other = CompletionHints(public_url="https://bot.example/telegram/webhook", secret="other")
     assert other.token(7) != hints.token(7)
     assert CompletionHints(public_url=None, secret="s3cret").url_for(7) is None
+    assert hints.arriving  # the hint above came
+    hints.missed()
+    assert not hints.arriving
+
+
+async def test_polls_slow_down_once_hints_arrive(
+    bot, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """Until a hint has arrived a job polls at replicate.poll_interval_s; after one, the next
+    job polls only at webhook.hint_safety_poll_s and is finished by its hint alone."""
+    port = free_port()
+    replicate.latency_s = 0.4
+    async with bot(
+        telegram={"mode": "webhook"},
+        webhook={
+            "port": port,
+            "url": f"http://127.0.0.1:{port}/telegram/webhook",
+            "hint_safety_poll_s": SLOW_POLL_S,
+        },
+        replicate={"poll_interval_s": 0.05},
+    ):
+        url = f"http://127.0.0.1:{port}/telegram/webhook"
+        await updates.post_webhook(url, updates.command("/generate one"), WEBHOOK_SECRET)
+        await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
+        await wait_until(lambda: len(replicate.callbacks) == 1)
+        first = replicate.last_prediction
+        await updates.post_webhook(url, updates.command("/generate two"), WEBHOOK_SECRET)
+        await wait_until(lambda: len(telegram.photos(CHAT)) == 2, within=SLOW_POLL_S / 3)
+        second = replicate.last_prediction
+    assert first.polls >= 3  # 0.4 s at 0.05 s, no hint yet trusted
+    assert second.polls == 1  # only the poll its hint asked for
+    assert [status for _, status in replicate.callbacks] == [204, 204]
