@@ -165,12 +165,13 @@ def _ack_rows(ack: dict[str, Any]) -> list[Row]:
 def _added_rows(added: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     for run in added["runs"]:
+        how = "polling only" if run.get("variant") == "no-hints" else "hints"
         for kind in ("generate", "edit"):
             fig = run[kind]
             p50 = fig.get("p50_ms")
             rows.append(
                 (
-                    f"3 added latency /{kind} {run['rate_per_kind']:g}/s, poll "
+                    f"3 added latency /{kind} {run['rate_per_kind']:g}/s, {how}, poll "
                     f"{run['poll_interval_s']} s, p50/p99 ms",
                     _two(fig),
                     "",
