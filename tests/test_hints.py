@@ -23,14 +23,22 @@ CHAT = updates.DEFAULT_CHAT_ID
 SLOW_POLL_S = 30.0  # without the hint no job here could finish within wait_until's bound
 
 
-def hinted_bot(bot: Any, port: int, **sections: Any) -> Any:
-    """Webhook mode on a known port, webhook.url pointing at it, polls too slow to matter."""
+def hinted_bot(bot: Any, port: int, webhook: dict[str, Any] | None = None, **sections: Any) -> Any:
+    """Webhook mode on a known port, webhook.url pointing at it, polls too slow to matter
+    (unless `sections` say otherwise)."""
+    polls = {"poll_interval_s": SLOW_POLL_S}
     return bot(
-        telegram={"mode": "webhook"},
-        webhook={"port": port, "url": f"http://127.0.0.1:{port}/telegram/webhook"},
-        replicate={"poll_interval_s": SLOW_POLL_S},
-        fal={"poll_interval_s": SLOW_POLL_S},
-        **sections,
+        **{
+            "telegram": {"mode": "webhook"},
+            "webhook": {
+                "port": port,
+                "url": f"http://127.0.0.1:{port}/telegram/webhook",
+                **(webhook or {}),
+            },
+            "replicate": polls,
+            "fal": polls,
+            **sections,
+        }
     )
 
 
@@ -131,13 +139,8 @@ async def test_hints_can_be_turned_off(
 ) -> None:
     """webhook.completion_hints = false: no URL goes to the vendor and no route listens."""
     port = free_port()
-    async with bot(
-        telegram={"mode": "webhook"},
-        webhook={
-            "port": port,
-            "url": f"http://127.0.0.1:{port}/telegram/webhook",
-            "completion_hints": False,
-        },
+    async with hinted_bot(
+        bot, port, {"completion_hints": False}, replicate={"poll_interval_s": 0.05}
     ):
         await updates.post_webhook(
             f"http://127.0.0.1:{port}/telegram/webhook",
@@ -178,14 +181,8 @@ async def test_polls_slow_down_once_hints_arrive(
     job polls only at webhook.hint_safety_poll_s and is finished by its hint alone."""
     port = free_port()
     replicate.latency_s = 0.4
-    async with bot(
-        telegram={"mode": "webhook"},
-        webhook={
-            "port": port,
-            "url": f"http://127.0.0.1:{port}/telegram/webhook",
-            "hint_safety_poll_s": SLOW_POLL_S,
-        },
-        replicate={"poll_interval_s": 0.05},
+    async with hinted_bot(
+        bot, port, {"hint_safety_poll_s": SLOW_POLL_S}, replicate={"poll_interval_s": 0.05}
     ):
         url = f"http://127.0.0.1:{port}/telegram/webhook"
         await updates.post_webhook(url, updates.command("/generate one"), WEBHOOK_SECRET)
