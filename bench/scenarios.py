@@ -215,13 +215,20 @@ async def report_ack(ctx: Context) -> dict[str, Any]:
                         await bot.metrics(), "imagebot_ack_latency_seconds"
                     )
         steps: list[dict[str, Any]] = []
-        best = 0.0
+        best, unjudged = 0.0, 0
         for rate in STEP_RATES:
             count = int(rate * step_s)
-            async with _bot(ctx, name, f"step-{rate}") as bot:
-                result, cpu = await _load_with_cpu(ctx, bot, ctx.spec(bot, rate, count))
-            fig = _ack_figures(result)
-            verdict = _judge(fig)
+            # A shared host has slow spells: a step that fails is run once more on a fresh bot
+            # before it counts (both tries are in the JSON).
+            tries: list[str] = []
+            for attempt in range(2):
+                async with _bot(ctx, name, f"step-{rate}-{attempt}") as bot:
+                    result, cpu = await _load_with_cpu(ctx, bot, ctx.spec(bot, rate, count))
+                fig = _ack_figures(result)
+                verdict = _judge(fig)
+                tries.append(f"{verdict} p99 {fig['p99_ms']}")
+                if verdict == "pass":
+                    break
             steps.append(
                 {
                     "rate": rate,
@@ -230,11 +237,17 @@ async def report_ack(ctx: Context) -> dict[str, Any]:
                     "p50_ms": fig["p50_ms"],
                     "cpu_ms_per_update": round(cpu / max(1, count) * 1000, 2),
                     "cores": result["cores"],
+                    "tries": tries,
                 }
             )
-            if verdict != "pass":
+            if verdict == "pass":
+                best, unjudged = rate, 0
+                continue
+            # A step the load generator could not drive is not the bot's failure: go on, but
+            # not past two such steps in a row (the machine is then the limit).
+            unjudged += 1
+            if verdict == "fail" or unjudged >= 2:
                 break
-            best = rate
         out["bots"][name] = {
             "fixed": fixed,
             "reply": reply,
