@@ -104,7 +104,7 @@ class Intake:
         inbox: Inbox,
         metrics: Metrics,
         settings: Settings,
-        hints: CompletionHints | None = None,
+        hints: CompletionHints,
         on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.application = application
@@ -170,8 +170,7 @@ class Intake:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.hints is not None:
-            self.hints.bind(self._loop)
+        self.hints.bind(self._loop)
         self.running = True
         if self.mode == "webhook":
             await self._start_webhook()
@@ -200,7 +199,7 @@ class Intake:
         hook = self.settings.webhook
         app = web.Application(client_max_size=2 * 1024 * 1024)
         app.router.add_post(hook.path, self._webhook)
-        if self.hints is not None and self.hints.enabled:
+        if self.hints.enabled:
             app.router.add_post(hook.path.rstrip("/") + ROUTE_SUFFIX, self._completion_hint)
         self._web = ThreadedSite(app, hook.listen, hook.port, name="webhook-intake")
         await asyncio.to_thread(self._web.start)
@@ -238,7 +237,6 @@ class Intake:
 
     async def _completion_hint(self, request: web.Request) -> web.Response:
         """A vendor says a job's request finished: wake the job (its body is not read)."""
-        assert self.hints is not None
         raw_id, token = request.match_info["job_id"], request.match_info["token"]
         if not raw_id.isdigit() or not self.hints.verify(int(raw_id), token):
             self.metrics.completion_hints.labels("forbidden").inc()

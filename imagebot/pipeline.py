@@ -71,7 +71,7 @@ class Pipeline:
         metrics: Metrics,
         results: ResultFiles,
         load_input: Callable[[Job], Awaitable[ImageFile]],
-        hints: CompletionHints | None = None,
+        hints: CompletionHints,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -81,7 +81,7 @@ class Pipeline:
         self.metrics = metrics
         self.results = results
         self.load_input = load_input
-        self.hints = hints or CompletionHints(public_url=None, secret="")
+        self.hints = hints
         self.timeouts = {
             JobKind.GENERATE: settings.generate.timeout_s,
             JobKind.EDIT: settings.edit.timeout_s,
