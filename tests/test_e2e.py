@@ -260,6 +260,8 @@ async def test_status_counts_in_jobs_listing(bot, telegram: FakeTelegram) -> Non
         telegram.push_update(updates.command("/generate two", user_id=2002, chat_id=2002))
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
         await wait_until(lambda: len(telegram.photos(2002)) == 1)
+        # The photo is sent just before the row says succeeded: wait for both jobs to settle.
+        await wait_until(lambda: app.services.runner.running_count == 0)
         _, mine = await ops_get(app, "/jobs?user_id=2002")
         _, done = await ops_get(app, f"/jobs?status={JobStatus.SUCCEEDED.value}&limit=1")
         missing, _ = await ops_get(app, "/jobs/999")
