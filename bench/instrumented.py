@@ -332,17 +332,20 @@ def _what_if(wanted: set[str]) -> None:
 
 def _settle_in_background() -> None:
     from imagebot.models import JobStatus
-    from imagebot.worker import JobRunner
+    from imagebot.pipeline import Pipeline
 
-    original = JobRunner._settle
+    original = Pipeline.settle
+    pending: set[asyncio.Task[None]] = set()
 
-    async def settle(self: JobRunner, job: Any) -> None:
-        if job.status is JobStatus.SUCCEEDED and not self._stopping:
-            self._in_background(original(self, job))
+    async def settle(self: Pipeline, job: Any) -> None:
+        if job.status is JobStatus.SUCCEEDED:
+            task = asyncio.get_running_loop().create_task(original(self, job))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
             return
         await original(self, job)
 
-    JobRunner._settle = settle  # type: ignore[method-assign]
+    Pipeline.settle = settle  # type: ignore[method-assign]
 
 
 # -- the dump ----------------------------------------------------------------------------------
