@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import sqlite3
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from imagebot import __version__
+from imagebot.errors import StoreError
 from imagebot.health import Heartbeat
 from imagebot.logs import Redactor
 from imagebot.metrics import CONTENT_TYPE
@@ -168,7 +171,11 @@ async def get_job(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[SERVICES].metrics.render()
+    services = request.app[SERVICES]
+    # Read at scrape time: one query per scrape instead of one per job event.
+    with contextlib.suppress(sqlite3.Error, StoreError, ValueError):
+        services.metrics.jobs_queued.set((await services.store.counts())["queued"])
+    body = services.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -73,14 +73,21 @@ class Progress:
         self.edits_sent += 1
         return ok
 
-    async def ensure_status(self, job: Job) -> Job:
-        """Send the status message if the handler could not (e.g. after a crash)."""
+    async def ensure_status(self, job: Job, *, queued_at: int | None = None) -> Job:
+        """Send the status message, unless it was sent already (the handler sends it; the
+        runner again if the handler could not, e.g. after a crash). `queued_at`: the job
+        waits for a slot at this place in line."""
         if job.status_message_id is not None:
             return job
+        if queued_at is None:
+            text = texts.status_started(job.kind, job.id)
+        else:
+            text = texts.status_queued(job.id, queued_at)
+            self._shown_position[job.id] = queued_at
         try:
             message = await self.delivery.send_text(
                 job.chat_id,
-                texts.status_started(job.kind, job.id),
+                text,
                 reply_to=job.command_message_id,
                 markup=cancel_keyboard(job.id),
             )

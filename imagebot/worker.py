@@ -84,6 +84,10 @@ class JobRunner:
             event.set()
             self._acks.pop(update_id, None)
 
+    def has_free_slot(self) -> bool:
+        """A job created now would start at once (nothing waits ahead of it for a slot)."""
+        return not self._stopping and len(self._scheduled) < self.settings.limits.max_running
+
     async def submit(self, job_id: int) -> bool:
         """A job was created: start it if a slot is free. True if it started."""
         await self.pump()
@@ -97,8 +101,6 @@ class JobRunner:
             free = self.settings.limits.max_running - len(self._scheduled)
             for job in await self.store.claim_next(free, self.pipeline.timeouts):
                 self._schedule(job)
-        counts = await self.store.counts()
-        self.metrics.jobs_queued.set(counts["queued"])
 
     def _schedule(self, job: Job) -> None:
         assert self._job_queue is not None, "attach() the JobQueue first"

@@ -120,15 +120,21 @@ async def test_daily_cap_refunds_failures_and_survives_restart(
 async def test_queue_position_is_shown(
     bot, telegram: FakeTelegram, replicate: FakeReplicate
 ) -> None:
-    """With max_running=1, waiting jobs show their place in line and run in FIFO order."""
+    """With max_running=1, waiting jobs are answered with their place in line (not with
+    "Generating…" edited a moment later) and run in FIFO order."""
     replicate.latency_s = 1.2
     async with bot(limits={"max_running": 1}) as app:
         for n in range(3):
             telegram.push_update(updates.command(f"/generate queued {n}"))
         await wait_until(lambda: len(telegram.photos(CHAT)) == 3, within=20)
+    sent = [call.params.get("text", "") for call in telegram.calls_of("sendMessage")]
+    assert [text for text in sent if "(job " in text] == [
+        "Generating… (job 1)",
+        "You're next in line. (job 2)",
+        "You're #2 in line. (job 3)",
+    ]
     edits = [e.get("text", "") for m in telegram.messages(CHAT, True) for e in m.edits]
-    assert "You're next in line. (job 2)" in edits
-    assert "You're #2 in line. (job 3)" in edits
+    assert "You're next in line. (job 3)" in edits  # moved up when job 2 started
     assert [p.caption for p in telegram.photos(CHAT)] == ["queued 0", "queued 1", "queued 2"]
     starts = [r["started_at"] for r in rows(db_path(app))]
     assert starts == sorted(starts)

@@ -166,12 +166,16 @@ async def request_job(
             return None
         services.metrics.jobs_created.labels(kind.value).inc()
         log.info("job_created", job_id=job.id, kind=kind.value, provider=provider)
-        # If Telegram refuses it now, the worker sends it when the job starts.
-        job = await services.progress.ensure_status(job)
+        # When every slot is taken, the first answer is the place in line (not "Generating…"
+        # edited a moment later). If Telegram refuses it now, the worker sends it at the start.
+        position = None
+        if not services.runner.has_free_slot():
+            position = await services.store.queue_position(job.id)
+        job = await services.progress.ensure_status(job, queued_at=position)
         arrived = services.intake.received_at(update.update_id)
         if arrived is not None:
             services.metrics.ack_latency.labels(kind.value).observe(time.monotonic() - arrived)
-    if not await services.runner.submit(job.id):
+    if not await services.runner.submit(job.id) and position is None:
         position = await services.store.queue_position(job.id)
         await services.progress.show_queued(job, position, force=True)
     return job

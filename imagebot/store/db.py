@@ -178,13 +178,13 @@ class Database:
         return self._reader
 
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> aiosqlite.Row | None:
-        async with self.reader.execute(sql, tuple(params)) as cursor:
-            row: aiosqlite.Row | None = await cursor.fetchone()
-            return row
+        """The first row of a query that returns at most a few (by key, or an aggregate)."""
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[aiosqlite.Row]:
-        async with self.reader.execute(sql, tuple(params)) as cursor:
-            return list(await cursor.fetchall())
+        # One hop to the reader thread (execute + fetch + close), not three.
+        return list(await self.reader.execute_fetchall(sql, tuple(params)))
 
     async def is_healthy(self) -> bool:
         try:
