@@ -84,6 +84,28 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def _bounded(bot: dict[str, Any]) -> bool:
+    """The step-up stopped before a failing step: the rate is a lower bound."""
+    return bot.get("step_up_stopped_by") in ("time budget", "top rate")
+
+
+def _sustained(bot: dict[str, Any]) -> str:
+    text = _fmt(bot["max_sustained_rate"])
+    return f">= {text}" if _bounded(bot) else text
+
+
+def _ratio_verdict(ratio: float | None, mine_bounded: bool, base_bounded: bool) -> str:
+    """A bounded imagebot rate makes the ratio a lower bound, a bounded baseline rate an upper
+    bound: judge only what the bound decides."""
+    if ratio is None:
+        return "not measured"
+    if ratio >= 0.7 and not base_bounded:
+        return f"met ({_fmt(ratio)}{', at least' if mine_bounded else ''})"
+    if ratio < 0.7 and not mine_bounded:
+        return f"MISSED ({_fmt(ratio)}{', at most' if base_bounded else ''})"
+    return f"not judged ({_fmt(ratio)}: a step-up stopped before a failing step)"
+
+
 def _three(fig: dict[str, Any]) -> str:
     return "/".join(_fmt(fig.get(k)) for k in ("p50_ms", "p95_ms", "p99_ms"))
 
@@ -136,14 +158,13 @@ def _ack_rows(ack: dict[str, Any]) -> list[Row]:
                     f"{cores.get('fakes')}, load {cores.get('load')}",
                 )
             )
-    ratio = ack["throughput_ratio"]
     rows.append(
         (
             "1 max sustained rate, p99 < 100 ms (upd/s)",
-            _fmt(ib["max_sustained_rate"]),
-            _fmt(base["max_sustained_rate"]),
+            _sustained(ib),
+            _sustained(base),
             "ratio >= 0.7",
-            f"{_met(ratio is not None and ratio >= 0.7)} ({_fmt(ratio)})",
+            _ratio_verdict(ack["throughput_ratio"], _bounded(ib), _bounded(base)),
         )
     )
     for rate in ("50", "200"):
