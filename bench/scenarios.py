@@ -47,10 +47,10 @@ ACK_P99_LIMIT_S = 0.100  # "sustained" = p99 webhook ack under 100 ms
 LAG_LIMIT_S = 0.020  # above this the load generator itself fell behind: the step is not judged
 DEFAULT_RATES = (50, 200)
 E2E_RATE_HZ = 500  # the end-to-end profile is light (10 jobs/s): sample it more often
-STEP_RATES = (25, 50, 100, 150, 200, 300, 400, 500, 600, 800, 1000, 1300, 1600)
+STEP_RATES = (100, 150, 200, 300, 400, 500, 600, 800, 1000, 1300, 1600)  # 50/s: the fixed load
 # Each bot's step-up stops starting new steps after this long (a fast spell on the host takes
 # it to the top rates, whose backlogs are slow to stop): the whole run stays near 5 minutes.
-STEP_BUDGET_S = 75.0
+STEP_BUDGET_S = 50.0
 
 
 @dataclass
