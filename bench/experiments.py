@@ -57,6 +57,11 @@ def _gil(seconds: float) -> Variant:
     )
 
 
+def _gc(*thresholds: int) -> Variant:
+    value = ",".join(str(t) for t in thresholds)
+    return Variant(f"gc.set_threshold({value})", env={"IMAGEBOT_GC_THRESHOLDS": value})
+
+
 def _budget(per_s: float) -> Variant:
     limit = {"max_requests_per_s": per_s}
     return Variant(
@@ -78,7 +83,8 @@ VARIANTS: dict[str, Variant] = {
     "gil-0.2ms": _gil(0.0002),
     "gil-0.1ms": _gil(0.0001),
     "gc-freeze": Variant("gc.freeze() once ready", what_if=("gc-freeze",)),
-    "gc-thr": Variant("gc.set_threshold(20000, 20, 20)", what_if=("gc-threshold=20000:20:20",)),
+    "gc-cpython": _gc(700, 10, 10),
+    "gc-thr": _gc(20000, 20, 20),
     "gc-off": Variant("gc.disable() once ready", what_if=("gc-off",)),
     "sync-normal": Variant(
         'storage.synchronous = "normal"', overrides={"storage": {"synchronous": "normal"}}

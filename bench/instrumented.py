@@ -26,7 +26,6 @@ experiments (bench/experiments.py) do.
 $BENCH_WHAT_IF (comma-separated) applies a change from the outside, to measure its effect
 before anyone edits imagebot:
 - `gc-freeze`: `gc.freeze()` once the bot is ready (start-up objects leave the collector);
-- `gc-threshold=A:B:C`: `gc.set_threshold(A, B, C)` at start (CPython's default 700:10:10);
 - `gc-off`: `gc.disable()` once ready (a bound on what GC tuning can give; memory grows);
 - `settle-in-background`: after a result is delivered, the job's slot is freed at once and
   its status message is removed by a background task (`JobRunner._settle` of a succeeded job
@@ -305,10 +304,6 @@ def _thread_sampler() -> None:
 
 
 def _what_if(wanted: set[str]) -> None:
-    for item in wanted:
-        if item.startswith("gc-threshold="):
-            values = [int(v) for v in item.partition("=")[2].split(":")]
-            gc.set_threshold(*values)
     if "settle-in-background" in wanted:
         _settle_in_background()
     if "no-queued-edit" in wanted:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +45,7 @@ from imagebot.providers.local import LocalProvider
 from imagebot.providers.replicate import ReplicateProvider
 from imagebot.ratelimit import TelegramRateLimiter
 from imagebot.results import ResultFiles
+from imagebot.runtime import freeze_startup_objects, thaw_startup_objects
 from imagebot.services import Services
 from imagebot.store.db import Database
 from imagebot.store.inbox import Inbox
@@ -287,11 +287,7 @@ async def run(app: App) -> int:
             _schedule_maintenance(app)
             await services.runner.recover()
             await services.intake.replay()
-            # Start-up objects (modules, PTB, settings) live as long as the process; moved out
-            # of the collector's generations, full collections under load drop from ~90 ms
-            # pauses that stalled webhook answers to a few ms (see BENCHMARKS.md).
-            gc.collect()
-            gc.freeze()
+            freeze_startup_objects()
             await services.intake.start()
             app.state.ready = True
             sd_notify("READY=1")
@@ -299,7 +295,7 @@ async def run(app: App) -> int:
             await app.stop_event.wait()
         finally:
             app.state.stopping = True
-            gc.unfreeze()
+            thaw_startup_objects()
             sd_notify("STOPPING=1")
             log.info("stopping")
             await services.intake.stop()

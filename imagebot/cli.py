@@ -18,6 +18,7 @@ from imagebot import __version__
 from imagebot.config import Settings, load_settings
 from imagebot.errors import ConfigError, StoreError
 from imagebot.logs import configure_logging, install_excepthook
+from imagebot.runtime import tune_interpreter
 
 EXIT_CONFIG = 2
 
@@ -88,10 +89,7 @@ def effective_settings(settings: Settings) -> dict[str, object]:
 async def _serve(settings: Settings) -> int:
     from imagebot.app import build, run  # the bot's heavy imports, only when running it
 
-    # The webhook thread must get the GIL quickly while the main loop is busy: each switch
-    # hands over after this long instead of CPython's default 5 ms.
-    sys.setswitchinterval(float(os.environ.get("IMAGEBOT_GIL_SWITCH_S", "0.0005")))
-
+    tune_interpreter()
     app = build(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

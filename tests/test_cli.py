@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import structlog
 
 from imagebot import __version__, logs
 from imagebot.cli import main
+from imagebot.runtime import tune_interpreter
 from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET
 
 OPS_TOKEN = "ops-token-0123456789"
@@ -289,3 +291,64 @@ def test_a_database_from_a_newer_imagebot_is_refused(
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
     assert tables == {"schema_migrations"}
+
+
+@pytest.fixture
+def restore_interpreter() -> Iterator[None]:
+    saved = (sys.getswitchinterval(), gc.get_threshold())
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(saved[0])
+        gc.set_threshold(*saved[1])
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("IMAGEBOT_GC_THRESHOLDS", "700,10"),
+        ("IMAGEBOT_GC_THRESHOLDS", "700,ten,100"),
+        ("IMAGEBOT_GIL_SWITCH_S", "0"),
+        ("IMAGEBOT_GIL_SWITCH_S", "fast"),
+    ],
+)
+def test_bad_interpreter_tuning_override_names_the_variable(
+    variable: str,
+    value: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    workdir: Path,
+    listener: socket.socket,
+    restore_logging: None,
+    restore_interpreter: None,
+) -> None:
+    """A bad GC/GIL override stops start-up with one line naming it (exit 2), before the
+    interpreter is touched or anything is contacted."""
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", BOT_TOKEN)
+    monkeypatch.setenv("IMAGEBOT_GENERATE__PROVIDER", "local")
+    monkeypatch.setenv("IMAGEBOT_EDIT__PROVIDER", "local")
+    monkeypatch.setenv(variable, value)
+    before = (sys.getswitchinterval(), gc.get_threshold())
+    assert main(["--polling"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"imagebot: configuration error: {variable}: ")
+    assert repr(value) in line
+    assert (sys.getswitchinterval(), gc.get_threshold()) == before
+    assert nobody_connected(listener)
+
+
+def test_interpreter_tuning_defaults_and_overrides(
+    monkeypatch: pytest.MonkeyPatch, restore_interpreter: None
+) -> None:
+    """Full collections come after 100 middle-generation ones (CPython: 10), the GIL changes
+    hands every 0.5 ms (CPython: 5 ms); both can be overridden for measuring."""
+    monkeypatch.delenv("IMAGEBOT_GC_THRESHOLDS", raising=False)
+    monkeypatch.delenv("IMAGEBOT_GIL_SWITCH_S", raising=False)
+    tune_interpreter()
+    assert gc.get_threshold() == (700, 10, 100)
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
+    monkeypatch.setenv("IMAGEBOT_GC_THRESHOLDS", "700,10,10")
+    monkeypatch.setenv("IMAGEBOT_GIL_SWITCH_S", "0.005")
+    tune_interpreter()
+    assert gc.get_threshold() == (700, 10, 10)
+    assert sys.getswitchinterval() == pytest.approx(0.005)
