@@ -214,7 +214,7 @@ class Pipeline:
     async def _wait(self, job: Job, provider: ImageProvider, *, poll_first: bool) -> PollResult:
         interval = self._poll_interval(provider)
         deadline = self.deadline_monotonic(job)
-        started = time.monotonic()
+        started = last_poll = time.monotonic()
         result: PollResult | None = None
         if poll_first:
             # After a restart the vendor may have finished while we were down: look first.
@@ -223,7 +223,11 @@ class Pipeline:
             with self.hints.waiting(job.id) as hinted:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     while result is None or result.state is PollState.PENDING:
-                        woken = await _sleep_unless(hinted, self._wait_interval(interval))
+                        # Polls keep to the interval from one start to the next (a poll's
+                        # own round trip does not stretch it).
+                        pause = self._wait_interval(interval) - (time.monotonic() - last_poll)
+                        woken = await _sleep_unless(hinted, max(0.0, pause))
+                        last_poll = time.monotonic()
                         result = await self._poll(job, provider)
                         if (
                             not woken
