@@ -87,9 +87,9 @@ def effective_settings(settings: Settings) -> dict[str, object]:
 
 
 async def _serve(settings: Settings) -> int:
+    tune_interpreter()  # a bad override stops here, before the heavy imports
     from imagebot.app import build, run  # the bot's heavy imports, only when running it
 
-    tune_interpreter()
     app = build(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

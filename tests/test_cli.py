@@ -88,6 +88,16 @@ def restore_logging() -> Iterator[None]:
         sys.excepthook, threading.excepthook, logs._redactor = hooks
 
 
+@pytest.fixture
+def restore_interpreter() -> Iterator[None]:
+    saved = (sys.getswitchinterval(), gc.get_threshold())
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(saved[0])
+        gc.set_threshold(*saved[1])
+
+
 def one_error_line(err: str) -> str:
     lines = err.splitlines()
     assert len(lines) == 1, err
@@ -265,9 +275,11 @@ def test_a_database_from_a_newer_imagebot_is_refused(
     workdir: Path,
     listener: socket.socket,
     restore_logging: None,
+    restore_interpreter: None,
 ) -> None:
     """Start-up on a database migrated by a newer version stops with one line saying so
-    (exit 1) before Telegram is contacted; the database is left as it was."""
+    (exit 1) before Telegram is contacted; the database is left as it was. The interpreter
+    tuning was applied on the way (the CLI's own start-up path)."""
     database = workdir / "imagebot.db"
     conn = sqlite3.connect(database)
     conn.execute("CREATE TABLE schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT)")
@@ -279,7 +291,10 @@ def test_a_database_from_a_newer_imagebot_is_refused(
     monkeypatch.setenv("IMAGEBOT_EDIT__PROVIDER", "local")
     monkeypatch.setenv("IMAGEBOT_STORAGE__DATABASE", str(database))
     monkeypatch.setenv("IMAGEBOT_OPS__PORT", "0")
+    monkeypatch.delenv("IMAGEBOT_GC_THRESHOLDS", raising=False)
+    gc.set_threshold(700, 10, 10)
     assert main(["--polling", "--log-format", "json"]) == 1
+    assert gc.get_threshold() == (700, 10, 100)
     out, err = capsys.readouterr()
     line = one_error_line(err)
     assert line.startswith("imagebot: database error: database")
@@ -291,16 +306,6 @@ def test_a_database_from_a_newer_imagebot_is_refused(
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
     assert tables == {"schema_migrations"}
-
-
-@pytest.fixture
-def restore_interpreter() -> Iterator[None]:
-    saved = (sys.getswitchinterval(), gc.get_threshold())
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(saved[0])
-        gc.set_threshold(*saved[1])
 
 
 @pytest.mark.parametrize(
