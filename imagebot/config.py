@@ -138,6 +138,8 @@ class LimitsSettings(Section):
     retry_max_s: float = Field(20.0, gt=0, le=600)
     stale_slack_s: float = Field(60, ge=0)
     sweep_interval_s: float = Field(30, gt=0)
+    circuit_failures: int = Field(5, ge=0, le=1000)
+    circuit_cooldown_s: float = Field(30, gt=0, le=3600)
 
 
 ParamValue = str | int | float | bool

@@ -141,6 +141,18 @@ class Metrics:
         self.delivery_errors = Counter(
             "imagebot_delivery_errors", "Telegram refused a result, by code", ["code"], registry=r
         )
+        self.provider_circuit_open = Gauge(
+            "imagebot_provider_circuit_open",
+            "1 while a provider's circuit breaker is open (new requests refused), by provider",
+            ["provider"],
+            registry=r,
+        )
+        self.provider_circuit_refusals = Counter(
+            "imagebot_provider_circuit_refusals",
+            "Jobs refused without a vendor call because the provider's circuit was open",
+            ["provider"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -91,6 +91,9 @@ async def healthz(request: web.Request) -> web.Response:
         "checks": {"database": database, "intake": intake, "event_loop": loop},
         "loop_lag_ms": round(state.heartbeat.lag_s * 1000, 1),
     }
+    # Each provider's circuit breaker (closed / open / half_open). An open circuit does not
+    # make the bot unready: it answers users, and a restart would not fix the vendor.
+    body["circuits"] = services.runner.pipeline.breakers.states()
     if database:
         counts = await services.store.counts()
         body.update(queued=counts["queued"], running=counts["running"])

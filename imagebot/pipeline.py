@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from tenacity import RetryCallState
 
 from imagebot.bot import texts
+from imagebot.breaker import CIRCUIT_OPEN, Breakers, is_vendor_failure
 from imagebot.config import Settings
 from imagebot.delivery import Delivery, Sent
 from imagebot.errors import (
@@ -87,6 +88,12 @@ class Pipeline:
             JobKind.EDIT: settings.edit.timeout_s,
         }
         self._max_attempts = settings.limits.max_attempts
+        self.breakers = Breakers(
+            threshold=settings.limits.circuit_failures,
+            cooldown_s=settings.limits.circuit_cooldown_s,
+            metrics=metrics,
+            providers=sorted({p.name for p in providers.values()}),
+        )
 
     def _retrying(
         self,
@@ -143,6 +150,9 @@ class Pipeline:
         ):
             with attempt:
                 request = await self._request_for(job)
+        # A create the vendor answered with 429/5xx created nothing (the provider looked up the
+        # "maybe created" answers first): it is sent again with backoff, up to max_attempts.
+        breaker = self.breakers.get(provider.name)
         async for attempt in self._retrying(
             self._max_attempts - job.attempts,
             deadline=deadline,
@@ -151,6 +161,13 @@ class Pipeline:
             with attempt:
                 if time.monotonic() >= deadline:
                     raise ProviderTimeout(provider.name, "deadline passed before submitting")
+                if not breaker.allow(job.id):
+                    # The vendor is down (the circuit opened, maybe during our own retries):
+                    # no more creates for this job.
+                    self.metrics.provider_circuit_refusals.labels(provider.name).inc()
+                    raise ProviderError(
+                        provider.name, "the provider's circuit is open", code=CIRCUIT_OPEN
+                    )
                 await critical(self._submit_once(job, provider, request))
 
     async def _submit_once(
@@ -158,13 +175,19 @@ class Pipeline:
     ) -> None:
         await self.set(job, phase=Phase.SUBMITTING, attempts=job.attempts + 1)
         self.metrics.provider_calls.labels(provider.name, "submit").inc()
+        breaker = self.breakers.get(provider.name)
         try:
             request_id = await provider.submit(request)
         except ProviderError as exc:
             self.metrics.provider_errors.labels(provider.name, exc.code).inc()
+            if is_vendor_failure(exc, last_attempt=job.attempts >= self._max_attempts):
+                breaker.failed(job.id)
+            elif exc.code != "rate_limited":
+                breaker.neutral(job.id)
             if not isinstance(exc, SubmitOutcomeUnknown):
                 await self.set(job, phase=Phase.NEW)  # the vendor said no: nothing exists there
             raise
+        breaker.succeeded(job.id)
         await self.set(
             job, phase=Phase.SUBMITTED, provider_request_id=request_id, submitted_at=iso()
         )

@@ -13,10 +13,12 @@ from telegram import Chat, Message, Update, User
 
 from imagebot.bot import texts
 from imagebot.bot.context import BotContext
+from imagebot.breaker import CIRCUIT_OPEN
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.models import Job, JobKind, NewJob
 from imagebot.policy import Decision, Reason
+from imagebot.services import Services
 from imagebot.store.db import utcnow
 from imagebot.store.usage import claim_notice
 
@@ -105,6 +107,14 @@ async def refuse(update: Update, context: BotContext, kind: JobKind, decision: D
     await reply(update, context, text)
 
 
+async def refuse_while_down(services: Services, job: Job) -> None:
+    """The provider's circuit is open: end the new job at once (no vendor call, its unit of
+    the daily cap returns) and tell the user, with the job id."""
+    services.metrics.provider_circuit_refusals.labels(job.provider).inc()
+    log.info("request_refused", reason="circuit_open", job_id=job.id, provider=job.provider)
+    await services.runner.pipeline.fail(job, CIRCUIT_OPEN, "refused: the provider is down")
+
+
 def _operation(
     context: BotContext, kind: JobKind
 ) -> tuple[str, dict[str, str | int | float | bool]]:
@@ -166,6 +176,9 @@ async def request_job(
             return None
         services.metrics.jobs_created.labels(kind.value).inc()
         log.info("job_created", job_id=job.id, kind=kind.value, provider=provider)
+        if not services.runner.pipeline.breakers.get(provider).admit(job.id):
+            await refuse_while_down(services, job)
+            return job
         # When every slot is taken, the first answer is the place in line (not "Generating…"
         # edited a moment later). If Telegram refuses it now, the worker sends it at the start.
         position = None

@@ -108,6 +108,11 @@ _FAILURES = {
     "invalid_input": "the image service didn't accept this request.",
     "blocked_address": "the image service returned a file I'm not allowed to fetch.",
     "delivery_failed": "I couldn't send the result to this chat.",
+    "provider_unavailable": "the image service is having trouble right now. "
+    "Please try again in a few minutes.",
+    "rate_limited": "the image service is too busy right now. Please try again in a minute.",
+    "circuit_open": "the image service is having trouble right now. "
+    "Please try again in a few minutes.",
 }
 
 

@@ -66,6 +66,25 @@ def is_safety_refusal(text: str | None) -> bool:
     return any(word in lowered for word in _SAFETY_WORDS)
 
 
+# Which answers to a create/submit prove that the vendor created nothing (so sending it again
+# cannot pay twice), and which may hide a created request (look it up before sending again)?
+#   429 Too Many Requests, 503 Service Unavailable: the service refused to take work (rate
+#       limit, overload shedding, maintenance) before doing any: certainly NOT created.
+#   502 Bad Gateway, 504 Gateway Timeout: answered by a proxy in front of the API on behalf of
+#       a backend that failed or did not answer in time; the backend may have received and
+#       stored the create: MAYBE created.
+#   500 and every other 5xx: the API failed somewhere in handling the create, possibly after
+#       storing it: MAYBE created.
+# The vendors refine this (fal: its request-id header says whether the request reached its
+# queue), and a body that names the created request settles it.
+CERTAINLY_NOT_CREATED = frozenset({429, 503})
+
+
+def create_may_exist(status: int) -> bool:
+    """A create answered with this status may have created the request (see above)."""
+    return status >= 500 and status not in CERTAINLY_NOT_CREATED
+
+
 def error_for_status(
     provider: str,
     status: int,
@@ -76,8 +95,9 @@ def error_for_status(
 ) -> ProviderError:
     """Map a vendor HTTP error status to a ProviderError with the right retry decision.
 
-    Only a 429 is retried on submit (the vendor said it did not take the request); a 5xx on
-    submit may have created the request, so it is not sent again. Status polls retry 5xx too.
+    429 and 5xx are retried, on a submit too: the providers call this for a submit only once
+    they know nothing was created (a "maybe created" answer is looked up at the vendor first,
+    see `create_may_exist`). 4xx are the request's own fault and never retried.
     """
     if status == 429:
         return ProviderError(
@@ -101,10 +121,15 @@ def error_for_status(
         provider,
         detail or f"HTTP {status}",
         code="provider_unavailable",
-        is_retryable=not submit,
+        is_retryable=True,
         retry_after_s=retry_after_s,
         status=status,
     )
+
+
+def lost_create(provider: str, status: int, why: str) -> SubmitOutcomeUnknown:
+    """A create that may exist at the vendor and could not be found or ruled out."""
+    return SubmitOutcomeUnknown(provider, f"HTTP {status} to the create, and {why}")
 
 
 @contextmanager

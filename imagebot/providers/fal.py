@@ -4,9 +4,11 @@ Why not `fal-client` (1.0.3): it has no base-URL setting (hosts are fixed at imp
 always https), it retries a submit up to ten times on its own (each a paid request), and it
 sends `Authorization: Key …` to whatever status/result URLs a response names. The queue
 protocol is four documented calls, so this module speaks it directly: every URL is built from
-`fal.base_url` and the request id (never taken from a response), a submit is sent exactly once,
-and the key only ever goes to the configured host. The input photo travels as a data URI of
-bytes we downloaded ourselves: a Telegram file URL (it carries the bot token) is never sent.
+`fal.base_url` and the request id (never taken from a response), a submit is never resent by
+the client (the worker resends one only when fal's answer shows nothing was queued, see
+`_find_created`), and the key only ever goes to the configured host. The input photo travels
+as a data URI of bytes we downloaded ourselves: a Telegram file URL (it carries the bot token)
+is never sent.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from imagebot.models import ImageFile, PollResult, PollState, ProviderRequest
 from imagebot.providers.base import (
     error_for_status,
     is_safety_refusal,
+    lost_create,
     map_transport_errors,
     retry_after_seconds,
 )
@@ -48,6 +51,16 @@ def _detail(resp: httpx.Response) -> str:
         parts = [f"{d.get('type', '')}: {d.get('msg', '')}" for d in detail if isinstance(d, dict)]
         return "; ".join(parts) or str(detail)
     return str(detail)
+
+
+def _body_request_id(resp: httpx.Response) -> str | None:
+    """A `request_id` in an error answer's body, if it carries one."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    rid = body.get("request_id") if isinstance(body, dict) else None
+    return rid if isinstance(rid, str) else None
 
 
 class FalProvider:
@@ -78,10 +91,15 @@ class FalProvider:
             trust_env=False,
         )
 
-    async def _call(self, method: str, path: str, *, submit: bool, **kwargs: Any) -> Any:
+    async def _send(
+        self, method: str, path: str, *, submit: bool, **kwargs: Any
+    ) -> httpx.Response:
         async with self._limiter:
             with map_transport_errors(NAME, submit=submit):
-                resp = await self._http.request(method, path, **kwargs)
+                return await self._http.request(method, path, **kwargs)
+
+    @staticmethod
+    def _json(resp: httpx.Response, *, submit: bool) -> Any:
         if resp.status_code >= 400:
             raise error_for_status(
                 NAME,
@@ -99,6 +117,9 @@ class FalProvider:
         except ValueError as exc:
             raise ProviderError(NAME, "answer is not JSON", code="bad_response") from exc
 
+    async def _call(self, method: str, path: str, *, submit: bool, **kwargs: Any) -> Any:
+        return self._json(await self._send(method, path, submit=submit, **kwargs), submit=submit)
+
     async def submit(self, request: ProviderRequest) -> str:
         if request.image is None or not request.image_mime:
             raise ProviderError(NAME, "an edit needs an input image", code="invalid_input")
@@ -108,15 +129,49 @@ class FalProvider:
             "image_urls": [data_uri(request.image, request.image_mime)],
         }
         params = {"fal_webhook": request.notify_url} if request.notify_url else None
-        body = await self._call(
+        resp = await self._send(
             "POST", self._submit_path, submit=True, json=payload, params=params
         )
+        if resp.status_code >= 500 and (adopted := await self._find_created(resp)) is not None:
+            return adopted
+        body = self._json(resp, submit=True)
         request_id = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
             raise ProviderError(
                 NAME, "submit answer has no usable request_id", code="bad_response"
             )
         return request_id
+
+    async def _find_created(self, resp: httpx.Response) -> str | None:
+        """A 5xx to a submit: None if nothing was queued (the answer then maps to a retryable
+        error), the request id if it was queued after all (adopt it), SubmitOutcomeUnknown if
+        that cannot be told.
+
+        fal's rule, refining providers.base: every request that reaches fal's queue gets an id,
+        sent back in the `x-fal-request-id` header (or a `request_id` in the body), and that
+        id can be looked up. So a 5xx naming an id is looked up (status 200: adopt it; 404: it
+        was not queued). A 502/503/504 naming none came from the ingress in front of the queue
+        (fal's own client resends exactly those); other 5xx naming none may have been queued
+        with no way to find them, so they are never resent.
+        """
+        named = resp.headers.get("x-fal-request-id") or _body_request_id(resp)
+        status = resp.status_code
+        if not named:
+            if status in (502, 503, 504):
+                return None
+            raise lost_create(NAME, status, "fal named no request to look up")
+        if not _REQUEST_ID.fullmatch(named):
+            raise lost_create(NAME, status, "fal named an unusable request id")
+        path = f"{self._requests_path}/{named}/status"
+        try:
+            found = await self._send("GET", path, submit=False, params={"logs": "0"})
+        except ProviderError as exc:
+            raise lost_create(NAME, status, f"the lookup failed ({exc.code})") from exc
+        if found.status_code == 404:
+            return None
+        if found.status_code != 200:
+            raise lost_create(NAME, status, f"the lookup failed (HTTP {found.status_code})")
+        return named
 
     async def poll(self, request_id: str) -> PollResult:
         base = f"{self._requests_path}/{request_id}"

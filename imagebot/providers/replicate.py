@@ -9,8 +9,12 @@ the worker's. Outputs are downloaded by the SSRF-guarded fetcher, never through 
 
 from __future__ import annotations
 
+import re
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -19,22 +23,32 @@ from replicate.client import Client
 from replicate.exceptions import ReplicateError
 
 from imagebot.config import ReplicateSettings
+from imagebot.errors import ProviderError
 from imagebot.models import ImageFile, PollResult, PollState, ProviderRequest
 from imagebot.providers.base import (
+    create_may_exist,
     error_for_status,
     is_safety_refusal,
+    lost_create,
     map_transport_errors,
     retry_after_seconds,
 )
 
 NAME = "replicate"
 _PENDING = {"starting", "processing"}
+_PREDICTION_ID = re.compile(r"[a-z0-9]{8,64}")
+# Looking a create up: predictions created from this long before our send on (clock skew
+# between us and Replicate), at most this many pages of the list (100 each, newest first).
+_LOOKUP_SKEW_S = 30.0
+_LOOKUP_PAGES = 3
+_CLAIMED_MAX = 4096  # prediction ids this process created or adopted (never adopted twice)
 
 
 class _HTTPError(ReplicateError):
-    """ReplicateError that keeps the Retry-After the response carried."""
+    """ReplicateError that keeps the Retry-After and any prediction id the answer carried."""
 
     retry_after_s: float | None = None
+    prediction_id: str | None = None
 
 
 class _Client(Client):
@@ -73,6 +87,7 @@ class _Client(Client):
                 instance=error.instance,
             )
             wrapped.retry_after_s = retry_after_seconds(resp.headers)
+            wrapped.prediction_id = _named_prediction(resp)
             raise wrapped
         return resp
 
@@ -96,23 +111,126 @@ class ReplicateProvider:
         model, _, version = settings.model.partition(":")
         self._model = model
         self._version = version or None
+        self._claimed: OrderedDict[str, None] = OrderedDict()
 
     async def submit(self, request: ProviderRequest) -> str:
         payload = {**request.params, "prompt": request.prompt}
         hook: dict[str, Any] = {}
         if request.notify_url:
             hook = {"webhook": request.notify_url, "webhook_events_filter": ["completed"]}
-        async with self._limiter:
-            with _errors(submit=True):
-                if self._version:
-                    prediction = await self._client.predictions.async_create(
-                        version=self._version, input=payload, **hook
-                    )
-                else:
-                    prediction = await self._client.models.predictions.async_create(
-                        model=self._model, input=payload, **hook
-                    )
-        return str(prediction.id)
+        sent_at = time.time()
+        try:
+            async with self._limiter:
+                with map_transport_errors(NAME, submit=True):
+                    if self._version:
+                        prediction = await self._client.predictions.async_create(
+                            version=self._version, input=payload, **hook
+                        )
+                    else:
+                        prediction = await self._client.models.predictions.async_create(
+                            model=self._model, input=payload, **hook
+                        )
+        except ReplicateError as exc:
+            status = exc.status or 500
+            if create_may_exist(status):
+                found = await self._find_created(exc, status, payload, request, sent_at)
+                if found is not None:
+                    return found
+            raise _mapped(exc, submit=True) from exc
+        return self._claim(str(prediction.id))
+
+    # -- a create whose answer may hide a created prediction ------------------------------
+
+    async def _find_created(
+        self,
+        exc: ReplicateError,
+        status: int,
+        payload: dict[str, Any],
+        request: ProviderRequest,
+        sent_at: float,
+    ) -> str | None:
+        """Look a "maybe created" create up at Replicate: the prediction's id (adopt it), or
+        None when it certainly does not exist (send again). SubmitOutcomeUnknown when the
+        lookup cannot tell (never resent blindly).
+
+        A body naming a prediction id is asked for directly. Otherwise the list of
+        predictions created since the send is searched for ours: Replicate's documented
+        prediction object has no webhook field, so ours is the one with our model and exactly
+        our input (the per-job completion-hint URL is compared as well if an answer carries
+        `webhook`), that this process has not already created or adopted for another job.
+        """
+        named = getattr(exc, "prediction_id", None)
+        try:
+            if named:
+                try:
+                    async with self._limiter:
+                        await self._client._async_request("GET", f"/v1/predictions/{named}")
+                except ReplicateError as missing:
+                    if missing.status == 404:
+                        return None
+                    raise
+                return self._claim(named)
+            return await self._search(payload, request.notify_url, sent_at - _LOOKUP_SKEW_S)
+        except ReplicateError as lookup:
+            raise lost_create(NAME, status, f"the lookup failed (HTTP {lookup.status})") from exc
+        except (httpx.TransportError, ValueError) as lookup:
+            why = f"the lookup failed ({type(lookup).__name__})"
+            raise lost_create(NAME, status, why) from exc
+
+    async def _search(
+        self, payload: dict[str, Any], notify_url: str | None, since: float
+    ) -> str | None:
+        path: str | None = "/v1/predictions"
+        params: dict[str, str] | None = {"created_after": _iso(since)}
+        for _ in range(_LOOKUP_PAGES):
+            assert path is not None
+            async with self._limiter:
+                resp = await self._client._async_request("GET", path, params=params)
+            page = resp.json()
+            results = page.get("results") if isinstance(page, dict) else None
+            older = False
+            for item in results if isinstance(results, list) else []:
+                if not isinstance(item, dict):
+                    continue
+                created = _parse_time(item.get("created_at"))
+                if created is not None and created < since:
+                    older = True  # newest first: the rest are older still
+                    break
+                if self._is_ours(item, payload, notify_url):
+                    return self._claim(str(item["id"]))
+            path, params = self._next_page(page.get("next")), None
+            if older or path is None:
+                return None
+        raise ValueError("too many predictions to search")
+
+    def _is_ours(
+        self, item: dict[str, Any], payload: dict[str, Any], notify_url: str | None
+    ) -> bool:
+        pid = item.get("id")
+        if not isinstance(pid, str) or not _PREDICTION_ID.fullmatch(pid) or pid in self._claimed:
+            return False
+        if self._version and item.get("version") != self._version:
+            return False
+        if not self._version and item.get("model") not in (None, self._model):
+            return False
+        hook = item.get("webhook")
+        if hook is not None and notify_url is not None and hook != notify_url:
+            return False
+        given = item.get("input")
+        return isinstance(given, dict) and all(given.get(k) == v for k, v in payload.items())
+
+    def _next_page(self, url: Any) -> str | None:
+        """The `next` link as a path on our API host (never followed elsewhere)."""
+        base = self.settings.base_url.rstrip("/")
+        if not isinstance(url, str) or not url.startswith(base + "/"):
+            return None
+        return url[len(base) :]
+
+    def _claim(self, prediction_id: str) -> str:
+        self._claimed[prediction_id] = None
+        while len(self._claimed) > _CLAIMED_MAX:
+            self._claimed.popitem(last=False)
+        return prediction_id
 
     async def poll(self, request_id: str) -> PollResult:
         async with self._limiter:
@@ -155,10 +273,38 @@ def _errors(*, submit: bool) -> Iterator[None]:
         try:
             yield
         except ReplicateError as exc:
-            raise error_for_status(
-                NAME,
-                exc.status or 500,
-                exc.detail or exc.title or "error",
-                submit=submit,
-                retry_after_s=getattr(exc, "retry_after_s", None),
-            ) from exc
+            raise _mapped(exc, submit=submit) from exc
+
+
+def _mapped(exc: ReplicateError, *, submit: bool) -> ProviderError:
+    return error_for_status(
+        NAME,
+        exc.status or 500,
+        exc.detail or exc.title or "error",
+        submit=submit,
+        retry_after_s=getattr(exc, "retry_after_s", None),
+    )
+
+
+def _named_prediction(resp: httpx.Response) -> str | None:
+    """A prediction id in an error answer's body (`id`), if it carries one."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    pid = body.get("id") if isinstance(body, dict) else None
+    return pid if isinstance(pid, str) and _PREDICTION_ID.fullmatch(pid) else None
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+def _parse_time(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
