@@ -76,6 +76,11 @@ class _Client(Client):
         return self._http
 
     async def _async_request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        # Client 1.0.7 passes `timeout=None` with every create that does not wait (sync mode
+        # off), which httpx reads as "no timeout at all": a create to a hung API would then
+        # hang the job for good. Our request timeout applies instead.
+        if kwargs.get("timeout", httpx.USE_CLIENT_DEFAULT) is None:
+            del kwargs["timeout"]
         resp = await self._http.request(method, path, **kwargs)
         if resp.status_code >= 400:
             error = _HTTPError.from_response(resp)

@@ -132,6 +132,13 @@ class FakeServer:
         """Answer the next `times` calls of `op` with `status` and `body` (JSON if not bytes)."""
         self._faults.setdefault(op, []).append(Fault(status, body, dict(headers or {}), times))
 
+    def clear_faults(self, op: str | None = None) -> None:
+        """Drop the scripted faults of `op` (of every operation when None): the vendor is back."""
+        if op is None:
+            self._faults.clear()
+        else:
+            self._faults.pop(op, None)
+
     def delay_next(self, op: str, seconds: float, times: int = 1) -> None:
         """Hold the next `times` calls of `op` for `seconds` before answering."""
         self._delays.setdefault(op, []).extend([seconds] * times)

@@ -161,6 +161,8 @@ class FakeFal(FakeServer):
         self.files: dict[str, StoredFile] = {}
         self.refused_fetches: list[str] = []
         self._cdn_tokens: set[str] = set()
+        # answers given AFTER a submit queued its request: (status, name the request id)
+        self._lost_answers: list[tuple[int, bool]] = []
         r = self.app.router
         r.add_post("/storage/auth/token", self._storage_token)
         r.add_post("/files/upload", self._upload)
@@ -210,6 +212,12 @@ class FakeFal(FakeServer):
             )
             parts += [head.encode("utf-8", "surrogateescape"), call.body, b"\n"]
         return b"".join(parts)
+
+    def fail_after_submit(self, status: int, *, name_request: bool = True, times: int = 1) -> None:
+        """The next `times` submits queue their request and then answer `status`; with
+        `name_request` the answer carries the request's `x-fal-request-id` header, as fal's
+        answers do once a request reached its queue."""
+        self._lost_answers.extend([(status, name_request)] * times)
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -278,6 +286,12 @@ class FakeFal(FakeServer):
         if job.webhook_url:
             self.call_back_when(
                 job.webhook_url, lambda: job.completed_at_ts, lambda: _webhook_body(job)
+            )
+        if self._lost_answers:
+            status, name_request = self._lost_answers.pop(0)
+            headers = {"x-fal-request-id": job.id} if name_request else {}
+            return web.json_response(
+                {"detail": "upstream trouble"}, status=status, headers=headers
             )
         return web.json_response(
             {

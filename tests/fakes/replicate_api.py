@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import Call, FakeServer, serve_until_signalled
+from tests.fakes.base import Call, FakeServer, Fault, serve_until_signalled
 from tests.fakes.images import make_image
 
 NSFW_ERROR = (
@@ -179,9 +179,13 @@ class FakeReplicate(FakeServer):
         self.version_models: dict[str, str] = {}
         self.predictions: dict[str, FakePrediction] = {}
         self.files: dict[str, StoredFile] = {}
+        # answers given AFTER a create made its prediction (a gateway losing the answer)
+        self._lost_answers: list[tuple[int, Any, dict[str, str]]] = []
+        self.list_page_size = 100  # GET /v1/predictions page size (Replicate's is 100)
         r = self.app.router
         r.add_post("/v1/models/{owner}/{name}/predictions", self._create_for_model)
         r.add_post("/v1/predictions", self._create_for_version)
+        r.add_get("/v1/predictions", self._list)
         r.add_get("/v1/predictions/{id}", self._get)
         r.add_post("/v1/predictions/{id}/cancel", self._cancel)
         r.add_get("/files/{name}", self._file)
@@ -215,6 +219,22 @@ class FakeReplicate(FakeServer):
         """Make every output file created so far answer 404, as Replicate does after an hour."""
         for f in self.files.values():
             f.expired = True
+
+    def fail_after_create(
+        self,
+        status: int,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        times: int = 1,
+    ) -> None:
+        """The next `times` creates make their prediction and then answer `status` (as a
+        gateway whose backend took the create but timed out): `body` may be a function of the
+        prediction JSON, to answer with a body that names it."""
+        self._lost_answers.extend([(status, body, dict(headers or {}))] * times)
+
+    @property
+    def lists(self) -> list[Call]:
+        return self.calls_of("list")
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -273,6 +293,10 @@ class FakeReplicate(FakeServer):
             # Only "completed" events are sent (the filter the bot asks for).
             prediction.webhook = hook
             self.call_back_when(hook, lambda: prediction.completed_at_ts, prediction.to_json)
+        if self._lost_answers:
+            status, body, headers = self._lost_answers.pop(0)
+            answer = body(prediction.to_json()) if callable(body) else body
+            return self.fault_response(Fault(status, answer, headers))
         wait_s = parse_prefer_wait(request.headers.get("Prefer"))
         if wait_s is not None:
             await self._hold(prediction, wait_s)
@@ -289,6 +313,41 @@ class FakeReplicate(FakeServer):
             return problem(404, "Not found", "Not found.")
         prediction.polls += 1
         return web.json_response(prediction.to_json())
+
+    async def _list(self, request: web.Request) -> web.Response:
+        """`GET /v1/predictions`: newest first, `{next, previous, results}` pages, the
+        `created_after` / `created_before` filters and a `cursor` for the next page."""
+        await self._read("list", request)
+        if (refused := await self._guard("list", request)) is not None:
+            return refused
+        found = sorted(self.predictions.values(), key=lambda p: p.created, reverse=True)
+        for name, keep in (("created_after", True), ("created_before", False)):
+            if value := request.query.get(name):
+                try:
+                    bound = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+                except ValueError:
+                    return problem(400, "Bad request", f"{name} must be an ISO 8601 time")
+                found = [p for p in found if (p.created >= bound) is keep]
+        try:
+            start = int(request.query.get("cursor") or 0)
+        except ValueError:
+            return problem(400, "Bad request", "bad cursor")
+        size = self.list_page_size
+        page = found[start : start + size]
+        more = start + size < len(found)
+        base = f"{self.url}/v1/predictions"
+        filters = "".join(
+            f"&{k}={request.query[k]}"
+            for k in ("created_after", "created_before")
+            if k in request.query
+        )
+        return web.json_response(
+            {
+                "next": f"{base}?cursor={start + size}{filters}" if more else None,
+                "previous": f"{base}?cursor={max(0, start - size)}{filters}" if start else None,
+                "results": [{**p.to_json(), "source": "api"} for p in page],
+            }
+        )
 
     async def _cancel(self, request: web.Request) -> web.Response:
         await self._read("cancel", request)
