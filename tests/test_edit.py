@@ -768,18 +768,19 @@ async def test_failed_fal_request_fails_the_job(bot, telegram: FakeTelegram, fal
     assert any("safety filter" in t for t in telegram.texts(CHAT))
 
 
-@pytest.mark.parametrize("status", [500, 502, 503])
-async def test_submit_error_is_not_resent(
-    bot, telegram: FakeTelegram, fal: FakeFal, status: int
+@pytest.mark.parametrize(("status", "submits"), [(500, 1), (502, 2), (503, 2)])
+async def test_submit_error_is_resent_only_when_nothing_was_queued(
+    bot, telegram: FakeTelegram, fal: FakeFal, status: int, submits: int
 ) -> None:
-    """A 5xx answer to a submit may have created a paid request: it is never sent again."""
+    """A 502/503 naming no fal request came from the ingress: sent again and delivered; a 500
+    naming none may have queued a paid request that cannot be looked up: never sent again."""
     fal.fail_next("submit", status, {"detail": "upstream trouble"})
     file_id = telegram.add_file(make_image(64, 48))
     async with bot() as app:
         telegram.push_update(photo_upd(file_id, "/edit x"))
         (row,) = await finished(app)
-    assert row["status"] == "failed"
-    assert len(fal.submits) == 1
+    assert row["status"] == ("failed" if submits == 1 else "succeeded")
+    assert len(fal.submits) == submits and len(fal.requests) == submits - 1
 
 
 async def test_submit_without_answer_is_not_resent(
