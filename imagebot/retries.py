@@ -31,15 +31,18 @@ def retrying(
 ) -> AsyncRetrying:
     """An AsyncRetrying for at most `attempts` tries of a call.
 
-    Waits follow the error's `retry_after_s` when it has one (a vendor's Retry-After), else
-    exponential backoff with jitter; no wait runs past `deadline` (a time.monotonic value).
+    Waits follow the error's `retry_after_s` when it has one (a vendor's Retry-After, plus
+    jitter so that jobs told the same Retry-After do not all come back in the same instant),
+    else exponential backoff with jitter; no wait runs past `deadline` (a time.monotonic value).
     """
-    backoff = wait_exponential(multiplier=base_s, max=max_s) + wait_random(0, base_s)
+    jitter = wait_random(0, base_s)
+    backoff = wait_exponential(multiplier=base_s, max=max_s) + jitter
 
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
         hint = getattr(exc, "retry_after_s", None)
-        seconds = min(float(hint), MAX_RETRY_AFTER_S) if hint else backoff(state)
+        asked = min(float(hint), MAX_RETRY_AFTER_S) if hint else None
+        seconds = backoff(state) if asked is None else asked + jitter(state)
         if deadline is not None:
             seconds = max(0.0, min(seconds, deadline - time.monotonic()))
         return seconds
