@@ -23,6 +23,7 @@ from aiolimiter import AsyncLimiter
 
 from imagebot.config import FalSettings
 from imagebot.errors import ProviderError
+from imagebot.logs import get_logger
 from imagebot.models import ImageFile, PollResult, PollState, ProviderRequest
 from imagebot.providers.base import (
     error_for_status,
@@ -32,6 +33,7 @@ from imagebot.providers.base import (
     retry_after_seconds,
 )
 
+log = get_logger(__name__)
 NAME = "fal"
 # fal's request ids are UUIDs; anything else would be pasted into our request paths.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -167,11 +169,11 @@ class FalProvider:
             found = await self._send("GET", path, submit=False, params={"logs": "0"})
         except ProviderError as exc:
             raise lost_create(NAME, status, f"the lookup failed ({exc.code})") from exc
-        if found.status_code == 404:
-            return None
-        if found.status_code != 200:
+        adopted = named if found.status_code == 200 else None
+        log.warning("provider_create_looked_up", status=status, adopted=adopted)
+        if found.status_code not in (200, 404):
             raise lost_create(NAME, status, f"the lookup failed (HTTP {found.status_code})")
-        return named
+        return adopted
 
     async def poll(self, request_id: str) -> PollResult:
         base = f"{self._requests_path}/{request_id}"

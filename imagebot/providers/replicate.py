@@ -24,6 +24,7 @@ from replicate.exceptions import ReplicateError
 
 from imagebot.config import ReplicateSettings
 from imagebot.errors import ProviderError
+from imagebot.logs import get_logger
 from imagebot.models import ImageFile, PollResult, PollState, ProviderRequest
 from imagebot.providers.base import (
     create_may_exist,
@@ -34,6 +35,7 @@ from imagebot.providers.base import (
     retry_after_seconds,
 )
 
+log = get_logger(__name__)
 NAME = "replicate"
 _PENDING = {"starting", "processing"}
 _PREDICTION_ID = re.compile(r"[a-z0-9]{8,64}")
@@ -139,6 +141,7 @@ class ReplicateProvider:
             status = exc.status or 500
             if create_may_exist(status):
                 found = await self._find_created(exc, status, payload, request, sent_at)
+                log.warning("provider_create_looked_up", status=status, adopted=found)
                 if found is not None:
                     return found
             raise _mapped(exc, submit=True) from exc
