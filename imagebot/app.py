@@ -268,7 +268,9 @@ async def _start_credits(app: App) -> None:
             log.warning("stars_reconcile_failed", error=str(exc))
 
     interval = services.settings.credits.reconcile_interval_s
-    job_queue.run_repeating(reconcile, interval, first=0.0, name="stars-reconcile")
+    # APScheduler cannot start a repeating job "now": the start-up pass is its own job.
+    job_queue.run_once(reconcile, 0, name="stars-reconcile-startup")
+    job_queue.run_repeating(reconcile, interval, name="stars-reconcile")
 
 
 async def _initialize(app: App) -> None:
