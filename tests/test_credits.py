@@ -454,10 +454,11 @@ async def test_pre_checkout_is_answered_in_time_under_load(
             lambda: len(db_rows(app, "SELECT 1 FROM jobs WHERE status = 'running'")) == 100,
             within=40,
         )
-        # Every chat-bound call now gets a 30 s flood wait: the limiter pauses all of them.
+        # Every chat-bound call now gets a 15 s flood wait (longer than the 10 s Telegram gives
+        # a pre-checkout): the limiter pauses all of them.
         for method in ("sendMessage", "editMessageText", "sendChatAction", "deleteMessage"):
             telegram.fail_method(
-                method, 429, "Too Many Requests: retry after 30", retry_after=30, times=1000
+                method, 429, "Too Many Requests: retry after 15", retry_after=15, times=1000
             )
         for _ in range(300):  # bounded: until the bot has met a flood wait
             if metric(await ops_text(app, "/metrics"), "imagebot_telegram_flood_waits_total"):
