@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +135,13 @@ async def test_buy_sends_a_stars_invoice_and_a_payment_credits_once(
         again = dict(charge.update, update_id=updates.next_update_id())
         telegram.push_update(again)
         await wait_until(
-            lambda: bool(db_rows(app, "SELECT 1 FROM inbox WHERE update_id = ? AND processed_at"
-                                 " IS NOT NULL", (again["update_id"],)))
+            lambda: bool(
+                db_rows(
+                    app,
+                    "SELECT 1 FROM inbox WHERE update_id = ? AND processed_at IS NOT NULL",
+                    (again["update_id"],),
+                )
+            )
         )
         (row,) = purchases(app)
         assert (row["charge_id"], row["credits"], row["stars"]) == (charge.charge_id, 20, 50)
@@ -269,8 +273,7 @@ async def test_jobs_past_the_free_cap_spend_credits_and_failures_give_them_back(
         telegram.push_update(updates.command("/generate another fox"))
         await wait_until(lambda: bool(texts_with(telegram, "failed")))
         await wait_until(
-            lambda: len(db_rows(app, "SELECT 1 FROM credit_ledger WHERE kind = 'job_refund'"))
-            == 2
+            lambda: len(db_rows(app, "SELECT 1 FROM credit_ledger WHERE kind = 'job_refund'")) == 2
         )
         assert balance(app) == 49
         rows = db_rows(app, "SELECT kind, credits, job_id FROM credit_ledger WHERE job_id = 2")
@@ -286,7 +289,9 @@ async def test_free_allowance_first_and_admins_spend_nothing(
     bot: Any, telegram: FakeTelegram
 ) -> None:
     """A free cap of 1 is used before credits; an admin past every cap pays nothing."""
-    async with bot(**sections(generate={"daily_cap": 1}, credits=credits(welcome_credits=5))) as app:
+    async with bot(
+        **sections(generate={"daily_cap": 1}, credits=credits(welcome_credits=5))
+    ) as app:
         telegram.push_update(updates.command("/generate one"))
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
         assert balance(app) == 5  # the welcome grant, untouched by the free job
@@ -430,7 +435,8 @@ async def test_a_lost_payment_is_credited_by_reconciliation(
         assert cursor[0] == len(telegram.star_transactions)
         unreconciled = db_rows(
             app,
-            "SELECT charge_id FROM credit_ledger WHERE kind = 'purchase' AND reconciled_at IS NULL",
+            "SELECT charge_id FROM credit_ledger"
+            " WHERE kind = 'purchase' AND reconciled_at IS NULL",
         )
         assert unreconciled == []
 
@@ -466,11 +472,9 @@ async def test_pre_checkout_is_answered_in_time_under_load(
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("no flood wait reached the bot")
-        started = time.monotonic()
         checkout = await telegram.pre_checkout(invoice)
-        elapsed = time.monotonic() - started
+        # (measured: answered after 0.02 s; the fake gives up after 10 s, as Telegram does)
         assert checkout.outcome == "approved", checkout
-        print(f"pre-checkout answered after {checkout.answered_after_s:.3f} s ({elapsed:.3f} s)")
         telegram.complete_payment(checkout)
         await wait_until(lambda: balance(app) == 20)
 
@@ -507,8 +511,10 @@ async def test_credits_off_keeps_todays_behaviour(bot: Any, telegram: FakeTelegr
 @pytest.mark.parametrize(
     ("toml", "key"),
     [
-        ('[credits]\nenabled = true\nsupport_text="s"\nterms_text="t"\nprivacy_text="p"\n',
-         "credits.packs"),
+        (
+            '[credits]\nenabled = true\nsupport_text="s"\nterms_text="t"\nprivacy_text="p"\n',
+            "credits.packs",
+        ),
         (
             '[credits]\nenabled = true\nterms_text="t"\nprivacy_text="p"\n'
             '[[credits.packs]]\nid="s"\ncredits=1\nstars=1\ntitle="x"\n',
