@@ -541,3 +541,61 @@ def test_bad_credits_config_names_the_key(
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
     assert caught.value.key == key
+
+
+async def test_a_canceled_paid_job_gives_its_credits_back(
+    bot: Any, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """/cancel on a paid job still at the provider: the job is canceled and its credit is back
+    in the balance."""
+    replicate.latency_s = 30.0
+    async with bot(**sections()) as app:
+        telegram.push_update(updates.command(f"/grant {USER} 3", chat_id=ADMIN, user_id=ADMIN))
+        await wait_until(lambda: balance(app) == 3)
+        telegram.push_update(updates.command("/generate a slow fox"))
+        await wait_until(lambda: len(replicate.creates) == 1)
+        assert balance(app) == 2
+        telegram.push_update(updates.command("/cancel"))
+        await wait_until(
+            lambda: [r["status"] for r in db_rows(app, "SELECT status FROM jobs")] == ["canceled"]
+        )
+        await wait_until(lambda: balance(app) == 3)
+
+
+def test_withheld_images_are_given_back(make_settings: Any) -> None:
+    """A paid job that reserved for two images but delivered one keeps one image's price; a
+    failed one keeps nothing."""
+    from imagebot.credits import Credits
+    from imagebot.metrics import Metrics
+    from imagebot.models import Job, JobKind, JobStatus, Phase
+    from imagebot.policy import Policy
+    from imagebot.store.db import Database
+    from imagebot.store.jobs import JobStore
+    from imagebot.store.ledger import Ledger
+
+    settings = make_settings(
+        credits=credits(generate_cost=2), generate={"params": {"num_outputs": 2}}
+    )
+    db = Database(settings.storage.database)
+    rules = Credits(settings, Ledger(db), Policy(settings), Metrics(), JobStore(db))
+    assert rules.job_cost(JobKind.GENERATE) == 4
+    job = Job(
+        id=1,
+        kind=JobKind.GENERATE,
+        status=JobStatus.SUCCEEDED,
+        phase=Phase.DONE,
+        update_id=1,
+        chat_id=CHAT,
+        user_id=USER,
+        chat_type="private",
+        prompt="two foxes",
+        provider="replicate",
+        params={},
+        created_at="2026-12-03T00:00:00.000Z",
+        result_file_ids=["only-one"],
+    )
+    assert rules.due(job, 4)[0] == 2
+    job.result_file_ids = ["a", "b"]
+    assert rules.due(job, 4)[0] == 4
+    job.status = JobStatus.FAILED
+    assert rules.due(job, 4)[0] == 0
