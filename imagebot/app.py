@@ -13,15 +13,17 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from telegram.error import InvalidToken, NetworkError
+from telegram import Bot
+from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, ContextTypes
 
 from imagebot.bot.context import SERVICES_KEY, BotContext
 from imagebot.bot.handlers import register
 from imagebot.botapi import AiohttpBotRequest
 from imagebot.config import Settings
+from imagebot.credits import Credits
 from imagebot.delivery import Delivery
-from imagebot.errors import ConfigError
+from imagebot.errors import ConfigError, StoreError
 from imagebot.health import Heartbeat, sd_notify
 from imagebot.hints import CompletionHints
 from imagebot.intake import Intake, PerChatUpdateProcessor
@@ -47,9 +49,11 @@ from imagebot.ratelimit import TelegramRateLimiter
 from imagebot.results import ResultFiles
 from imagebot.runtime import freeze_startup_objects, thaw_startup_objects
 from imagebot.services import Services
+from imagebot.stars import Stars
 from imagebot.store.db import Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
+from imagebot.store.ledger import Ledger
 from imagebot.store.migrate import migrate
 from imagebot.worker import JobRunner
 
@@ -180,24 +184,93 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         hints=hints,
         on_fatal=lambda why: app_ref[0].request_stop(why, exit_code=2),
     )
+    policy = Policy(settings)
+    credits, stars = _credits(settings, application, db, store, policy, metrics, delivery)
+    if credits is not None and stars is not None:
+        pipeline.on_final = credits.settle
+        intake.direct["pre_checkout_query"] = stars.answer_pre_checkout
     services = Services(
         settings=settings,
         db=db,
         inbox=inbox,
         store=store,
-        policy=Policy(settings),
+        policy=policy,
         runner=runner,
         delivery=delivery,
         progress=progress,
         metrics=metrics,
         results=results,
         intake=intake,
+        credits=credits,
+        stars=stars,
     )
     application.bot_data[SERVICES_KEY] = services
     register(application)
     app = App(services, application, OpsServer(services, state), state, providers, fetcher)
     app_ref.append(app)
     return app
+
+
+def _credits(
+    settings: Settings,
+    application: Application[Any, Any, Any, Any, Any, Any],
+    db: Database,
+    store: JobStore,
+    policy: Policy,
+    metrics: Metrics,
+    delivery: Delivery,
+) -> tuple[Credits | None, Stars | None]:
+    """Credits and Stars when `credits.enabled` (otherwise nothing changes)."""
+    if not settings.credits.enabled:
+        return None, None
+    ledger = Ledger(db)
+    credits = Credits(settings, ledger, policy, metrics, store)
+    tg = settings.telegram
+    # The pre-checkout answer's own Bot: its own connections and no outgoing rate limiter, so
+    # neither busy jobs nor a flood wait can hold it past Telegram's 10 s.
+    answer_bot = Bot(
+        settings.bot_token,
+        base_url=tg.bot_url,
+        base_file_url=tg.file_url,
+        request=AiohttpBotRequest(
+            connection_pool_size=8, read_timeout=8.0, pool_timeout=2.0, connect_timeout=5.0
+        ),
+        get_updates_request=AiohttpBotRequest(connection_pool_size=1),
+    )
+    stars = Stars(
+        settings=settings,
+        ledger=ledger,
+        credits=credits,
+        metrics=metrics,
+        bot=application.bot,
+        answer_bot=answer_bot,
+        delivery=delivery,
+    )
+    return credits, stars
+
+
+async def _start_credits(app: App) -> None:
+    """Open the pre-checkout connections; reconcile with Telegram now and periodically."""
+    services = app.services
+    credits, stars = services.credits, services.stars
+    if credits is None or stars is None:
+        return
+    await stars.start()
+    job_queue = app.application.job_queue
+    assert job_queue is not None
+
+    async def reconcile(_: object) -> None:
+        unbind_all()
+        try:
+            await credits.settle_leftovers()
+            await stars.reconcile()
+        except (TelegramError, StoreError) as exc:
+            log.warning("stars_reconcile_failed", error=str(exc))
+
+    interval = services.settings.credits.reconcile_interval_s
+    # APScheduler cannot start a repeating job "now": the start-up pass is its own job.
+    job_queue.run_once(reconcile, 0, name="stars-reconcile-startup")
+    job_queue.run_repeating(reconcile, interval, name="stars-reconcile")
 
 
 async def _initialize(app: App) -> None:
@@ -285,6 +358,7 @@ async def run(app: App) -> int:
         try:
             await app.application.start()
             _schedule_maintenance(app)
+            await _start_credits(app)
             await services.runner.recover()
             await services.intake.replay()
             freeze_startup_objects()
@@ -303,6 +377,8 @@ async def run(app: App) -> int:
             if app.application.running:
                 await app.application.stop()
             await app.application.shutdown()
+            if services.stars is not None:
+                await services.stars.stop()
     except asyncio.CancelledError:
         log.info("start_aborted")
     finally:

@@ -249,6 +249,60 @@ class LogSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class CreditPack(Section):
+    """One [[credits.packs]] entry: what /buy offers."""
+
+    id: str
+    credits: int = Field(ge=1, le=1_000_000)
+    stars: int = Field(ge=1, le=100_000)  # whole Stars (XTR has no minor units)
+    title: str = Field(min_length=1, max_length=32)  # Telegram's invoice title limit
+
+    @field_validator("id")
+    @classmethod
+    def _pack_id(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9-]{1,32}", value):
+            raise ValueError("must be 1-32 of a-z 0-9 -")
+        return value
+
+
+class CreditsSettings(Section):
+    """Credits bought with Telegram Stars and spent past the free daily caps (off by default)."""
+
+    enabled: bool = False
+    generate_cost: int = Field(1, ge=0, le=10_000)  # credits per delivered image
+    edit_cost: int = Field(3, ge=0, le=10_000)
+    upscale_cost: int = Field(1, ge=0, le=10_000)  # if the upscale operation exists
+    welcome_credits: int = Field(0, ge=0, le=1_000_000)  # granted once to a new allowed user
+    support_text: str = ""  # /paysupport (Telegram requires it)
+    terms_text: str = ""  # /terms
+    privacy_text: str = ""  # /privacy
+    reconcile_interval_s: float = Field(3600, ge=10)  # getStarTransactions pass (and at start)
+    reconcile_page_size: int = Field(100, ge=1, le=100)  # entries per getStarTransactions call
+    packs: list[CreditPack] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> CreditsSettings:
+        seen: set[str] = set()
+        for n, pack in enumerate(self.packs):
+            if pack.id in seen:
+                raise _Problem(f"credits.packs.{n}.id", f"{pack.id!r} is used by another pack")
+            seen.add(pack.id)
+        if self.enabled:
+            if not self.packs:
+                raise _Problem("credits.packs", "needs at least one pack when credits are enabled")
+            for key in ("support_text", "terms_text", "privacy_text"):
+                if not getattr(self, key).strip():
+                    raise _Problem(
+                        f"credits.{key}",
+                        "is required when credits are enabled (Telegram asks "
+                        "bots that sell to answer /paysupport, /terms and /privacy)",
+                    )
+        return self
+
+    def pack(self, pack_id: str) -> CreditPack | None:
+        return next((p for p in self.packs if p.id == pack_id), None)
+
+
 class Settings(BaseSettings):
     """All of imagebot's settings; secrets come from their own environment variables."""
 
@@ -272,6 +326,7 @@ class Settings(BaseSettings):
     media: MediaSettings = MediaSettings()
     progress: ProgressSettings = ProgressSettings()
     logs: LogSettings = LogSettings()
+    credits: CreditsSettings = CreditsSettings()
 
     telegram_bot_token: SecretStr | None = Field(None, validation_alias="TELEGRAM_BOT_TOKEN")
     replicate_api_token: SecretStr | None = Field(None, validation_alias="REPLICATE_API_TOKEN")

@@ -16,7 +16,7 @@ import asyncio
 import hmac
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -35,7 +35,7 @@ from imagebot.threaded_site import ThreadedSite
 
 log = get_logger(__name__)
 
-ALLOWED_UPDATES = ["message", "callback_query"]
+ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query"]
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 - a header name
 _MAX_BACKOFF_S = 30.0
 _MAX_TRACKED = 10_000
@@ -119,6 +119,10 @@ class Intake:
         self._poll_task: asyncio.Task[None] | None = None
         self._web: ThreadedSite | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Update kinds answered at once, beside the Application and its per-chat processor
+        # (a pre_checkout_query must be answered within 10 s whatever else is going on).
+        self.direct: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {}
+        self._direct_tasks: set[asyncio.Task[None]] = set()
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
         self._secret = secret.encode()
 
@@ -155,12 +159,38 @@ class Intake:
         if len(self._received) > _MAX_TRACKED:
             self._received.clear()
         self._received[int(payload["update_id"])] = arrived
+        if self._take_direct(payload):
+            return
         self.application.update_queue.put_nowait(Update.de_json(payload, self.application.bot))
+
+    def _take_direct(self, payload: dict[str, Any]) -> bool:
+        """Run a `direct` handler for this update as its own task; False if none applies."""
+        handler = self.direct.get(update_kind(payload))
+        if handler is None:
+            return False
+        task = asyncio.get_running_loop().create_task(self._run_direct(handler, payload))
+        self._direct_tasks.add(task)
+        task.add_done_callback(self._direct_tasks.discard)
+        return True
+
+    async def _run_direct(
+        self, handler: Callable[[dict[str, Any]], Awaitable[None]], payload: dict[str, Any]
+    ) -> None:
+        update_id = int(payload["update_id"])
+        try:
+            with structlog.contextvars.bound_contextvars(update_id=update_id):
+                await handler(payload)
+        except Exception:
+            log.exception("direct_update_failed", update_id=update_id)
+        finally:
+            await self.inbox.mark_processed(update_id)
 
     async def replay(self) -> int:
         """Queue updates that were saved but not processed when the last run stopped."""
         saved = await self.inbox.unprocessed()
         for item in saved:
+            if self._take_direct(item.payload):
+                continue
             await self.application.update_queue.put(
                 Update.de_json(item.payload, self.application.bot)
             )

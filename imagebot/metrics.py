@@ -153,6 +153,26 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        # Credits and Telegram Stars (issue 18)
+        self.stars_received = Counter(
+            "imagebot_stars_received", "Telegram Stars credited from payments", registry=r
+        )
+        self.stars_refunded = Counter(
+            "imagebot_stars_refunded", "Telegram Stars given back (refunds)", registry=r
+        )
+        self.credits_spent = Counter(
+            "imagebot_credits_spent",
+            "Credits kept by finished jobs (after any give-back), by job kind",
+            ["kind"],
+            registry=r,
+        )
+        self.payments = Counter(
+            "imagebot_payments",
+            "Payment events, by outcome (precheckout_ok, precheckout_refused, credited, "
+            "duplicate, unmatched, reconciled, refunded, refund_failed, refunded_elsewhere)",
+            ["outcome"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -24,6 +24,7 @@ from imagebot.models import Job, JobKind, JobStatus
 from imagebot.services import Services
 from imagebot.store.db import iso
 from imagebot.store.jobs import JobFilter
+from imagebot.store.ledger import Ledger
 
 SERVICES = web.AppKey("services", Services)
 
@@ -156,9 +157,10 @@ async def list_jobs(request: web.Request) -> web.Response:
     more = len(jobs) > limit
     jobs = jobs[:limit]
     redactor = request.app[REDACTOR]
+    costs = await Ledger(services.db).job_costs([j.id for j in jobs])
     return web.json_response(
         {
-            "jobs": [job_json(j, redactor) for j in jobs],
+            "jobs": [job_json(j, redactor) | {"credits_cost": costs.get(j.id, 0)} for j in jobs],
             "count": len(jobs),
             "next_before": jobs[-1].id if more else None,
         }
@@ -167,10 +169,14 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 async def get_job(request: web.Request) -> web.Response:
     job_id = _int(request.match_info["job_id"], "job id")
-    job = await request.app[SERVICES].store.get(job_id or 0)
+    services = request.app[SERVICES]
+    job = await services.store.get(job_id or 0)
     if job is None:
         return web.json_response({"error": "no such job"}, status=404)
-    return web.json_response(job_json(job, request.app[REDACTOR]))
+    costs = await Ledger(services.db).job_costs([job.id])
+    return web.json_response(
+        job_json(job, request.app[REDACTOR]) | {"credits_cost": costs.get(job.id, 0)}
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -94,6 +94,8 @@ class Pipeline:
             metrics=metrics,
             providers=sorted({p.name for p in providers.values()}),
         )
+        # Called first in `settle` (every final status passes there): credits settle a job.
+        self.on_final: Callable[[Job], Awaitable[None]] | None = None
 
     def _retrying(
         self,
@@ -417,6 +419,8 @@ class Pipeline:
         finished by the runner's `recover`; this step is at-least-once (best effort: a
         refused send is not retried forever).
         """
+        if self.on_final is not None:
+            await self.on_final(job)  # credits: give back what a failed/canceled job reserved
         if job.status is JobStatus.SUCCEEDED:
             await self.progress.done(job)
         elif job.status is JobStatus.CANCELED:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from imagebot.config import Settings
+from imagebot.credits import Credits
 from imagebot.delivery import Delivery
 from imagebot.intake import Intake
 from imagebot.metrics import Metrics
 from imagebot.policy import Policy
 from imagebot.progress import Progress
 from imagebot.results import ResultFiles
+from imagebot.stars import Stars
 from imagebot.store.db import Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
@@ -30,3 +32,5 @@ class Services:
     metrics: Metrics
     results: ResultFiles
     intake: Intake
+    credits: Credits | None = None  # credits.enabled: prices, reservations (issue 18)
+    stars: Stars | None = None  # credits.enabled: invoices, payments, refunds

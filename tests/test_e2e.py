@@ -89,7 +89,11 @@ async def test_generate_by_webhook(bot, telegram: FakeTelegram, replicate: FakeR
     async with bot(telegram={"mode": "webhook"}) as app:
         assert telegram.webhook is not None
         assert telegram.webhook.secret_token == WEBHOOK_SECRET
-        assert telegram.webhook.allowed_updates == ["message", "callback_query"]
+        assert telegram.webhook.allowed_updates == [
+            "message",
+            "callback_query",
+            "pre_checkout_query",
+        ]
         update = updates.command("/generate@imagebot_test_bot a lighthouse at dawn")
         status, body = await updates.post_webhook(webhook_url(app), update, WEBHOOK_SECRET)
         assert (status, body) == (200, "")

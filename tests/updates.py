@@ -476,3 +476,86 @@ async def post_webhook(
         session.post(url, data=json.dumps(update).encode(), headers=headers) as response,
     ):
         return response.status, await response.text()
+
+
+# -- payments (Telegram Stars) -------------------------------------------------------------
+
+
+def pre_checkout_query(
+    *,
+    query_id: str,
+    user_id: int = DEFAULT_USER_ID,
+    currency: str = "XTR",
+    total_amount: int,
+    invoice_payload: str,
+    update_id: int | None = None,
+    username: str = "alice",
+) -> dict[str, Any]:
+    """A pre_checkout_query update (it has no chat and no date)."""
+    query = {
+        "id": query_id,
+        "from": user(user_id, username),
+        "currency": currency,
+        "total_amount": total_amount,
+        "invoice_payload": invoice_payload,
+    }
+    return {"update_id": _update_ids.claim(update_id), "pre_checkout_query": query}
+
+
+def successful_payment(
+    *,
+    charge_id: str,
+    total_amount: int,
+    invoice_payload: str,
+    user_id: int = DEFAULT_USER_ID,
+    chat_id: int | None = None,
+    currency: str = "XTR",
+    update_id: int | None = None,
+    username: str = "alice",
+) -> dict[str, Any]:
+    """A message update carrying successful_payment (a service message in the payer's chat)."""
+    payment = {
+        "currency": currency,
+        "total_amount": total_amount,
+        "invoice_payload": invoice_payload,
+        "telegram_payment_charge_id": charge_id,
+        "provider_payment_charge_id": "",
+    }
+    message = _message(
+        chat_id=user_id if chat_id is None else chat_id,
+        user_id=user_id,
+        chat_type=None,
+        message_id=None,
+        reply_to=None,
+        username=username,
+        successful_payment=payment,
+    )
+    return _update(message, update_id)
+
+
+def refunded_payment(
+    *,
+    charge_id: str,
+    total_amount: int,
+    invoice_payload: str,
+    user_id: int = DEFAULT_USER_ID,
+    chat_id: int | None = None,
+    update_id: int | None = None,
+) -> dict[str, Any]:
+    """A message update carrying refunded_payment (Bot API 7.7)."""
+    refunded = {
+        "currency": "XTR",
+        "total_amount": total_amount,
+        "invoice_payload": invoice_payload,
+        "telegram_payment_charge_id": charge_id,
+    }
+    message = _message(
+        chat_id=user_id if chat_id is None else chat_id,
+        user_id=user_id,
+        chat_type=None,
+        message_id=None,
+        reply_to=None,
+        username="alice",
+        refunded_payment=refunded,
+    )
+    return _update(message, update_id)

@@ -7,7 +7,7 @@ from typing import Any
 from telegram import Update
 from telegram.ext import Application, CommandHandler, MessageHandler, filters
 
-from imagebot.bot import buttons, edit, texts
+from imagebot.bot import buttons, edit, payments, texts
 from imagebot.bot.context import BotContext
 from imagebot.bot.errors import on_error
 from imagebot.bot.requests import (
@@ -108,6 +108,9 @@ def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     application.add_handler(CommandHandler("generate", generate, filters=new_messages))
     application.add_handler(CommandHandler("usage", usage, filters=new_messages))
     application.add_handler(CommandHandler("cancel", cancel, filters=new_messages))
+    if application.bot_data["services"].settings.credits.enabled:
+        payments.register_payment_messages(application)  # group -1, ahead of /edit
+        payments.register(application)
     for handler in buttons.handlers():
         application.add_handler(handler)
     application.add_handler(edit.stray_media_handler())

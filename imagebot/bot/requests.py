@@ -9,17 +9,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from telegram import Chat, Message, Update, User
+from telegram import Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
 
 from imagebot.bot import texts
 from imagebot.bot.context import BotContext
 from imagebot.breaker import CIRCUIT_OPEN
+from imagebot.config import CreditPack
+from imagebot.credits import Paid
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.models import Job, JobKind, NewJob
 from imagebot.policy import Decision, Reason
 from imagebot.services import Services
 from imagebot.store.db import utcnow
+from imagebot.store.ledger import NotEnoughCredits
 from imagebot.store.usage import claim_notice
 
 log = get_logger(__name__)
@@ -115,6 +118,42 @@ async def refuse_while_down(services: Services, job: Job) -> None:
     await services.runner.pipeline.fail(job, CIRCUIT_OPEN, "refused: the provider is down")
 
 
+def packs_keyboard(packs: list[CreditPack]) -> InlineKeyboardMarkup:
+    """One button per pack; the callback names only the pack (the price is read server-side)."""
+    return InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton(
+                    texts.pack_button(p.title, p.stars), callback_data=f"buy:{p.id}"
+                )
+            ]
+            for p in packs
+        ]
+    )
+
+
+async def offer_packs(
+    update: Update, context: BotContext, kind: JobKind, short: NotEnoughCredits
+) -> None:
+    """Past the free allowance without enough credits: say so, with the packs as buttons."""
+    services = context.services
+    chat, message = update.effective_chat, update.effective_message
+    services.metrics.refusals.labels("credits").inc()
+    log.info("request_refused", reason="credits", balance=short.balance, needed=short.needed)
+    if chat is None:
+        return
+    free_disabled = getattr(services.settings, kind.value).daily_cap == 0
+    try:
+        await services.delivery.send_text(
+            chat.id,
+            texts.not_enough_credits(kind, short.needed, short.balance, free_disabled),
+            reply_to=message.message_id if message else None,
+            markup=packs_keyboard(services.settings.credits.packs),
+        )
+    except DeliveryError as exc:
+        log.warning("reply_failed", error_code=exc.code)
+
+
 def _operation(
     context: BotContext, kind: JobKind
 ) -> tuple[str, dict[str, str | int | float | bool]]:
@@ -163,19 +202,36 @@ async def request_job(
     )
     now = utcnow()
     async with services.runner.acknowledging(update.update_id):
-        decision_or_none, job = await services.store.create(
-            new,
-            decide=lambda counters: services.policy.decide(user.id, kind, counters, now),
-            with_spend=services.settings.limits.daily_spend_usd > 0,
-        )
+        credits = services.credits
+        try:
+            decision_or_none, job = await services.store.create(
+                new,
+                decide=lambda counters: (
+                    credits.decide(user.id, kind, counters, now)
+                    if credits is not None
+                    else services.policy.decide(user.id, kind, counters, now)
+                ),
+                with_spend=services.settings.limits.daily_spend_usd > 0,
+                after_insert=(
+                    lambda conn, job_id, decision: credits.after_insert(
+                        conn, job_id, user.id, decision
+                    )
+                )
+                if credits is not None and credits.enabled
+                else None,
+            )
+        except NotEnoughCredits as short:
+            await offer_packs(update, context, kind, short)
+            return None
         if job is None:
             if decision_or_none is None:
                 log.info("update_already_made_job")
-            else:
+            elif not isinstance(decision_or_none, Paid):
                 await refuse(update, context, kind, decision_or_none)
             return None
         services.metrics.jobs_created.labels(kind.value).inc()
-        log.info("job_created", job_id=job.id, kind=kind.value, provider=provider)
+        paid = decision_or_none.credits if isinstance(decision_or_none, Paid) else 0
+        log.info("job_created", job_id=job.id, kind=kind.value, provider=provider, credits=paid)
         if not services.runner.pipeline.breakers.get(provider).admit(job.id):
             await refuse_while_down(services, job)
             return job

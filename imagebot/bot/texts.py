@@ -219,3 +219,126 @@ EDIT_NOT_IMAGE_FILE = "That file isn't an image I can edit. Send a JPEG, PNG or 
 
 def unknown_command(command: str) -> str:
     return f"I don't know {utf16_trim(command, 64)}. Try /help."
+
+
+# -- credits and payments (Telegram Stars) -------------------------------------------------
+
+STAR = "⭐"
+BUY_CHOOSE = "Choose a pack of credits (paid with Telegram Stars):"
+BUY_UNKNOWN_PACK = "I don't know that pack. Send /buy to see the packs."
+BUY_FAILED = "Sorry, I couldn't create the invoice. Please try again in a moment."
+PAY_UNKNOWN_ORDER = "This invoice isn't valid any more. Send /buy for a new one."
+PAY_NOT_YOURS = "This invoice was made for someone else. Send /buy to get your own."
+PAY_ALREADY_PAID = "This invoice is already paid. Send /buy to buy more credits."
+PAY_PRICE_CHANGED = "The amount doesn't match this invoice. Send /buy for a new one."
+ADMIN_ONLY = "Only the bot's admins can do that."
+REFUND_USAGE = "Usage: /refund <charge id> (the charge id is in the receipt and in /balance)."
+GRANT_USAGE = "Usage: /grant <user id> <credits> [note], e.g. /grant 12345 10 sorry for the wait"
+
+
+def _credits(n: int) -> str:
+    return f"{n} credit" if n == 1 else f"{n} credits"
+
+
+def pack_button(title: str, stars: int) -> str:
+    return f"{title} - {stars} {STAR}"
+
+
+def invoice_description(credits: int) -> str:
+    return (
+        f"{_credits(credits)} for images in this bot, used once your free daily allowance "
+        "is spent."
+    )
+
+
+def receipt(credits: int, stars: int, balance: int) -> str:
+    if credits <= 0:
+        return (
+            f"Payment of {stars} {STAR} received, but I couldn't match it to an order. "
+            "The bot's owner will sort it out; /paysupport if you have questions."
+        )
+    return (
+        f"Thank you! {stars} {STAR} received: +{_credits(credits)}.\n"
+        f"Your balance: {_credits(balance)}."
+    )
+
+
+def not_enough_credits(kind: JobKind, needed: int, balance: int, free_disabled: bool) -> str:
+    free = (
+        f"{_LABEL[kind]} isn't free on this bot"
+        if free_disabled
+        else f"You've used today's free {_NOUN[kind]}"
+    )
+    return (
+        f"{free}. This one costs {_credits(needed)} and you have {_credits(balance)}.\n"
+        "Buy credits below (paid with Telegram Stars):"
+    )
+
+
+def balance_text(
+    balance: int,
+    costs: dict[str, int],
+    purchases: list[tuple[str, int, int, str]],
+    is_admin: bool,
+) -> str:
+    """`purchases`: (date, credits, stars, charge id), newest first."""
+    lines = [f"Your balance: {_credits(balance)}."]
+    if is_admin:
+        lines.append("As an admin you don't spend credits.")
+    lines.append("Once your free daily allowance is used, each image costs:")
+    for name, cost in costs.items():
+        lines.append(f"• {name}: {_credits(cost)}")
+    if purchases:
+        lines.append("Your last purchases:")
+        for day, credits, stars, charge_id in purchases:
+            lines.append(f"• {day}: +{_credits(credits)} for {stars} {STAR} (charge {charge_id})")
+    lines.append("/buy to get more credits.")
+    return "\n".join(lines)
+
+
+def paysupport(support_text: str, charges: list[tuple[str, int, str]]) -> str:
+    """`charges`: (date, stars, charge id) of the user's last payments."""
+    text = support_text.strip()
+    if charges:
+        listed = "\n".join(f"• {day}: {stars} {STAR}, charge {cid}" for day, stars, cid in charges)
+        text += f"\n\nYour last payments (quote the charge id when you write):\n{listed}"
+    return text
+
+
+def refund_unknown(charge_id: str) -> str:
+    return f"No purchase with charge id {utf16_trim(charge_id, 200)} is recorded."
+
+
+def refund_already(charge_id: str) -> str:
+    return f"Charge {charge_id} is already refunded."
+
+
+def refund_refused_balance(user_id: int, balance: int, credits: int) -> str:
+    return (
+        f"Not refunded: user {user_id} has {_credits(balance)} left and this purchase gave "
+        f"{_credits(credits)}. A refund takes the credits back and a balance can't go below "
+        "zero. /grant them first if you want to refund anyway."
+    )
+
+
+def refund_failed(charge_id: str, error: str) -> str:
+    return f"Telegram didn't refund charge {charge_id}: {utf16_trim(error, 300)}. Nothing changed."
+
+
+def refund_done(charge_id: str, user_id: int, stars: int, balance: int) -> str:
+    return (
+        f"Refunded charge {charge_id}: {stars} {STAR} back to user {user_id}; "
+        f"their balance is now {_credits(balance)}."
+    )
+
+
+def refund_notice(stars: int, balance: int) -> str:
+    return f"{stars} {STAR} were refunded to you. Your balance: {_credits(balance)}."
+
+
+def grant_done(user_id: int, credits: int, balance: int) -> str:
+    return f"Gave user {user_id} {_credits(credits)}; their balance is now {_credits(balance)}."
+
+
+def granted_notice(credits: int, balance: int) -> str:
+    return f"You got {_credits(credits)} from the bot's owner. Your balance: {_credits(balance)}."

@@ -65,13 +65,20 @@ class JobStore:
         self.db = db
 
     async def create(
-        self, new: NewJob, decide: Callable[[Counters], D], *, with_spend: bool = True
+        self,
+        new: NewJob,
+        decide: Callable[[Counters], D],
+        *,
+        with_spend: bool = True,
+        after_insert: Callable[[sqlite3.Connection, int, D], None] | None = None,
     ) -> tuple[D | None, Job | None]:
         """Create a job for an update if `decide(counters)` allows it, in one transaction.
 
         The same transaction marks the update processed, so a crash leaves either both or
         neither. Returns (None, None) when the update already made a job (a resent update).
-        `decide` runs on the writer thread, between reading the counters and inserting.
+        `decide` runs on the writer thread, between reading the counters and inserting;
+        `after_insert(conn, job_id, decision)` right after the insert, in the same transaction
+        (credits reserve there; an exception it raises rolls the job back and propagates).
         """
         now = utcnow()
         stamp = iso(now)
@@ -111,6 +118,8 @@ class JobStore:
                     stamp,
                 ),
             )
+            if after_insert is not None:
+                after_insert(conn, int(row.lastrowid or 0), decision)
             conn.execute(
                 "UPDATE inbox SET processed_at = ? WHERE update_id = ? AND processed_at IS NULL",
                 (stamp, new.update_id),

@@ -171,6 +171,50 @@ class SentMessage:
 
 
 @dataclass
+class Invoice:
+    """An invoice the bot sent (sendInvoice)."""
+
+    message_id: int
+    chat_id: int
+    title: str
+    description: str
+    payload: str
+    currency: str
+    amount: int
+    params: dict[str, Any]
+
+
+@dataclass
+class Checkout:
+    """One tap on Pay: the pre_checkout_query and what the bot answered."""
+
+    query_id: str
+    user_id: int
+    chat_id: int
+    amount: int
+    currency: str
+    payload: str
+    update_id: int = 0
+    outcome: str = "pending"  # approved, refused, timeout, filtered
+    error_message: str | None = None
+    answered_after_s: float | None = None
+    answers: int = 0
+
+
+@dataclass
+class Charge:
+    """A completed Stars payment (a StarTransaction with this id)."""
+
+    charge_id: str
+    user_id: int
+    chat_id: int
+    amount: int
+    payload: str
+    refunded: bool = False
+    update: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class WebhookConfig:
     """What setWebhook stored."""
 
@@ -391,7 +435,8 @@ class FakeTelegram(FakeServer):
         self._webhook_task: asyncio.Task[None] | None = None
         self._webhook_last_error: tuple[int, str] | None = None
         self._methods: dict[str, tuple[str, MethodHandler]] = {}
-        for name, handler in self._method_table().items():
+        self._init_payments()
+        for name, handler in {**self._method_table(), **self._payment_methods()}.items():
             self._methods[name.lower()] = (name, handler)
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle_method)
         self.app.router.add_get("/file/bot{token}/{file_path:.+}", self._handle_file)
@@ -1408,6 +1453,252 @@ class FakeTelegram(FakeServer):
                 reply = json.loads(body)
                 if isinstance(reply, dict) and "method" in reply:
                     self.webhook_reply_methods.append(reply)
+
+    # -- payments (Telegram Stars) -------------------------------------------------------
+    # sendInvoice with the XTR rules, answerPreCheckoutQuery, refundStarPayment and
+    # getStarTransactions, plus test controls: `pre_checkout` (a user taps Pay: the query is
+    # pushed and its answer awaited up to 10 s), `complete_payment` (Telegram charges and sends
+    # successful_payment, or loses it), `pay` (both), `refund_elsewhere`.
+
+    def _init_payments(self) -> None:
+        self.invoices: list[Invoice] = []
+        self.checkouts: dict[str, Checkout] = {}
+        self.charges: dict[str, Charge] = {}
+        self.star_transactions: list[dict[str, Any]] = []
+        self.pre_checkout_timeout_s = 10.0
+        self.push_refunded_payment = True  # refundStarPayment also sends refunded_payment
+        self._checkout_seq = 0
+        self._charge_seq = 0
+        self._answers: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    def _payment_methods(self) -> dict[str, MethodHandler]:
+        return {
+            "sendInvoice": self._send_invoice,
+            "answerPreCheckoutQuery": self._answer_pre_checkout_query,
+            "refundStarPayment": self._refund_star_payment,
+            "getStarTransactions": self._get_star_transactions,
+        }
+
+    def invoices_in(self, chat_id: int) -> list[Invoice]:
+        """Invoices the bot sent to `chat_id`, oldest first."""
+        return [i for i in self.invoices if i.chat_id == chat_id]
+
+    async def pre_checkout(
+        self,
+        invoice: Invoice,
+        *,
+        user_id: int | None = None,
+        amount: int | None = None,
+        currency: str | None = None,
+        payload: str | None = None,
+    ) -> Checkout:
+        """A user taps Pay: push pre_checkout_query and wait for the bot's answer (up to
+        `pre_checkout_timeout_s`). Overrides play a tampered client."""
+        self._checkout_seq += 1
+        checkout = Checkout(
+            query_id=f"pcq-{self._checkout_seq}",
+            user_id=invoice.chat_id if user_id is None else user_id,
+            chat_id=invoice.chat_id,
+            amount=invoice.amount if amount is None else amount,
+            currency=invoice.currency if currency is None else currency,
+            payload=invoice.payload if payload is None else payload,
+        )
+        self.checkouts[checkout.query_id] = checkout
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._answers[checkout.query_id] = answer
+        update = _updates.pre_checkout_query(
+            query_id=checkout.query_id,
+            user_id=checkout.user_id,
+            currency=checkout.currency,
+            total_amount=checkout.amount,
+            invoice_payload=checkout.payload,
+        )
+        checkout.update_id = update["update_id"]
+        started = time.monotonic()
+        self.push_update(update)
+        if checkout.update_id in self.filtered_update_ids:
+            checkout.outcome = "filtered"
+            return checkout
+        try:
+            params = await asyncio.wait_for(asyncio.shield(answer), self.pre_checkout_timeout_s)
+        except TimeoutError:
+            checkout.outcome = "timeout"  # Telegram cancels the payment; a late answer is a 400
+            return checkout
+        finally:
+            self._answers.pop(checkout.query_id, None)
+        checkout.answered_after_s = time.monotonic() - started
+        checkout.outcome = "approved" if params.get("ok") is True else "refused"
+        checkout.error_message = params.get("error_message")
+        return checkout
+
+    def complete_payment(
+        self, checkout: Checkout, *, deliver: bool = True, update_id: int | None = None
+    ) -> Charge:
+        """Telegram charges an approved checkout: a new charge id, a StarTransaction, and
+        (with `deliver`) a successful_payment message; without it the update is lost."""
+        assert checkout.outcome == "approved", f"the checkout was {checkout.outcome}"
+        self._charge_seq += 1
+        charge = Charge(
+            charge_id=f"stxCHARGE{self._charge_seq:05d}",
+            user_id=checkout.user_id,
+            chat_id=checkout.chat_id,
+            amount=checkout.amount,
+            payload=checkout.payload,
+        )
+        self.charges[charge.charge_id] = charge
+        self.star_transactions.append(
+            {
+                "id": charge.charge_id,
+                "amount": charge.amount,
+                "date": int(time.time()),
+                "source": self._star_partner(charge),
+            }
+        )
+        charge.update = _updates.successful_payment(
+            charge_id=charge.charge_id,
+            total_amount=charge.amount,
+            invoice_payload=charge.payload,
+            user_id=charge.user_id,
+            chat_id=charge.chat_id,
+            update_id=update_id,
+        )
+        if deliver:
+            self.push_update(charge.update)
+        return charge
+
+    async def pay(self, invoice: Invoice, **overrides: Any) -> tuple[Checkout, Charge | None]:
+        """pre_checkout, then (if approved) complete_payment with delivery."""
+        checkout = await self.pre_checkout(invoice, **overrides)
+        if checkout.outcome != "approved":
+            return checkout, None
+        return checkout, self.complete_payment(checkout)
+
+    def refund_elsewhere(self, charge_id: str) -> None:
+        """A refund the bot did not ask for (support, a dispute): only the list shows it."""
+        self._refund(self.charges[charge_id], push=False)
+
+    def _star_partner(self, charge: Charge) -> dict[str, Any]:
+        return {
+            "type": "user",
+            "transaction_type": "invoice_payment",
+            "user": _updates.user(charge.user_id),
+            "invoice_payload": charge.payload,
+        }
+
+    def _refund(self, charge: Charge, *, push: bool) -> None:
+        charge.refunded = True
+        self.star_transactions.append(
+            {
+                "id": charge.charge_id,
+                "amount": charge.amount,
+                "date": int(time.time()),
+                "receiver": self._star_partner(charge),
+            }
+        )
+        if push:
+            self.push_update(
+                _updates.refunded_payment(
+                    charge_id=charge.charge_id,
+                    total_amount=charge.amount,
+                    invoice_payload=charge.payload,
+                    user_id=charge.user_id,
+                    chat_id=charge.chat_id,
+                )
+            )
+
+    async def _send_invoice(self, params: dict[str, Any]) -> Any:
+        chat_id = self._chat_id(params)
+        title, description = params.get("title"), params.get("description")
+        payload, currency = params.get("payload"), params.get("currency")
+        if not isinstance(title, str) or not 1 <= len(title) <= 32:
+            raise _bad("INVOICE_TITLE_INVALID")
+        if not isinstance(description, str) or not 1 <= len(description) <= 255:
+            raise _bad("INVOICE_DESCRIPTION_INVALID")
+        if not isinstance(payload, str) or not 1 <= len(payload.encode()) <= 128:
+            raise _bad("INVOICE_PAYLOAD_INVALID")
+        if currency != "XTR":
+            raise _bad("PAYMENT_PROVIDER_INVALID")  # this fake sells only for Stars
+        if params.get("provider_token") not in (None, ""):
+            raise _bad("PAYMENT_PROVIDER_INVALID")
+        if "max_tip_amount" in params or "suggested_tip_amounts" in params:
+            raise _bad("STARS_INVOICE_INVALID")
+        prices = params.get("prices")
+        if not isinstance(prices, list) or len(prices) != 1 or not isinstance(prices[0], dict):
+            raise _bad("STARS_INVOICE_INVALID")
+        amount = prices[0].get("amount")
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+            raise _bad("STARS_INVOICE_INVALID")
+        reply = self._reply_target(chat_id, params)
+        invoice_json = {
+            "title": title,
+            "description": description,
+            "start_parameter": params.get("start_parameter") or "",
+            "currency": currency,
+            "total_amount": amount,
+        }
+        sent = self._add_message(
+            method="sendInvoice",
+            chat_id=chat_id,
+            kind="invoice",
+            params=params,
+            reply=reply,
+            reply_markup=params.get("reply_markup"),
+            content={"invoice": invoice_json},
+        )
+        self.invoices.append(
+            Invoice(
+                message_id=sent.message_id,
+                chat_id=chat_id,
+                title=title,
+                description=description,
+                payload=payload,
+                currency=currency,
+                amount=amount,
+                params={k: v for k, v in params.items() if k != "_files"},
+            )
+        )
+        return copy.deepcopy(sent.payload)
+
+    async def _answer_pre_checkout_query(self, params: dict[str, Any]) -> Any:
+        query_id = str(params.get("pre_checkout_query_id") or "")
+        checkout = self.checkouts.get(query_id)
+        if checkout is None:
+            raise _bad("QUERY_ID_INVALID")
+        ok = params.get("ok")
+        if not isinstance(ok, bool):
+            raise _bad("ok must be a Boolean")
+        if not ok and not params.get("error_message"):
+            raise _bad("ERROR_MESSAGE_EMPTY")
+        answer = self._answers.get(query_id)
+        if checkout.answers or answer is None or answer.done():
+            checkout.answers += 1
+            raise _bad("query is too old and response timeout expired or query ID is invalid")
+        checkout.answers += 1
+        answer.set_result({k: v for k, v in params.items() if k != "_files"})
+        return True
+
+    async def _refund_star_payment(self, params: dict[str, Any]) -> Any:
+        charge_id = str(params.get("telegram_payment_charge_id") or "")
+        if not charge_id:
+            raise _bad("CHARGE_ID_EMPTY")
+        charge = self.charges.get(charge_id)
+        if charge is None:
+            raise _bad("CHARGE_NOT_FOUND")
+        if params.get("user_id") != charge.user_id:
+            raise _bad("USER_ID_INVALID")
+        if charge.refunded:
+            raise _bad("CHARGE_ALREADY_REFUNDED")
+        self._refund(charge, push=self.push_refunded_payment)
+        return True
+
+    async def _get_star_transactions(self, params: dict[str, Any]) -> Any:
+        offset = params.get("offset", 0)
+        limit = params.get("limit", 100)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise _bad("offset must be a non-negative Integer")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100:
+            raise _bad("limit must be between 1 and 100")
+        return {"transactions": copy.deepcopy(self.star_transactions[offset : offset + limit])}
 
 
 async def _serve(host: str, port: int, token: str) -> None:
