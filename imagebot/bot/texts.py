@@ -102,6 +102,7 @@ _FAILURES = {
     "results_expired": "the result expired before I could fetch it.",
     "submit_unknown": "I lost track of it while restarting.",
     "not_an_image": "that file isn't a JPEG, PNG or WebP image.",
+    "broken_image": "that image file is damaged or incomplete. Please send it again.",
     "too_large": "that image is too large.",
     "too_many_pixels": "that image has too many pixels.",
     "input_unavailable": "Telegram no longer has that photo.",
