@@ -324,6 +324,25 @@ async def test_refused_edit_press_leaves_a_pending_edit_alone(
     assert texts.EDIT_TIMED_OUT not in telegram.texts(ALICE)
 
 
+async def test_refusal_whose_answer_fails_stays_quiet(
+    bot, telegram: FakeTelegram, replicate: FakeReplicate, log_output: io.StringIO
+) -> None:
+    """When Telegram will not take the answer to a refused press (a press replayed after a
+    restart is "too old"), that is logged as information: no error, no message in the chat."""
+    async with bot(**SETTINGS) as app:
+        scene = await set_scene(app, telegram)
+        before = footprint(telegram)
+        telegram.fail_method("answerCallbackQuery", 400, "Bad Request: query is too old")
+        forged = press(telegram, scene.quiet[BOB], f"o:{scene.group_job}:0", BOB)
+        await wait_until(lambda: processed(app, [forged]))
+        after = footprint(telegram)
+    assert after == before
+    assert [line["reason"] for line in refusals(log_output)] == ["not_owner"]
+    failed = [line for line in log_lines(log_output) if line["event"] == "button_answer_failed"]
+    assert len(failed) == 1 and "too old" in failed[0]["error"]
+    assert [line for line in log_lines(log_output) if line.get("level") == "error"] == []
+
+
 # -- the parser alone ------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 from telegram import Message, Update
+from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop, BaseHandler, CallbackQueryHandler
 
 from imagebot.bot import texts
@@ -140,8 +141,10 @@ async def _refuse(
     raw = query.data if isinstance(query.data, str) else repr(query.data)
     user = update.effective_user
     chat = update.effective_chat
-    # Untrusted text: logged shortened and as a repr, so it cannot forge a log line.
-    log.warning(
+    # A button whose job was pruned is ordinary; anything else is a client sending what no
+    # button of ours carries. Untrusted text is logged shortened and as a repr.
+    level = log.info if reason == "no_job" else log.warning
+    level(
         "button_refused",
         reason=reason,
         user_id=user.id if user else None,
@@ -150,7 +153,10 @@ async def _refuse(
         data_bytes=len(raw.encode("utf-8", "replace")),
         **fields,
     )
-    await query.answer(answer, show_alert=alert)
+    try:
+        await query.answer(answer, show_alert=alert)
+    except TelegramError as exc:  # e.g. "query is too old" for a press replayed after a restart
+        log.info("button_answer_failed", error=exc.message)
 
 
 async def check_press(update: Update, context: BotContext) -> Press | None:
