@@ -343,6 +343,27 @@ async def test_refusal_whose_answer_fails_stays_quiet(
     assert [line for line in log_lines(log_output) if line.get("level") == "error"] == []
 
 
+async def test_press_without_a_message_is_refused(
+    bot, telegram: FakeTelegram, replicate: FakeReplicate, log_output: io.StringIO
+) -> None:
+    """A press that claims to come from an inline message (the bot sends none, so no chat to
+    check) naming a real job is answered and refused, and nothing is sent."""
+    async with bot(**SETTINGS) as app:
+        scene = await set_scene(app, telegram)
+        before = footprint(telegram)
+        update = updates.callback_query(
+            f"o:{scene.group_job}:0", message=payload(scene.group_result), user_id=ALICE
+        )
+        del update["callback_query"]["message"]
+        update["callback_query"]["inline_message_id"] = "inline-1"
+        telegram.push_update(update)
+        await wait_until(lambda: processed(app, [update]))
+        after = footprint(telegram)
+    assert answer_text(telegram, update) == EXPIRED
+    assert after == before
+    assert [line["reason"] for line in refusals(log_output)] == ["no_message"]
+
+
 # -- the parser alone ------------------------------------------------------------------------
 
 
