@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from telegram import Bot
@@ -23,7 +24,7 @@ from imagebot.botapi import AiohttpBotRequest
 from imagebot.config import Settings
 from imagebot.credits import Credits
 from imagebot.delivery import Delivery
-from imagebot.errors import ConfigError, StoreError
+from imagebot.errors import ConfigError, StartupError, StoreError
 from imagebot.health import Heartbeat, sd_notify
 from imagebot.hints import CompletionHints
 from imagebot.intake import Intake, PerChatUpdateProcessor
@@ -55,6 +56,7 @@ from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
 from imagebot.store.migrate import migrate
+from imagebot.threaded_site import ListenError
 from imagebot.worker import JobRunner
 
 log = get_logger(__name__)
@@ -337,12 +339,26 @@ async def _prune(services: Services) -> None:
         log.info("pruned", inbox_rows=inbox_rows, jobs=len(removed_jobs), files=files)
 
 
+async def _make_results_dir(path: Path) -> None:
+    """The directory for 📎 Original files, made now: a bad path stops start-up, not each job."""
+    try:
+        await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(
+            "storage.results_dir", f"cannot create {path}: {exc.strerror or exc}"
+        ) from exc
+
+
 async def run(app: App) -> int:
     """Run until `app.stop_event` is set; return the process exit code."""
     services = app.services
     settings = services.settings
-    await services.db.open()
     try:
+        await services.db.open()
+    except StoreError as exc:  # the directory or file cannot be created, opened or written
+        raise StartupError("storage.database", str(exc)) from exc
+    try:
+        await _make_results_dir(settings.storage.results_dir)
         applied = await migrate(services.db)
         app.state.heartbeat.start()
         await app.ops.start()
@@ -362,7 +378,10 @@ async def run(app: App) -> int:
             await services.runner.recover()
             await services.intake.replay()
             freeze_startup_objects()
-            await services.intake.start()
+            try:
+                await services.intake.start()
+            except ListenError as exc:
+                raise exc.for_section("webhook") from exc
             app.state.ready = True
             sd_notify("READY=1")
             log.info("bot_ready", username=app.application.bot.username)

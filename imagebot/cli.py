@@ -1,7 +1,12 @@
 """Command line: `imagebot [--polling|--webhook] [--config PATH]`, `imagebot check-config`.
 
 A configuration problem prints one line naming the setting and exits with code 2, before
-anything touches the network.
+anything touches the network. A setting the machine refuses at start-up (a port already in
+use, a database or results path that cannot be created) prints one line naming the setting
+and the address or path and exits with code 1, as a database problem does: the file may be
+right and the machine about to change (the other program on the port stops, a disk gets
+mounted), so systemd's Restart=on-failure tries again, while exit 2 is in
+RestartPreventExitStatus because only an edit of the configuration can fix it.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from collections.abc import Sequence
 
 from imagebot import __version__
 from imagebot.config import Settings, load_settings
-from imagebot.errors import ConfigError, StoreError
+from imagebot.errors import ConfigError, StartupError, StoreError
 from imagebot.logs import configure_logging, install_excepthook
 from imagebot.runtime import tune_interpreter
 
 EXIT_CONFIG = 2
+EXIT_STARTUP = 1  # the machine refused a setting (port in use, path): a restart may help
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _error("configuration error", exc)
         return EXIT_CONFIG
+    except StartupError as exc:
+        _error("start-up error", exc)
+        return EXIT_STARTUP
     except StoreError as exc:
         _error("database error", exc)
         return 1

@@ -3,6 +3,7 @@
 ```
 ImagebotError
   ConfigError                 names the dotted setting; start-up only
+  StartupError                names the setting the machine refused (port in use, path); exit 1
   StoreError                  the database is newer than the code, or a migration failed
   UserInputError              .user_message shown in chat
   ProviderError               .provider, .code, .is_retryable, .retry_after_s
@@ -27,6 +28,16 @@ class ImagebotError(Exception):
 
 class ConfigError(ImagebotError):
     """A setting is missing or invalid; `key` is the dotted name (or the environment variable)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class StartupError(ImagebotError):
+    """A valid setting the machine refused at start-up (a port in use, a path that cannot be
+    created or written); `key` is the dotted setting, `problem` names the address or path."""
 
     def __init__(self, key: str, problem: str) -> None:
         super().__init__(f"{key}: {problem}")

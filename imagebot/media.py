@@ -15,6 +15,7 @@ import warnings
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ImageFile as PILImageFile
 from telegram import Bot
 from telegram.constants import FileSizeLimit
 from telegram.error import BadRequest, InvalidToken, NetworkError, TelegramError
@@ -27,10 +28,15 @@ ACCEPTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/web
 # Bots may download up to 20 MB; PTB counts that in decimal megabytes, the stricter reading.
 TELEGRAM_DOWNLOAD_LIMIT = int(FileSizeLimit.FILESIZE_DOWNLOAD)
 _REDIRECTS = {301, 302, 303, 307, 308}
+BROKEN = "broken_image"  # an image of an accepted format whose data is cut short or damaged
 
 
 def inspect_image(data: bytes, max_pixels: int) -> ImageFile:
-    """Check that `data` is a JPEG/PNG/WebP of at most `max_pixels`, from its bytes alone."""
+    """Check that `data` is a JPEG/PNG/WebP of at most `max_pixels`, from its bytes alone.
+
+    This reads the header and the file's structure (PNG checksums), not the pixels: a JPEG cut
+    short passes here. `prepare_edit_input` decodes every pixel before an edit input leaves.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -43,14 +49,41 @@ def inspect_image(data: bytes, max_pixels: int) -> ImageFile:
                     raise MediaTooLarge(
                         f"{width}x{height} is over {max_pixels} pixels", "too_many_pixels"
                     )
-                img.verify()
-    except (UnidentifiedImageError, SyntaxError, ValueError, EOFError) as exc:
-        raise NotAnImage(f"not an image: {type(exc).__name__}") from exc
+                try:
+                    img.verify()
+                except (SyntaxError, ValueError, EOFError, OSError) as exc:
+                    raise NotAnImage(f"broken {fmt} file: {exc}", BROKEN) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise MediaTooLarge("decompression bomb", "too_many_pixels") from exc
-    except OSError as exc:
-        raise NotAnImage(f"broken image: {exc}") from exc
+    except (UnidentifiedImageError, SyntaxError, ValueError, EOFError, OSError) as exc:
+        # Starts like a JPEG/PNG/WebP but will not open (a WebP cut short): damaged, not foreign.
+        code = BROKEN if _starts_like_accepted(data) else None
+        raise NotAnImage(f"not an image: {type(exc).__name__}: {exc}", code) from exc
     return ImageFile(data, ACCEPTED_FORMATS[fmt], width, height)
+
+
+def _starts_like_accepted(data: bytes) -> bool:
+    """The file's signature is a JPEG's, a PNG's or a WebP's."""
+    return data.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")) or (
+        data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    )
+
+
+def decode_fully(img: Image.Image) -> None:
+    """Decode every pixel: a truncated or corrupt file raises NotAnImage (code broken_image).
+
+    Pillow only notices a file cut short when it decodes the pixels, and not at all when
+    `ImageFile.LOAD_TRUNCATED_IMAGES` is set (it pads the missing part with grey); imagebot never
+    sets it, and refuses to vouch for an image while anything else has.
+    """
+    if PILImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated images cannot be detected"
+        )
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise NotAnImage(f"cannot decode the {img.format} image: {exc}", BROKEN) from exc
 
 
 def _has_metadata(img: Image.Image) -> bool:
@@ -68,10 +101,12 @@ def _has_metadata(img: Image.Image) -> bool:
 def prepare_edit_input(image: ImageFile, max_side: int) -> ImageFile:
     """Shrink to `max_side`, apply EXIF rotation and drop metadata (GPS) before it leaves us.
 
-    A small JPEG or PNG that carries no metadata is sent as it came.
+    Every pixel is decoded first, so a truncated or corrupt file stops here, before any
+    provider is paid for it. A small JPEG or PNG that carries no metadata is sent as it came.
     """
     try:
         with Image.open(io.BytesIO(image.data)) as img:
+            decode_fully(img)
             if (
                 max(img.size) <= max_side
                 and img.format in ("JPEG", "PNG")
@@ -95,8 +130,8 @@ def prepare_edit_input(image: ImageFile, max_side: int) -> ImageFile:
                 mime = "image/jpeg"
             return ImageFile(buf.getvalue(), mime, out.width, out.height)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # verify() passed but decoding failed: a truncated or corrupt file.
-        raise NotAnImage(f"cannot decode the image: {type(exc).__name__}") from exc
+        # decoded, but re-encoding failed: still a file we cannot send
+        raise NotAnImage(f"cannot decode the image: {type(exc).__name__}", BROKEN) from exc
 
 
 class GuardedFetcher:

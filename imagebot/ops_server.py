@@ -25,6 +25,7 @@ from imagebot.services import Services
 from imagebot.store.db import iso
 from imagebot.store.jobs import JobFilter
 from imagebot.store.ledger import Ledger
+from imagebot.threaded_site import ListenError, start_site
 
 SERVICES = web.AppKey("services", Services)
 
@@ -215,9 +216,10 @@ class OpsServer:
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.listen, self.settings.port)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
+        try:
+            self.port = await start_site(site, self.settings.listen, self.settings.port)
+        except ListenError as exc:
+            raise exc.for_section("ops") from exc
 
     async def stop(self) -> None:
         if self._runner is not None:

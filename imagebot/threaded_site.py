@@ -10,13 +10,53 @@ prometheus counters, `loop.call_soon_threadsafe` towards the main loop).
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import threading
 
 from aiohttp import web
 
+from imagebot.errors import StartupError
 from imagebot.logs import get_logger
 
 log = get_logger(__name__)
+
+_WHY = {
+    errno.EADDRINUSE: "the address is already in use (another program, or another imagebot)",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    errno.EADDRNOTAVAIL: "that address does not belong to this machine",
+}
+
+
+class ListenError(Exception):
+    """A listening socket could not be opened on host:port; `why` says so in words."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        self.host = host
+        self.port = port
+        unresolved = isinstance(exc, socket.gaierror)
+        self.why = (
+            "the host name does not resolve"
+            if unresolved
+            else _WHY.get(exc.errno or 0, exc.strerror or str(exc))
+        )
+        # Which setting to change: the address when it is not one of ours, else the port.
+        self.setting = "listen" if unresolved or exc.errno == errno.EADDRNOTAVAIL else "port"
+        super().__init__(f"cannot listen on {host}:{port}: {self.why}")
+
+    def for_section(self, section: str) -> StartupError:
+        """The start-up error naming `<section>.port` (or `.listen`) and the address."""
+        return StartupError(f"{section}.{self.setting}", str(self))
+
+
+async def start_site(site: web.TCPSite, host: str, port: int) -> int:
+    """Start listening; returns the port (the OS's pick when 0 was asked), or ListenError."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise ListenError(host, port, exc) from exc
+    sockets = getattr(site._server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else port
 
 
 class ThreadedSite:
@@ -34,7 +74,8 @@ class ThreadedSite:
         self._error: BaseException | None = None
 
     def start(self, timeout_s: float = 15.0) -> None:
-        """Start serving; returns once the socket listens (raises what stopped it)."""
+        """Start serving; returns once the socket listens (raises what stopped it: ListenError
+        when the address cannot be had)."""
         self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
         self._thread.start()
         if not self._started.wait(timeout_s):
@@ -63,10 +104,7 @@ class ThreadedSite:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []  # the port when 0 was asked
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        self.port = await start_site(site, self.host, self.port)
 
     async def _cleanup(self) -> None:
         if self._runner is not None:

@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 from PIL import Image
+from PIL import ImageFile as PILImageFile
 
 from imagebot.errors import BlockedAddress, MediaError, MediaExpired, MediaTooLarge, NotAnImage
-from imagebot.media import GuardedFetcher, inspect_image, prepare_edit_input
+from imagebot.media import GuardedFetcher, decode_fully, inspect_image, prepare_edit_input
+from imagebot.models import ImageFile
 from imagebot.netguard import AddressGuard
 from tests.fakes.base import FakeServer
-from tests.fakes.images import make_image
+from tests.fakes.images import damaged, make_image, noisy_image
 
 PNG = make_image(64, 48)
 MAX_PIXELS = 40_000_000
@@ -395,10 +397,8 @@ def test_accepted_formats(fmt: str, mime: str) -> None:
         b"hello",
         b"",
         b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n",
-        PNG[: len(PNG) // 2],  # truncated
-        PNG[:-20] + b"\0" * 20,  # damaged chunk checksum
     ],
-    ids=["gif", "bmp", "tiff", "text", "empty", "pdf", "truncated", "bad-crc"],
+    ids=["gif", "bmp", "tiff", "text", "empty", "pdf"],
 )
 def test_not_an_image(data: bytes) -> None:
     """Anything but an intact JPEG/PNG/WebP is NotAnImage, whatever it claims to be."""
@@ -485,3 +485,61 @@ def test_truncated_jpeg_is_not_an_image() -> None:
     image = inspect_image(cut, MAX_PIXELS)  # JPEG verify() reads the header only
     with pytest.raises(NotAnImage):
         prepare_edit_input(image, 100)
+
+
+# -- truncated and corrupt files ------------------------------------------------------------
+
+BROKEN_CASES = {
+    # a photo-like JPEG cut in half, missing its last 10 bytes, with 64 random bytes written
+    # over the middle, with 500 random bytes put in the middle
+    "jpeg-half": damaged(noisy_image(fmt="JPEG"), "half"),
+    "jpeg-tail": damaged(noisy_image(fmt="JPEG"), "tail"),
+    "jpeg-garbage": damaged(noisy_image(fmt="JPEG"), "garbage"),
+    "jpeg-inserted": damaged(noisy_image(fmt="JPEG"), "inserted"),
+    # a small flat JPEG without metadata: the kind that used to be sent to the model untouched
+    "small-jpeg-tail": damaged(make_image(64, 48, fmt="JPEG"), "tail"),
+    "png-half": damaged(noisy_image(fmt="PNG"), "half"),
+    "png-tail": damaged(noisy_image(fmt="PNG"), "tail"),  # IEND gone
+    "png-garbage": damaged(noisy_image(fmt="PNG"), "garbage"),
+    "png-inserted": damaged(noisy_image(fmt="PNG"), "inserted"),
+    "small-png-half": damaged(PNG, "half"),
+    "small-png-bad-crc": PNG[:-20] + b"\0" * 20,
+    "webp-half": damaged(noisy_image(fmt="WEBP"), "half"),
+    "webp-tail": damaged(noisy_image(fmt="WEBP"), "tail"),
+}
+
+
+def checked_for_edit(data: bytes) -> object:
+    """What happens to an edit input: the header check, then the full decode and re-encode."""
+    return prepare_edit_input(inspect_image(data, MAX_PIXELS), 2048)
+
+
+@pytest.mark.parametrize("data", BROKEN_CASES.values(), ids=BROKEN_CASES.keys())
+def test_truncated_or_corrupt_image_is_refused(data: bytes) -> None:
+    """A JPEG, PNG or WebP that is cut short or damaged is refused as broken_image before it
+    could be sent anywhere, never passed through as it came."""
+    with pytest.raises(NotAnImage) as caught:
+        checked_for_edit(data)
+    assert caught.value.code == "broken_image"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_intact_photo_like_images_pass(fmt: str) -> None:
+    """The undamaged sources of the broken cases pass the same checks."""
+    out = checked_for_edit(noisy_image(fmt=fmt))
+    assert isinstance(out, ImageFile) and (out.width, out.height) == (300, 200)
+
+
+def test_truncated_images_flag_is_never_set_and_refused_if_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the whole app imported Pillow still refuses truncated files (LOAD_TRUNCATED_IMAGES
+    is off); if anything turned it on, the check refuses to vouch for any image."""
+    import imagebot.app  # noqa: F401 - every dependency the bot loads
+
+    assert PILImageFile.LOAD_TRUNCATED_IMAGES is False
+    monkeypatch.setattr(PILImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with Image.open(io.BytesIO(noisy_image(fmt="JPEG"))) as img, pytest.raises(RuntimeError):
+        decode_fully(img)
+    with pytest.raises(RuntimeError):
+        checked_for_edit(BROKEN_CASES["small-jpeg-tail"])

@@ -2,6 +2,8 @@
 
 (✏️ Edit this starts the edit conversation and lives in edit.py.) Their data names a job id;
 the job row is in SQLite, so buttons keep working after a restart. Every press is answered.
+Who may press, and on which chat's job, is decided once for all of them in callbacks.py; a
+handler here only sees presses that passed, through `callbacks.checked`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from telegram import Update
 from telegram.ext import BaseHandler, CallbackQueryHandler
 
 from imagebot.bot import texts
+from imagebot.bot.callbacks import Button, checked
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import EditInput, ensure_access, request_job
 from imagebot.errors import DeliveryError, MediaError
@@ -29,20 +32,13 @@ _CANCEL_ANSWERS = {
 }
 
 
-def _job_id(data: str | None) -> int | None:
-    parts = (data or "").split(":")
-    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
-
-
 async def again(update: Update, context: BotContext) -> None:
     """A new job with the same prompt (and photo), through every guard like a new command."""
     query = update.callback_query
-    assert query is not None
-    job_id = _job_id(query.data)
-    job = await context.services.store.get(job_id) if job_id else None
-    if job is None:
-        await query.answer(texts.BUTTON_EXPIRED)
+    press = checked(context, Button.AGAIN)
+    if query is None or press is None:
         return
+    job = press.job
     await query.answer()
     edit_input = EditInput(job.input_file_id) if job.input_file_id else None
     await request_job(
@@ -53,18 +49,16 @@ async def again(update: Update, context: BotContext) -> None:
 async def original(update: Update, context: BotContext) -> None:
     """The full-resolution result as a document, from disk: no provider call."""
     query = update.callback_query
-    assert query is not None
-    services = context.services
-    job_id = _job_id(query.data)
-    job = await services.store.get(job_id) if job_id else None
-    if job is None or query.message is None:
-        await query.answer(texts.BUTTON_EXPIRED)
+    press = checked(context, Button.ORIGINAL)
+    if query is None or press is None:
         return
+    services = context.services
+    job = press.job
     if not await ensure_access(update, context):
         await query.answer()
         return
-    which = (query.data or "").split(":")[2] if (query.data or "").count(":") >= 2 else "*"
-    names = job.result_paths if which == "*" else job.result_paths[int(which) : int(which) + 1]
+    index = press.data.index
+    names = job.result_paths if index is None else job.result_paths[index : index + 1]
     try:
         images = [await services.results.load_one(name) for name in names]
     except MediaError:
@@ -76,10 +70,10 @@ async def original(update: Update, context: BotContext) -> None:
     for n, image in enumerate(images):
         try:
             await services.delivery.send_document(
-                query.message.chat.id,
+                press.chat_id,  # the job's chat, never anywhere else
                 image.data,
                 f"imagebot-{job.id}-{n + 1}.{image.extension}",
-                reply_to=query.message.message_id,
+                reply_to=press.message_id,
             )
         except DeliveryError as exc:
             log.warning("original_send_failed", job_id=job.id, error_code=exc.code)
@@ -87,27 +81,27 @@ async def original(update: Update, context: BotContext) -> None:
 
 
 async def cancel_button(update: Update, context: BotContext) -> None:
-    """✖ on a status message: only the job's owner can cancel it."""
+    """✖ on a status message: the requester (or an admin) cancels the job."""
     query = update.callback_query
-    assert query is not None
-    job_id = _job_id(query.data)
-    if job_id is None or update.effective_user is None:
-        await query.answer(texts.BUTTON_EXPIRED)
+    press = checked(context, Button.CANCEL)
+    if query is None or press is None:
         return
-    outcome = await context.services.runner.cancel(job_id, user_id=update.effective_user.id)
+    # The gate checked who may press; the runner cancels on the requester's behalf.
+    outcome = await context.services.runner.cancel(press.job.id, user_id=press.job.user_id)
     await query.answer(_CANCEL_ANSWERS[outcome], show_alert=outcome is CancelOutcome.NOT_YOURS)
 
 
 async def expired(update: Update, context: BotContext) -> None:
-    """Any other button (old layout, garbage data): a short answer, never silence."""
+    """A press the gate let through that no handler took: a short answer, never silence."""
     if update.callback_query is not None:
         await update.callback_query.answer(texts.BUTTON_EXPIRED)
 
 
 def handlers() -> list[BaseHandler[Update, Any, Any]]:
+    """The buttons, for the group after the gate (`callbacks.gate_handler`) checked the press."""
     return [
-        CallbackQueryHandler(again, pattern=r"^a:\d+$"),
-        CallbackQueryHandler(original, pattern=r"^o:\d+:(\d+|\*)$"),
-        CallbackQueryHandler(cancel_button, pattern=r"^x:\d+$"),
+        CallbackQueryHandler(again, pattern=f"^{Button.AGAIN.value}:"),
+        CallbackQueryHandler(original, pattern=f"^{Button.ORIGINAL.value}:"),
+        CallbackQueryHandler(cancel_button, pattern=f"^{Button.CANCEL.value}:"),
         CallbackQueryHandler(expired),
     ]

@@ -24,6 +24,7 @@ from telegram.ext import (
 from telegram.warnings import PTBUserWarning
 
 from imagebot.bot import texts
+from imagebot.bot.callbacks import Button, checked
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import (
     EditInput,
@@ -152,20 +153,22 @@ async def caption_edit(update: Update, context: BotContext) -> int:
     )
 
 
-async def edit_this(update: Update, context: BotContext) -> int:
+async def edit_this(update: Update, context: BotContext) -> int | None:
     """✏️ Edit this under a result: that result is the photo; ask for the instruction."""
     query = update.callback_query
-    assert query is not None
-    _, job_id, index = (query.data or "e:0:0").split(":")
-    job = await context.services.store.get(int(job_id))
-    file_ids = job.result_file_ids if job else []
-    if job is None or int(index) >= len(file_ids) or not file_ids[int(index)]:
+    # The gate (callbacks.py) answered and stopped a refused press before it got here.
+    press = checked(context, Button.EDIT)
+    if query is None or press is None:
+        return None
+    file_ids = press.job.result_file_ids
+    index = press.data.index or 0
+    if index >= len(file_ids) or not file_ids[index]:
         await query.answer(texts.BUTTON_EXPIRED)
         return END
     await query.answer()
     if not await ensure_access(update, context):
         return END
-    return await _with_photo(update, context, EditInput(file_ids[int(index)]), "")
+    return await _with_photo(update, context, EditInput(file_ids[index]), "")
 
 
 async def got_photo(update: Update, context: BotContext) -> int | None:
@@ -240,7 +243,7 @@ def conversation(
         CommandHandler("edit", start_edit, filters=NEW),
         # Videos and GIFs captioned /edit come in too, to be told what can be edited.
         MessageHandler(NEW & (MEDIA | UNSUPPORTED) & EDIT_CAPTION, caption_edit),
-        CallbackQueryHandler(edit_this, pattern=r"^e:\d+:\d+$"),
+        CallbackQueryHandler(edit_this, pattern=f"^{Button.EDIT.value}:"),
     ]
     not_command = NEW & ~filters.COMMAND
     states: dict[object, list[BaseHandler[Update, Any, Any]]] = {

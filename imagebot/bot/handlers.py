@@ -7,7 +7,7 @@ from typing import Any
 from telegram import Update
 from telegram.ext import Application, CommandHandler, MessageHandler, filters
 
-from imagebot.bot import buttons, edit, payments, texts
+from imagebot.bot import buttons, callbacks, edit, payments, texts
 from imagebot.bot.context import BotContext
 from imagebot.bot.errors import on_error
 from imagebot.bot.requests import (
@@ -102,6 +102,8 @@ async def private_text(update: Update, context: BotContext) -> None:
 def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     """Wire every handler; order matters inside a group (the first match wins)."""
     new_messages = filters.UpdateType.MESSAGE
+    # Every button press is checked first, in a group of its own (bot/callbacks.py).
+    application.add_handler(callbacks.gate_handler(), group=-1)
     application.add_handler(edit.conversation(application))
     application.add_handler(CommandHandler("start", start, filters=new_messages))
     application.add_handler(CommandHandler("help", help_command, filters=new_messages))

@@ -102,6 +102,7 @@ _FAILURES = {
     "results_expired": "the result expired before I could fetch it.",
     "submit_unknown": "I lost track of it while restarting.",
     "not_an_image": "that file isn't a JPEG, PNG or WebP image.",
+    "broken_image": "that image file is damaged or incomplete. Please send it again.",
     "too_large": "that image is too large.",
     "too_many_pixels": "that image has too many pixels.",
     "input_unavailable": "Telegram no longer has that photo.",
@@ -193,6 +194,7 @@ CANCELED_SHORT = "Canceled."
 TOO_LATE_TO_CANCEL = "Too late to cancel: the result is on its way."
 NOT_YOUR_JOB = "That isn't your request."
 BUTTON_EXPIRED = "This button has expired."
+BUTTON_OTHER_CHAT = "This button works only in the chat where the request was made."
 ORIGINAL_GONE = "The original file isn't kept any more."
 ORIGINAL_SENDING = "Sending the original…"
 GENERIC_ERROR = "Sorry, something went wrong. Please try again in a moment."
