@@ -488,6 +488,7 @@ async def post_webhook_raw(
     HTTP client would send get through, e.g. a secret that is not UTF-8); return the status,
     0 when the server closed the connection without one."""
     import asyncio
+    import contextlib
 
     _check_loopback(url)
     parts = urlsplit(url)
@@ -519,7 +520,5 @@ async def post_webhook_raw(
         return int(fields[1]) if len(fields) >= 2 and fields[1].isdigit() else 0
     finally:
         writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-        except ConnectionError:
-            pass
