@@ -8,6 +8,10 @@ Application is built with `updater(None)` and this module feeds it:
   what confirms the batch to Telegram), backing off on errors instead of spinning.
 Saved-but-unprocessed updates are replayed at start-up; a repeat of a known update_id is
 dropped before it reaches any handler.
+
+Poison never stops anything: the webhook answers 4xx to bodies Telegram would never send; a
+saved update PTB cannot parse, or whose handler raises, is closed in the inbox with the reason
+(`failure` column, `imagebot_updates_poisoned_total{reason}`), live and at replay alike.
 """
 
 from __future__ import annotations
@@ -427,6 +431,17 @@ class Intake:
 
     # -- polling ---------------------------------------------------------------------------
 
+    async def _raw_updates(self, offset: int | None) -> list[dict[str, Any]]:
+        """The pending batch as Telegram sent it (a short poll), without PTB's parsing; items
+        without an integer update_id cannot be saved or confirmed by offset and are left out."""
+        bot = self.application.bot
+        query = f"?offset={offset}" if offset is not None else ""
+        result = await bot.request.post(f"{bot.base_url}/getUpdates{query}", read_timeout=10)
+        items = result if isinstance(result, list) else []
+        return [
+            item for item in items if isinstance(item, dict) and type(item.get("update_id")) is int
+        ]
+
     async def _poll_loop(self) -> None:
         bot = self.application.bot
         timeout = self.settings.telegram.poll_timeout_s
@@ -434,13 +449,22 @@ class Intake:
         backoff = 1.0
         while self.running:
             try:
-                updates = await bot.get_updates(
-                    offset=offset,
-                    timeout=timedelta(seconds=timeout),
-                    allowed_updates=ALLOWED_UPDATES,
-                    read_timeout=timeout + 10,
-                )
-                payloads = [json.loads(u.to_json()) for u in updates]
+                try:
+                    updates = await bot.get_updates(
+                        offset=offset,
+                        timeout=timedelta(seconds=timeout),
+                        allowed_updates=ALLOWED_UPDATES,
+                        read_timeout=timeout + 10,
+                    )
+                except (TelegramError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    # PTB parses the whole batch and one body it rejects fails it all: take the
+                    # batch raw, so that update is saved and closed instead of asked for forever.
+                    log.warning("polling_batch_unparseable", error_type=type(exc).__name__)
+                    payloads = await self._raw_updates(offset)
+                else:
+                    payloads = [json.loads(u.to_json()) for u in updates]
                 if payloads:
                     # Committed before the next getUpdates, whose offset confirms them.
                     await self.accept(payloads)

@@ -324,3 +324,27 @@ async def test_webhook_fuzz_never_5xx_and_a_restart_closes_saved_poison(
     assert all(saved[u["update_id"]]["failure"].startswith("unparseable") for u in bad)
     assert saved[raising["update_id"]]["failure"].startswith("handler_error")
     assert telegram.photos(CHAT)[1].caption == "after the restart"
+
+
+async def test_an_unparseable_update_does_not_stall_polling(
+    bot, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """getUpdates returning a body PTB rejects (which fails PTB's whole batch) does not stall
+    polling: the batch is taken raw, the bad update is saved and closed with its reason, the
+    good one in the same batch and a later /generate are served."""
+    async with bot() as app:
+        bad = updates.command("/help")
+        bad["message"]["date"] = "yesterday"
+        good = updates.command("/generate same batch")
+        telegram.push_update(bad)
+        telegram.push_update(good)
+        await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
+        telegram.push_update(updates.command("/generate next batch"))
+        await wait_until(lambda: len(telegram.photos(CHAT)) == 2)
+        path = db_path(app)
+        await wait_until(lambda: all(r["processed_at"] for r in inbox(path).values()))
+    saved = inbox(path)
+    assert saved[bad["update_id"]]["failure"].startswith("unparseable: TypeError")
+    assert saved[good["update_id"]]["failure"] is None
+    assert [p.caption for p in telegram.photos(CHAT)] == ["same batch", "next batch"]
+    assert telegram.confirmed_update_ids >= {bad["update_id"], good["update_id"]}
