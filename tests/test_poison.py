@@ -212,7 +212,6 @@ def fuzz_corpus(seed: int, count: int) -> list[bytes]:
         "\u202e", "\ud800", "🦊" * 50, [], {}, [1], [{}], {"id": "x"}, {"id": 5},
         {"id": 5, "type": "private"}, [[[[[]]]]], "a" * 5000,
     ]  # fmt: skip
-    message = updates.bot_message_dict  # noqa: F841 - documents where callbacks' messages come from
     bases: list[dict[str, Any]] = [
         updates.command("/help"),
         updates.command("/start"),
