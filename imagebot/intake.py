@@ -8,6 +8,10 @@ Application is built with `updater(None)` and this module feeds it:
   what confirms the batch to Telegram), backing off on errors instead of spinning.
 Saved-but-unprocessed updates are replayed at start-up; a repeat of a known update_id is
 dropped before it reaches any handler.
+
+Poison never stops anything: the webhook answers 4xx to bodies Telegram would never send; a
+saved update PTB cannot parse, or whose handler raises, is closed in the inbox with the reason
+(`failure` column, `imagebot_updates_poisoned_total{reason}`), live and at replay alike.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
@@ -24,13 +29,13 @@ import structlog
 from aiohttp import web
 from telegram import Update
 from telegram.error import Conflict, InvalidToken, NetworkError, TelegramError, TimedOut
-from telegram.ext import Application, BaseUpdateProcessor
+from telegram.ext import Application, BaseUpdateProcessor, CallbackContext
 
 from imagebot.config import Settings
 from imagebot.hints import ROUTE_SUFFIX, CompletionHints
 from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
-from imagebot.store.inbox import Inbox, update_kind
+from imagebot.store.inbox import Inbox, failure_text, update_kind
 from imagebot.threaded_site import ThreadedSite
 
 log = get_logger(__name__)
@@ -39,6 +44,67 @@ ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query"]
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 - a header name
 _MAX_BACKOFF_S = 30.0
 _MAX_TRACKED = 10_000
+# PTB's own bound on concurrent updates, out of reach on purpose (PerChatUpdateProcessor).
+_PTB_UNBOUNDED = 2**31 - 1
+MAX_BODY_BYTES = 2 * 1024 * 1024
+# Telegram's updates nest a dozen levels at most (a reply inside a callback's message, ...).
+MAX_JSON_DEPTH = 64
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _odd_value(payload: dict[str, Any]) -> str | None:
+    """Why a decoded body is not something Telegram sends: too deep, text with lone
+    surrogates (SQLite cannot store it), integers past 64 bits; None when it is fine.
+
+    Walks with its own stack: every node once, so bounded by the size of the body.
+    """
+    stack: list[tuple[object, int]] = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            if depth > MAX_JSON_DEPTH:
+                return "too_deep"
+            for key, item in value.items():
+                if _SURROGATE.search(key):
+                    return "bad_text"
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            if depth > MAX_JSON_DEPTH:
+                return "too_deep"
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            if _SURROGATE.search(value):
+                return "bad_text"
+        elif isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
+            return "int_out_of_range"
+    return None
+
+
+def parse_webhook_body(raw: bytes) -> dict[str, Any] | str:
+    """The update in a webhook body, or the reason (a short word) it is not one Telegram
+    would send: not UTF-8, not JSON, not an object, no integer update_id in the signed 64-bit
+    range (true/false are not integers here), nested absurdly deep, lone surrogates."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not_utf8"
+    try:
+        payload = json.loads(text, parse_constant=_not_json)
+    except RecursionError:
+        return "too_deep"
+    except ValueError:
+        return "not_json"
+    if not isinstance(payload, dict):
+        return "not_object"
+    update_id = payload.get("update_id")
+    if type(update_id) is not int or not _INT64_MIN <= update_id <= _INT64_MAX:
+        return "bad_update_id"
+    return _odd_value(payload) or payload
 
 
 def _log_fields(update: object) -> dict[str, int]:
@@ -54,39 +120,100 @@ def _log_fields(update: object) -> dict[str, int]:
 
 
 def _chat_key(update: object) -> int | None:
+    """The chat whose order this update keeps; None for updates without one (and for a chat
+    id that is not an integer, which only a malformed body has: no order rather than a crash)."""
     if isinstance(update, Update) and update.effective_chat is not None:
-        return update.effective_chat.id
+        chat_id = update.effective_chat.id
+        return chat_id if type(chat_id) is int else None
     return None
+
+
+async def close_poisoned(
+    inbox: Inbox,
+    metrics: Metrics | None,
+    update_id: int,
+    reason: str,
+    error: BaseException | None = None,
+) -> None:
+    """Close a saved update that could not be handled, with the reason, counted and logged once
+    (its id and why, never its body), so no replay runs into it again."""
+    if metrics is not None:
+        metrics.updates_poisoned.labels(reason).inc()
+    log.warning(
+        "update_poisoned",
+        update_id=update_id,
+        reason=reason,
+        error_type=type(error).__name__ if error is not None else None,
+    )
+    await inbox.mark_processed(update_id, failure_text(reason, error))
 
 
 class PerChatUpdateProcessor(BaseUpdateProcessor):
     """Updates of different chats run concurrently; one chat's updates run in order (so a
     conversation sees its photo before its instruction). Each update is marked processed in
-    the inbox once its handlers ran."""
+    the inbox once its handlers ran; one that raised is closed with the reason.
+
+    PTB takes its own semaphore *before* `do_process_update`, so a chat's backlog waiting there
+    for its turn would hold every slot and stall the other chats. PTB's bound is therefore set
+    out of reach, and the real one (`max_concurrent_updates`) is taken only once an update's
+    turn in its chat has come: a chat holds at most one slot whatever its backlog. Updates
+    without a chat (inline and pre-checkout queries, ...) need no order and only take a slot.
+    """
 
     def __init__(self, inbox: Inbox, max_concurrent_updates: int = 256) -> None:
-        super().__init__(max_concurrent_updates)
+        super().__init__(_PTB_UNBOUNDED)
         self.inbox = inbox
-        self._locks: dict[int | None, tuple[asyncio.Lock, int]] = {}
+        self.metrics: Metrics | None = None  # set by Intake
+        self.max_running = max_concurrent_updates
+        self._slots = asyncio.Semaphore(max_concurrent_updates)
+        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+        # update_id -> the first error a handler raised on it (None: none so far)
+        self._in_flight: dict[int, tuple[str, BaseException] | None] = {}
 
-    async def do_process_update(self, update: object, coroutine: Any) -> None:
+    async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
         key = _chat_key(update)
+        if key is None:
+            async with self._slots:
+                await self._run(update, coroutine)
+            return
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
-            async with lock:
-                with structlog.contextvars.bound_contextvars(**_log_fields(update)):
-                    try:
-                        await coroutine
-                    finally:
-                        if isinstance(update, Update):
-                            await self.inbox.mark_processed(update.update_id)
+            async with lock, self._slots:
+                await self._run(update, coroutine)
         finally:
             lock, users = self._locks[key]
             if users <= 1:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
+
+    async def _run(self, update: object, coroutine: Awaitable[Any]) -> None:
+        update_id = update.update_id if isinstance(update, Update) else None
+        if update_id is not None:
+            self._in_flight[update_id] = None
+        failure: tuple[str, BaseException] | None = None
+        try:
+            with structlog.contextvars.bound_contextvars(**_log_fields(update)):
+                await coroutine
+        except Exception as exc:  # PTB catches handler errors; this is what it did not
+            failure = ("processing_error", exc)
+        finally:
+            noted = self._in_flight.pop(update_id, None) if update_id is not None else None
+        if update_id is None:
+            return
+        failure = failure or noted
+        if failure is None:
+            await self.inbox.mark_processed(update_id)
+        else:
+            await close_poisoned(self.inbox, self.metrics, update_id, *failure)
+
+    def note_failure(self, update: object, error: BaseException | None) -> None:
+        """A handler raised on this update (PTB's error handlers are told, not us)."""
+        if not isinstance(update, Update) or error is None:
+            return
+        if update.update_id in self._in_flight and self._in_flight[update.update_id] is None:
+            self._in_flight[update.update_id] = ("handler_error", error)
 
     async def initialize(self) -> None:
         """Nothing to set up."""
@@ -123,6 +250,13 @@ class Intake:
         # (a pre_checkout_query must be answered within 10 s whatever else is going on).
         self.direct: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {}
         self._direct_tasks: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        processor = application.update_processor
+        if isinstance(processor, PerChatUpdateProcessor):
+            processor.metrics = metrics
+        # PTB hands handler exceptions to error handlers only; this one tells the processor,
+        # which then closes the update with the reason.
+        application.add_error_handler(self._note_handler_error)
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
         self._secret = secret.encode()
 
@@ -154,14 +288,46 @@ class Intake:
                 self._loop.call_soon_threadsafe(self._hand_over, payload, arrived)
         return fresh
 
+    def _parse(self, payload: dict[str, Any]) -> Update | BaseException:
+        """PTB's Update for a saved body, or what PTB raised on it (wrong types inside, ...)."""
+        try:
+            update = Update.de_json(payload, self.application.bot)
+        except Exception as exc:
+            return exc
+        if not isinstance(update, Update):
+            return TypeError("not an update")
+        return update
+
     def _hand_over(self, payload: dict[str, Any], arrived: float) -> None:
-        """On the main loop: remember when it arrived and queue it for the handlers."""
+        """On the main loop: remember when it arrived and queue it for the handlers; a body
+        PTB cannot parse is closed with the reason instead (it must not stop anything)."""
+        update_id = int(payload["update_id"])
+        update = self._parse(payload)
+        if isinstance(update, BaseException):
+            task = asyncio.get_running_loop().create_task(
+                close_poisoned(self.inbox, self.metrics, update_id, "unparseable", update)
+            )
+            self._closing.add(task)
+            task.add_done_callback(self._closed)
+            return
         if len(self._received) > _MAX_TRACKED:
             self._received.clear()
-        self._received[int(payload["update_id"])] = arrived
+        self._received[update_id] = arrived
         if self._take_direct(payload):
             return
-        self.application.update_queue.put_nowait(Update.de_json(payload, self.application.bot))
+        self.application.update_queue.put_nowait(update)
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("update_close_failed", error=str(task.exception()))
+
+    async def _note_handler_error(
+        self, update: object, context: CallbackContext[Any, Any, Any, Any]
+    ) -> None:
+        processor = self.application.update_processor
+        if isinstance(processor, PerChatUpdateProcessor):
+            processor.note_failure(update, context.error)
 
     def _take_direct(self, payload: dict[str, Any]) -> bool:
         """Run a `direct` handler for this update as its own task; False if none applies."""
@@ -186,17 +352,29 @@ class Intake:
             await self.inbox.mark_processed(update_id)
 
     async def replay(self) -> int:
-        """Queue updates that were saved but not processed when the last run stopped."""
+        """Queue updates that were saved but not processed when the last run stopped; one that
+        cannot be parsed is closed with the reason, and the others are replayed regardless."""
         saved = await self.inbox.unprocessed()
+        queued = 0
         for item in saved:
-            if self._take_direct(item.payload):
+            if item.payload is not None and self._take_direct(item.payload):
+                queued += 1
                 continue
-            await self.application.update_queue.put(
-                Update.de_json(item.payload, self.application.bot)
+            parsed: Update | BaseException = (
+                ValueError("stored body is not a JSON object")
+                if item.payload is None
+                else self._parse(item.payload)
             )
+            if isinstance(parsed, BaseException):
+                await close_poisoned(
+                    self.inbox, self.metrics, item.update_id, "unparseable", parsed
+                )
+                continue
+            await self.application.update_queue.put(parsed)
+            queued += 1
         if saved:
-            log.info("updates_replayed", count=len(saved))
-        return len(saved)
+            log.info("updates_replayed", count=queued, closed=len(saved) - queued)
+        return queued
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -221,13 +399,15 @@ class Intake:
         if self._web is not None:
             await asyncio.to_thread(self._web.stop)
             self._web = None
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         log.info("intake_stopped", mode=self.mode)
 
     # -- webhook ---------------------------------------------------------------------------
 
     async def _start_webhook(self) -> None:
         hook = self.settings.webhook
-        app = web.Application(client_max_size=2 * 1024 * 1024)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post(hook.path, self._webhook)
         if self.hints.enabled:
             app.router.add_post(hook.path.rstrip("/") + ROUTE_SUFFIX, self._completion_hint)
@@ -247,16 +427,20 @@ class Intake:
         started = time.monotonic()
         if not self.running:
             return web.Response(status=503)  # stopping: Telegram will resend later
-        given = request.headers.get(SECRET_HEADER, "").encode()
-        if not hmac.compare_digest(given, self._secret):
-            log.warning("webhook_forbidden", remote=request.remote, has_header=bool(given))
-            return web.Response(status=403)
+        header = request.headers.get(SECRET_HEADER, "")
         try:
-            payload = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
-            return web.Response(status=400, text="body is not JSON")
-        if not isinstance(payload, dict) or not isinstance(payload.get("update_id"), int):
-            return web.Response(status=400, text="not a Telegram update")
+            given = header.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes arrive as lone surrogates
+            given = b""
+        if not given or not hmac.compare_digest(given, self._secret):
+            log.warning("webhook_forbidden", remote=request.remote, has_header=bool(header))
+            return web.Response(status=403)
+        # A body over MAX_BODY_BYTES makes read() answer 413 itself.
+        payload = parse_webhook_body(await request.read())
+        if isinstance(payload, str):
+            self.metrics.webhook_rejected.labels(payload).inc()
+            log.warning("webhook_rejected", reason=payload, remote=request.remote)
+            return web.Response(status=400, text=f"not a Telegram update ({payload})")
         try:
             await self.accept([payload])
         except Exception:
@@ -278,6 +462,17 @@ class Intake:
 
     # -- polling ---------------------------------------------------------------------------
 
+    async def _raw_updates(self, offset: int | None) -> list[dict[str, Any]]:
+        """The pending batch as Telegram sent it (a short poll), without PTB's parsing; items
+        without an integer update_id cannot be saved or confirmed by offset and are left out."""
+        bot = self.application.bot
+        query = f"?offset={offset}" if offset is not None else ""
+        result = await bot.request.post(f"{bot.base_url}/getUpdates{query}", read_timeout=10)
+        items = result if isinstance(result, list) else []
+        return [
+            item for item in items if isinstance(item, dict) and type(item.get("update_id")) is int
+        ]
+
     async def _poll_loop(self) -> None:
         bot = self.application.bot
         timeout = self.settings.telegram.poll_timeout_s
@@ -285,13 +480,22 @@ class Intake:
         backoff = 1.0
         while self.running:
             try:
-                updates = await bot.get_updates(
-                    offset=offset,
-                    timeout=timedelta(seconds=timeout),
-                    allowed_updates=ALLOWED_UPDATES,
-                    read_timeout=timeout + 10,
-                )
-                payloads = [json.loads(u.to_json()) for u in updates]
+                try:
+                    updates = await bot.get_updates(
+                        offset=offset,
+                        timeout=timedelta(seconds=timeout),
+                        allowed_updates=ALLOWED_UPDATES,
+                        read_timeout=timeout + 10,
+                    )
+                except (TelegramError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    # PTB parses the whole batch and one body it rejects fails it all: take the
+                    # batch raw, so that update is saved and closed instead of asked for forever.
+                    log.warning("polling_batch_unparseable", error_type=type(exc).__name__)
+                    payloads = await self._raw_updates(offset)
+                else:
+                    payloads = [json.loads(u.to_json()) for u in updates]
                 if payloads:
                     # Committed before the next getUpdates, whose offset confirms them.
                     await self.accept(payloads)

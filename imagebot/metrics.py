@@ -173,6 +173,18 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.updates_poisoned = Counter(
+            "imagebot_updates_poisoned",
+            "Saved updates closed without being handled (unparseable, handler_error, ...)",
+            ["reason"],
+            registry=r,
+        )
+        self.webhook_rejected = Counter(
+            "imagebot_webhook_rejected",
+            "Webhook bodies refused with a 4xx before saving, by reason",
+            ["reason"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

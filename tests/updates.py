@@ -559,3 +559,49 @@ def refunded_payment(
         refunded_payment=refunded,
     )
     return _update(message, update_id)
+
+
+async def post_webhook_raw(
+    url: str,
+    body: bytes,
+    secret: bytes | None = None,
+    timeout_s: float = 10.0,
+) -> int:
+    """POST raw bytes to the bot's webhook over a plain socket (so bodies and header bytes no
+    HTTP client would send get through, e.g. a secret that is not UTF-8); return the status,
+    0 when the server closed the connection without one."""
+    import asyncio
+    import contextlib
+
+    _check_loopback(url)
+    parts = urlsplit(url)
+    head = [
+        f"POST {parts.path or '/'} HTTP/1.1".encode(),
+        f"Host: {parts.hostname}:{parts.port}".encode(),
+        b"Content-Type: application/json",
+        f"Content-Length: {len(body)}".encode(),
+        b"Connection: close",
+    ]
+    if secret is not None:
+        head.append(b"X-Telegram-Bot-Api-Secret-Token: " + secret)
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(parts.hostname, parts.port), timeout_s
+    )
+    try:
+        writer.write(b"\r\n".join(head) + b"\r\n\r\n")
+        try:
+            for start in range(0, len(body), 64 * 1024):
+                writer.write(body[start : start + 64 * 1024])
+                await asyncio.wait_for(writer.drain(), timeout_s)
+        except (ConnectionError, TimeoutError):
+            pass  # a server refusing a huge body may close before reading it all
+        try:
+            status_line = await asyncio.wait_for(reader.readline(), timeout_s)
+        except ConnectionError:
+            return 0
+        fields = status_line.split()
+        return int(fields[1]) if len(fields) >= 2 and fields[1].isdigit() else 0
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from telegram import Update
-from telegram.ext import Application, CommandHandler, MessageHandler, filters
+from telegram.error import TelegramError
+from telegram.ext import (
+    Application,
+    ApplicationHandlerStop,
+    CommandHandler,
+    MessageHandler,
+    TypeHandler,
+    filters,
+)
 
 from imagebot.bot import buttons, callbacks, edit, payments, texts
 from imagebot.bot.context import BotContext
@@ -17,10 +25,14 @@ from imagebot.bot.requests import (
     reply,
     request_job,
 )
+from imagebot.logs import get_logger
 from imagebot.models import JobKind
+from imagebot.policy import Reason
 from imagebot.store.db import utcnow
-from imagebot.store.usage import used_today
+from imagebot.store.usage import claim_notice, used_today
 from imagebot.worker import CancelOutcome
+
+log = get_logger(__name__)
 
 _CANCEL_TEXTS = {
     CancelOutcome.CANCELED: None,  # the status message itself says "Canceled"
@@ -29,6 +41,39 @@ _CANCEL_TEXTS = {
     CancelOutcome.NOT_YOURS: texts.NOT_YOUR_JOB,
     CancelOutcome.TOO_LATE: texts.TOO_LATE_TO_CANCEL,
 }
+
+
+async def gate(update: Update, context: BotContext) -> None:
+    """Before every other handler: a user who may not use the bot costs at most one notice per
+    interval, whatever they send (commands, text, media, button presses), and nothing else (no
+    job, no download, no other reply). A button press is answered (the client's spinner needs
+    it) with the same words as a toast, never a new message."""
+    services = context.services
+    user, chat = update.effective_user, update.effective_chat
+    if user is None or chat is None or services.policy.may_use(user.id, chat.id):
+        return
+    services.metrics.refusals.labels(Reason.ALLOWLIST.value).inc()
+    query = update.callback_query
+    if query is not None:
+        try:
+            await query.answer(texts.not_allowed(user.id))
+        except TelegramError as exc:
+            log.debug("callback_answer_failed", error=str(exc))
+        raise ApplicationHandlerStop
+    message = update.effective_message
+    interval = services.settings.access.refusal_notice_interval_s
+    # In a group only what is addressed to this bot is refused aloud; the rest is not for us.
+    if (
+        message is not None
+        and is_addressed(message, context)
+        and await claim_notice(services.db, user.id, Reason.ALLOWLIST.value, interval)
+    ):
+        log.info("request_refused", reason=Reason.ALLOWLIST.value, notice=True)
+        if (message.text or "").split("@")[0].split(" ")[0] == "/start":
+            await reply(update, context, texts.start(user.first_name, user.id, allowed=False))
+        else:
+            await reply(update, context, texts.not_allowed(user.id))
+    raise ApplicationHandlerStop
 
 
 async def start(update: Update, context: BotContext) -> None:
@@ -102,7 +147,10 @@ async def private_text(update: Update, context: BotContext) -> None:
 def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     """Wire every handler; order matters inside a group (the first match wins)."""
     new_messages = filters.UpdateType.MESSAGE
-    # Every button press is checked first, in a group of its own (bot/callbacks.py).
+    # Group order (each group runs its first matching handler; a stop ends the update):
+    # -3 payments (money is credited whoever pays, even a user no longer allowed),
+    # -2 strangers (one notice per interval, nothing else), -1 the button gate, 0 the rest.
+    application.add_handler(TypeHandler(Update, gate), group=-2)
     application.add_handler(callbacks.gate_handler(), group=-1)
     application.add_handler(edit.conversation(application))
     application.add_handler(CommandHandler("start", start, filters=new_messages))

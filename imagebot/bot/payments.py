@@ -1,7 +1,7 @@
 """Chat side of credits: /buy and its buttons, /balance, /paysupport, /terms, /privacy, the
 admins' /refund and /grant, and the payment service messages.
 
-`successful_payment` and `refunded_payment` are handled in group -1, ahead of every
+`successful_payment` and `refunded_payment` are handled in group -3, ahead of every
 conversation (a /edit waiting for a photo would otherwise swallow the payment message), and
 stop there. The pre-checkout query never comes here: the intake hands it to Stars directly.
 """
@@ -39,7 +39,7 @@ from imagebot.store.ledger import PURCHASE
 
 log = get_logger(__name__)
 
-PAYMENT_GROUP = -1
+PAYMENT_GROUP = -3
 _PACK_RE = r"^buy:[a-z0-9-]{1,32}$"
 
 
@@ -239,7 +239,7 @@ async def refunded_payment(update: Update, context: BotContext) -> None:
 
 
 def register_payment_messages(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
-    """Group -1: ahead of the /edit conversation and every other handler."""
+    """Group -3: ahead of the stranger check, the /edit conversation and every other handler."""
     application.add_handler(
         MessageHandler(filters.SUCCESSFUL_PAYMENT, successful_payment), group=PAYMENT_GROUP
     )

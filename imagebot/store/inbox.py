@@ -11,30 +11,55 @@ from typing import Any
 
 from imagebot.store.db import URGENT, Database, iso, utcnow
 
+# Every update type of the Bot API; anything else is "other", so a body with made-up keys
+# cannot mint new metric labels.
 UPDATE_KINDS = (
     "message",
     "edited_message",
     "callback_query",
     "channel_post",
     "edited_channel_post",
+    "business_connection",
+    "business_message",
+    "edited_business_message",
+    "deleted_business_messages",
+    "message_reaction",
+    "message_reaction_count",
+    "inline_query",
+    "chosen_inline_result",
+    "shipping_query",
+    "pre_checkout_query",
+    "purchased_paid_media",
+    "poll",
+    "poll_answer",
     "my_chat_member",
     "chat_member",
-    "inline_query",
+    "chat_join_request",
+    "chat_boost",
+    "removed_chat_boost",
 )
+_MAX_FAILURE_CHARS = 300
 
 
 def update_kind(payload: dict[str, Any]) -> str:
     for kind in UPDATE_KINDS:
         if kind in payload:
             return kind
-    keys = [k for k in payload if k != "update_id"]
-    return keys[0] if keys else "unknown"
+    return "other" if len(payload) > 1 else "unknown"
+
+
+def failure_text(reason: str, error: BaseException | None = None) -> str:
+    """What the inbox's `failure` column says: the reason, the error's type and message."""
+    if error is None:
+        return reason
+    text = f"{reason}: {type(error).__name__}: {error}"
+    return text if len(text) <= _MAX_FAILURE_CHARS else text[: _MAX_FAILURE_CHARS - 1] + "…"
 
 
 @dataclass(frozen=True, slots=True)
 class SavedUpdate:
     update_id: int
-    payload: dict[str, Any]
+    payload: dict[str, Any] | None  # None: the stored text is not a JSON object any more
 
 
 class Inbox:
@@ -70,17 +95,29 @@ class Inbox:
         # Telegram waits for this one: it goes ahead of queued job writes.
         return await self.db.write(insert, priority=URGENT)
 
-    async def mark_processed(self, update_id: int) -> None:
+    async def mark_processed(self, update_id: int, failure: str | None = None) -> None:
+        """Close the update; `failure` says why it could not be handled (None: it was).
+
+        A failure is recorded even when the row was closed already (a handler that raised after
+        its job was created, which closes the row in the same transaction).
+        """
+        if failure is None:
+            await self.db.execute_write(
+                "UPDATE inbox SET processed_at = ? WHERE update_id = ? AND processed_at IS NULL",
+                (iso(), update_id),
+            )
+            return
         await self.db.execute_write(
-            "UPDATE inbox SET processed_at = ? WHERE update_id = ? AND processed_at IS NULL",
-            (iso(), update_id),
+            "UPDATE inbox SET processed_at = coalesce(processed_at, ?), failure = ?"
+            " WHERE update_id = ?",
+            (iso(), failure, update_id),
         )
 
     async def unprocessed(self) -> list[SavedUpdate]:
         rows = await self.db.fetchall(
             "SELECT update_id, payload FROM inbox WHERE processed_at IS NULL ORDER BY update_id"
         )
-        return [SavedUpdate(row["update_id"], json.loads(row["payload"])) for row in rows]
+        return [SavedUpdate(row["update_id"], _load(row["payload"])) for row in rows]
 
     async def prune(self, older_than_days: float) -> int:
         """Drop processed updates older than the retention (Telegram may resend for days)."""
@@ -95,3 +132,11 @@ class Inbox:
         )
         assert row is not None
         return {"total": row["total"] or 0, "pending": row["pending"] or 0}
+
+
+def _load(text: str) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None

@@ -434,6 +434,7 @@ class FakeTelegram(FakeServer):
         self._flood: _Flood | None = None
         self._webhook_task: asyncio.Task[None] | None = None
         self._webhook_last_error: tuple[int, str] | None = None
+        self._held_chats: dict[int, asyncio.Event] = {}
         self._methods: dict[str, tuple[str, MethodHandler]] = {}
         self._init_payments()
         for name, handler in {**self._method_table(), **self._payment_methods()}.items():
@@ -547,6 +548,16 @@ class FakeTelegram(FakeServer):
         """Stop enforcing flood limits."""
         self._flood = None
 
+    def hold_chat(self, chat_id: int) -> None:
+        """Hold every call for `chat_id` (recorded, not answered) until `release_chat`."""
+        self._held_chats.setdefault(chat_id, asyncio.Event())
+
+    def release_chat(self, chat_id: int) -> None:
+        """Answer the held calls for `chat_id` and hold no more."""
+        held = self._held_chats.pop(chat_id, None)
+        if held is not None:
+            held.set()
+
     def push_update(self, update: dict[str, Any]) -> None:
         """Queue an update for getUpdates, or for webhook delivery while a webhook is set."""
         update_id = update.get("update_id")
@@ -650,6 +661,9 @@ class FakeTelegram(FakeServer):
     async def _run(self, name: str, handler: MethodHandler, params: dict[str, Any]) -> Any:
         chat_id = params.get("chat_id")
         chat_key = chat_id if isinstance(chat_id, int) else None
+        held = self._held_chats.get(chat_key) if chat_key is not None else None
+        if held is not None:
+            await held.wait()
         if chat_key in self._forbidden_chats and name not in ("getMe", "getFile", "getUpdates"):
             raise TelegramApiError(403, self._forbidden_chats[chat_key])
         flood = self._flood
