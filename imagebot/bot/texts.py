@@ -108,6 +108,7 @@ _FAILURES = {
     "invalid_input": "the image service didn't accept this request.",
     "blocked_address": "the image service returned a file I'm not allowed to fetch.",
     "delivery_failed": "I couldn't send the result to this chat.",
+    "delivery_gave_up": "Telegram couldn't take the result for a long time, so I stopped trying.",
 }
 
 
