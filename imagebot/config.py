@@ -246,7 +246,7 @@ class DeliverySettings(Section):
     """Results and chat notices that Telegram cannot take now (unreachable, 5xx, flood)."""
 
     # how long a made result keeps being offered to Telegram before the job fails
-    retry_window_s: float = Field(21600, ge=60)
+    retry_window_s: float = Field(21600, gt=0)
     retry_base_s: float = Field(5.0, gt=0, le=600)  # first wait; doubles each try, with jitter
     retry_max_s: float = Field(300.0, gt=0, le=3600)  # longest wait between tries
     check_interval_s: float = Field(5.0, gt=0, le=300)  # how often due retries are started
