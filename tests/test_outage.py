@@ -175,7 +175,9 @@ async def test_failure_notice_waits_for_telegram_and_arrives_once(
     (notices_waiting in /healthz) and the user gets it exactly once when Telegram is back."""
     async with bot(**FAST) as app:
         telegram.outage(502, SENDS)
-        replicate.next_behaviours.append({"outcome": "failed", "error_text": "NSFW content detected"})
+        replicate.next_behaviours.append(
+            {"outcome": "failed", "error_text": "NSFW content detected"}
+        )
         telegram.push_update(updates.command("/generate doomed"))
         await wait_until(lambda: bool(rows(app)) and rows(app)[0]["status"] == "failed", within=20)
         await wait_until(lambda: bool(rows(app)[0]["deliver_after"]), within=10)

@@ -189,13 +189,18 @@ class Database:
         health = self.writes
 
         def call() -> T:
+            conn = self._writer
+            before = conn.total_changes if conn is not None else 0
             try:
-                result = fn(self._writer)  # type: ignore[arg-type]
+                result = fn(conn)  # type: ignore[arg-type]
             except BaseException as exc:
                 if is_storage_fault(exc):
                     health.failed(exc)
                 raise
-            health.succeeded()
+            # Only a write that changed rows reached the disk: a claim of an empty queue
+            # proves nothing about a full one.
+            if conn is not None and conn.total_changes != before:
+                health.succeeded()
             return result
 
         # Shielded: a write once submitted always runs, even if the awaiting task is canceled
