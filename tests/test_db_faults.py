@@ -10,6 +10,7 @@ the limit does not touch.
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 
 CHAT = updates.DEFAULT_CHAT_ID
+log = logging.getLogger(__name__)
 FAST = {
     "limits": {"sweep_interval_s": 0.2, "stale_slack_s": 0},
     "generate": {"timeout_s": 2, "daily_cap": 100},
@@ -111,7 +113,9 @@ async def test_disk_full_pauses_jobs_and_the_bot_catches_up_afterwards(
     assert daemon.log_events("store_writes_recovered")
     assert integrity(daemon.db_path) == "ok"
     refused = [s for u, s, _ in telegram.webhook_deliveries if u == during["update_id"]]
-    print(
-        f"fault {fault_s:.1f} s, caught up {caught_up_s:.2f} s after, "
-        f"webhook answers for the update sent meanwhile: {refused}"
+    log.info(
+        "fault %.1f s, caught up %.2f s after, webhook answers meanwhile: %s",
+        fault_s,
+        caught_up_s,
+        refused,
     )
