@@ -331,7 +331,8 @@ class Pipeline:
         await self.set(job, phase=Phase.DELIVERING)
         self.progress.stop(job.id)
         sent: Sent | None = None
-        async for attempt in self._retrying():
+        # A parked result gets one try per turn: its backoff is between turns (see park).
+        async for attempt in self._retrying(1 if job.delivery_attempts else None):
             with attempt:
                 sent = await self.delivery.send_results(
                     job.chat_id,

@@ -64,6 +64,8 @@ class JobRunner:
         # takes writes again (the row still says where they are)
         self._suspended: set[int] = set()
         self._writes_were_ok = True
+        # Telegram refused the last delivery try: offer it one parked result at a time
+        self._telegram_failing = False
         self._runs: dict[int, _Run] = {}
         self._acks: dict[int, asyncio.Event] = {}
         self._pump_lock = asyncio.Lock()
@@ -216,19 +218,22 @@ class JobRunner:
         if job.phase is Phase.NEW and job.attempts == 0 and job.started_at:
             wait = (parse_iso(job.started_at) - parse_iso(job.created_at)).total_seconds()
             self.metrics.queue_wait.labels(job.kind.value).observe(max(0.0, wait))
-        job = await self.pipeline.progress.ensure_status(job)
+        if job_id not in self._slotless:  # a parked result needs no new status line
+            job = await self.pipeline.progress.ensure_status(job)
 
         async def critical(coro: Coroutine[Any, Any, T]) -> T:
             return await self._critical(run, coro)
 
         try:
             await self.pipeline.advance(job, critical)
+            self._telegram_failing = False
         except JobGone:
             log.info("job_left_running")
         except DeliveryError as exc:
             self.metrics.delivery_errors.labels(exc.code).inc()
             if exc.is_retryable and job.phase in (Phase.FETCHED, Phase.DELIVERING):
                 # Telegram is down or busy, the images are made: wait for it without a slot.
+                self._telegram_failing = True
                 await self.pipeline.park(job, exc)
             else:
                 await self.pipeline.fail(job, exc.code, str(exc))
@@ -364,6 +369,8 @@ class JobRunner:
             for job in await self.store.deliveries_due(now):
                 if job.id in self._scheduled or job.id in self._slotless:
                     continue
+                if self._telegram_failing and self._slotless:
+                    break  # while Telegram refuses, one parked result at a time probes it
                 self._suspended.discard(job.id)
                 self._schedule(job, slot=False)
         for job in await self.store.unsettled(due_by=now):
