@@ -317,6 +317,13 @@ def _schedule_maintenance(app: App) -> None:
         await _prune(services)
 
     job_queue.run_repeating(sweep, settings.limits.sweep_interval_s, name="sweep")
+
+    async def tend(_: object) -> None:
+        unbind_all()
+        await services.runner.tend()
+
+    # Deliveries and notices waiting out a Telegram outage; jobs a storage fault stopped.
+    job_queue.run_repeating(tend, settings.delivery.check_interval_s, name="tend")
     job_queue.run_repeating(refresh_queue, settings.progress.queue_refresh_s, name="queue-refresh")
     # The first prune a minute after start-up (or sooner when the interval is shorter).
     interval = settings.storage.prune_interval_s

@@ -244,6 +244,18 @@ class ProgressSettings(Section):
     queue_refresh_s: float = Field(5, ge=1)
 
 
+class DeliverySettings(Section):
+    """Results and chat notices that Telegram cannot take now (unreachable, 5xx, flood)."""
+
+    # how long a made result keeps being offered to Telegram before the job fails
+    retry_window_s: float = Field(21600, gt=0)
+    retry_base_s: float = Field(5.0, gt=0, le=600)  # first wait; doubles each try, with jitter
+    retry_max_s: float = Field(300.0, gt=0, le=3600)  # longest wait between tries
+    check_interval_s: float = Field(5.0, gt=0, le=300)  # how often due retries are started
+    # idle bots prove the database still takes writes this often (for /healthz)
+    write_probe_interval_s: float = Field(30.0, gt=0, le=3600)
+
+
 class LogSettings(Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -327,6 +339,7 @@ class Settings(BaseSettings):
     progress: ProgressSettings = ProgressSettings()
     logs: LogSettings = LogSettings()
     credits: CreditsSettings = CreditsSettings()
+    delivery: DeliverySettings = DeliverySettings()
 
     telegram_bot_token: SecretStr | None = Field(None, validation_alias="TELEGRAM_BOT_TOKEN")
     replicate_api_token: SecretStr | None = Field(None, validation_alias="REPLICATE_API_TOKEN")

@@ -186,5 +186,21 @@ class Metrics:
             registry=r,
         )
 
+        self.deliveries_waiting = Gauge(
+            "imagebot_deliveries_waiting",
+            "Made results waiting for Telegram to take them (an outage), holding no slot",
+            registry=r,
+        )
+        self.notices_waiting = Gauge(
+            "imagebot_notices_waiting",
+            "Status-line removals and failure/cancel notices waiting for Telegram",
+            registry=r,
+        )
+        self.database_writes_ok = Gauge(
+            "imagebot_database_writes_ok",
+            "1 when the last write reached the database, 0 while writes fail (disk full, I/O)",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

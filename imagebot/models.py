@@ -76,6 +76,10 @@ class Job:
     deadline_at: str | None = None
     finished_at: str | None = None
     updated_at: str | None = None
+    # schema 3: waiting out a Telegram outage (see Pipeline.park)
+    deliver_after: str | None = None
+    delivery_attempts: int = 0
+    delivery_waiting_since: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

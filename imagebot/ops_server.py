@@ -81,24 +81,37 @@ async def healthz(request: web.Request) -> web.Response:
     """Ready: database reachable, intake running, event loop responsive. 503 otherwise."""
     services, state = request.app[SERVICES], request.app[STATE]
     database = await services.db.is_healthy()
+    # The last write (a job's, an update's, or the periodic probe) reached the database:
+    # a full disk or an I/O error makes the bot not ready until one succeeds again.
+    writes = services.db.writes.ok
     intake = services.intake.running
     loop = state.heartbeat.is_responsive()
-    ready = state.ready and not state.stopping and database and intake and loop
+    ready = state.ready and not state.stopping and database and writes and intake and loop
     body: dict[str, Any] = {
         "status": "ok" if ready else ("stopping" if state.stopping else "unavailable"),
         "live": True,
         "ready": ready,
         "version": __version__,
         "mode": services.settings.telegram.mode,
-        "checks": {"database": database, "intake": intake, "event_loop": loop},
+        "checks": {
+            "database": database,
+            "database_writes": writes,
+            "intake": intake,
+            "event_loop": loop,
+        },
         "loop_lag_ms": round(state.heartbeat.lag_s * 1000, 1),
     }
     # Each provider's circuit breaker (closed / open / half_open). An open circuit does not
     # make the bot unready: it answers users, and a restart would not fix the vendor.
     body["circuits"] = services.runner.pipeline.breakers.states()
+    if not writes:
+        body["database_write_error"] = services.db.writes.last_error
     if database:
         counts = await services.store.counts()
         body.update(queued=counts["queued"], running=counts["running"])
+        waiting = await services.store.waiting_counts()
+        # made results (and failure/cancel notices) waiting for Telegram to take them
+        body.update(deliveries_waiting=waiting["deliveries"], notices_waiting=waiting["notices"])
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -185,6 +198,11 @@ async def metrics(request: web.Request) -> web.Response:
     # Read at scrape time: one query per scrape instead of one per job event.
     with contextlib.suppress(sqlite3.Error, StoreError, ValueError):
         services.metrics.jobs_queued.set((await services.store.counts())["queued"])
+    with contextlib.suppress(sqlite3.Error, StoreError, ValueError):
+        waiting = await services.store.waiting_counts()
+        services.metrics.deliveries_waiting.set(waiting["deliveries"])
+        services.metrics.notices_waiting.set(waiting["notices"])
+    services.metrics.database_writes_ok.set(1 if services.db.writes.ok else 0)
     body = services.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 

@@ -10,8 +10,10 @@ through the `critical` callable the runner passes in; everything else may be can
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from tenacity import RetryCallState
@@ -21,6 +23,7 @@ from imagebot.breaker import CIRCUIT_OPEN, Breakers, is_vendor_failure
 from imagebot.config import Settings
 from imagebot.delivery import Delivery, Sent
 from imagebot.errors import (
+    DeliveryError,
     MediaError,
     ProviderError,
     ProviderTimeout,
@@ -96,6 +99,7 @@ class Pipeline:
         )
         # Called first in `settle` (every final status passes there): credits settle a job.
         self.on_final: Callable[[Job], Awaitable[None]] | None = None
+        self._settling: set[int] = set()  # jobs whose chat is being tidied right now
 
     def _retrying(
         self,
@@ -346,12 +350,14 @@ class Pipeline:
 
     async def _deliver(self, job: Job, images: list[ImageFile]) -> None:
         if job.phase is Phase.DELIVERING:
-            # The last run died between a send and its record: the chat may get it twice.
-            log.warning("delivery_repeated")
+            # The last run died between a send and its record, or Telegram failed to answer
+            # it: the chat may get it twice (the documented at-least-once window).
+            log.warning("delivery_repeated", delivery_attempt=job.delivery_attempts)
         await self.set(job, phase=Phase.DELIVERING)
         self.progress.stop(job.id)
         sent: Sent | None = None
-        async for attempt in self._retrying():
+        # A parked result gets one try per turn: its backoff is between turns (see park).
+        async for attempt in self._retrying(1 if job.delivery_attempts else None):
             with attempt:
                 sent = await self.delivery.send_results(
                     job.chat_id,
@@ -367,10 +373,13 @@ class Pipeline:
             phase=Phase.DELIVERING,  # until the status line is removed (see settle)
             delivered_message_ids=sent.message_ids,
             result_file_ids=sent.file_ids,
+            **_NOT_WAITING,
         )
         if not finished:
             raise JobGone
+        waited_since = job.delivery_waiting_since
         job.status = JobStatus.SUCCEEDED
+        _mirror(job, _NOT_WAITING)
         elapsed = (utcnow() - parse_iso(job.created_at)).total_seconds()
         self.metrics.jobs_finished.labels(job.kind.value, JobStatus.SUCCEEDED.value).inc()
         self.metrics.end_to_end.labels(job.kind.value).observe(elapsed)
@@ -381,6 +390,56 @@ class Pipeline:
             images=len(images),
             message_ids=sent.message_ids,
             duration_ms=int(elapsed * 1000),
+            # how long the result waited for Telegram (an outage), if it had to
+            waited_for_telegram_s=round((utcnow() - parse_iso(waited_since)).total_seconds(), 1)
+            if waited_since
+            else None,
+        )
+
+    # -- waiting for Telegram --------------------------------------------------------------
+
+    def _next_try(self, job: Job) -> tuple[datetime, datetime, int] | None:
+        """(waiting since, next try, attempt number) of a delivery Telegram refused, or None
+        when `delivery.retry_window_s` has run out."""
+        cfg = self.settings.delivery
+        now = utcnow()
+        since = parse_iso(job.delivery_waiting_since) if job.delivery_waiting_since else now
+        window_end = since + timedelta(seconds=cfg.retry_window_s)
+        if now >= window_end:
+            return None
+        attempt = job.delivery_attempts + 1
+        wait = min(cfg.retry_max_s, cfg.retry_base_s * 2 ** min(attempt - 1, 30))
+        wait *= random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not a secret
+        return since, min(now + timedelta(seconds=wait), window_end), attempt
+
+    async def park(self, job: Job, exc: DeliveryError) -> None:
+        """Telegram could not take a made result (unreachable, 5xx, flood): plan another
+        try and let the job's task end, so it holds no provider slot while it waits. When
+        `delivery.retry_window_s` has passed since the first refusal, the job fails
+        `delivery_gave_up` (its quota unit returns, as for any failure)."""
+        plan = self._next_try(job)
+        if plan is None:
+            window = self.settings.delivery.retry_window_s
+            await self.fail(
+                job,
+                "delivery_gave_up",
+                f"Telegram did not take the result within {window:.0f} s: {exc}",
+            )
+            return
+        since, after, attempt = plan
+        await self.set(
+            job,
+            deliver_after=iso(after),
+            delivery_attempts=attempt,
+            delivery_waiting_since=iso(since),
+        )
+        self.progress.stop(job.id)
+        log.warning(
+            "delivery_parked",
+            error_code=exc.code,
+            delivery_attempt=attempt,
+            retry_in_s=round((after - utcnow()).total_seconds(), 1),
+            waiting_s=round((utcnow() - since).total_seconds(), 1),
         )
 
     # -- endings ---------------------------------------------------------------------------
@@ -396,6 +455,7 @@ class Pipeline:
                 error_code=code,
                 error_message=redact(message)[:500],
                 phase=Phase.DELIVERING,
+                **_NOT_WAITING,  # the failure notice waits for Telegram on its own clock
             )
 
         if not await asyncio.shield(write()):
@@ -409,6 +469,7 @@ class Pipeline:
             duration_ms=int((utcnow() - parse_iso(job.created_at)).total_seconds() * 1000),
         )
         job.status, job.error_code = JobStatus.FAILED, code
+        _mirror(job, _NOT_WAITING)
         await self.settle(job)
 
     async def settle(self, job: Job) -> None:
@@ -416,18 +477,77 @@ class Pipeline:
         failure/cancel message), then record phase `done`.
 
         Final statuses are written with phase `delivering` first, so a crash in between is
-        finished by the runner's `recover`; this step is at-least-once (best effort: a
-        refused send is not retried forever).
+        finished later (`settle_due`); this step is at-least-once. When Telegram cannot take
+        it now, the next try is planned on the row (deliver_after) and made by the runner's
+        periodic `tend`, for up to `delivery.retry_window_s`.
         """
+        if job.id in self._settling:
+            return  # already being tidied (the inline ending and a late retry met)
+        self._settling.add(job.id)
+        try:
+            await self._settle(job)
+        finally:
+            self._settling.discard(job.id)
+
+    async def settle_due(self, job_id: int) -> None:
+        """Tidy the chat of a final job whose earlier try did not get through, if still due."""
+        if job_id in self._settling:
+            return
+        self._settling.add(job_id)
+        try:
+            job = await self.store.get(job_id)  # read after claiming: never a stale row
+            if job is None or not job.status.is_final or job.phase is not Phase.DELIVERING:
+                return
+            if job.deliver_after and parse_iso(job.deliver_after) > utcnow():
+                return
+            log.info(
+                "job_settled_late",
+                job_id=job.id,
+                status=job.status.value,
+                delivery_attempt=job.delivery_attempts,
+            )
+            await self._settle(job)
+        finally:
+            self._settling.discard(job_id)
+
+    async def _settle(self, job: Job) -> None:
         if self.on_final is not None:
-            await self.on_final(job)  # credits: give back what a failed/canceled job reserved
+            # Credits: give back what a failed/canceled job reserved (idempotent: a retry
+            # of this tidy-up settles nothing twice).
+            await self.on_final(job)
         if job.status is JobStatus.SUCCEEDED:
-            await self.progress.done(job)
+            tidied = await self.progress.done(job)
         elif job.status is JobStatus.CANCELED:
-            await self.progress.ended(job, texts.status_canceled(job.id))
+            tidied = await self.progress.ended(job, texts.status_canceled(job.id))
         else:
-            await self.progress.ended(job, texts.job_failed(job.id, job.error_code))
-        await self.store.update(job.id, phase=Phase.DONE)
+            tidied = await self.progress.ended(job, texts.job_failed(job.id, job.error_code))
+        if tidied:
+            await self.store.update(job.id, phase=Phase.DONE, **_NOT_WAITING)
+            return
+        plan = self._next_try(job)
+        if plan is None:
+            log.warning("settle_gave_up", job_id=job.id, status=job.status.value)
+            await self.store.update(job.id, phase=Phase.DONE, **_NOT_WAITING)
+            return
+        since, after, attempt = plan
+        await self.store.update(
+            job.id,
+            deliver_after=iso(after),
+            delivery_attempts=attempt,
+            delivery_waiting_since=iso(since),
+        )
+
+
+_NOT_WAITING: dict[str, Any] = {
+    "deliver_after": None,
+    "delivery_attempts": 0,
+    "delivery_waiting_since": None,
+}
+
+
+def _mirror(job: Job, values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+        setattr(job, key, value)
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> bool:

@@ -8,7 +8,6 @@ Telegram error here is logged and dropped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 from aiolimiter import AsyncLimiter
@@ -149,27 +148,40 @@ class Progress:
                 await self._edit(job, texts.status_working(job.kind, job.id, elapsed))
             await asyncio.sleep(1.0)
 
-    async def done(self, job: Job) -> None:
-        """The result arrived: remove the status message."""
+    async def done(self, job: Job) -> bool:
+        """The result arrived: remove the status message. False when Telegram could not take
+        the request now (worth another try later); True when done or never possible."""
         self.stop(job.id)
         self._shown_position.pop(job.id, None)
         if job.status_message_id is None:
-            return
-        with contextlib.suppress(DeliveryError):
+            return True
+        try:
             await self.delivery.delete(job.chat_id, job.status_message_id)
+        except DeliveryError as exc:
+            log.info("status_delete_failed", job_id=job.id, error_code=exc.code)
+            return not exc.is_retryable
+        return True
 
-    async def ended(self, job: Job, text: str) -> None:
-        """The job failed or was canceled: turn the status message into `text` (or send it)."""
+    async def ended(self, job: Job, text: str) -> bool:
+        """The job failed or was canceled: turn the status message into `text` (or send it).
+        False when Telegram could not take it now (worth another try later)."""
         self.stop(job.id)
         self._shown_position.pop(job.id, None)
         try:
             if job.status_message_id is not None and await self.delivery.edit_text(
                 job.chat_id, job.status_message_id, text
             ):
-                return
+                return True
             await self.delivery.send_text(job.chat_id, text, reply_to=job.command_message_id)
         except DeliveryError as exc:
-            log.warning("final_message_failed", job_id=job.id, error_code=exc.code)
+            log.warning(
+                "final_message_failed",
+                job_id=job.id,
+                error_code=exc.code,
+                will_retry=exc.is_retryable,
+            )
+            return not exc.is_retryable
+        return True
 
     async def aclose(self) -> None:
         for job_id in list(self._tickers):

@@ -9,6 +9,7 @@ in flight, a send and its record) finish while everything else stays resumable.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
 from imagebot.models import Job, JobStatus, Phase
 from imagebot.pipeline import CANCEL_TIMEOUT_S, JobGone, Pipeline
-from imagebot.store.db import iso, parse_iso, utcnow
+from imagebot.store.db import is_storage_fault, iso, parse_iso, utcnow
 from imagebot.store.jobs import JobStore
 
 log = get_logger(__name__)
@@ -56,7 +57,15 @@ class JobRunner:
         self.metrics = metrics
         self.settings = pipeline.settings
         self._job_queue: JobQueue[Any] | None = None
-        self._scheduled: set[int] = set()
+        self._scheduled: set[int] = set()  # jobs holding a provider slot
+        # jobs whose images are made, being offered to Telegram again: no slot held
+        self._slotless: set[int] = set()
+        # jobs whose run stopped because the database refused a write: resumed once it
+        # takes writes again (the row still says where they are)
+        self._suspended: set[int] = set()
+        self._writes_were_ok = True
+        # Telegram refused the last delivery try: offer it one parked result at a time
+        self._telegram_failing = False
         self._runs: dict[int, _Run] = {}
         self._acks: dict[int, asyncio.Event] = {}
         self._pump_lock = asyncio.Lock()
@@ -94,17 +103,46 @@ class JobRunner:
         return job_id in self._scheduled
 
     async def pump(self) -> None:
-        """Claim the oldest queued jobs into free slots and schedule them."""
+        """Resume suspended jobs, then claim the oldest queued jobs into free slots."""
         if self._stopping:
             return
         async with self._pump_lock:
-            free = self.settings.limits.max_running - len(self._scheduled)
-            for job in await self.store.claim_next(free, self.pipeline.timeouts):
-                self._schedule(job)
+            try:
+                if self._suspended and self.store.db.writes.ok:
+                    await self._resume_suspended()
+                free = self.settings.limits.max_running - len(self._scheduled)
+                for job in await self.store.claim_next(free, self.pipeline.timeouts):
+                    self._schedule(job)
+            except Exception as exc:
+                if not is_storage_fault(exc):
+                    raise
+                log.warning("pump_store_fault", error=str(exc))
 
-    def _schedule(self, job: Job) -> None:
+    async def _resume_suspended(self) -> None:
+        """Put jobs a storage fault stopped back into slots, ahead of the queue; the fault
+        was not theirs, so their deadline starts over. Jobs with made images are left to
+        `tend` (they need no slot)."""
+        for job_id in sorted(self._suspended):
+            if len(self._scheduled) >= self.settings.limits.max_running:
+                return
+            self._suspended.discard(job_id)
+            job = await self.store.get(job_id)
+            if job is None or job.status is not JobStatus.RUNNING:
+                continue
+            if job.id in self._scheduled or job.id in self._slotless:
+                continue
+            if job.phase in (Phase.FETCHED, Phase.DELIVERING):
+                continue
+            timeout = self.pipeline.timeouts[job.kind]
+            fresh = iso(utcnow() + timedelta(seconds=timeout))
+            await self.store.update(job.id, deadline_at=fresh)
+            job.deadline_at = fresh
+            log.info("job_resumed", job_id=job.id, phase=job.phase.value)
+            self._schedule(job)
+
+    def _schedule(self, job: Job, *, slot: bool = True) -> None:
         assert self._job_queue is not None, "attach() the JobQueue first"
-        self._scheduled.add(job.id)
+        (self._scheduled if slot else self._slotless).add(job.id)
         # misfire_grace_time=None: a late job still runs (the default silently drops it).
         self._job_queue.run_once(
             self._job_callback,
@@ -134,12 +172,24 @@ class JobRunner:
         finally:
             self._runs.pop(job_id, None)
             self._scheduled.discard(job_id)
+            self._slotless.discard(job_id)
             self.pipeline.progress.stop(job_id)
             structlog.contextvars.clear_contextvars()
             if not self._stopping:
                 self._in_background(self.pump())
 
     async def _run(self, job_id: int, task: asyncio.Task[Any]) -> None:
+        try:
+            await self._run_job(job_id, task)
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            # The database (or the results directory) refused a write: the row still says
+            # where the job is, so stop here without failing it and resume once writes work.
+            self._suspended.add(job_id)
+            log.warning("job_suspended_store_fault", job_id=job_id, error=str(exc))
+
+    async def _run_job(self, job_id: int, task: asyncio.Task[Any]) -> None:
         job = await self.store.get(job_id)
         if job is None or job.status.is_final:
             return
@@ -149,6 +199,12 @@ class JobRunner:
             job = await self.store.get(job_id)
             if job is None or job.status.is_final:
                 return
+        if (
+            job_id in self._slotless
+            and job.deliver_after
+            and parse_iso(job.deliver_after) > utcnow()
+        ):
+            return  # parked again since it was found due: its next try is later
         run = self._runs[job_id] = _Run(job, task)
         structlog.contextvars.bind_contextvars(
             job_id=job.id,
@@ -162,18 +218,26 @@ class JobRunner:
         if job.phase is Phase.NEW and job.attempts == 0 and job.started_at:
             wait = (parse_iso(job.started_at) - parse_iso(job.created_at)).total_seconds()
             self.metrics.queue_wait.labels(job.kind.value).observe(max(0.0, wait))
-        job = await self.pipeline.progress.ensure_status(job)
+        if job_id not in self._slotless:  # a parked result needs no new status line
+            job = await self.pipeline.progress.ensure_status(job)
 
         async def critical(coro: Coroutine[Any, Any, T]) -> T:
             return await self._critical(run, coro)
 
         try:
             await self.pipeline.advance(job, critical)
+            self._telegram_failing = False
         except JobGone:
             log.info("job_left_running")
-        except (ProviderError, MediaError, DeliveryError) as exc:
-            if isinstance(exc, DeliveryError):
-                self.metrics.delivery_errors.labels(exc.code).inc()
+        except DeliveryError as exc:
+            self.metrics.delivery_errors.labels(exc.code).inc()
+            if exc.is_retryable and job.phase in (Phase.FETCHED, Phase.DELIVERING):
+                # Telegram is down or busy, the images are made: wait for it without a slot.
+                self._telegram_failing = True
+                await self.pipeline.park(job, exc)
+            else:
+                await self.pipeline.fail(job, exc.code, str(exc))
+        except (ProviderError, MediaError) as exc:
             await self.pipeline.fail(job, exc.code, str(exc))
         except asyncio.CancelledError:
             if run.cancel_reason == "shutdown":
@@ -181,6 +245,8 @@ class JobRunner:
                 log.info("job_suspended", phase=current.phase.value if current else "gone")
             raise
         except Exception as exc:
+            if is_storage_fault(exc):
+                raise
             log.exception("job_crashed")
             await self.pipeline.fail(job, "internal_error", f"{type(exc).__name__}: {exc}")
 
@@ -240,7 +306,11 @@ class JobRunner:
     async def sweep(self) -> None:
         """Fail running jobs past their deadline plus slack, even if their task vanished."""
         slack = self.settings.limits.stale_slack_s
+        if not self.store.db.writes.ok:
+            return  # nothing could be recorded; a storage fault is no job's timeout
         for job in await self.store.overdue(utcnow(), slack):
+            if job.id in self._suspended:
+                continue  # stopped by a storage fault: resumed with a fresh deadline
             run = self._runs.get(job.id)
             if run is not None and job.phase is Phase.DELIVERING:
                 continue  # the send is in flight; its own retries bound it
@@ -257,9 +327,12 @@ class JobRunner:
 
     async def recover(self) -> int:
         """At start-up: take up every running job again, settle endings a crash cut short,
-        then fill free slots from the queue."""
+        then fill free slots from the queue. Jobs whose images are made are offered to
+        Telegram by `tend`, without a slot, when their next try is due."""
         running = await self.store.by_status(JobStatus.RUNNING)
         for job in running:
+            if job.phase in (Phase.FETCHED, Phase.DELIVERING):
+                continue
             if job.phase is not Phase.SUBMITTED:
                 # Not yet at the vendor (or already back): the wait starts over.
                 timeout = self.pipeline.timeouts[job.kind]
@@ -268,11 +341,41 @@ class JobRunner:
             self._schedule(job)
         if running:
             log.info("jobs_recovered", count=len(running), job_ids=[j.id for j in running])
-        for job in await self.store.unsettled():
-            log.info("job_settled_late", job_id=job.id, status=job.status.value)
-            self._in_background(self.pipeline.settle(job))
-        await self.pump()
+        await self.tend()
         return len(running)
+
+    async def tend(self) -> None:
+        """Periodic (delivery.check_interval_s): check the database takes writes when in
+        doubt; start the deliveries and chat notices whose next try is due; resume jobs a
+        storage fault stopped."""
+        if self._stopping:
+            return
+        db = self.store.db
+        cfg = self.settings.delivery
+        if not db.writes.ok or time.monotonic() - db.writes.last_ok_at >= (
+            cfg.write_probe_interval_s
+        ):
+            await db.probe_write()
+        if not db.writes.ok:
+            if self._writes_were_ok:
+                log.error("store_writes_failing", error=db.writes.last_error)
+            self._writes_were_ok = False
+            return
+        if not self._writes_were_ok:
+            log.info("store_writes_recovered", suspended=len(self._suspended))
+            self._writes_were_ok = True
+        now = utcnow()
+        async with self._pump_lock:
+            for job in await self.store.deliveries_due(now):
+                if job.id in self._scheduled or job.id in self._slotless:
+                    continue
+                if self._telegram_failing and self._slotless:
+                    break  # while Telegram refuses, one parked result at a time probes it
+                self._suspended.discard(job.id)
+                self._schedule(job, slot=False)
+        for job in await self.store.unsettled(due_by=now):
+            self._in_background(self.pipeline.settle_due(job.id))
+        await self.pump()
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop taking jobs; let critical sections finish; leave the rest resumable."""

@@ -112,6 +112,10 @@ class Daemon:
         self.proc: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.kills = 0
+        # True: the daemon writes its log into a pipe that the test copies to log_path (a
+        # file-size limit set on the daemon, see test_db_faults.py, must not hit its log)
+        self.pipe_logs = False
+        self._log_copier: asyncio.Task[None] | None = None
         self.config = deep_merge(self._base_config(), sections)
         self.config_path.write_text(toml_dumps(self.config), encoding="utf-8")
 
@@ -177,6 +181,11 @@ class Daemon:
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self.starts} ---\n".encode())
             log.flush()
+            if self.pipe_logs:
+                await self._start_piped()
+                if wait:
+                    await self.wait_ready()
+                return
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -191,6 +200,28 @@ class Daemon:
             )
         if wait:
             await self.wait_ready()
+
+    async def _start_piped(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "imagebot",
+            "--config",
+            str(self.config_path),
+            cwd=str(self.dir),
+            env=self._env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        assert self.proc.stdout is not None
+        self._log_copier = asyncio.create_task(self._copy_log(self.proc.stdout))
+
+    async def _copy_log(self, stream: asyncio.StreamReader) -> None:
+        with self.log_path.open("ab") as log:
+            while chunk := await stream.read(65536):
+                log.write(chunk)
+                log.flush()
 
     async def healthy(self) -> bool:
         url = f"http://127.0.0.1:{self.ops_port}/healthz"
@@ -250,6 +281,9 @@ class Daemon:
         """Test teardown: whatever state the daemon is in, it is gone afterwards."""
         if self.running:
             await self.kill()
+        if self._log_copier is not None:
+            await asyncio.wait_for(self._log_copier, 10)
+            self._log_copier = None
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -240,12 +240,22 @@ async def test_healthz_ready_live_and_not_ready(bot, telegram: FakeTelegram) -> 
     assert ready_status == 200
     assert ready["status"] == "ok" and ready["ready"] is True and ready["live"] is True
     assert ready["version"] == __version__ and ready["mode"] == "polling"
-    assert ready["checks"] == {"database": True, "intake": True, "event_loop": True}
+    assert ready["checks"] == {
+        "database": True,
+        "database_writes": True,
+        "intake": True,
+        "event_loop": True,
+    }
     assert ready["queued"] == 0 and ready["running"] == 0
     assert (live_status, live) == (200, {"live": True, "version": __version__})
     assert down_status == 503
     assert down["ready"] is False and down["status"] == "unavailable"
-    assert down["checks"] == {"database": True, "intake": False, "event_loop": True}
+    assert down["checks"] == {
+        "database": True,
+        "database_writes": True,
+        "intake": False,
+        "event_loop": True,
+    }
     assert still_live == 200
 
 

@@ -114,6 +114,7 @@ _FAILURES = {
     "rate_limited": "the image service is too busy right now. Please try again in a minute.",
     "circuit_open": "the image service is having trouble right now. "
     "Please try again in a few minutes.",
+    "delivery_gave_up": "Telegram couldn't take the result for a long time, so I stopped trying.",
 }
 
 

@@ -11,10 +11,12 @@ counters for status messages) go through aiosqlite and, thanks to WAL, never wai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from datetime import UTC, datetime
@@ -43,6 +45,50 @@ def parse_iso(text: str) -> datetime:
 
 
 URGENT, NORMAL = 0, 1
+
+# SQLite primary result codes that mean "the storage under the database failed" (disk full,
+# I/O error, file-size limit, read-only or vanished file, locked by another process), as
+# opposed to a bug in a statement (which stays a crash, not a fault to wait out).
+_STORAGE_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15, 26})  # BUSY LOCKED NOMEM READONLY
+# IOERR CORRUPT FULL CANTOPEN PROTOCOL NOTADB
+_STORAGE_ERRNOS = frozenset({5, 27, 28, 30, 122})  # EIO EFBIG ENOSPC EROFS EDQUOT
+
+
+def is_storage_fault(exc: BaseException) -> bool:
+    """True when `exc` says the disk or the database file refused, not that the code erred."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF in _STORAGE_CODES
+        text = str(exc).lower()
+        return any(word in text for word in ("disk", "i/o error", "locked", "readonly"))
+    if isinstance(exc, OSError):
+        return exc.errno in _STORAGE_ERRNOS
+    return False
+
+
+class WriteHealth:
+    """Whether the last write reached the database: /healthz is not ready while it did not."""
+
+    def __init__(self) -> None:
+        self.ok = True
+        self.last_ok_at = time.monotonic()
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
+        self.failures = 0
+
+    def succeeded(self) -> None:
+        self.ok = True
+        self.last_ok_at = time.monotonic()
+        self.failing_since = None
+
+    def failed(self, exc: BaseException) -> None:
+        if self.ok:
+            self.failing_since = time.monotonic()
+        self.ok = False
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+
 
 _Item = tuple[int, int, Callable[[], object] | None, "Future[object] | None"]
 
@@ -87,6 +133,7 @@ class Database:
         self._executor: _WriterThread | None = None
         self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self.writes = WriteHealth()
 
     def _pragmas(self) -> list[str]:
         return [
@@ -139,8 +186,22 @@ class Database:
         if self._executor is None or (connected and self._writer is None):
             raise StoreError("database is not open")
 
+        health = self.writes
+
         def call() -> T:
-            return fn(self._writer)  # type: ignore[arg-type]
+            conn = self._writer
+            before = conn.total_changes if conn is not None else 0
+            try:
+                result = fn(conn)  # type: ignore[arg-type]
+            except BaseException as exc:
+                if is_storage_fault(exc):
+                    health.failed(exc)
+                raise
+            # Only a write that changed rows reached the disk: a claim of an empty queue
+            # proves nothing about a full one.
+            if conn is not None and conn.total_changes != before:
+                health.succeeded()
+            return result
 
         # Shielded: a write once submitted always runs, even if the awaiting task is canceled
         # (a shutdown must not drop, say, the vendor request id on its way to the row).
@@ -158,10 +219,14 @@ class Database:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn)
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A failed COMMIT (disk full, I/O error) may or may not have ended the
+                # transaction; one left open would make every later BEGIN fail.
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # the first error says more
+                        conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
             return result
 
         return await self.run(transaction, priority=priority)
@@ -170,6 +235,21 @@ class Database:
         """One statement in its own (autocommit) transaction; returns the rows changed."""
         values = tuple(params)
         return await self.run(lambda conn: conn.execute(sql, values).rowcount)
+
+    async def probe_write(self) -> bool:
+        """Rewrite the one-row write_probe table: does the database take writes now?"""
+        stamp = iso()
+        try:
+            await self.execute_write(
+                "INSERT INTO write_probe (id, written_at) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",
+                (stamp,),
+            )
+        except (sqlite3.Error, OSError) as exc:
+            if not is_storage_fault(exc):
+                raise
+            return False
+        return True
 
     @property
     def reader(self) -> aiosqlite.Connection:

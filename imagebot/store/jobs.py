@@ -243,14 +243,42 @@ class JobStore:
             **values,
         )
 
-    async def unsettled(self) -> list[Job]:
+    async def unsettled(self, due_by: datetime | None = None) -> list[Job]:
         """Final jobs whose chat was not tidied yet (status line to remove, failure or cancel
-        message to send): the process died between the final write and that message."""
-        rows = await self.db.fetchall(
+        message to send): the process died between the final write and that message, or
+        Telegram could not take it. With `due_by`, only those whose next try is due then."""
+        sql = (
             "SELECT * FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')"
-            " AND phase = 'delivering' ORDER BY id"
+            " AND phase = 'delivering'"
+        )
+        params: tuple[str, ...] = ()
+        if due_by is not None:
+            sql += " AND (deliver_after IS NULL OR deliver_after <= ?)"
+            params = (iso(due_by),)
+        rows = await self.db.fetchall(sql + " ORDER BY id", params)
+        return [_row_to_job(row) for row in rows]
+
+    async def deliveries_due(self, now: datetime) -> list[Job]:
+        """Running jobs whose images are made (phase fetched or delivering) and whose next
+        delivery try is due: parked ones, and any a restart or a storage fault left."""
+        rows = await self.db.fetchall(
+            "SELECT * FROM jobs WHERE status = 'running' AND phase IN ('fetched', 'delivering')"
+            " AND (deliver_after IS NULL OR deliver_after <= ?) ORDER BY id",
+            (iso(now),),
         )
         return [_row_to_job(row) for row in rows]
+
+    async def waiting_counts(self) -> dict[str, int]:
+        """Results (`deliveries`) and chat notices (`notices`) waiting for Telegram."""
+        row = await self.db.fetchone(
+            "SELECT sum(status = 'running') AS deliveries,"
+            " sum(status != 'running') AS notices FROM jobs"
+            " WHERE deliver_after IS NOT NULL AND phase IN ('fetched', 'delivering')"
+            " AND status IN ('running', 'succeeded', 'failed', 'canceled')"
+        )
+        if row is None:
+            return {"deliveries": 0, "notices": 0}
+        return {"deliveries": int(row["deliveries"] or 0), "notices": int(row["notices"] or 0)}
 
     async def by_status(self, *statuses: JobStatus) -> list[Job]:
         marks = ", ".join("?" for _ in statuses)
@@ -290,9 +318,12 @@ class JobStore:
         return _row_to_job(row) if row else None
 
     async def overdue(self, now: datetime, slack_s: float) -> list[Job]:
-        """Running jobs whose deadline passed more than `slack_s` ago."""
+        """Running jobs whose deadline passed more than `slack_s` ago. Jobs whose images are
+        made (phase fetched or delivering) have no deadline: only the delivery window ends
+        them (see Pipeline.park)."""
         rows = await self.db.fetchall(
-            "SELECT * FROM jobs WHERE status = 'running' AND deadline_at < ? ORDER BY id",
+            "SELECT * FROM jobs WHERE status = 'running' AND deadline_at < ?"
+            " AND phase NOT IN ('fetched', 'delivering') ORDER BY id",
             (iso(now - timedelta(seconds=slack_s)),),
         )
         return [_row_to_job(row) for row in rows]

@@ -436,6 +436,9 @@ class FakeTelegram(FakeServer):
         self._webhook_last_error: tuple[int, str] | None = None
         self._held_chats: dict[int, asyncio.Event] = {}
         self._methods: dict[str, tuple[str, MethodHandler]] = {}
+        # an outage: (HTTP status, the methods it hits or None for all) until end_outage()
+        self._outage: tuple[int, frozenset[str] | None] | None = None
+        self.outage_answers = 0
         self._init_payments()
         for name, handler in {**self._method_table(), **self._payment_methods()}.items():
             self._methods[name.lower()] = (name, handler)
@@ -526,6 +529,17 @@ class FakeTelegram(FakeServer):
     def delay_next(self, op: str, seconds: float, times: int = 1) -> None:
         """Hold the next `times` calls of method `op` for `seconds`."""
         super().delay_next(self.canonical(op), seconds, times)
+
+    def outage(self, status: int = 502, methods: frozenset[str] | None = None) -> None:
+        """Answer every call (or the calls of `methods`) with `status` and Telegram's error
+        body until `end_outage()`, as during a Telegram outage. (A refused connection: stop()
+        the fake and start(port=...) it again.)"""
+        names = frozenset(self.canonical(m) for m in methods) if methods is not None else None
+        self._outage = (status, names)
+
+    def end_outage(self) -> None:
+        """Telegram is back: answer normally again."""
+        self._outage = None
 
     def forbid_chat(
         self, chat_id: int, description: str = "Forbidden: bot was blocked by the user"
@@ -647,6 +661,11 @@ class FakeTelegram(FakeServer):
         name, handler = entry
         self.record(name, request, body, **params)
         await self.apply_delay(name)
+        outage = self._outage
+        if outage is not None and (outage[1] is None or name in outage[1]):
+            self.outage_answers += 1
+            status = outage[0]
+            return web.json_response(error_body(status, f"Bad Gateway ({status})"), status=status)
         fault = self.take_fault(name)
         if fault is not None:
             return self.fault_response(fault)
