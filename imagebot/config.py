@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -456,7 +456,9 @@ class Settings(BaseSettings):
         )
         found = [s.get_secret_value() for s in secrets if s and s.get_secret_value()]
         password = urlsplit(self.proxy_url.get_secret_value()).password if self.proxy_url else None
-        return [*found, password] if password else found
+        if password:  # as written in the URL and as sent to the proxy
+            found += sorted({password, unquote(password)})
+        return found
 
     @property
     def effective_proxy(self) -> str:
