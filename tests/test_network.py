@@ -7,6 +7,7 @@ not have succeeded at all. Output downloads come from a CDN fake on a port of it
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import subprocess
@@ -19,7 +20,9 @@ import aiohttp
 import httpx
 import pytest
 import trustme
+from telegram.error import NetworkError
 
+from imagebot.botapi import AiohttpBotRequest
 from imagebot.config import Settings
 from imagebot.network import Network
 from tests import updates
@@ -423,3 +426,56 @@ def test_broken_ssl_cert_file_stops_start_up(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.splitlines()
     assert line.startswith("imagebot: configuration error: SSL_CERT_FILE")
+
+
+async def test_unreachable_or_refusing_proxy_is_a_network_error(
+    make_settings: SettingsFactory, telegram: FakeTelegram
+) -> None:
+    """A proxy nobody listens on, or one that refuses the login, fails a Bot API call as a
+    network error naming the proxy (so start-up retries getMe) and a vendor call as a
+    connection error (retried like any unreachable vendor)."""
+    async with FakeProxy(username="bot", password="right", names=NAMES) as picky:
+        closed = FakeProxy()
+        await closed.start()
+        await closed.stop()  # its port is free again: connections are refused
+        url = f"{named(telegram, TG_HOST)}/bot{BOT_TOKEN}/getMe"
+        for proxy_url in (closed.url("socks5"), picky.url("socks5"), picky.url("http")):
+            network = Network.from_settings(make_settings(network={"proxy": proxy_url}))
+            request = AiohttpBotRequest(connector=network.aiohttp_connector)
+            await request.initialize()
+            try:
+                with pytest.raises(NetworkError, match="proxy"):
+                    await request.do_request(url, "POST")
+            finally:
+                await request.shutdown()
+            async with httpx.AsyncClient(transport=network.httpx_transport()) as client:
+                with pytest.raises(httpx.ConnectError, match="proxy"):
+                    await client.get(f"{named(telegram, TG_HOST)}/")
+    assert telegram.calls == []
+
+
+def test_check_config_masks_the_proxy_url(tmp_path: Path) -> None:
+    """`imagebot check-config` shows IMAGEBOT_PROXY_URL masked and network.proxy as written."""
+    path = tmp_path / "config.toml"
+    path.write_text("[network]\nproxy = 'socks5://127.0.0.1:1080'\n")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBOT_")}
+    environ.update(
+        TELEGRAM_BOT_TOKEN=BOT_TOKEN,
+        REPLICATE_API_TOKEN=REPLICATE_TOKEN,
+        FAL_KEY=FAL_KEY,
+        IMAGEBOT_PROXY_URL="socks5://bot:hunter2secret@127.0.0.1:1080",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "imagebot", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=tmp_path,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["proxy_url"] == "**********"
+    assert shown["network"]["proxy"] == "socks5://127.0.0.1:1080"
+    assert "hunter2secret" not in result.stdout + result.stderr
