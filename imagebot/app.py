@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from imagebot.media import (
 from imagebot.metrics import Metrics
 from imagebot.models import ImageFile, Job, JobKind
 from imagebot.netguard import AddressGuard, Resolver, system_resolver
+from imagebot.network import Network
 from imagebot.ops_server import OpsServer, OpsState
 from imagebot.pipeline import Pipeline
 from imagebot.policy import Policy
@@ -84,7 +86,9 @@ class App:
             self.stop_event.set()
 
 
-def _providers(settings: Settings, fetcher: GuardedFetcher) -> dict[JobKind, ImageProvider]:
+def _providers(
+    settings: Settings, fetcher: GuardedFetcher, network: Network
+) -> dict[JobKind, ImageProvider]:
     generate: ImageProvider
     if settings.generate.provider == "replicate":
         assert settings.replicate_api_token is not None
@@ -92,13 +96,19 @@ def _providers(settings: Settings, fetcher: GuardedFetcher) -> dict[JobKind, Ima
             settings.replicate,
             settings.replicate_api_token.get_secret_value(),
             fetcher.fetch_image,
+            transport=network.httpx_transport(),
         )
     else:
         generate = LocalProvider()
     edit: ImageProvider
     if settings.edit.provider == "fal":
         assert settings.fal_key is not None
-        edit = FalProvider(settings.fal, settings.fal_key.get_secret_value(), fetcher.fetch_image)
+        edit = FalProvider(
+            settings.fal,
+            settings.fal_key.get_secret_value(),
+            fetcher.fetch_image,
+            transport=network.httpx_transport(),
+        )
     else:
         edit = generate if isinstance(generate, LocalProvider) else LocalProvider()
     return {JobKind.GENERATE: generate, JobKind.EDIT: edit}
@@ -112,6 +122,15 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     store = JobStore(db)
     tg = settings.telegram
     timeout = tg.request_timeout_s
+    # proxy + CA bundle for every outgoing client (ConfigError for a CA file gone bad since)
+    network = Network.from_settings(settings)
+    log.info(
+        "network_configured",
+        proxy=network.proxy.display if network.proxy else None,
+        ca_file=str(settings.network.ca_file) if settings.network.ca_file else None,
+        ssl_cert_file=os.environ.get("SSL_CERT_FILE") or None,
+        media_via_proxy=settings.media.via_proxy and network.proxy is not None,
+    )
     application = (
         Application.builder()
         .token(settings.bot_token)
@@ -125,9 +144,12 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
                 read_timeout=timeout,
                 pool_timeout=timeout,
                 media_read_timeout=max(60.0, timeout),
+                connector=network.aiohttp_connector,
             )
         )
-        .get_updates_request(AiohttpBotRequest(connection_pool_size=2))
+        .get_updates_request(
+            AiohttpBotRequest(connection_pool_size=2, connector=network.aiohttp_connector)
+        )
         .rate_limiter(TelegramRateLimiter(tg, on_flood_wait=lambda _: metrics.telegram_429.inc()))
         .context_types(ContextTypes(context=BotContext))
         .concurrent_updates(PerChatUpdateProcessor(inbox))
@@ -142,8 +164,9 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         max_pixels=settings.media.max_pixels,
         timeout_s=settings.media.timeout_s,
         max_redirects=settings.media.max_redirects,
+        transport=network.httpx_transport(proxied=settings.media.via_proxy),
     )
-    providers = _providers(settings, fetcher)
+    providers = _providers(settings, fetcher, network)
     delivery = Delivery(application.bot)
     progress = Progress(delivery, store, settings.progress)
     results = ResultFiles(settings.storage.results_dir)
@@ -187,7 +210,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         on_fatal=lambda why: app_ref[0].request_stop(why, exit_code=2),
     )
     policy = Policy(settings)
-    credits, stars = _credits(settings, application, db, store, policy, metrics, delivery)
+    credits, stars = _credits(settings, application, db, store, policy, metrics, delivery, network)
     if credits is not None and stars is not None:
         pipeline.on_final = credits.settle
         intake.direct["pre_checkout_query"] = stars.answer_pre_checkout
@@ -221,6 +244,7 @@ def _credits(
     policy: Policy,
     metrics: Metrics,
     delivery: Delivery,
+    network: Network,
 ) -> tuple[Credits | None, Stars | None]:
     """Credits and Stars when `credits.enabled` (otherwise nothing changes)."""
     if not settings.credits.enabled:
@@ -235,9 +259,15 @@ def _credits(
         base_url=tg.bot_url,
         base_file_url=tg.file_url,
         request=AiohttpBotRequest(
-            connection_pool_size=8, read_timeout=8.0, pool_timeout=2.0, connect_timeout=5.0
+            connection_pool_size=8,
+            read_timeout=8.0,
+            pool_timeout=2.0,
+            connect_timeout=5.0,
+            connector=network.aiohttp_connector,
         ),
-        get_updates_request=AiohttpBotRequest(connection_pool_size=1),
+        get_updates_request=AiohttpBotRequest(
+            connection_pool_size=1, connector=network.aiohttp_connector
+        ),
     )
     stars = Stars(
         settings=settings,

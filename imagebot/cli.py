@@ -87,6 +87,7 @@ def effective_settings(settings: Settings) -> dict[str, object]:
         "fal_key",
         "webhook_secret",
         "ops_token",
+        "proxy_url",
     ):
         data[key] = "**********" if data.get(key) else None
     return data
