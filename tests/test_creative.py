@@ -372,6 +372,22 @@ async def test_fal_content_policy_422_is_a_safety_failure(
     assert "safety filter" in failure and "content_policy" not in failure
 
 
+async def test_fal_returning_fewer_images_is_told_too(
+    bot, telegram: FakeTelegram, fal: FakeFal
+) -> None:
+    """An edit asking fal for 2 images that gets 1 back says one was withheld and counts one."""
+    fal.withheld = 1
+    file_id = telegram.add_file(updates_photo_bytes())
+    async with bot(edit={"params": {"num_images": 2}}) as app:
+        telegram.push_update(updates.photo_message(file_id, caption="/edit make it blue"))
+        await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
+        await jobs_done(app, 1)
+        job = rows(db_path(app))[0]
+    assert fal.submits[0].params["num_images"] == 2
+    assert "1 of 2 images was withheld" in (telegram.photos(CHAT)[0].caption or "")
+    assert (job["images_asked"], job["images_delivered"]) == (2, 1)
+
+
 def updates_photo_bytes() -> bytes:
     from tests.fakes.images import make_image
 
