@@ -298,17 +298,15 @@ async def _start_control(app: App) -> None:
         except (sqlite3.Error, StoreError) as exc:
             log.warning("access_refresh_failed", error=str(exc))
 
-    async def menus(_: object) -> None:
-        unbind_all()
-        try:
-            await publish(bot, control.access, build_menus(services.settings))
-        except (sqlite3.Error, StoreError) as exc:
-            log.warning("command_menu_failed", error=str(exc))
-
     job_queue.run_repeating(
         refresh, services.settings.access.refresh_interval_s, name="access-refresh"
     )
-    job_queue.run_once(menus, 0, name="command-menus")
+    # Before updates are taken: no call at all when no list changed since the last start;
+    # a Telegram failure is logged and the scope tried again at the next start.
+    try:
+        await publish(bot, control.access, build_menus(services.settings))
+    except (sqlite3.Error, StoreError) as exc:
+        log.warning("command_menu_failed", error=str(exc))
 
 
 async def _initialize(app: App) -> None:
