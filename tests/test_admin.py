@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+import sqlite3
 from datetime import timedelta
 from typing import Any
 
-from imagebot.store.db import iso, utcnow
+from imagebot.store.access import AccessStore, Redeem
+from imagebot.store.db import Database, iso, utcnow
+from imagebot.store.migrate import migrate
 from imagebot.store.usage import day_start
 from tests import updates
 from tests.fakes.base import wait_until
@@ -238,8 +242,6 @@ async def test_admin_commands_do_not_exist_for_others(bot, telegram: FakeTelegra
 
 
 def _insert_job(path: str, **fields: Any) -> None:
-    import sqlite3
-
     now = iso()
     row = {
         "kind": "generate",
@@ -409,3 +411,20 @@ async def test_failed_menu_is_tried_again_next_start(bot, telegram: FakeTelegram
         pass
     assert telegram.menu(f"chat:{ADMIN}")[-1] == "resume"
     assert len(telegram.calls_of("setMyCommands")) == 4
+
+
+async def test_racing_for_the_last_use_admits_one(tmp_path) -> None:
+    """Ten people opening a one-use link at the same moment: exactly one gets in."""
+    db = Database(tmp_path / "race.db")
+    await db.open()
+    try:
+        await migrate(db)
+        access = AccessStore(db)
+        code, _ = await access.create_invite(uses=1, hours=1, created_by=None)
+        outcomes = await asyncio.gather(*(access.redeem(code, 9000 + n, None) for n in range(10)))
+        admitted = [o for o, _ in outcomes if o is Redeem.ADMITTED]
+        assert len(admitted) == 1
+        assert sorted({o.value for o, _ in outcomes}) == ["admitted", "used_up"]
+        assert len(await access.allowed()) == 1
+    finally:
+        await db.close()
