@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from telegram.ext import Application, ContextTypes
 
 from imagebot.bot.context import SERVICES_KEY, BotContext
 from imagebot.bot.handlers import register
+from imagebot.bot.menus import build_menus, publish
 from imagebot.botapi import AiohttpBotRequest
 from imagebot.config import Settings
+from imagebot.control import Control
 from imagebot.credits import Credits
 from imagebot.delivery import Delivery
 from imagebot.errors import ConfigError, StartupError, StoreError
@@ -53,6 +56,7 @@ from imagebot.results import ResultFiles
 from imagebot.runtime import freeze_startup_objects, thaw_startup_objects
 from imagebot.services import Services
 from imagebot.stars import Stars
+from imagebot.store.access import AccessStore
 from imagebot.store.db import Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
@@ -228,6 +232,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         intake=intake,
         credits=credits,
         stars=stars,
+        control=Control(AccessStore(db), policy),
     )
     application.bot_data[SERVICES_KEY] = services
     register(application)
@@ -303,6 +308,35 @@ async def _start_credits(app: App) -> None:
     # APScheduler cannot start a repeating job "now": the start-up pass is its own job.
     job_queue.run_once(reconcile, 0, name="stars-reconcile-startup")
     job_queue.run_repeating(reconcile, interval, name="stars-reconcile")
+
+
+async def _start_control(app: App) -> None:
+    """Re-read the database allowlist and pause every few seconds (the shell may change them
+    while the bot runs), and set the "/" command menus that changed since the last start."""
+    services = app.services
+    control = services.control
+    assert control is not None
+    bot = app.application.bot
+    await control.remember_username(bot.username)
+    job_queue = app.application.job_queue
+    assert job_queue is not None
+
+    async def refresh(_: object) -> None:
+        unbind_all()
+        try:
+            await control.refresh()
+        except (sqlite3.Error, StoreError) as exc:
+            log.warning("access_refresh_failed", error=str(exc))
+
+    job_queue.run_repeating(
+        refresh, services.settings.access.refresh_interval_s, name="access-refresh"
+    )
+    # Before updates are taken: no call at all when no list changed since the last start;
+    # a Telegram failure is logged and the scope tried again at the next start.
+    try:
+        await publish(bot, control.access, build_menus(services.settings))
+    except (sqlite3.Error, StoreError) as exc:
+        log.warning("command_menu_failed", error=str(exc))
 
 
 async def _initialize(app: App) -> None:
@@ -397,6 +431,8 @@ async def run(app: App) -> int:
     try:
         await _make_results_dir(settings.storage.results_dir)
         applied = await migrate(services.db)
+        assert services.control is not None
+        await services.control.load()  # allowlist and pause before any update is handled
         app.state.heartbeat.start()
         await app.ops.start()
         log.info(
@@ -412,6 +448,7 @@ async def run(app: App) -> int:
             await app.application.start()
             _schedule_maintenance(app)
             await _start_credits(app)
+            await _start_control(app)
             await services.runner.recover()
             await services.intake.replay()
             freeze_startup_objects()

@@ -129,6 +129,8 @@ class AccessSettings(Section):
     admins: list[int] = []
     chats: list[int] = []
     refusal_notice_interval_s: float = Field(3600, ge=0)
+    # how often the bot re-reads the database allowlist and pause (set from another process)
+    refresh_interval_s: float = Field(2.0, gt=0, le=3600)
 
 
 class LimitsSettings(Section):
@@ -499,7 +501,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
-        _check_secrets(self)
+        if _SECRETS_NEEDED.get():
+            _check_secrets(self)
         _check_styles(self)
         _check_network(self)
         return self
@@ -539,6 +542,9 @@ class Settings(BaseSettings):
 
 
 _CLI_OVERRIDES: ContextVar[dict[str, Any] | None] = ContextVar("cli_overrides", default=None)
+# False for shell commands that only touch the database (`imagebot users`, `imagebot invite`):
+# they need the same storage settings as the bot, not its token or the vendors' keys.
+_SECRETS_NEEDED: ContextVar[bool] = ContextVar("secrets_needed", default=True)
 
 
 class _CliOverrides(PydanticBaseSettingsSource):
@@ -715,12 +721,17 @@ def _format_error(exc: ValidationError) -> ConfigError:
     return ConfigError(key, message)
 
 
-def load_settings(config_path: str | Path | None = None, *, mode: str | None = None) -> Settings:
-    """Read config.toml (or --config / IMAGEBOT_CONFIG) plus the environment; raise ConfigError."""
+def load_settings(
+    config_path: str | Path | None = None, *, mode: str | None = None, secrets: bool = True
+) -> Settings:
+    """Read config.toml (or --config / IMAGEBOT_CONFIG) plus the environment; raise ConfigError.
+
+    `secrets=False` skips the checks of the token and keys (for database-only commands)."""
     path = _config_path(config_path)
     data: dict[str, Any] = _read_toml(path) if path else {}
     _default_paths(data)
     token = _CLI_OVERRIDES.set({"telegram": {"mode": mode}} if mode else {})
+    need = _SECRETS_NEEDED.set(secrets)
     try:
         return Settings(**data)
     except ValidationError as exc:
@@ -728,6 +739,7 @@ def load_settings(config_path: str | Path | None = None, *, mode: str | None = N
     except SettingsError as exc:  # an IMAGEBOT_* list/table value that is not JSON
         raise _env_json_error(exc) from None
     finally:
+        _SECRETS_NEEDED.reset(need)
         _CLI_OVERRIDES.reset(token)
 
 
