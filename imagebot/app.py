@@ -51,7 +51,7 @@ from imagebot.results import ResultFiles
 from imagebot.runtime import freeze_startup_objects, thaw_startup_objects
 from imagebot.services import Services
 from imagebot.stars import Stars
-from imagebot.store.db import Database
+from imagebot.store.db import Database, connect_store
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
@@ -107,7 +107,7 @@ def _providers(settings: Settings, fetcher: GuardedFetcher) -> dict[JobKind, Ima
 def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     """Wire every collaborator (no I/O happens here)."""
     metrics = Metrics()
-    db = Database(settings.storage.database, synchronous=settings.storage.synchronous)
+    db = connect_store(settings.storage.database, synchronous=settings.storage.synchronous)
     inbox = Inbox(db)
     store = JobStore(db)
     tg = settings.telegram
