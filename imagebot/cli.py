@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -37,10 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=["run", "check-config"],
+        choices=["run", "check-config", "migrate-store"],
         default="run",
-        help="run the bot (default) or validate the configuration and print it",
+        help="run the bot (default), validate the configuration and print it, or copy a "
+        "SQLite store into PostgreSQL (migrate-store --from PATH --to URL, bot stopped)",
     )
+    parser.add_argument("--from", dest="copy_from", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--to", dest="copy_to", metavar="URL", help=argparse.SUPPRESS)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--polling",
@@ -78,6 +82,30 @@ def _error(kind: str, exc: Exception) -> None:
     print(f"imagebot: {kind}: {' '.join(str(exc).split())}", file=sys.stderr)  # noqa: T201
 
 
+def _migrate_store(source: str | None, target: str | None) -> int:
+    """Copy a SQLite store into an empty PostgreSQL database; say what was done."""
+    from pathlib import Path
+
+    from imagebot.store.db import is_postgresql_url
+
+    if not source or not target or not is_postgresql_url(target):
+        _error(
+            "usage",
+            ValueError("imagebot migrate-store --from <sqlite path> --to postgresql://…"),
+        )
+        return EXIT_CONFIG
+    from imagebot.store.copy import copy_store
+
+    try:
+        report = copy_store(Path(source), target)
+    except StoreError as exc:
+        _error("migrate-store", exc)
+        return 1
+    for line in report.lines():
+        print(line)  # noqa: T201
+    return 0
+
+
 def effective_settings(settings: Settings) -> dict[str, object]:
     """Every setting as JSON, secrets masked (a set secret shows as '**********')."""
     data: dict[str, object] = settings.model_dump(mode="json")
@@ -89,7 +117,16 @@ def effective_settings(settings: Settings) -> dict[str, object]:
         "ops_token",
     ):
         data[key] = "**********" if data.get(key) else None
+    storage = data.get("storage")
+    if isinstance(storage, dict) and isinstance(storage.get("database"), str):
+        storage["database"] = _mask_url_password(storage["database"])
     return data
+
+
+def _mask_url_password(url: str) -> str:
+    """A postgresql:// URL with its password (user:password@ or ?password=) masked."""
+    url = re.sub(r"^(postgres(?:ql)?://[^:/@]*):[^@/]*@", r"\1:**********@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1**********", url)
 
 
 async def _serve(settings: Settings) -> int:
@@ -111,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.version:
         print(f"imagebot {__version__}")  # noqa: T201
         return 0
+    if args.command == "migrate-store":
+        return _migrate_store(args.copy_from, args.copy_to)
     try:
         settings = load_settings(args.config, mode=args.mode)
     except ConfigError as exc:
