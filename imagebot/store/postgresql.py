@@ -51,6 +51,7 @@ from imagebot.store.sqlite import _WriterThread
 T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 5
+READ_WAIT_S = 2  # a read waits this long for a pooled connection while the server is away
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.1, 2.0
 _INSERT_RE = re.compile(r'^\s*INSERT\s+INTO\s+"?(\w+)"?', re.IGNORECASE)
 _CHANGES_RE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
@@ -306,7 +307,7 @@ class PostgresDatabase(Database):
             min_size=1,
             max_size=4,
             open=False,
-            timeout=CONNECT_TIMEOUT_S,
+            timeout=READ_WAIT_S,
             check=ConnectionPool.check_connection,
             configure=configure,
             kwargs={
