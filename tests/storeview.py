@@ -42,3 +42,41 @@ def execute(target: str | Path, sql: str, params: tuple[Any, ...] = ()) -> int:
         return conn.execute(sql, params).rowcount
     finally:
         conn.close()
+
+
+def tables(target: str | Path) -> list[str]:
+    """The store's own tables, by name (schema_migrations included)."""
+    if is_pg(target):
+        sql = (
+            "SELECT table_name AS name FROM information_schema.tables"
+            " WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'"
+            " ORDER BY table_name"
+        )
+    else:
+        sql = (
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+            " AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+    return [str(row["name"]) for row in query(target, sql)]
+
+
+def dump(target: str | Path) -> str:
+    """Every row of every table as text (what a backup of the database would hold)."""
+    lines = []
+    for name in tables(target):
+        for row in query(target, f'SELECT * FROM "{name}"'):  # noqa: S608 - names from the catalog
+            lines.append(f"{name}: {tuple(row)!r}")
+    return "\n".join(lines)
+
+
+def backdate(target: str | Path, table: str, column: str, seconds: float, where: str = "") -> int:
+    """Move `column` (a timestamp) of `table`'s rows (all, or those `where` picks) `seconds`
+    into the past, as if that much time had gone by; the rows changed."""
+    if is_pg(target):
+        change = f"{column} - make_interval(secs => ?)"
+    else:
+        change = f"strftime('%Y-%m-%dT%H:%M:%fZ', {column}, '-' || ? || ' seconds')"
+    sql = f"UPDATE {table} SET {column} = {change}"  # noqa: S608 - test helper, literal names
+    if where:
+        sql += f" WHERE {where}"
+    return execute(target, sql, (seconds,))

@@ -3,7 +3,6 @@ timeouts and Telegram's flood control, all decided from the store."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from typing import Any
 
@@ -11,6 +10,7 @@ from tests import updates
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.storeview import backdate
 from tests.test_e2e import db_path, rows
 
 CHAT = updates.DEFAULT_CHAT_ID
@@ -19,14 +19,7 @@ GROUP = -100_777
 
 def backdate_jobs(app: Any, seconds: float) -> None:
     """Move every job's creation time into the past, as if the user had waited."""
-    # A generous busy timeout: the bot writes too, and a loaded disk can make it wait.
-    conn = sqlite3.connect(db_path(app), timeout=30)
-    conn.execute(
-        "UPDATE jobs SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ', created_at, ?)",
-        (f"-{seconds} seconds",),
-    )
-    conn.commit()
-    conn.close()
+    backdate(db_path(app), "jobs", "created_at", seconds)
 
 
 async def test_refused_user_is_told_their_id_once(bot, telegram: FakeTelegram) -> None:
