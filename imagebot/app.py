@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ from imagebot.runtime import freeze_startup_objects, thaw_startup_objects
 from imagebot.services import Services
 from imagebot.stars import Stars
 from imagebot.store.access import AccessStore
-from imagebot.store.db import Database
+from imagebot.store.db import STORE_READ_ERRORS, Database, connect_store
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
@@ -121,7 +120,7 @@ def _providers(
 def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     """Wire every collaborator (no I/O happens here)."""
     metrics = Metrics()
-    db = Database(settings.storage.database, synchronous=settings.storage.synchronous)
+    db = connect_store(settings.storage.database, synchronous=settings.storage.synchronous)
     inbox = Inbox(db)
     store = JobStore(db)
     tg = settings.telegram
@@ -325,7 +324,7 @@ async def _start_control(app: App) -> None:
         unbind_all()
         try:
             await control.refresh()
-        except (sqlite3.Error, StoreError) as exc:
+        except STORE_READ_ERRORS as exc:
             log.warning("access_refresh_failed", error=str(exc))
 
     job_queue.run_repeating(
@@ -335,7 +334,7 @@ async def _start_control(app: App) -> None:
     # a Telegram failure is logged and the scope tried again at the next start.
     try:
         await publish(bot, control.access, build_menus(services.settings))
-    except (sqlite3.Error, StoreError) as exc:
+    except STORE_READ_ERRORS as exc:
         log.warning("command_menu_failed", error=str(exc))
 
 

@@ -114,13 +114,35 @@ class OpsSettings(Section):
 
 
 class StorageSettings(Section):
-    database: Path = Path()
+    # A SQLite file path, or a postgresql:// URL (libpq: PG* variables and ~/.pgpass apply)
+    database: Path | str = Path()
     results_dir: Path = Path()
     synchronous: Literal["full", "normal"] = "full"
     inbox_retention_days: float = Field(8, ge=7)
     jobs_retention_days: float = Field(30, gt=0)
     results_retention_days: float = Field(7, gt=0)
     prune_interval_s: float = Field(3600, gt=0)
+
+    @field_validator("database", mode="before")
+    @classmethod
+    def _database(cls, value: object) -> object:
+        """A postgresql:// URL stays text (a Path would fold its //); anything else is a path."""
+        if isinstance(value, str) and value.startswith(("postgresql://", "postgres://")):
+            from psycopg.conninfo import conninfo_to_dict
+
+            try:
+                conninfo_to_dict(value)
+            except Exception as exc:  # psycopg.ProgrammingError: libpq's parse error
+                problem = " ".join(str(exc).split()) or "cannot be parsed"
+                raise ValueError(f"is not a valid PostgreSQL URL ({problem})") from None
+            return value
+        if isinstance(value, str):
+            return Path(value)
+        return value
+
+    @property
+    def is_postgresql(self) -> bool:
+        return isinstance(self.database, str)
 
 
 class AccessSettings(Section):
@@ -702,7 +724,40 @@ def _default_paths(data: dict[str, Any]) -> None:
     if not storage.get("database"):
         storage["database"] = str(base / "imagebot.db")
     if not storage.get("results_dir"):
-        storage["results_dir"] = str(Path(storage["database"]).parent / "results")
+        database = str(storage["database"])
+        if database.startswith(("postgresql://", "postgres://")) or os.environ.get(
+            "IMAGEBOT_STORAGE__DATABASE", ""
+        ).startswith(("postgresql://", "postgres://")):
+            storage["results_dir"] = str(base / "results")
+        else:
+            storage["results_dir"] = str(Path(database).parent / "results")
+
+
+def url_password(url: str) -> bool:
+    """True when a postgresql:// URL carries a password (user:password@host or ?password=)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return bool(conninfo_to_dict(url).get("password"))
+    except Exception:  # psycopg.ProgrammingError: the field validator names the problem
+        return False
+
+
+def _refuse_password_in_file(data: dict[str, Any]) -> None:
+    """A PostgreSQL password belongs in the environment or a passfile, not in config.toml."""
+    storage = data.get("storage")
+    database = storage.get("database") if isinstance(storage, dict) else None
+    if (
+        isinstance(database, str)
+        and database.startswith(("postgresql://", "postgres://"))
+        and url_password(database)
+    ):
+        raise ConfigError(
+            "storage.database",
+            "the PostgreSQL URL in the config file holds a password: remove it and set "
+            "PGPASSWORD, use a passfile (~/.pgpass), or put the whole URL in "
+            "IMAGEBOT_STORAGE__DATABASE",
+        )
 
 
 def _format_error(exc: ValidationError) -> ConfigError:
@@ -729,6 +784,7 @@ def load_settings(
     `secrets=False` skips the checks of the token and keys (for database-only commands)."""
     path = _config_path(config_path)
     data: dict[str, Any] = _read_toml(path) if path else {}
+    _refuse_password_in_file(data)
     _default_paths(data)
     token = _CLI_OVERRIDES.set({"telegram": {"mode": mode}} if mode else {})
     need = _SECRETS_NEEDED.set(secrets)
