@@ -60,8 +60,11 @@ def telegram_errors() -> Iterator[None]:
         raise DeliveryError(exc.message, "telegram_error") from exc
 
 
-def result_keyboard(job_id: int, image_count: int) -> InlineKeyboardMarkup:
-    """🔁 Again / ✏️ Edit this / 📎 Original; their data names the job, which lives in SQLite."""
+def result_keyboard(
+    job_id: int, image_count: int, *, upscale: bool = False
+) -> InlineKeyboardMarkup:
+    """🔁 Again / ✏️ Edit this / 📎 Original, then ⤴ Upscale (when offered) and 🗑 Delete;
+    their data names the job, which lives in SQLite."""
     if image_count <= 1:
         return InlineKeyboardMarkup(
             [
@@ -69,7 +72,8 @@ def result_keyboard(job_id: int, image_count: int) -> InlineKeyboardMarkup:
                     InlineKeyboardButton(texts.BUTTON_AGAIN, callback_data=f"a:{job_id}"),
                     InlineKeyboardButton(texts.BUTTON_EDIT, callback_data=f"e:{job_id}:0"),
                     InlineKeyboardButton(texts.BUTTON_ORIGINAL, callback_data=f"o:{job_id}:0"),
-                ]
+                ],
+                *_more_rows(job_id, image_count, upscale),
             ]
         )
     rows = [
@@ -81,8 +85,38 @@ def result_keyboard(job_id: int, image_count: int) -> InlineKeyboardMarkup:
             InlineKeyboardButton(f"✏️ {n + 1}", callback_data=f"e:{job_id}:{n}")
             for n in range(image_count)
         ],
+        *_more_rows(job_id, image_count, upscale),
     ]
     return InlineKeyboardMarkup(rows)
+
+
+def _more_rows(job_id: int, image_count: int, upscale: bool) -> list[list[InlineKeyboardButton]]:
+    """Issue 17's rows under a result: ⤴ Upscale per image (when offered), 🗑 Delete."""
+    rows: list[list[InlineKeyboardButton]] = []
+    if upscale and image_count <= 1:
+        rows.append(
+            [
+                InlineKeyboardButton(texts.BUTTON_UPSCALE, callback_data=f"u:{job_id}:0"),
+                InlineKeyboardButton(texts.BUTTON_DELETE, callback_data=f"d:{job_id}"),
+            ]
+        )
+        return rows
+    if upscale:
+        rows.append(
+            [
+                InlineKeyboardButton(f"⤴ {n + 1}", callback_data=f"u:{job_id}:{n}")
+                for n in range(image_count)
+            ]
+        )
+    rows.append([InlineKeyboardButton(texts.BUTTON_DELETE, callback_data=f"d:{job_id}")])
+    return rows
+
+
+def upscaled_keyboard(job_id: int) -> InlineKeyboardMarkup:
+    """Under an upscaled file: only 🗑 Delete."""
+    return InlineKeyboardMarkup(
+        [[InlineKeyboardButton(texts.BUTTON_DELETE, callback_data=f"d:{job_id}")]]
+    )
 
 
 def cancel_keyboard(job_id: int) -> InlineKeyboardMarkup:
@@ -181,14 +215,19 @@ class Delivery:
         *,
         caption: str,
         reply_to: int | None,
+        upscale: bool = False,
+        as_documents: bool = False,
     ) -> Sent:
         """One photo with buttons; an album and a button message for several; documents for
-        images over the photo limits."""
+        images over the photo limits. `as_documents`: every image as a file (an upscale, at
+        full resolution) with only 🗑 Delete under it."""
+        if as_documents:
+            return await self._send_files(chat_id, job_id, images, caption, reply_to)
         photos = [img for img in images if fits_as_photo(img)]
         documents = [img for img in images if not fits_as_photo(img)]
         message_ids: list[int] = []
         file_ids: list[str] = []
-        keyboard = result_keyboard(job_id, len(images))
+        keyboard = result_keyboard(job_id, len(images), upscale=upscale)
         with telegram_errors():
             if len(images) == 1:
                 image = images[0]
@@ -245,6 +284,55 @@ class Delivery:
             )
             message_ids.append(buttons.message_id)
         return Sent(message_ids, file_ids)
+
+    async def _send_files(
+        self,
+        chat_id: int,
+        job_id: int,
+        images: Sequence[ImageFile],
+        caption: str,
+        reply_to: int | None,
+    ) -> Sent:
+        message_ids: list[int] = []
+        file_ids: list[str] = []
+        with telegram_errors():
+            for n, img in enumerate(images):
+                last = n == len(images) - 1
+                message = await self.bot.send_document(
+                    chat_id,
+                    img.data,
+                    filename=f"imagebot-{job_id}-{n + 1}.{img.extension}",
+                    caption=caption if n == 0 else None,
+                    reply_parameters=_reply_to(reply_to),
+                    reply_markup=upscaled_keyboard(job_id) if last else None,
+                )
+                message_ids.append(message.message_id)
+                file_ids.append(_photo_file_id(message))
+        return Sent(message_ids, file_ids)
+
+    async def resend(
+        self, chat_id: int, file_ids: Sequence[str], *, as_documents: bool, reply_to: int | None
+    ) -> list[int]:
+        """Send results again by their Telegram file_ids (/history): nothing is uploaded.
+        A file_id Telegram keeps as a document (an image over the photo limits) is sent as
+        one when sending it as a photo is refused."""
+        sent: list[int] = []
+        with telegram_errors():
+            for file_id in file_ids:
+                message: Message | None = None
+                if not as_documents:
+                    try:
+                        message = await self.bot.send_photo(
+                            chat_id, file_id, reply_parameters=_reply_to(reply_to)
+                        )
+                    except BadRequest:
+                        message = None
+                if message is None:
+                    message = await self.bot.send_document(
+                        chat_id, file_id, reply_parameters=_reply_to(reply_to)
+                    )
+                sent.append(message.message_id)
+        return sent
 
     async def send_document(
         self, chat_id: int, data: bytes, filename: str, *, reply_to: int | None = None

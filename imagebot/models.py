@@ -10,6 +10,7 @@ from typing import Any
 class JobKind(StrEnum):
     GENERATE = "generate"
     EDIT = "edit"
+    UPSCALE = "upscale"  # a result image made larger (issue 17)
 
 
 class JobStatus(StrEnum):
@@ -80,6 +81,11 @@ class Job:
     deliver_after: str | None = None
     delivery_attempts: int = 0
     delivery_waiting_since: str | None = None
+    # schema 8 (issue 17): album edits, upscales, deleted results
+    input_file_ids: list[str] = field(default_factory=list)  # every photo of an album edit
+    source_index: int | None = None  # upscale: which image of parent_job_id
+    deleted_at: str | None = None  # 🗑 Delete removed the result messages
+    deleted_by: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +107,8 @@ class NewJob:
     input_width: int | None = None
     input_height: int | None = None
     parent_job_id: int | None = None
+    input_file_ids: tuple[str, ...] = ()  # an album edit: every photo, input_file_id first
+    source_index: int | None = None  # upscale: which image of parent_job_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +121,8 @@ class ProviderRequest:
     params: dict[str, Any]
     image: bytes | None = None
     image_mime: str | None = None
+    # an album edit's other photos, (bytes, MIME type) each, after `image`
+    more_images: tuple[tuple[bytes, str], ...] = ()
     # where the vendor may POST when the request finishes (a wake-up, see hints.py)
     notify_url: str | None = None
 

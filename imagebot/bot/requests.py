@@ -7,6 +7,7 @@ every guard applies the same way whatever the entry.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from telegram import Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
@@ -158,7 +159,7 @@ def _operation(
     context: BotContext, kind: JobKind
 ) -> tuple[str, dict[str, str | int | float | bool]]:
     settings = context.services.settings
-    op = settings.generate if kind is JobKind.GENERATE else settings.edit
+    op = getattr(settings, kind.value)  # [generate], [edit] or [upscale]
     return op.provider, dict(op.params)
 
 
@@ -170,8 +171,13 @@ async def request_job(
     *,
     edit_input: EditInput | None = None,
     parent_job_id: int | None = None,
+    album: Sequence[EditInput] = (),
+    source_index: int | None = None,
 ) -> Job | None:
-    """Check and create a job for this update, answer "Generating…", and start it."""
+    """Check and create a job for this update, answer "Generating…", and start it.
+
+    `album`: an album edit's photos (the first is `edit_input`); `source_index`: an upscale's
+    image of `parent_job_id`."""
     services = context.services
     user: User | None = update.effective_user
     chat: Chat | None = update.effective_chat
@@ -199,6 +205,8 @@ async def request_job(
         input_width=edit_input.width if edit_input else None,
         input_height=edit_input.height if edit_input else None,
         parent_job_id=parent_job_id,
+        input_file_ids=tuple(p.file_id for p in album),
+        source_index=source_index,
     )
     now = utcnow()
     async with services.runner.acknowledging(update.update_id):
