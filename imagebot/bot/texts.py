@@ -74,6 +74,7 @@ def help_text(max_chars: int) -> str:
         "   e.g. /cancel\n"
         "/usage - what you've used today and what's left\n"
         "   e.g. /usage\n"
+        "/history - your last requests here, to get a result again\n"
         "/help - this message\n\n"
         f"Descriptions can be up to {max_chars} characters. Under each result: "
         f"{BUTTON_AGAIN} makes another, {BUTTON_EDIT} edits it, "
