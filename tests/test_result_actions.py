@@ -6,6 +6,8 @@ import base64
 import json
 from typing import Any
 
+import pytest
+
 from imagebot.bot import texts
 from imagebot.bot.callbacks import parse_button_data
 from tests import updates
@@ -14,8 +16,11 @@ from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, SentMessage
+from tests.test_albums import MakeDaemon, daemon
 from tests.test_buttons_forged import answer_text
 from tests.test_e2e import db_path, rows
+
+__all__ = ["daemon"]  # the crash harness's daemon factory, used as a fixture here
 
 CHAT = updates.DEFAULT_CHAT_ID
 ALICE, BOB, ADMIN = 11, 22, 99
@@ -110,6 +115,30 @@ async def test_upscale_resumes_after_a_restart_mid_wait(
         await wait_until(lambda: rows(db_path(app))[-1]["status"] == "succeeded")
     assert len(replicate.creates) == 2  # the generation and ONE upscale
     assert rows(db_path(app))[-1]["provider_request_id"] == replicate.last_prediction.id
+
+
+@pytest.mark.slow
+async def test_upscale_resumes_after_kill_9_mid_wait(
+    daemon: MakeDaemon, telegram: FakeTelegram, replicate: FakeReplicate
+) -> None:
+    """kill -9 while the upscale prediction runs (the real daemon): after the restart the saved
+    prediction is polled, not created again, and the file arrives once."""
+    bot = daemon(upscale=UPSCALE)
+    await bot.start()
+    telegram.push_update(updates.command("/generate a fox"))
+    await telegram.wait_for(lambda: len(telegram.photos(CHAT)) == 1, within=15)
+    await bot.wait_jobs(lambda r: r[0]["status"] == "succeeded")
+    replicate.next_behaviours.append({"latency_s": 3.0})
+    press(telegram, telegram.photos(CHAT)[0], "u:1:0")
+    await bot.wait_jobs(lambda r: len(r) == 2 and r[1]["provider_request_id"] is not None)
+    await bot.kill()
+    assert (bot.job(2)["status"], bot.job(2)["phase"]) == ("running", "submitted")
+    await bot.start()
+    await telegram.wait_for(lambda: len(telegram.documents(CHAT)) == 1, within=20)
+    await bot.wait_jobs(lambda r: r[1]["status"] == "succeeded")
+    assert len(replicate.creates) == 2  # the generation and ONE upscale
+    assert bot.job(2)["provider_request_id"] == replicate.last_prediction.id
+    assert len(telegram.documents(CHAT)) == 1
 
 
 async def test_upscale_counts_against_its_own_cap(
