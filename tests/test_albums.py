@@ -164,8 +164,9 @@ async def test_again_on_an_album_edit_sends_every_photo_again(
 
 
 async def test_schema_8_keeps_every_jobs_column_and_id(tmp_path: Path) -> None:
-    """Migration 0008 rebuilds the jobs table (for kind 'upscale'): every column and row the
-    earlier migrations made survives, and a pruned id is still never reused."""
+    """Migration 0008 replaces jobs.kind (for 'upscale'): every column and row the earlier
+    migrations made survives, other kinds are still refused, and a pruned id is still never
+    reused."""
     every = load_migrations()
     before = [m for m in every if m.name < "0008"]
     db = Database(tmp_path / "m.db")
@@ -192,6 +193,17 @@ async def test_schema_8_keeps_every_jobs_column_and_id(tmp_path: Path) -> None:
             (stamp, stamp),
         )
         newest = await db.fetchone("SELECT id, kind FROM jobs ORDER BY id DESC LIMIT 1")
+        try:
+            await db.execute_write(
+                "INSERT INTO jobs (kind, status, update_id, chat_id, user_id, chat_type, prompt,"
+                " provider, created_at, updated_at) VALUES ('paint', 'queued', 10, 1, 1,"
+                " 'private', 'fox', 'replicate', ?, ?)",
+                (stamp, stamp),
+            )
+        except sqlite3.IntegrityError as exc:
+            refused = str(exc)
+        else:
+            refused = ""
         check = await db.fetchall("PRAGMA integrity_check")
     finally:
         await db.close()
@@ -200,6 +212,7 @@ async def test_schema_8_keeps_every_jobs_column_and_id(tmp_path: Path) -> None:
     assert kept == [1, 2]
     assert newest is not None and (newest["id"], newest["kind"]) == (4, "upscale")
     assert [r[0] for r in check] == ["ok"]
+    assert "CHECK constraint failed" in refused
 
 
 # -- kill -9 inside the quiet window (the real daemon as a subprocess) -----------------------
