@@ -23,6 +23,7 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 
 from imagebot.bot import texts
+from imagebot.bot.callbacks import Button, ButtonData
 from imagebot.errors import DeliveryError
 from imagebot.models import ImageFile
 
@@ -92,31 +93,63 @@ def result_keyboard(
 
 def _more_rows(job_id: int, image_count: int, upscale: bool) -> list[list[InlineKeyboardButton]]:
     """Issue 17's rows under a result: ⤴ Upscale per image (when offered), 🗑 Delete."""
+    delete = InlineKeyboardButton(
+        texts.BUTTON_DELETE, callback_data=ButtonData(Button.DELETE, job_id).encode()
+    )
     rows: list[list[InlineKeyboardButton]] = []
     if upscale and image_count <= 1:
-        rows.append(
-            [
-                InlineKeyboardButton(texts.BUTTON_UPSCALE, callback_data=f"u:{job_id}:0"),
-                InlineKeyboardButton(texts.BUTTON_DELETE, callback_data=f"d:{job_id}"),
-            ]
-        )
+        up = ButtonData(Button.UPSCALE, job_id, 0).encode()
+        rows.append([InlineKeyboardButton(texts.BUTTON_UPSCALE, callback_data=up), delete])
         return rows
     if upscale:
         rows.append(
             [
-                InlineKeyboardButton(f"⤴ {n + 1}", callback_data=f"u:{job_id}:{n}")
+                InlineKeyboardButton(
+                    f"⤴ {n + 1}", callback_data=ButtonData(Button.UPSCALE, job_id, n).encode()
+                )
                 for n in range(image_count)
             ]
         )
-    rows.append([InlineKeyboardButton(texts.BUTTON_DELETE, callback_data=f"d:{job_id}")])
+    rows.append([delete])
     return rows
 
 
 def upscaled_keyboard(job_id: int) -> InlineKeyboardMarkup:
     """Under an upscaled file: only 🗑 Delete."""
-    return InlineKeyboardMarkup(
-        [[InlineKeyboardButton(texts.BUTTON_DELETE, callback_data=f"d:{job_id}")]]
+    data = ButtonData(Button.DELETE, job_id).encode()
+    return InlineKeyboardMarkup([[InlineKeyboardButton(texts.BUTTON_DELETE, callback_data=data)]])
+
+
+def choice_rows(job_id: int, shapes: Sequence[str]) -> list[list[InlineKeyboardButton]]:
+    """Under a result: one button per shape (the same prompt again in that shape), and
+    🎨 Remix (a new description, the same style, shape and count)."""
+    rows: list[list[InlineKeyboardButton]] = []
+    if shapes:
+        rows.append(
+            [
+                InlineKeyboardButton(
+                    texts.shape_label(name),
+                    callback_data=ButtonData(Button.SHAPE, job_id, name=name).encode(),
+                )
+                for name in shapes[:8]  # a keyboard row holds at most 8 buttons
+            ]
+        )
+    rows.append(
+        [
+            InlineKeyboardButton(
+                texts.BUTTON_REMIX, callback_data=ButtonData(Button.REMIX, job_id).encode()
+            )
+        ]
     )
+    return rows
+
+
+def _with_rows(
+    keyboard: InlineKeyboardMarkup, rows: Sequence[Sequence[InlineKeyboardButton]]
+) -> InlineKeyboardMarkup:
+    if not rows:
+        return keyboard
+    return InlineKeyboardMarkup([*keyboard.inline_keyboard, *rows])
 
 
 def cancel_keyboard(job_id: int) -> InlineKeyboardMarkup:
@@ -215,32 +248,46 @@ class Delivery:
         *,
         caption: str,
         reply_to: int | None,
+        extra_rows: Sequence[Sequence[InlineKeyboardButton]] = (),
+        spoiler: bool = False,
         upscale: bool = False,
         as_documents: bool = False,
     ) -> Sent:
         """One photo with buttons; an album and a button message for several; documents for
-        images over the photo limits. `as_documents`: every image as a file (an upscale, at
-        full resolution) with only 🗑 Delete under it."""
+        images over the photo limits. `extra_rows` go under the usual buttons; `spoiler`
+        hides every photo until tapped (documents cannot be hidden). `as_documents`: every
+        image as a file (an upscale, at full resolution) with only 🗑 Delete under it."""
         if as_documents:
             return await self._send_files(chat_id, job_id, images, caption, reply_to)
         photos = [img for img in images if fits_as_photo(img)]
         documents = [img for img in images if not fits_as_photo(img)]
         message_ids: list[int] = []
         file_ids: list[str] = []
-        keyboard = result_keyboard(job_id, len(images), upscale=upscale)
+        keyboard = _with_rows(result_keyboard(job_id, len(images), upscale=upscale), extra_rows)
+        hidden = True if spoiler else None  # None: the parameter is not sent at all
         with telegram_errors():
             if len(images) == 1:
                 image = images[0]
                 name = f"imagebot-{job_id}.{image.extension}"
-                send = self.bot.send_photo if photos else self.bot.send_document
-                message = await send(
-                    chat_id,
-                    image.data,
-                    filename=name,
-                    caption=caption,
-                    reply_parameters=_reply_to(reply_to),
-                    reply_markup=keyboard,
-                )
+                if photos:
+                    message = await self.bot.send_photo(
+                        chat_id,
+                        image.data,
+                        filename=name,
+                        caption=caption,
+                        reply_parameters=_reply_to(reply_to),
+                        reply_markup=keyboard,
+                        has_spoiler=hidden,
+                    )
+                else:
+                    message = await self.bot.send_document(
+                        chat_id,
+                        image.data,
+                        filename=name,
+                        caption=caption,
+                        reply_parameters=_reply_to(reply_to),
+                        reply_markup=keyboard,
+                    )
                 return Sent([message.message_id], [_photo_file_id(message)])
             for start in range(0, len(photos), ALBUM_MAX):
                 chunk = photos[start : start + ALBUM_MAX]
@@ -252,6 +299,7 @@ class Delivery:
                         filename=f"imagebot-{job_id}-{start}.{chunk[0].extension}",
                         caption=first_caption,
                         reply_parameters=_reply_to(reply_to),
+                        has_spoiler=hidden,
                     )
                     sent: Sequence[Message] = (message,)
                 else:
@@ -262,6 +310,7 @@ class Delivery:
                                 img.data,
                                 filename=f"imagebot-{job_id}-{start + n}.{img.extension}",
                                 caption=first_caption if n == 0 else None,
+                                has_spoiler=hidden,
                             )
                             for n, img in enumerate(chunk)
                         ],

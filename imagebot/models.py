@@ -81,11 +81,26 @@ class Job:
     deliver_after: str | None = None
     delivery_attempts: int = 0
     delivery_waiting_since: str | None = None
+    # schema 7: what the user chose (style, shape, count) and what the job ran with
+    style_id: str | None = None
+    model: str | None = None  # vendor model ref; None = the provider's configured one
+    prompt_suffix: str = ""  # the style's words, added to the prompt sent to the vendor
+    shape: str | None = None
+    images_asked: int | None = None  # None: a job made in code without a row (tests)
+    images_delivered: int | None = None  # None until delivered
+    images_withheld: int = 0  # asked for, but withheld by the provider's safety filter
     # schema 8 (issue 17): album edits, upscales, deleted results
     input_file_ids: list[str] = field(default_factory=list)  # every photo of an album edit
     source_index: int | None = None  # upscale: which image of parent_job_id
     deleted_at: str | None = None  # 🗑 Delete removed the result messages
     deleted_by: int | None = None
+
+    @property
+    def images_counted(self) -> int:
+        """Images this job counts against caps: those delivered once known, else those asked."""
+        if self.images_delivered is not None:
+            return self.images_delivered
+        return self.images_asked or 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +122,11 @@ class NewJob:
     input_width: int | None = None
     input_height: int | None = None
     parent_job_id: int | None = None
+    style_id: str | None = None
+    model: str | None = None
+    prompt_suffix: str = ""
+    shape: str | None = None
+    images_asked: int = 1
     input_file_ids: tuple[str, ...] = ()  # an album edit: every photo, input_file_id first
     source_index: int | None = None  # upscale: which image of parent_job_id
 
@@ -125,6 +145,8 @@ class ProviderRequest:
     more_images: tuple[tuple[bytes, str], ...] = ()
     # where the vendor may POST when the request finishes (a wake-up, see hints.py)
     notify_url: str | None = None
+    # the vendor model to run (a style's); None = the provider's configured model
+    model: str | None = None
 
 
 class PollState(StrEnum):

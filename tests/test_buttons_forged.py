@@ -110,8 +110,9 @@ def processed(app: Any, sent: list[dict[str, Any]]) -> bool:
 
 
 def job_data(kind: Button, job_id: int) -> str:
-    per_image = (Button.EDIT, Button.ORIGINAL, Button.UPSCALE)
-    return ButtonData(kind, job_id, 0 if kind in per_image else None).encode()
+    index = 0 if kind in (Button.EDIT, Button.ORIGINAL, Button.UPSCALE) else None
+    name = "square" if kind is Button.SHAPE else None  # the shape buttons name a shape
+    return ButtonData(kind, job_id, index, name=name).encode()
 
 
 def footprint(telegram: FakeTelegram) -> list[tuple[int, int, int, bool]]:

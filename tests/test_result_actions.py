@@ -235,11 +235,11 @@ async def test_history_lists_and_resends_from_file_ids(
         listing = next(m for m in telegram.messages(CHAT) if "last requests" in (m.text or ""))
         files_before, calls_before = len(telegram.files), len(replicate.calls)
         jobs_before = [dict(r) for r in rows(db_path(app))]
-        update = press(telegram, listing, "h:1")
+        update = press(telegram, listing, "g:1")
         assert await answered(telegram, update) == texts.HISTORY_SENDING
         await wait_until(lambda: len(telegram.photos(CHAT)) == 2)
         usage_after = [dict(r) for r in rows(db_path(app))]
-    assert buttons(listing) == ["h:1"]  # the failed job has nothing to send again
+    assert buttons(listing) == ["g:1"]  # the failed job has nothing to send again
     text = listing.text or ""
     assert "“a broken fox” (failed)" in text and "“a fox” (done)" in text
     assert text.index("a broken fox") < text.index("“a fox”")  # newest first
@@ -267,13 +267,13 @@ async def test_history_resends_an_upscale_as_a_file_and_refuses_strangers(
         telegram.push_update(updates.command("/history", chat_id=GROUP, user_id=ALICE))
         await wait_until(lambda: any("last requests" in t for t in telegram.texts(GROUP)))
         listing = next(m for m in telegram.messages(GROUP) if "last requests" in (m.text or ""))
-        assert buttons(listing) == ["h:2", "h:1"]
-        stranger = press(telegram, listing, "h:2", BOB)
+        assert buttons(listing) == ["g:2", "g:1"]
+        stranger = press(telegram, listing, "g:2", BOB)
         assert await answered(telegram, stranger) == texts.NOT_YOUR_JOB
-        forged = press(telegram, listing, "h:3", ALICE)  # not on the message
+        forged = press(telegram, listing, "g:3", ALICE)  # not on the message
         assert await answered(telegram, forged) == texts.BUTTON_EXPIRED
         files_before = len(telegram.files)
-        mine = press(telegram, listing, "h:2", ALICE)
+        mine = press(telegram, listing, "g:2", ALICE)
         assert await answered(telegram, mine) == texts.HISTORY_SENDING
         await wait_until(lambda: len(telegram.documents(GROUP)) == 2)
     first, second = telegram.documents(GROUP)
@@ -294,7 +294,7 @@ async def test_history_says_so_when_telegram_lost_the_file(
         telegram.push_update(updates.command("/history"))
         await wait_until(lambda: any("last requests" in t for t in telegram.texts(CHAT)))
         listing = telegram.messages(CHAT)[-1]
-        update = press(telegram, listing, "h:1")
+        update = press(telegram, listing, "g:1")
         assert await answered(telegram, update) == texts.HISTORY_GONE
         jobs = rows(db_path(app))
     assert len(telegram.photos(CHAT)) == 1
