@@ -19,6 +19,7 @@ from telegram import Bot
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, ContextTypes
 
+from imagebot.bot import albums
 from imagebot.bot.context import SERVICES_KEY, BotContext
 from imagebot.bot.handlers import register
 from imagebot.bot.menus import build_menus, publish
@@ -114,7 +115,24 @@ def _providers(
         )
     else:
         edit = generate if isinstance(generate, LocalProvider) else LocalProvider()
-    return {JobKind.GENERATE: generate, JobKind.EDIT: edit}
+    providers: dict[JobKind, ImageProvider] = {JobKind.GENERATE: generate, JobKind.EDIT: edit}
+    if settings.upscale.enabled:
+        providers[JobKind.UPSCALE] = _upscaler(settings, fetcher, generate)
+    return providers
+
+
+def _upscaler(
+    settings: Settings, fetcher: GuardedFetcher, generate: ImageProvider
+) -> ImageProvider:
+    """[upscale]: its own model on Replicate (its own client), or the offline placeholder."""
+    if settings.upscale.provider == "replicate":
+        assert settings.replicate_api_token is not None
+        return ReplicateProvider(
+            settings.replicate.model_copy(update={"model": settings.upscale.model}),
+            settings.replicate_api_token.get_secret_value(),
+            fetcher.fetch_image,
+        )
+    return generate if isinstance(generate, LocalProvider) else LocalProvider()
 
 
 def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
@@ -391,6 +409,8 @@ def _schedule_maintenance(app: App) -> None:
     # The first prune a minute after start-up (or sooner when the interval is shorter).
     interval = settings.storage.prune_interval_s
     job_queue.run_repeating(prune, interval, first=min(60.0, interval), name="prune")
+    # Albums captioned /edit, including those a restart interrupted (issue 17).
+    albums.schedule(app.application)
 
 
 async def _prune(services: Services) -> None:

@@ -233,6 +233,36 @@ class EditSettings(OperationSettings):
     max_input_side_px: int = Field(2048, ge=64, le=8192)
     conversation_timeout_s: float = Field(300, gt=0)
     params: dict[str, ParamValue] = {"num_images": 1, "output_format": "png"}
+    # An album captioned /edit becomes one edit of up to this many photos (issue 17).
+    max_input_images: int = Field(4, ge=1, le=10)
+    # The album is complete once no new photo of it arrived for this long.
+    album_quiet_s: float = Field(2.0, ge=0.2, le=60)
+
+
+_MODEL_REF = re.compile(r"[\w.-]+/[\w.-]+(:[0-9a-f]{16,64})?")
+
+
+class UpscaleSettings(OperationSettings):
+    """⤴ Upscale under each result: a third operation, off until `model` is set (issue 17)."""
+
+    provider: Literal["replicate", "local"] = "replicate"
+    # e.g. "nightmareai/real-esrgan:<version id>"; empty = no upscale button
+    model: str = ""
+    daily_cap: int = Field(20, ge=0)
+    timeout_s: float = Field(120, gt=0, le=3600)
+    cost_per_image_usd: float = Field(0.002, ge=0)
+    params: dict[str, ParamValue] = {}
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, value: str) -> str:
+        if value and not _MODEL_REF.fullmatch(value):
+            raise ValueError("must be 'owner/name' or 'owner/name:<version id>'")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.provider == "local" or bool(self.model)
 
 
 class ReplicateSettings(Section):
@@ -498,6 +528,7 @@ class Settings(BaseSettings):
     logs: LogSettings = LogSettings()
     credits: CreditsSettings = CreditsSettings()
     delivery: DeliverySettings = DeliverySettings()
+    upscale: UpscaleSettings = UpscaleSettings()
     styles: list[StyleSettings] = []  # [[styles]]: the first is the default; none = one look
     network: NetworkSettings = NetworkSettings()
 
@@ -608,6 +639,12 @@ def _check_secrets(s: Settings) -> None:
             "is not set: export FAL_KEY=<key id>:<key secret> "
             '(or set edit.provider = "local" to try the bot without fal.ai)',
         )
+    if s.upscale.enabled and s.upscale.provider == "replicate" and not s.replicate_api_token:
+        raise _Problem(
+            "REPLICATE_API_TOKEN",
+            f"is not set, and upscale.model = {s.upscale.model!r} runs on Replicate "
+            "(or leave upscale.model empty to switch upscaling off)",
+        )
     if s.telegram.mode == "webhook":
         if not s.webhook.url:
             raise _Problem("webhook.url", "is required in webhook mode (the public https URL)")
@@ -628,7 +665,7 @@ def _check_secrets(s: Settings) -> None:
             "IMAGEBOT_OPS_TOKEN",
             f"is required because ops.listen = {s.ops.listen!r} is not a loopback address",
         )
-    for op in ("generate", "edit"):
+    for op in ("generate", "edit", "upscale"):
         params: Mapping[str, Any] = getattr(s, op).params
         reserved = sorted(RESERVED_PARAMS & params.keys())
         if reserved:

@@ -118,6 +118,11 @@ class Inbox:
         )
         return [SavedUpdate(row["update_id"], _load(row["payload"])) for row in rows]
 
+    async def get(self, update_id: int) -> dict[str, Any] | None:
+        """The saved body of one update (None if unknown, pruned or unreadable)."""
+        row = await self.db.fetchone("SELECT payload FROM inbox WHERE update_id = ?", (update_id,))
+        return _load(row["payload"]) if row is not None else None
+
     async def prune(self, older_than_days: float) -> int:
         """Drop processed updates older than the retention (Telegram may resend for days)."""
         cutoff = iso(utcnow() - timedelta(days=older_than_days))

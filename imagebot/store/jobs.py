@@ -20,7 +20,13 @@ class _Decision(Protocol):
 
 D = TypeVar("D", bound=_Decision)
 
-_JSON_LIST_FIELDS = ("output_urls", "result_paths", "result_file_ids", "delivered_message_ids")
+_JSON_LIST_FIELDS = (
+    "output_urls",
+    "result_paths",
+    "result_file_ids",
+    "delivered_message_ids",
+    "input_file_ids",
+)
 _COLUMNS = tuple(f.name for f in fields(Job))
 _WRITABLE = frozenset(_COLUMNS) - {"id", "created_at", "update_id"}
 
@@ -98,9 +104,9 @@ class JobStore:
                 "INSERT INTO jobs (kind, status, phase, update_id, chat_id, user_id, chat_type,"
                 " command_message_id, prompt, input_file_id, input_file_size, input_width,"
                 " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
-                " updated_at, style_id, model, prompt_suffix, shape, images_asked)"
-                " VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " updated_at, style_id, model, prompt_suffix, shape, images_asked, input_file_ids,"
+                " source_index) VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.kind.value,
                     new.update_id,
@@ -124,6 +130,8 @@ class JobStore:
                     new.prompt_suffix,
                     new.shape,
                     new.images_asked,
+                    json.dumps(list(new.input_file_ids)),
+                    new.source_index,
                 ),
             )
             if after_insert is not None:
@@ -328,6 +336,15 @@ class JobStore:
             (user_id, chat_id),
         )
         return _row_to_job(row) if row else None
+
+    async def history(self, user_id: int, chat_id: int, limit: int = 10) -> list[Job]:
+        """The user's newest finished jobs in this chat (for /history), newest first."""
+        rows = await self.db.fetchall(
+            "SELECT * FROM jobs WHERE user_id = ? AND chat_id = ?"
+            " AND status IN ('succeeded', 'failed', 'canceled') ORDER BY id DESC LIMIT ?",
+            (user_id, chat_id, limit),
+        )
+        return [_row_to_job(row) for row in rows]
 
     async def overdue(self, now: datetime, slack_s: float) -> list[Job]:
         """Running jobs whose deadline passed more than `slack_s` ago. Jobs whose images are
