@@ -82,7 +82,14 @@ def _needs_postgresql(item: pytest.Item, store: str) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Without PostgreSQL's server binaries, its half of the suite is left out (one line at
-    the end says so and how to enable it), not failed."""
+    the end says so and how to enable it), not failed. Tests marked `sqlite_only(reason)`
+    (behaviour of SQLite's file alone) are skipped with that reason under --store postgresql."""
+    if config.getoption("--store") == "postgresql":
+        for item in items:
+            mark = item.get_closest_marker("sqlite_only")
+            if mark is not None:
+                reason = mark.kwargs.get("reason") or (mark.args[0] if mark.args else "")
+                item.add_marker(pytest.mark.skip(reason=f"SQLite only: {reason}"))
     if find_bin_dir() is not None:
         return
     store = config.getoption("--store")

@@ -61,7 +61,7 @@ def query(db_path: Path | str, sql: str, params: tuple[Any, ...] = ()) -> list[A
         conn.close()
 
 
-def write(db_path: Path, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
+def write(db_path: Path | str, statements: list[tuple[str, tuple[Any, ...]]]) -> list[int]:
     """Write statements in one BEGIN IMMEDIATE transaction (a deferred one that has to upgrade
     may fail at once with "database is locked" under WAL); returns the rows each changed or
     the last inserted id for an INSERT. Call it through asyncio.to_thread while a bot runs in

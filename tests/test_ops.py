@@ -385,8 +385,9 @@ def test_readme_config_table_lists_every_key_with_its_default() -> None:
 
 
 def test_readme_states_the_two_commands_and_ci_runs_the_test_one() -> None:
-    """The README shows exactly the two set-up commands; .ci/run's first command is the
-    README's test command, word for word."""
+    """The README shows exactly the two set-up commands; .ci/run's first test command is the
+    README's test command, word for word (after it installed PostgreSQL's binaries if they
+    were missing, which the README names as the way to enable the PostgreSQL half)."""
     start = (
         "python3 -m venv .venv && .venv/bin/pip install . && TELEGRAM_BOT_TOKEN=<token> "
         "REPLICATE_API_TOKEN=<r8_…> FAL_KEY=<key> .venv/bin/imagebot --polling"
@@ -404,7 +405,12 @@ def test_readme_states_the_two_commands_and_ci_runs_the_test_one() -> None:
         and not line.lstrip().startswith("#")
         and line.split()[0] not in {"set", "cd"}
     ]
-    assert commands[0] == test
+    runs = [line for line in commands if "pytest" in line]
+    assert runs[0] == test
+    assert runs[1] == ".venv/bin/pytest --store postgresql"
+    before = commands[: commands.index(test)]
+    assert any("apt-get install" in line and "postgresql" in line for line in before)
+    assert "apt-get install -y postgresql" in quick_start
 
 
 def test_readme_lists_every_metric_and_they_exist() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ from tests.conftest import running
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.storeview import query
 
 CHAT = updates.DEFAULT_CHAT_ID
 # Longer runs for RELIABILITY.md figures: OUTAGE_S=60 OUTAGE_JOBS=20 pytest -k without_holding
@@ -40,13 +40,8 @@ FAST = {
 }
 
 
-def rows(app: Any) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(str(app.services.settings.storage.database), timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return list(conn.execute("SELECT * FROM jobs ORDER BY id"))
-    finally:
-        conn.close()
+def rows(app: Any) -> list[Any]:
+    return query(str(app.services.settings.storage.database), "SELECT * FROM jobs ORDER BY id")
 
 
 async def ops_get(app: Any, path: str) -> tuple[int, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -20,37 +19,25 @@ from imagebot.errors import ConfigError
 from imagebot.store.db import iso, utcnow
 from tests import updates
 from tests.conftest import BOT_TOKEN, REPLICATE_TOKEN
+from tests.crash_harness import integrity as integrity_of
 from tests.crash_harness import write
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.storeview import query
 
 CHAT = updates.DEFAULT_CHAT_ID
 DAY = 86400
 
 
-def connect(app: Any) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(app.services.settings.storage.database))
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def rows(app: Any, sql: str) -> list[sqlite3.Row]:
-    conn = connect(app)
-    try:
-        return list(conn.execute(sql))
-    finally:
-        conn.close()
+def rows(app: Any, sql: str) -> list[Any]:
+    return query(str(app.services.settings.storage.database), sql)
 
 
 def is_processed(app: Any, update_id: int) -> bool:
-    conn = connect(app)
-    try:
-        sql = "SELECT processed_at FROM inbox WHERE update_id = ?"
-        row = conn.execute(sql, (update_id,)).fetchone()
-    finally:
-        conn.close()
-    return row is not None and row[0] is not None
+    sql = "SELECT processed_at FROM inbox WHERE update_id = ?"
+    found = query(str(app.services.settings.storage.database), sql, (update_id,))
+    return bool(found) and found[0][0] is not None
 
 
 def days_ago(days: float) -> str:
@@ -100,7 +87,7 @@ def backdate(app: Any, sent: list[dict[str, Any]]) -> None:
             (updates.next_update_id(), "message", days_ago(10), "{}"),
         )
     )
-    assert write(Path(app.services.settings.storage.database), statements)[:4] == [1, 1, 1, 1]
+    assert write(str(app.services.settings.storage.database), statements)[:4] == [1, 1, 1, 1]
 
 
 async def test_periodic_prune_drops_old_rows_and_files(
@@ -131,7 +118,7 @@ async def test_periodic_prune_drops_old_rows_and_files(
         await wait_until(lambda: is_processed(app, help_update["update_id"]))
         jobs = rows(app, "SELECT * FROM jobs ORDER BY id")
         inbox = rows(app, "SELECT * FROM inbox ORDER BY update_id")
-        integrity = rows(app, "PRAGMA integrity_check")[0][0]
+        integrity = integrity_of(str(app.services.settings.storage.database))
     assert [(j["id"], j["result_paths"]) for j in jobs] == [(2, "[]"), (3, files[3])]
     assert names(results) == sorted(["98-0.png", *json.loads(files[3])])
     processed = [r["update_id"] for r in inbox if r["processed_at"]]

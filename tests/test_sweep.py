@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,14 @@ from tests.crash_harness import write
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.storeview import query
 
 CHAT = updates.DEFAULT_CHAT_ID
 SWEEP = {"limits": {"sweep_interval_s": 0.2, "stale_slack_s": 0}, "generate": {"timeout_s": 2}}
 
 
-def rows(app: Any, sql: str = "SELECT * FROM jobs ORDER BY id") -> list[sqlite3.Row]:
-    conn = sqlite3.connect(str(app.services.settings.storage.database))
-    conn.row_factory = sqlite3.Row
-    try:
-        return list(conn.execute(sql))
-    finally:
-        conn.close()
+def rows(app: Any, sql: str = "SELECT * FROM jobs ORDER BY id") -> list[Any]:
+    return query(str(app.services.settings.storage.database), sql)
 
 
 async def create_prediction(replicate: FakeReplicate, prompt: str) -> str:
@@ -72,7 +67,7 @@ async def insert_orphan(app: Any, prediction_id: str, deadline_in_s: float, prom
         iso(now + timedelta(seconds=deadline_in_s)),
         iso(now),
     )
-    db = Path(app.services.settings.storage.database)
+    db = str(app.services.settings.storage.database)
     (job_id,) = await asyncio.to_thread(write, db, [(sql, params)])
     return job_id
 
