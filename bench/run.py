@@ -17,12 +17,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import scenarios
+from bench import postgresql, scenarios
 from bench.procs import Fakes
 from bench.scenarios import Context
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPORTS = ("ack", "added", "memory", "startup", "flood")
+REPORTS = ("ack", "added", "memory", "startup", "flood", "postgresql")
 RUN_LIMIT_S = 900  # a hard stop far above the expected ~4-5 minutes
 
 Row = tuple[str, str, str, str, str]
@@ -314,6 +314,78 @@ def _profile_rows(prof: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _postgresql_rows(pg: dict[str, Any]) -> list[Row]:
+    """PostgreSQL in the imagebot column, SQLite (same run, taking turns) beside it."""
+    lite, post = pg["stores"]["sqlite"], pg["stores"]["postgresql"]
+    rows: list[Row] = []
+    for rate in ("50", "200"):
+        fig_p, fig_s = post["fixed"][rate], lite["fixed"][rate]
+        target, verdict = "", ""
+        if rate == "200":
+            ratio = pg.get("ack_p99_200_ratio")
+            target = "p99 <= 2x SQLite"
+            verdict = "not measured" if ratio is None else f"{_met(ratio <= 2)} ({_fmt(ratio)}x)"
+        rows.append(
+            (
+                f"7 PostgreSQL ack @{rate}/s p50/p95/p99 ms",
+                _three(fig_p),
+                f"SQLite {_three(fig_s)}",
+                target,
+                verdict,
+            )
+        )
+        rows.append(
+            (
+                f"  CPU per update @{rate}/s bot + server (ms)",
+                f"{_fmt(fig_p['cpu_ms_per_update'])} + {_fmt(fig_p['server_cpu_ms_per_update'])}",
+                f"SQLite {_fmt(fig_s['cpu_ms_per_update'])}",
+                "",
+                "",
+            )
+        )
+    rows.append(
+        (
+            "7 PostgreSQL max sustained, p99 < 100 ms (upd/s)",
+            _sustained(post),
+            f"SQLite {_sustained(lite)}",
+            "",
+            "",
+        )
+    )
+    e2e_p, e2e_s = post["end_to_end"], lite["end_to_end"]
+    rows.append(
+        (
+            "7 CPU per /generate job, bot + server (ms)",
+            f"{_fmt(e2e_p['cpu_ms_per_job'])} + {_fmt(e2e_p['server_cpu_ms_per_job'])}",
+            f"SQLite {_fmt(e2e_s['cpu_ms_per_job'])}",
+            "",
+            f"delivered {e2e_p['delivered']}/{e2e_p['jobs']} and {e2e_s['delivered']}/"
+            f"{e2e_s['jobs']}",
+        )
+    )
+    mem_p, mem_s = post["memory"], lite["memory"]
+    rows.append(
+        (
+            "7 RSS idle / 100 running + queued (MB)",
+            f"{_fmt(mem_p['idle_rss_mb'])} / {_fmt(mem_p['loaded_rss_mb'])}",
+            f"SQLite {_fmt(mem_s['idle_rss_mb'])} / {_fmt(mem_s['loaded_rss_mb'])}",
+            "",
+            "",
+        )
+    )
+    settings = pg.get("durability") or {}
+    rows.append(
+        (
+            "7 PostgreSQL durability",
+            ", ".join(f"{k}={v}" for k, v in settings.items() if k != "server_version"),
+            f"PostgreSQL {settings.get('server_version', '?')}",
+            "",
+            "",
+        )
+    )
+    return rows
+
+
 def table(results: dict[str, Any]) -> list[Row]:
     """The rows of the printed table (also stored in the JSON)."""
     reports = results["reports"]
@@ -325,6 +397,7 @@ def table(results: dict[str, Any]) -> list[Row]:
         "startup": _startup_rows,
         "flood": _flood_rows,
         "profile": _profile_rows,
+        "postgresql": _postgresql_rows,
     }
     for name, build in builders.items():
         if name in reports:
@@ -378,10 +451,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "flood": lambda: scenarios.report_flood(ctx),
         "startup": lambda: scenarios.report_startup(ctx),
         "profile": lambda: scenarios.report_profile(ctx, RESULTS_DIR),
+        "postgresql": lambda: postgresql.report_postgresql(ctx),
     }
     try:
-        # start-up last: it reports every start of the run as well as its own three
-        for name in sorted(only, key=lambda n: (n == "startup", n == "profile")):
+        # start-up last: it reports every start of the run as well as its own three (the
+        # PostgreSQL report's starts come after it, so "every start" stays SQLite's)
+        last = ("startup", "postgresql", "profile")
+        for name in sorted(only, key=lambda n: last.index(n) + 1 if n in last else 0):
             t0 = time.monotonic()
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
             reports[name] = await steps[name]()

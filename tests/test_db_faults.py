@@ -57,6 +57,9 @@ def set_file_limit(bot: Daemon, soft: int) -> None:
     resource.prlimit(bot.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
 
 
+@pytest.mark.sqlite_only(
+    reason="RLIMIT_FSIZE fills SQLite's own file; PostgreSQL's refusals are test_pg_restart's"
+)
 async def test_disk_full_pauses_jobs_and_the_bot_catches_up_afterwards(
     daemon: Daemon, telegram: FakeTelegram, replicate: FakeReplicate
 ) -> None:

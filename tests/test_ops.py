@@ -282,6 +282,7 @@ def readme_sql() -> dict[str, str]:
     return recipes
 
 
+@pytest.mark.sqlite_only(reason="the README's recipes are sqlite3's (date('now'), strftime)")
 async def test_readme_sqlite_recipes_run_against_a_real_database(
     bot, telegram: FakeTelegram, replicate: FakeReplicate, fal: FakeFal, tmp_path: Path
 ) -> None:
@@ -326,6 +327,7 @@ async def test_readme_sqlite_recipes_run_against_a_real_database(
 
 
 @pytest.mark.skipif(shutil.which("sqlite3") is None, reason="the sqlite3 command is not installed")
+@pytest.mark.sqlite_only(reason="sqlite3's .backup and VACUUM INTO copy a SQLite file")
 async def test_readme_backups_work_while_the_bot_runs(
     bot, telegram: FakeTelegram, replicate: FakeReplicate, tmp_path: Path
 ) -> None:
