@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import sqlite3
 import tomllib
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from pydantic import BaseModel
 
 from imagebot import __version__
 from imagebot.config import Settings
+from imagebot.store.db import iso
 from tests import updates
 from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
@@ -26,6 +26,7 @@ from tests.fakes.fal_api import FakeFal
 from tests.fakes.images import make_image
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.storeview import execute, is_pg, query
 from tests.test_e2e import db_path, rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,28 +283,49 @@ def readme_sql() -> dict[str, str]:
     return recipes
 
 
-@pytest.mark.sqlite_only(reason="the README's recipes are sqlite3's (date('now'), strftime)")
+def psql_rewrites() -> list[tuple[str, str]]:
+    """The README's sqlite3 -> psql table as (regex, replacement) pairs (N: any number)."""
+    section = README.read_text().split("| in `sqlite3` | in `psql` |", 1)[1].split("\n\n", 1)[0]
+    pairs = []
+    for lite, post in re.findall(r"^\| `(.+?)` \| `(.+?)` \|$", section, re.M):
+        pattern = re.escape(lite).replace("N", r"(\d+)")
+        pairs.append((pattern, post.replace("\\", "\\\\").replace("N", r"\1")))
+    return pairs
+
+
+def as_psql(sql: str) -> str:
+    for pattern, replacement in psql_rewrites():
+        sql = re.sub(pattern, replacement, sql)
+    return sql
+
+
 async def test_readme_sqlite_recipes_run_against_a_real_database(
     bot, telegram: FakeTelegram, replicate: FakeReplicate, fal: FakeFal, tmp_path: Path
 ) -> None:
     """Every sqlite3 recipe in the README runs on a database the bot wrote and answers its
     question: today's jobs by status, a user's failures, cost per day, stuck jobs, failure
-    reasons, unprocessed updates."""
+    reasons, unprocessed updates (on PostgreSQL: rewritten by the README's psql table)."""
     async with bot() as app:
         await five_jobs(app, telegram, replicate, fal)
     database = db_path(app)
-    conn = sqlite3.connect(database)
     # A job stuck for an hour: queued by a bot that has been down since.
-    conn.execute(
+    execute(
+        database,
         "UPDATE jobs SET status = 'queued', phase = 'new', finished_at = NULL,"
-        " created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 hour') WHERE id = 2"
+        " created_at = ? WHERE id = 2",
+        (iso(datetime.now(UTC) - timedelta(hours=1)),),
     )
-    conn.commit()
     recipes = readme_sql()
     answers: dict[str, list[tuple[Any, ...]]] = {}
+    target = database
+    if is_pg(database):
+        assert len(psql_rewrites()) >= 6
+        target = f"{database}?options=-c%20TimeZone%3DUTC"  # the README's SET TIME ZONE 'UTC'
     for title, sql in recipes.items():
-        answers[title] = list(conn.execute(sql.replace("123456789", str(BOB))))
-    conn.close()
+        sql = sql.replace("123456789", str(BOB))
+        if is_pg(database):
+            sql = as_psql(sql)
+        answers[title] = [tuple(row) for row in query(target, sql)]
 
     def answer(words: str) -> list[tuple[Any, ...]]:
         (title,) = [t for t in answers if words in t.lower()]

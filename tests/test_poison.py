@@ -61,7 +61,8 @@ def insert_unprocessed(path: str, bodies: list[tuple[int, str]]) -> None:
     for update_id, body in bodies:
         execute(
             path,
-            "INSERT INTO inbox (update_id, kind, received_at, payload) VALUES (?, 'message', ?, ?)",
+            "INSERT INTO inbox (update_id, kind, received_at, payload)"
+            " VALUES (?, 'message', ?, ?)",
             (update_id, iso(), body),
         )
 
@@ -105,9 +106,9 @@ async def test_poison_saved_before_a_restart_is_closed_and_start_up_goes_on(
     assert saved[raising["update_id"]]["failure"].startswith("handler_error: TypeError")
     assert saved[good["update_id"]]["failure"] is None
     assert [p.caption for p in telegram.photos(CHAT)] == ["saved fox", "after restart"]
-    assert value(samples, "imagebot_updates_poisoned_total", reason="unparseable") == len(bad) + len(
-        corrupt
-    )
+    assert value(samples, "imagebot_updates_poisoned_total", reason="unparseable") == len(
+        bad
+    ) + len(corrupt)
     assert value(samples, "imagebot_updates_poisoned_total", reason="handler_error") == 1
     # The raising update got the generic apology, not silence and not a job.
     assert [r["prompt"] for r in rows(path)] == ["saved fox", "after restart"]

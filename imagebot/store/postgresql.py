@@ -52,6 +52,10 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 5
 READ_WAIT_S = 2  # a read waits this long for a pooled connection while the server is away
+# A pooled connection idle longer than this is pinged before a read uses it; one used more
+# recently is trusted (the ping is a round trip per read on the hot path) and, if it turns
+# out broken after all, the read is tried once more on a fresh connection.
+CHECK_IDLE_S = 1.0
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.1, 2.0
 _INSERT_RE = re.compile(r'^\s*INSERT\s+INTO\s+"?(\w+)"?', re.IGNORECASE)
 _CHANGES_RE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
@@ -265,6 +269,13 @@ class _Link:
                 self.conn = None
 
 
+def _check_if_idle(conn: psycopg.Connection[Any]) -> None:
+    """The pool's checkout check: ping only a connection that sat idle (see CHECK_IDLE_S)."""
+    used_at = getattr(conn, "_imagebot_used_at", 0.0)
+    if time.monotonic() - used_at > CHECK_IDLE_S:
+        ConnectionPool.check_connection(conn)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -308,7 +319,7 @@ class PostgresDatabase(Database):
             max_size=4,
             open=False,
             timeout=READ_WAIT_S,
-            check=ConnectionPool.check_connection,
+            check=_check_if_idle,
             configure=configure,
             kwargs={
                 "autocommit": True,
@@ -394,11 +405,20 @@ class PostgresDatabase(Database):
         values = _params(tuple(params))
         text = translate(sql)
 
+        def once() -> list[Row]:
+            with pool.connection() as conn:
+                rows: list[Row] = conn.execute(text, values).fetchall()
+                conn._imagebot_used_at = time.monotonic()
+                return rows
+
         def read() -> list[Row]:
             try:
-                with pool.connection() as conn:
-                    rows: list[Row] = conn.execute(text, values).fetchall()
-                    return rows
+                try:
+                    return once()
+                except psycopg.OperationalError:
+                    # A recently used connection the server dropped since (restart): the pool
+                    # discards it; once more on a fresh one (checked, as the pool connects).
+                    return once()
             except PoolTimeout as exc:
                 raise StoreUnavailable(
                     f"PostgreSQL at {self.address} is unreachable: {_first_line(exc)}"
