@@ -448,7 +448,7 @@ async def test_database_left_by_kill_9_opens_migrates_and_checks_ok(
     await bot.start()
     assert integrity(bot.db_path) == "ok"
     names = [r["name"] for r in query(bot.db_path, "SELECT name FROM schema_migrations")]
-    assert names == sorted(p.stem for p in (REPO / "migrations").glob("[0-9]*.sql"))
+    assert names == sorted(p.stem for p in (REPO / "migrations" / "sqlite").glob("[0-9]*.sql"))
     for n in range(8):
         telegram.push_update(updates.command(f"/generate integrity {n}"))
     # Every create answered (so none is left of unknown outcome), then die mid-delivery.
