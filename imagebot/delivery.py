@@ -22,7 +22,7 @@ from telegram import (
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.errors import DeliveryError
 from imagebot.models import ImageFile
 

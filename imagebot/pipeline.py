@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from tenacity import RetryCallState
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.breaker import CIRCUIT_OPEN, Breakers, is_vendor_failure
 from imagebot.config import Settings
 from imagebot.delivery import Delivery, Sent

@@ -12,7 +12,7 @@ import time
 
 from aiolimiter import AsyncLimiter
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.config import ProgressSettings
 from imagebot.delivery import Delivery, cancel_keyboard
 from imagebot.errors import DeliveryError

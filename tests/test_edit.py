@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 import structlog
 
-from imagebot import logs
-from imagebot.bot import texts
+from imagebot import logs, texts
 from imagebot.config import MediaSettings
 from imagebot.logs import configure_logging
 from tests import updates

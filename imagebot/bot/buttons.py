@@ -13,7 +13,7 @@ from typing import Any
 from telegram import Update
 from telegram.ext import BaseHandler, CallbackQueryHandler
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.callbacks import Button, checked
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import EditInput, ensure_access, request_job

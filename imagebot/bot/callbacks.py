@@ -31,7 +31,7 @@ from telegram import Message, Update
 from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop, BaseHandler, CallbackQueryHandler
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.context import BotContext
 from imagebot.logs import get_logger
 from imagebot.models import Job

@@ -23,7 +23,7 @@ from telegram.ext import (
 )
 from telegram.warnings import PTBUserWarning
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.callbacks import Button, checked
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import (

@@ -15,7 +15,8 @@ from telegram.ext import (
     filters,
 )
 
-from imagebot.bot import buttons, callbacks, edit, payments, texts
+from imagebot import texts
+from imagebot.bot import buttons, callbacks, edit, payments
 from imagebot.bot.context import BotContext
 from imagebot.bot.errors import on_error
 from imagebot.bot.requests import (

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from telegram import Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.context import BotContext
 from imagebot.breaker import CIRCUIT_OPEN
 from imagebot.config import CreditPack
