@@ -16,13 +16,13 @@ from typing import Any
 from aiohttp import web
 
 from imagebot import __version__
+from imagebot.clock import iso
 from imagebot.errors import StoreError
 from imagebot.health import Heartbeat
 from imagebot.logs import Redactor
 from imagebot.metrics import CONTENT_TYPE
 from imagebot.models import Job, JobKind, JobStatus
 from imagebot.services import Services
-from imagebot.store.db import iso
 from imagebot.store.jobs import JobFilter
 from imagebot.store.ledger import Ledger
 from imagebot.threaded_site import ListenError, start_site

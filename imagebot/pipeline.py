@@ -20,6 +20,7 @@ from tenacity import RetryCallState
 
 from imagebot import texts
 from imagebot.breaker import CIRCUIT_OPEN, Breakers, is_vendor_failure
+from imagebot.clock import iso, parse_iso, utcnow
 from imagebot.config import Settings
 from imagebot.delivery import Delivery, Sent
 from imagebot.errors import (
@@ -46,7 +47,6 @@ from imagebot.progress import Progress
 from imagebot.providers.base import ImageProvider
 from imagebot.results import ResultFiles
 from imagebot.retries import retrying
-from imagebot.store.db import iso, parse_iso, utcnow
 from imagebot.store.jobs import JobStore
 
 log = get_logger(__name__)

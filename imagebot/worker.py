@@ -20,12 +20,13 @@ from typing import Any, TypeVar, cast
 import structlog
 from telegram.ext import CallbackContext, JobQueue
 
+from imagebot.clock import iso, parse_iso, utcnow
 from imagebot.errors import DeliveryError, MediaError, ProviderError
 from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
 from imagebot.models import Job, JobStatus, Phase
 from imagebot.pipeline import CANCEL_TIMEOUT_S, JobGone, Pipeline
-from imagebot.store.db import is_storage_fault, iso, parse_iso, utcnow
+from imagebot.store.db import is_storage_fault
 from imagebot.store.jobs import JobStore
 
 log = get_logger(__name__)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from imagebot.clock import utcnow
 from imagebot.models import JobKind, JobStatus, NewJob
 from imagebot.policy import ALLOW, Decision, Reason
-from imagebot.store.db import URGENT, Database, utcnow
+from imagebot.store.db import URGENT, Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.migrate import migrate

@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from imagebot.store.db import iso, utcnow
+from imagebot.clock import iso, utcnow
 from tests import updates
 from tests.conftest import REPLICATE_TOKEN
 from tests.crash_harness import write

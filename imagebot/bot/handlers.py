@@ -26,10 +26,10 @@ from imagebot.bot.requests import (
     reply,
     request_job,
 )
+from imagebot.clock import utcnow
 from imagebot.logs import get_logger
 from imagebot.models import JobKind
 from imagebot.policy import Reason
-from imagebot.store.db import utcnow
 from imagebot.store.usage import claim_notice, used_today
 from imagebot.worker import CancelOutcome
 

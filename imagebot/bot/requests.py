@@ -14,6 +14,7 @@ from telegram import Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, 
 from imagebot import texts
 from imagebot.bot.context import BotContext
 from imagebot.breaker import CIRCUIT_OPEN
+from imagebot.clock import utcnow
 from imagebot.config import CreditPack
 from imagebot.credits import Paid
 from imagebot.errors import DeliveryError
@@ -21,7 +22,6 @@ from imagebot.logs import get_logger
 from imagebot.models import Job, JobKind, NewJob
 from imagebot.policy import Decision, Reason
 from imagebot.services import Services
-from imagebot.store.db import utcnow
 from imagebot.store.ledger import NotEnoughCredits
 from imagebot.store.usage import claim_notice
 

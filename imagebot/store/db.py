@@ -19,29 +19,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
+from imagebot.clock import iso
 from imagebot.errors import StoreError
 
 T = TypeVar("T")
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(moment: datetime | None = None) -> str:
-    """ISO-8601 UTC with milliseconds and a Z, so text order is time order."""
-    moment = moment or utcnow()
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def parse_iso(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 URGENT, NORMAL = 0, 1

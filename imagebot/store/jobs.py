@@ -9,8 +9,9 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
+from imagebot.clock import iso, utcnow
 from imagebot.models import FINAL_STATUSES, Job, JobKind, JobStatus, NewJob, Phase
-from imagebot.store.db import Database, iso, utcnow
+from imagebot.store.db import Database
 from imagebot.store.usage import Counters, read_counters
 
 

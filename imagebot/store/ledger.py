@@ -13,7 +13,8 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from imagebot.store.db import URGENT, Database, iso
+from imagebot.clock import iso
+from imagebot.store.db import URGENT, Database
 
 ORDER_OPEN, ORDER_PAID = "open", "paid"
 PURCHASE, STAR_REFUND, GRANT, WELCOME, SPEND, JOB_REFUND = (

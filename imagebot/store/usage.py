@@ -10,8 +10,9 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from imagebot.clock import iso, parse_iso
 from imagebot.models import JobKind
-from imagebot.store.db import Database, iso, parse_iso
+from imagebot.store.db import Database
 
 RATE_WINDOW = timedelta(minutes=1)
 # A failed or canceled job gives its unit back, so only other jobs count.
