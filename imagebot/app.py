@@ -56,6 +56,7 @@ from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
 from imagebot.store.migrate import migrate
+from imagebot.store.usage import Usage
 from imagebot.threaded_site import ListenError
 from imagebot.worker import JobRunner
 
@@ -110,6 +111,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     db = Database(settings.storage.database, synchronous=settings.storage.synchronous)
     inbox = Inbox(db)
     store = JobStore(db)
+    ledger = Ledger(db)
     tg = settings.telegram
     timeout = tg.request_timeout_s
     application = (
@@ -187,7 +189,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         on_fatal=lambda why: app_ref[0].request_stop(why, exit_code=2),
     )
     policy = Policy(settings)
-    credits, stars = _credits(settings, application, db, store, policy, metrics, delivery)
+    credits, stars = _credits(settings, application, ledger, store, policy, metrics, delivery)
     if credits is not None and stars is not None:
         pipeline.on_final = credits.settle
         intake.direct["pre_checkout_query"] = stars.answer_pre_checkout
@@ -196,6 +198,8 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         db=db,
         inbox=inbox,
         store=store,
+        usage=Usage(db),
+        ledger=ledger,
         policy=policy,
         runner=runner,
         delivery=delivery,
@@ -207,7 +211,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         stars=stars,
     )
     application.bot_data[SERVICES_KEY] = services
-    register(application)
+    register(application, services)
     app = App(services, application, OpsServer(services, state), state, providers, fetcher)
     app_ref.append(app)
     return app
@@ -216,7 +220,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
 def _credits(
     settings: Settings,
     application: Application[Any, Any, Any, Any, Any, Any],
-    db: Database,
+    ledger: Ledger,
     store: JobStore,
     policy: Policy,
     metrics: Metrics,
@@ -225,7 +229,6 @@ def _credits(
     """Credits and Stars when `credits.enabled` (otherwise nothing changes)."""
     if not settings.credits.enabled:
         return None, None
-    ledger = Ledger(db)
     credits = Credits(settings, ledger, policy, metrics, store)
     tg = settings.telegram
     # The pre-checkout answer's own Bot: its own connections and no outgoing rate limiter, so

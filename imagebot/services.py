@@ -16,6 +16,8 @@ from imagebot.stars import Stars
 from imagebot.store.db import Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
+from imagebot.store.ledger import Ledger
+from imagebot.store.usage import Usage
 from imagebot.worker import JobRunner
 
 
@@ -25,6 +27,8 @@ class Services:
     db: Database
     inbox: Inbox
     store: JobStore
+    usage: Usage  # /usage counts, notice throttling
+    ledger: Ledger  # credit entries (read by /jobs even with credits off)
     policy: Policy
     runner: JobRunner
     delivery: Delivery

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from enum import StrEnum
 from typing import Any, TypeVar, cast
 
 import structlog
@@ -24,21 +23,13 @@ from imagebot.clock import iso, parse_iso, utcnow
 from imagebot.errors import DeliveryError, MediaError, ProviderError
 from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
-from imagebot.models import Job, JobStatus, Phase
+from imagebot.models import CancelOutcome, Job, JobStatus, Phase
 from imagebot.pipeline import CANCEL_TIMEOUT_S, JobGone, Pipeline
 from imagebot.store.db import is_storage_fault
 from imagebot.store.jobs import JobStore
 
 log = get_logger(__name__)
 T = TypeVar("T")
-
-
-class CancelOutcome(StrEnum):
-    CANCELED = "canceled"
-    NOT_FOUND = "not_found"
-    NOT_YOURS = "not_yours"
-    FINISHED = "finished"
-    TOO_LATE = "too_late"
 
 
 @dataclass

@@ -16,7 +16,7 @@ from imagebot.store.db import URGENT, Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.migrate import migrate
-from imagebot.store.usage import used_today
+from imagebot.store.usage import Usage
 
 TIMEOUTS = {JobKind.GENERATE: 90.0, JobKind.EDIT: 30.0}
 
@@ -98,7 +98,7 @@ async def test_failed_and_canceled_jobs_give_units_back(db: Database) -> None:
     await store.finish(ids[0], JobStatus.FAILED, error_code="timeout")
     await store.finish(ids[1], JobStatus.CANCELED)
     await store.finish(ids[2], JobStatus.SUCCEEDED)
-    counts = await used_today(db, 7, utcnow())
+    counts = await Usage(db).used_today(7, utcnow())
     assert counts[JobKind.GENERATE] == 2
     assert counts[JobKind.EDIT] == 0
 

@@ -19,7 +19,7 @@ from imagebot.bot.context import BotContext
 from imagebot.bot.requests import EditInput, ensure_access, request_job
 from imagebot.errors import DeliveryError, MediaError
 from imagebot.logs import get_logger
-from imagebot.worker import CancelOutcome
+from imagebot.models import CancelOutcome
 
 log = get_logger(__name__)
 

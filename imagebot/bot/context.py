@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from telegram.ext import CallbackContext, ExtBot
 
-from imagebot.services import Services
-
 if TYPE_CHECKING:
+    # Typing only: at run time the bot layer must not pull in the runner and the providers.
     from imagebot.bot.callbacks import Press
+    from imagebot.services import Services
 
 SERVICES_KEY = "services"
 
@@ -23,6 +23,4 @@ class BotContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], d
 
     @property
     def services(self) -> Services:
-        services = self.bot_data[SERVICES_KEY]
-        assert isinstance(services, Services)
-        return services
+        return cast("Services", self.bot_data[SERVICES_KEY])

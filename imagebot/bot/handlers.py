@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from telegram import Update
 from telegram.error import TelegramError
@@ -28,10 +28,11 @@ from imagebot.bot.requests import (
 )
 from imagebot.clock import utcnow
 from imagebot.logs import get_logger
-from imagebot.models import JobKind
+from imagebot.models import CancelOutcome, JobKind
 from imagebot.policy import Reason
-from imagebot.store.usage import claim_notice, used_today
-from imagebot.worker import CancelOutcome
+
+if TYPE_CHECKING:
+    from imagebot.services import Services
 
 log = get_logger(__name__)
 
@@ -67,7 +68,7 @@ async def gate(update: Update, context: BotContext) -> None:
     if (
         message is not None
         and is_addressed(message, context)
-        and await claim_notice(services.db, user.id, Reason.ALLOWLIST.value, interval)
+        and await services.usage.claim_notice(user.id, Reason.ALLOWLIST.value, interval)
     ):
         log.info("request_refused", reason=Reason.ALLOWLIST.value, notice=True)
         if (message.text or "").split("@")[0].split(" ")[0] == "/start":
@@ -108,7 +109,7 @@ async def usage(update: Update, context: BotContext) -> None:
     if not await ensure_access(update, context):
         return
     services = context.services
-    counts = await used_today(services.db, user.id, utcnow())
+    counts = await services.usage.used_today(user.id, utcnow())
     caps = {
         JobKind.GENERATE: services.settings.generate.daily_cap,
         JobKind.EDIT: services.settings.edit.daily_cap,
@@ -145,7 +146,7 @@ async def private_text(update: Update, context: BotContext) -> None:
     await reply(update, context, f"{texts.PRIVATE_TEXT_HINT}\n\n{texts.help_text(limit)}")
 
 
-def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+def register(application: Application[Any, Any, Any, Any, Any, Any], services: Services) -> None:
     """Wire every handler; order matters inside a group (the first match wins)."""
     new_messages = filters.UpdateType.MESSAGE
     # Group order (each group runs its first matching handler; a stop ends the update):
@@ -153,13 +154,13 @@ def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     # -2 strangers (one notice per interval, nothing else), -1 the button gate, 0 the rest.
     application.add_handler(TypeHandler(Update, gate), group=-2)
     application.add_handler(callbacks.gate_handler(), group=-1)
-    application.add_handler(edit.conversation(application))
+    application.add_handler(edit.conversation(services.settings.edit.conversation_timeout_s))
     application.add_handler(CommandHandler("start", start, filters=new_messages))
     application.add_handler(CommandHandler("help", help_command, filters=new_messages))
     application.add_handler(CommandHandler("generate", generate, filters=new_messages))
     application.add_handler(CommandHandler("usage", usage, filters=new_messages))
     application.add_handler(CommandHandler("cancel", cancel, filters=new_messages))
-    if application.bot_data["services"].settings.credits.enabled:
+    if services.settings.credits.enabled:
         payments.register_payment_messages(application)  # group -1, ahead of /edit
         payments.register(application)
     for handler in buttons.handlers():

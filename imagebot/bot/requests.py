@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from telegram import Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
 
@@ -21,9 +22,10 @@ from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.models import Job, JobKind, NewJob
 from imagebot.policy import Decision, Reason
-from imagebot.services import Services
 from imagebot.store.ledger import NotEnoughCredits
-from imagebot.store.usage import claim_notice
+
+if TYPE_CHECKING:
+    from imagebot.services import Services
 
 log = get_logger(__name__)
 
@@ -87,7 +89,7 @@ async def ensure_access(update: Update, context: BotContext) -> bool:
     services.metrics.refusals.labels(Reason.ALLOWLIST.value).inc()
     log.info("request_refused", reason=Reason.ALLOWLIST.value, user_id=user.id, chat_id=chat.id)
     interval = services.settings.access.refusal_notice_interval_s
-    if await claim_notice(services.db, user.id, Reason.ALLOWLIST.value, interval):
+    if await services.usage.claim_notice(user.id, Reason.ALLOWLIST.value, interval):
         await reply(update, context, texts.not_allowed(user.id))
     return False
 

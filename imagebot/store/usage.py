@@ -70,28 +70,28 @@ def read_counters(
     return Counters(recent, used, spent)
 
 
-async def used_today(db: Database, user_id: int, now: datetime) -> dict[JobKind, int]:
-    """The user's charged jobs per kind since 00:00 UTC (for /usage)."""
-    rows = await db.fetchall(_PER_KIND, (iso(day_start(now)), user_id))
-    counts = dict.fromkeys(JobKind, 0)
-    for row in rows:
-        counts[JobKind(row["kind"])] = int(row["n"])
-    return counts
+class Usage:
+    """The per-user counters handlers read: today's jobs per kind, and notice throttling."""
 
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
-async def spent_today(db: Database, now: datetime) -> float:
-    row = await db.fetchone(_SPENT, (iso(day_start(now)),))
-    return float(row[0]) if row else 0.0
+    async def used_today(self, user_id: int, now: datetime) -> dict[JobKind, int]:
+        """The user's charged jobs per kind since 00:00 UTC (for /usage)."""
+        rows = await self.db.fetchall(_PER_KIND, (iso(day_start(now)), user_id))
+        counts = dict.fromkeys(JobKind, 0)
+        for row in rows:
+            counts[JobKind(row["kind"])] = int(row["n"])
+        return counts
 
-
-async def claim_notice(db: Database, user_id: int, reason: str, interval_s: float) -> bool:
-    """True if the user may be told about `reason` now (at most once per interval); records it."""
-    now = iso()
-    cutoff = iso(parse_iso(now) - timedelta(seconds=interval_s))
-    changed = await db.execute_write(
-        "INSERT INTO notices (user_id, reason, sent_at) VALUES (?, ?, ?)"
-        " ON CONFLICT (user_id, reason) DO UPDATE SET sent_at = excluded.sent_at"
-        " WHERE notices.sent_at <= ?",
-        (user_id, reason, now, cutoff),
-    )
-    return changed == 1
+    async def claim_notice(self, user_id: int, reason: str, interval_s: float) -> bool:
+        """True if the user may be told about `reason` now (once per interval); records it."""
+        now = iso()
+        cutoff = iso(parse_iso(now) - timedelta(seconds=interval_s))
+        changed = await self.db.execute_write(
+            "INSERT INTO notices (user_id, reason, sent_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (user_id, reason) DO UPDATE SET sent_at = excluded.sent_at"
+            " WHERE notices.sent_at <= ?",
+            (user_id, reason, now, cutoff),
+        )
+        return changed == 1
