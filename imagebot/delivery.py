@@ -53,6 +53,8 @@ def telegram_errors() -> Iterator[None]:
         text = exc.message.lower()
         if "chat not found" in text:
             raise DeliveryError(exc.message, "chat_not_found") from exc
+        if "message is not modified" in text:  # an edit to the text already shown
+            raise DeliveryError(exc.message, "not_modified") from exc
         raise DeliveryError(exc.message, "bad_request") from exc
     except NetworkError as exc:  # TimedOut included
         raise DeliveryError(exc.message, "network", is_retryable=True) from exc
@@ -153,7 +155,7 @@ class Delivery:
                     reply_markup=markup,
                 )
         except DeliveryError as exc:
-            if "not modified" in exc.message.lower():
+            if exc.code == "not_modified":
                 return True
             if exc.code == "bad_request":
                 return False

@@ -25,6 +25,7 @@ from imagebot.config import Settings
 from imagebot.delivery import Delivery, Sent
 from imagebot.errors import (
     DeliveryError,
+    ExternalError,
     MediaError,
     ProviderError,
     ProviderTimeout,
@@ -224,7 +225,7 @@ class Pipeline:
     ) -> Callable[[RetryCallState], Awaitable[None]]:
         async def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            code = getattr(exc, "code", type(exc).__name__)
+            code = exc.code if isinstance(exc, ExternalError) else type(exc).__name__
             self.metrics.provider_retries.labels(job.provider).inc()
             if persist is not None:
                 await persist(state.attempt_number)
@@ -326,8 +327,10 @@ class Pipeline:
         try:
             async with asyncio.timeout(CANCEL_TIMEOUT_S):
                 await provider.cancel(job.provider_request_id)
-        except (ProviderError, TimeoutError) as exc:
-            log.warning("provider_cancel_failed", error_code=getattr(exc, "code", "timeout"))
+        except ProviderError as exc:
+            log.warning("provider_cancel_failed", error_code=exc.code)
+        except TimeoutError:
+            log.warning("provider_cancel_failed", error_code="timeout")
         else:
             log.info("provider_canceled", request_id=job.provider_request_id)
 

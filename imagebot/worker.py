@@ -20,7 +20,7 @@ import structlog
 from telegram.ext import CallbackContext, JobQueue
 
 from imagebot.clock import iso, parse_iso, utcnow
-from imagebot.errors import DeliveryError, MediaError, ProviderError
+from imagebot.errors import DeliveryError, ExternalError
 from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
 from imagebot.models import CancelOutcome, Job, JobStatus, Phase
@@ -229,7 +229,7 @@ class JobRunner:
                 await self.pipeline.park(job, exc)
             else:
                 await self.pipeline.fail(job, exc.code, str(exc))
-        except (ProviderError, MediaError) as exc:
+        except ExternalError as exc:  # a vendor or media failure the boundary did not retry
             await self.pipeline.fail(job, exc.code, str(exc))
         except asyncio.CancelledError:
             if run.cancel_reason == "shutdown":
