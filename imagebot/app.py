@@ -319,7 +319,7 @@ def _schedule_maintenance(app: App) -> None:
         unbind_all()
         await _prune(services)
 
-    job_queue.run_repeating(sweep, settings.limits.sweep_interval_s, name="sweep")
+    job_queue.run_repeating(sweep, settings.runner.sweep_interval_s, name="sweep")
 
     async def tend(_: object) -> None:
         unbind_all()

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from imagebot import __version__
 from imagebot.config import Settings, load_settings
 from imagebot.errors import ConfigError, StartupError, StoreError
-from imagebot.logs import configure_logging, install_excepthook
+from imagebot.logs import configure_logging, get_logger, install_excepthook
 from imagebot.runtime import tune_interpreter
 
 EXIT_CONFIG = 2
@@ -117,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error("configuration error", exc)
         return EXIT_CONFIG
     if args.command == "check-config" or args.check_config:
+        for old, new in settings.renamed_keys:
+            print(f"imagebot: deprecated setting: {old} is now {new}", file=sys.stderr)  # noqa: T201
         print(json.dumps(effective_settings(settings), indent=2, default=str))  # noqa: T201
         return 0
     configure_logging(
@@ -125,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         secrets=settings.secret_values(),
     )
     install_excepthook()
+    for old, new in settings.renamed_keys:
+        get_logger(__name__).warning("config_key_renamed", old_key=old, new_key=new)
     try:
         return asyncio.run(_serve(settings))
     except ConfigError as exc:

@@ -87,14 +87,11 @@ class Pipeline:
         self.results = results
         self.load_input = load_input
         self.hints = hints
-        self.timeouts = {
-            JobKind.GENERATE: settings.generate.timeout_s,
-            JobKind.EDIT: settings.edit.timeout_s,
-        }
-        self._max_attempts = settings.limits.max_attempts
+        self.timeouts = {kind: settings.operation(kind).timeout_s for kind in JobKind}
+        self._max_attempts = settings.runner.max_attempts
         self.breakers = Breakers(
-            threshold=settings.limits.circuit_failures,
-            cooldown_s=settings.limits.circuit_cooldown_s,
+            threshold=settings.runner.circuit_failures,
+            cooldown_s=settings.runner.circuit_cooldown_s,
             metrics=metrics,
             providers=sorted({p.name for p in providers.values()}),
         )
@@ -109,11 +106,11 @@ class Pipeline:
         deadline: float | None = None,
         before_sleep: Callable[[RetryCallState], Awaitable[None]] | None = None,
     ) -> Any:
-        limits = self.settings.limits
+        runner = self.settings.runner
         return retrying(
             attempts=self._max_attempts if attempts is None else attempts,
-            base_s=limits.retry_base_s,
-            max_s=limits.retry_max_s,
+            base_s=runner.retry_base_s,
+            max_s=runner.retry_max_s,
             deadline=deadline,
             before_sleep=before_sleep,
         )

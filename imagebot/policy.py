@@ -76,7 +76,7 @@ class Policy:
         return clean, ALLOW
 
     def cost_estimate(self, kind: JobKind) -> float:
-        op = self.settings.generate if kind is JobKind.GENERATE else self.settings.edit
+        op = self.settings.operation(kind)
         return round(op.cost_per_image_usd * op.outputs_per_job, 6)
 
     def decide(self, user_id: int, kind: JobKind, counters: Counters, now: datetime) -> Decision:
@@ -96,9 +96,7 @@ class Policy:
                 limit=limits.rate_per_minute,
                 used=len(recent),
             )
-        cap = (
-            self.settings.generate if kind is JobKind.GENERATE else self.settings.edit
-        ).daily_cap
+        cap = self.settings.operation(kind).daily_cap
         if counters.used_today >= cap:
             tomorrow = day_start(now) + timedelta(days=1)
             return Decision(

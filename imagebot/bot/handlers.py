@@ -110,10 +110,7 @@ async def usage(update: Update, context: BotContext) -> None:
         return
     services = context.services
     counts = await services.usage.used_today(user.id, utcnow())
-    caps = {
-        JobKind.GENERATE: services.settings.generate.daily_cap,
-        JobKind.EDIT: services.settings.edit.daily_cap,
-    }
+    caps = {kind: services.settings.operation(kind).daily_cap for kind in JobKind}
     await reply(update, context, texts.usage(counts, caps, services.policy.is_admin(user.id)))
 
 

@@ -144,7 +144,7 @@ async def offer_packs(
     log.info("request_refused", reason="credits", balance=short.balance, needed=short.needed)
     if chat is None:
         return
-    free_disabled = getattr(services.settings, kind.value).daily_cap == 0
+    free_disabled = services.settings.operation(kind).daily_cap == 0
     try:
         await services.delivery.send_text(
             chat.id,
@@ -160,7 +160,7 @@ def _operation(
     context: BotContext, kind: JobKind
 ) -> tuple[str, dict[str, str | int | float | bool]]:
     settings = context.services.settings
-    op = settings.generate if kind is JobKind.GENERATE else settings.edit
+    op = settings.operation(kind)
     return op.provider, dict(op.params)
 
 
