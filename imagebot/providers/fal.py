@@ -75,7 +75,6 @@ class FalProvider:
         settings: FalSettings,
         key: str,
         fetch_image: Callable[[str], Awaitable[ImageFile]],
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
         self._fetch_image = fetch_image
@@ -89,7 +88,6 @@ class FalProvider:
             headers={"Authorization": f"Key {key}", "User-Agent": "imagebot"},
             timeout=httpx.Timeout(settings.request_timeout_s, connect=10.0),
             follow_redirects=False,
-            transport=transport,
             trust_env=False,
         )
 

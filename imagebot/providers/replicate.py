@@ -59,7 +59,6 @@ class _Client(Client):
         api_token: str,
         base_url: str,
         timeout_s: float,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(api_token=api_token, base_url=base_url)
         self._http = httpx.AsyncClient(
@@ -69,7 +68,6 @@ class _Client(Client):
                 "User-Agent": "imagebot (replicate-python)",
             },
             timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
-            transport=transport,
             trust_env=False,
         )
 
@@ -109,10 +107,9 @@ class ReplicateProvider:
         settings: ReplicateSettings,
         api_token: str,
         fetch_image: Callable[[str], Awaitable[ImageFile]],
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
-        self._client = _Client(api_token, settings.base_url, settings.request_timeout_s, transport)
+        self._client = _Client(api_token, settings.base_url, settings.request_timeout_s)
         self._fetch_image = fetch_image
         self._limiter = AsyncLimiter(settings.max_requests_per_s, 1)
         model, _, version = settings.model.partition(":")

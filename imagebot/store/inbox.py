@@ -127,13 +127,6 @@ class Inbox:
             "DELETE FROM inbox WHERE processed_at IS NOT NULL AND received_at < ?", (cutoff,)
         )
 
-    async def counts(self) -> dict[str, int]:
-        row = await self.db.fetchone(
-            "SELECT count(*) AS total, sum(processed_at IS NULL) AS pending FROM inbox"
-        )
-        assert row is not None
-        return {"total": row["total"] or 0, "pending": row["pending"] or 0}
-
 
 def _load(text: str) -> dict[str, Any] | None:
     try:

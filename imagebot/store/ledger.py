@@ -254,13 +254,6 @@ class Ledger:
         )
         return _entry(row) if row else None
 
-    async def refund_entry(self, charge_id: str) -> Entry | None:
-        row = await self.db.fetchone(
-            "SELECT * FROM credit_ledger WHERE kind = 'star_refund' AND charge_id = ?",
-            (charge_id,),
-        )
-        return _entry(row) if row else None
-
     async def reserve_star_refund(
         self, charge_id: str, note: str
     ) -> tuple[str, Entry | None, int]:
