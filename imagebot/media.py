@@ -145,6 +145,7 @@ class GuardedFetcher:
         max_pixels: int,
         timeout_s: float,
         max_redirects: int,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.guard = guard
         self.max_bytes = max_bytes
@@ -156,6 +157,7 @@ class GuardedFetcher:
             follow_redirects=False,
             trust_env=False,
             timeout=httpx.Timeout(timeout_s),
+            transport=transport,
             # identity: the byte cap counts what the server sends, so a small gzip body cannot
             # inflate to gigabytes in memory.
             headers={"User-Agent": "imagebot", "Accept-Encoding": "identity"},

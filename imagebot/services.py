@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from imagebot.config import Settings
+from imagebot.control import Control
 from imagebot.credits import Credits
 from imagebot.delivery import Delivery
 from imagebot.intake import Intake
@@ -17,6 +18,8 @@ from imagebot.store.db import Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
+from imagebot.store.prefs import PrefStore
+from imagebot.store.stats import Stats
 from imagebot.store.usage import Usage
 from imagebot.worker import JobRunner
 
@@ -29,6 +32,8 @@ class Services:
     store: JobStore
     usage: Usage  # /usage counts, notice throttling
     ledger: Ledger  # credit entries (read by /jobs even with credits off)
+    prefs: PrefStore  # /style and /settings choices, remix prompts
+    stats: Stats  # the admins' /stats
     policy: Policy
     runner: JobRunner
     delivery: Delivery
@@ -38,3 +43,4 @@ class Services:
     intake: Intake
     credits: Credits | None = None  # credits.enabled: prices, reservations (issue 18)
     stars: Stars | None = None  # credits.enabled: invoices, payments, refunds
+    control: Control | None = None  # allowlist in the database, invites, pause (issue 19)

@@ -14,99 +14,66 @@ handler and before the /edit conversation can see the press). A press acts only 
   on or sends to: a press in chat B naming a job of chat A is refused, even from A's
   requester, so no file of A ever reaches B.
 
+The choice buttons of /style and /settings name no job but the user whose choices they set
+(`p<s|h|c>:<user id>:<value>`): only that user may press them (`ChoiceData`, `ChoicePress`).
+
 A refused press gets a short answer (the little notice on the presser's screen), a log line
 for the operator (`button_refused` with the reason), and changes nothing: nothing is sent to
 any chat, no job is made, no provider is called. New buttons (e.g. payments) add a `Button`
-member and its shape in `_INDEX`; the gate then covers them like every other button.
+member and its shape in `_INDEX` (imagebot/buttondata.py); the gate then covers them too.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from telegram import Message, Update
 from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop, BaseHandler, CallbackQueryHandler
 
 from imagebot import texts
-from imagebot.bot.context import BotContext
+from imagebot.buttondata import (
+    MAX_DATA_BYTES,
+    Button,
+    ButtonData,
+    Choice,
+    ChoiceData,
+    parse_button_data,
+    parse_choice_data,
+)
 from imagebot.logs import get_logger
 from imagebot.models import Job
 
+if TYPE_CHECKING:
+    from imagebot.bot.context import BotContext
+
+# The data format lives in imagebot/buttondata.py (delivery encodes it); these names stay
+# importable from here for the button handlers.
+__all__ = [
+    "MAX_DATA_BYTES",
+    "Button",
+    "ButtonData",
+    "Choice",
+    "ChoiceData",
+    "ChoicePress",
+    "Press",
+    "check_press",
+    "checked",
+    "parse_button_data",
+    "parse_choice_data",
+]
+
 log = get_logger(__name__)
-
-MAX_DATA_BYTES = 64  # Telegram's limit for callback_data: anything longer was not our button
-MAX_JOB_ID = 2**63 - 1  # SQLite's INTEGER; a bigger number would overflow the query
-MAX_INDEX = 99  # an album has at most 10 images
-_SHAPE = re.compile(r"([a-z]):([1-9][0-9]{0,18})(?::([0-9]{1,2}|\*))?", re.ASCII)
-
-
-class Button(StrEnum):
-    """The buttons the bot puts under its messages; the value is the data prefix."""
-
-    AGAIN = "a"
-    EDIT = "e"
-    ORIGINAL = "o"
-    CANCEL = "x"
-
-
-class _Index(StrEnum):
-    NONE = "none"  # a:<job>, x:<job>
-    ONE = "one"  # e:<job>:<n>
-    ONE_OR_ALL = "one_or_all"  # o:<job>:<n> or o:<job>:*
-
-
-_INDEX = {
-    Button.AGAIN: _Index.NONE,
-    Button.CANCEL: _Index.NONE,
-    Button.EDIT: _Index.ONE,
-    Button.ORIGINAL: _Index.ONE_OR_ALL,
-}
 
 
 @dataclass(frozen=True, slots=True)
-class ButtonData:
-    """What a button's callback data says: which button, which job, which image (None = all)."""
+class ChoicePress:
+    """A choice press that passed the check: its presser is the user the buttons belong to."""
 
-    button: Button
-    job_id: int
-    index: int | None = None
-
-    def encode(self) -> str:
-        if _INDEX[self.button] is _Index.NONE:
-            return f"{self.button.value}:{self.job_id}"
-        return f"{self.button.value}:{self.job_id}:{'*' if self.index is None else self.index}"
-
-
-def parse_button_data(data: object) -> ButtonData | None:
-    """The button data in a press, or None when it is not exactly what our buttons send."""
-    if not isinstance(data, str) or len(data.encode("utf-8", "replace")) > MAX_DATA_BYTES:
-        return None
-    match = _SHAPE.fullmatch(data)
-    if match is None:
-        return None
-    prefix, job_text, index_text = match.groups()
-    try:
-        button = Button(prefix)
-    except ValueError:
-        return None
-    job_id = int(job_text)
-    if job_id > MAX_JOB_ID:
-        return None
-    shape = _INDEX[button]
-    if shape is _Index.NONE:
-        return ButtonData(button, job_id) if index_text is None else None
-    if index_text is None or (index_text == "*" and shape is not _Index.ONE_OR_ALL):
-        return None
-    if index_text == "*":
-        return ButtonData(button, job_id, None)
-    index = int(index_text)
-    if index > MAX_INDEX or (len(index_text) > 1 and index_text.startswith("0")):
-        return None
-    return ButtonData(button, job_id, index)
+    data: ChoiceData
+    chat_id: int
+    message_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +163,42 @@ async def check_press(update: Update, context: BotContext) -> Press | None:
     return Press(data, job, user.id, message.message_id, by_admin=job.user_id != user.id)
 
 
+async def check_choice(update: Update, context: BotContext) -> ChoicePress | None:
+    """Parse a /style or /settings press and check it is the buttons' own user pressing
+    them, on the message that shows them. Accepted presses are kept in
+    `context.choice_press`; refused ones are answered and logged here."""
+    query = update.callback_query
+    user = update.effective_user
+    if query is None or user is None:
+        return None
+    data = parse_choice_data(query.data)
+    if data is None:
+        await _refuse(update, "malformed", texts.BUTTON_EXPIRED)
+        return None
+    message = query.message
+    if message is None:
+        await _refuse(update, "no_message", texts.BUTTON_EXPIRED)
+        return None
+    if isinstance(message, Message):
+        shown = _keyboard_data(message)
+        if shown is not None and query.data not in shown:
+            await _refuse(update, "not_on_message", texts.BUTTON_EXPIRED)
+            return None
+    if data.user_id != user.id:
+        await _refuse(update, "not_owner", texts.NOT_YOUR_CHOICES, alert=True)
+        return None
+    press = ChoicePress(data, message.chat.id, message.message_id)
+    context.choice_press = press
+    return press
+
+
 async def gate(update: Update, context: BotContext) -> None:
     """Handler group -1: a refused press stops here; an accepted one is kept for the handler."""
+    query = update.callback_query
+    if query is not None and isinstance(query.data, str) and query.data.startswith("p"):
+        if await check_choice(update, context) is None:
+            raise ApplicationHandlerStop
+        return
     press = await check_press(update, context)
     if press is None:
         raise ApplicationHandlerStop
