@@ -30,6 +30,9 @@ class Button(StrEnum):
     CANCEL = "x"
     REMIX = "r"  # 🎨 Remix: ask for a new description, same style, shape and count
     SHAPE = "h"  # Square / Portrait / …: the same prompt again in that shape
+    UPSCALE = "u"  # ⤴ under a result image (issue 17)
+    DELETE = "d"  # 🗑 under a result: removes its messages
+    HISTORY = "g"  # a /history entry: the result sent again ("get") by file_id
 
 
 class _Index(StrEnum):
@@ -46,6 +49,9 @@ _INDEX = {
     Button.ORIGINAL: _Index.ONE_OR_ALL,
     Button.REMIX: _Index.NONE,
     Button.SHAPE: _Index.NAME,
+    Button.UPSCALE: _Index.ONE,
+    Button.DELETE: _Index.NONE,
+    Button.HISTORY: _Index.NONE,
 }
 
 

@@ -98,11 +98,9 @@ class Choices:
         """What a new job runs with: the given style/shape/count (a remix or a shape button
         keeps a job's own; shape "" is the default shape), else the user's stored choices,
         else the operator's defaults."""
-        if kind is not JobKind.GENERATE:
-            edit = self.settings.edit
-            return Resolved(
-                None, None, None, "", None, self.default_count(kind), dict(edit.params)
-            )
+        if kind is not JobKind.GENERATE:  # an edit or an upscale: the operator's params
+            op = self.settings.operation(kind)
+            return Resolved(None, None, None, "", None, self.default_count(kind), dict(op.params))
         generate = self.settings.generate
         style = self.settings.style(style_id or prefs.style_id)
         params: dict[str, Any] = dict(generate.params)

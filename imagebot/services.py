@@ -14,6 +14,7 @@ from imagebot.policy import Policy
 from imagebot.progress import Progress
 from imagebot.results import ResultFiles
 from imagebot.stars import Stars
+from imagebot.store.albums import AlbumStore
 from imagebot.store.db import Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
@@ -34,6 +35,7 @@ class Services:
     ledger: Ledger  # credit entries (read by /jobs even with credits off)
     prefs: PrefStore  # /style and /settings choices, remix prompts
     stats: Stats  # the admins' /stats
+    albums: AlbumStore  # parts of albums captioned /edit, until they go quiet
     policy: Policy
     runner: JobRunner
     delivery: Delivery

@@ -355,9 +355,8 @@ async def test_readme_backups_work_while_the_bot_runs(
 
 
 def readme_config_table() -> dict[str, str]:
-    """`key` -> `default` from the README's configuration table ("unset": no default)."""
-    rows = re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| (`.*?`|unset) \|", README.read_text(), re.M)
-    return {key: written.strip("`") if written != "unset" else written for key, written in rows}
+    """`key` -> `default` from the README's configuration table."""
+    return dict(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| `(.*?)` \|", README.read_text(), re.M))
 
 
 def setting_defaults() -> dict[str, Any]:
@@ -377,13 +376,10 @@ def test_readme_config_table_lists_every_key_with_its_default() -> None:
     defaults = setting_defaults()
     assert sorted(table) == sorted(defaults)
     for key, written in table.items():
-        expected = defaults[key]
-        if written == "unset":
-            assert expected is None, key
-            continue
         value = tomllib.loads(f"v = {written}")["v"]
-        if isinstance(expected, Path):
-            assert value == "", key
+        expected = defaults[key]
+        if expected is None or isinstance(expected, Path):
+            assert value == "", key  # TOML has no null: "" stands for unset
         else:
             assert value == expected, key
 

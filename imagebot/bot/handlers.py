@@ -16,7 +16,16 @@ from telegram.ext import (
 )
 
 from imagebot import texts
-from imagebot.bot import admin, buttons, callbacks, edit, payments, settings_menu
+from imagebot.bot import (
+    admin,
+    albums,
+    buttons,
+    callbacks,
+    edit,
+    history,
+    payments,
+    settings_menu,
+)
 from imagebot.bot.context import BotContext
 from imagebot.bot.errors import on_error
 from imagebot.bot.requests import (
@@ -117,7 +126,10 @@ async def usage(update: Update, context: BotContext) -> None:
         return
     services = context.services
     counts = await services.usage.used_today(user.id, utcnow())
-    caps = {kind: services.settings.operation(kind).daily_cap for kind in JobKind}
+    kinds = [JobKind.GENERATE, JobKind.EDIT]
+    if services.settings.upscale.enabled:
+        kinds.append(JobKind.UPSCALE)
+    caps = {kind: services.settings.operation(kind).daily_cap for kind in kinds}
     await reply(
         update,
         context,
@@ -167,12 +179,15 @@ def register(application: Application[Any, Any, Any, Any, Any, Any], services: S
     # -2 strangers (one notice per interval, nothing else), -1 the button gate, 0 the rest.
     application.add_handler(TypeHandler(Update, gate), group=-2)
     application.add_handler(callbacks.gate_handler(), group=-1)
+    # Album parts first: an album captioned /edit is one edit, not one per photo (issue 17).
+    application.add_handler(albums.handler())
     application.add_handler(edit.conversation(services.settings.edit.conversation_timeout_s))
     application.add_handler(CommandHandler("start", start, filters=new_messages))
     application.add_handler(CommandHandler("help", help_command, filters=new_messages))
     application.add_handler(CommandHandler("generate", generate, filters=new_messages))
     application.add_handler(CommandHandler("usage", usage, filters=new_messages))
     application.add_handler(CommandHandler("cancel", cancel, filters=new_messages))
+    application.add_handler(CommandHandler("history", history.history, filters=new_messages))
     if services.settings.credits.enabled:
         payments.register_payment_messages(application)  # group -1, ahead of /edit
         payments.register(application)
