@@ -64,8 +64,7 @@ class Credits:
         return int(getattr(self.config, f"{name}_cost", 0))
 
     def images_per_job(self, kind: JobKind) -> int:
-        op = getattr(self.settings, kind.value, None)
-        return max(1, int(getattr(op, "outputs_per_job", 1)))
+        return max(1, self.settings.operation(kind).outputs_per_job)
 
     def job_cost(self, kind: JobKind, images: int | None = None) -> int:
         """Credits a paid job reserves: the per-image price times the images it asks for
