@@ -137,7 +137,13 @@ class Policy:
                 limit=cap,
                 used=counters.used_today,
             )
-        spend_cap = limits.daily_spend_usd
+        return self.spend_decision(kind, images, counters, now)
+
+    def spend_decision(
+        self, kind: JobKind, images: int, counters: Counters, now: datetime
+    ) -> Decision:
+        """The daily spend cap alone (a job paid with credits still passes it)."""
+        spend_cap = self.settings.limits.daily_spend_usd
         estimate = self.cost_estimate(kind, images)
         if spend_cap and counters.spent_today_usd + estimate > spend_cap:
             tomorrow = day_start(now) + timedelta(days=1)
