@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from imagebot import __version__
 from imagebot.config import Settings
-from imagebot.store.db import iso
+from imagebot.clock import iso
 from tests import updates
 from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
@@ -409,9 +409,10 @@ def test_readme_config_table_lists_every_key_with_its_default() -> None:
 
 
 def test_readme_states_the_two_commands_and_ci_runs_the_test_one() -> None:
-    """The README shows exactly the two set-up commands; .ci/run's first test command is the
-    README's test command, word for word (after it installed PostgreSQL's binaries if they
-    were missing, which the README names as the way to enable the PostgreSQL half)."""
+    """The README shows exactly the two set-up commands; .ci/run's first command is the
+    README's test command, word for word; then it installs PostgreSQL's binaries if they are
+    missing (the README names that package as the way to enable the PostgreSQL half) and runs
+    the suite again with PostgreSQL as the bot's store."""
     start = (
         "python3 -m venv .venv && .venv/bin/pip install . && TELEGRAM_BOT_TOKEN=<token> "
         "REPLICATE_API_TOKEN=<r8_…> FAL_KEY=<key> .venv/bin/imagebot --polling"
@@ -429,10 +430,10 @@ def test_readme_states_the_two_commands_and_ci_runs_the_test_one() -> None:
         and not line.lstrip().startswith("#")
         and line.split()[0] not in {"set", "cd"}
     ]
-    runs = [line for line in commands if "pytest" in line]
-    assert runs[0] == test
-    assert runs[1] == ".venv/bin/pytest --store postgresql"
-    before = commands[: commands.index(test)]
+    assert commands[0] == test
+    second = ".venv/bin/pytest --store postgresql"
+    assert [line for line in commands if "pytest" in line][:2] == [test, second]
+    before = commands[: commands.index(second)]
     assert any("apt-get install" in line and "postgresql" in line for line in before)
     assert "apt-get install -y postgresql" in quick_start
 

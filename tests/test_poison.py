@@ -9,7 +9,7 @@ import random
 from collections import Counter
 from typing import Any
 
-from imagebot.store.db import iso
+from imagebot.clock import iso
 from tests import updates
 from tests.conftest import WEBHOOK_SECRET
 from tests.fakes.base import wait_until

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from imagebot.store.db import iso, utcnow
+from imagebot.clock import iso, utcnow
 from tests import updates
 from tests.conftest import REPLICATE_TOKEN
 from tests.crash_harness import write
@@ -20,7 +20,7 @@ from tests.fakes.telegram_api import FakeTelegram
 from tests.storeview import query
 
 CHAT = updates.DEFAULT_CHAT_ID
-SWEEP = {"limits": {"sweep_interval_s": 0.2, "stale_slack_s": 0}, "generate": {"timeout_s": 2}}
+SWEEP = {"runner": {"sweep_interval_s": 0.2, "stale_slack_s": 0}, "generate": {"timeout_s": 2}}
 
 
 def rows(app: Any, sql: str = "SELECT * FROM jobs ORDER BY id") -> list[Any]:
