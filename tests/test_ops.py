@@ -17,8 +17,8 @@ import pytest
 from pydantic import BaseModel
 
 from imagebot import __version__
-from imagebot.config import Settings
 from imagebot.clock import iso
+from imagebot.config import Settings
 from tests import updates
 from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
