@@ -17,7 +17,7 @@ from imagebot import texts
 from imagebot.store.db import Database
 from imagebot.store.migrate import load_migrations, migrate
 from tests import updates
-from tests.crash_harness import Daemon, query
+from tests.crash_harness import Daemon, exists, query
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.images import make_image
@@ -222,13 +222,18 @@ MakeDaemon = Callable[..., Daemon]
 
 @pytest.fixture
 async def daemon(
-    tmp_path: Path, telegram: FakeTelegram, replicate: FakeReplicate, fal: FakeFal
+    tmp_path: Path,
+    telegram: FakeTelegram,
+    replicate: FakeReplicate,
+    fal: FakeFal,
+    store_target: str,
 ) -> AsyncIterator[MakeDaemon]:
-    """`daemon(**sections)` makes a Daemon; every one is killed at teardown."""
+    """`daemon(**sections)` makes a Daemon on the test's store; every one is killed at
+    teardown."""
     made: list[Daemon] = []
 
     def make(**sections: Any) -> Daemon:
-        made.append(Daemon(tmp_path, telegram, replicate, fal, **sections))
+        made.append(Daemon(tmp_path, telegram, replicate, fal, database=store_target, **sections))
         return made[-1]
 
     yield make
@@ -236,8 +241,8 @@ async def daemon(
         await one.close()
 
 
-def album_parts(db: Path) -> list[sqlite3.Row]:
-    return query(db, "SELECT * FROM album_parts") if db.exists() else []
+def album_parts(db: Path | str) -> list[Any]:
+    return query(db, "SELECT * FROM album_parts") if exists(db) else []
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ call), and after runner.circuit_cooldown_s one probe request closes it again."""
 from __future__ import annotations
 
 import re
-import sqlite3
 from typing import Any
 
 from imagebot.breaker import CircuitBreaker, CircuitState, is_vendor_failure
@@ -113,11 +112,11 @@ def test_metrics_object_has_the_circuit_series() -> None:
 # -- end to end: an outage, through the real bot ---------------------------------------------
 
 
-def jobs(app: Any) -> list[sqlite3.Row]:
+def jobs(app: Any) -> list[Any]:
     return rows(db_path(app))
 
 
-async def request_and_settle(app: Any, telegram: FakeTelegram, prompt: str) -> sqlite3.Row:
+async def request_and_settle(app: Any, telegram: FakeTelegram, prompt: str) -> Any:
     """Send /generate and wait until its job is final and the chat was told."""
     before = len(jobs(app))
     telegram.push_update(updates.command(f"/generate {prompt}"))

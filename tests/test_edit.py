@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import logging
-import sqlite3
 import sys
 import threading
 import time
@@ -66,7 +65,7 @@ def log_output() -> Iterator[io.StringIO]:
             logging.getLogger(name).setLevel(level)
 
 
-def jobs(app: Any) -> list[sqlite3.Row]:
+def jobs(app: Any) -> list[Any]:
     return rows(db_path(app))
 
 
@@ -92,7 +91,7 @@ async def told(telegram: FakeTelegram, fragment: str, chat: int = CHAT) -> str:
     return next(t for t in telegram.texts(chat) if fragment in t)
 
 
-async def finished(app: Any, count: int = 1) -> list[sqlite3.Row]:
+async def finished(app: Any, count: int = 1) -> list[Any]:
     done = ("succeeded", "failed", "canceled")
     await wait_until(lambda: len([r for r in jobs(app) if r["status"] in done]) >= count, within=8)
     return jobs(app)

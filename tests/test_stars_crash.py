@@ -34,12 +34,16 @@ def receipts(telegram: FakeTelegram) -> list[str]:
 
 
 async def test_kill_between_saving_a_payment_and_crediting_it(
-    tmp_path: Path, telegram: FakeTelegram, replicate: FakeReplicate, fal: FakeFal
+    tmp_path: Path,
+    telegram: FakeTelegram,
+    replicate: FakeReplicate,
+    fal: FakeFal,
+    store_target: str,
 ) -> None:
     """kill -9 while a successful_payment update sits saved but unprocessed (its chat is busy):
     after the restart it is credited exactly once, with one receipt, and neither a redelivery
     nor the start-up reconciliation credits it again."""
-    daemon = Daemon(tmp_path, telegram, replicate, fal, credits=CREDITS)
+    daemon = Daemon(tmp_path, telegram, replicate, fal, database=store_target, credits=CREDITS)
     # ("telegram" is also the harness's own argument: set the section after construction)
     daemon.config = deep_merge(daemon.config, {"telegram": {"request_timeout_s": 60}})
     daemon.config_path.write_text(toml_dumps(daemon.config), encoding="utf-8")

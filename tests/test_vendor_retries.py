@@ -4,7 +4,6 @@ resent when that cannot be told. Through the real clients against the fake vendo
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 from tests import updates
@@ -18,11 +17,11 @@ from tests.test_e2e import db_path, rows
 CHAT = updates.DEFAULT_CHAT_ID
 
 
-def jobs(app: Any) -> list[sqlite3.Row]:
+def jobs(app: Any) -> list[Any]:
     return rows(db_path(app))
 
 
-async def settled(app: Any, count: int = 1) -> list[sqlite3.Row]:
+async def settled(app: Any, count: int = 1) -> list[Any]:
     """Wait until `count` jobs are final and their chat was told (phase done)."""
     await wait_until(lambda: len([r for r in jobs(app) if r["phase"] == "done"]) >= count, 15)
     return jobs(app)
