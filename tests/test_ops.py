@@ -378,6 +378,50 @@ async def test_readme_backups_work_while_the_bot_runs(
         assert rows(str(copy), "PRAGMA integrity_check")[0][0] == "ok"
 
 
+async def test_readme_pg_dump_backup_works_while_the_bot_runs(
+    bot, telegram: FakeTelegram, replicate: FakeReplicate, tmp_path: Path, pg_cluster: Any
+) -> None:
+    """On PostgreSQL the README's backup, `pg_dump --format=custom` taken while the bot runs,
+    restores with `pg_restore --no-owner` into an empty database that holds the same jobs and
+    schema version."""
+    text = README.read_text()
+    assert "pg_dump --format=custom" in text and "pg_restore --dbname" in text
+    source = pg_cluster.create_db()
+    dump_file = tmp_path / "imagebot.dump"
+
+    async def run(*argv: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0, err.decode()
+
+    try:
+        async with bot(storage={"database": source}) as app:
+            telegram.push_update(updates.command("/generate a red fox"))
+            await wait_until(lambda: len(telegram.photos(ALICE)) == 1)
+            await wait_until(lambda: app.services.runner.running_count == 0)
+            replicate.latency_s = 3  # a second job is in flight while the dump is taken
+            telegram.push_update(updates.command("/generate a slow fox"))
+            await wait_until(lambda: len(rows(source)) == 2)
+            dump_bin = str(pg_cluster.bin_dir / "pg_dump")
+            await run(dump_bin, "--format=custom", f"--file={dump_file}", source)
+            await wait_until(lambda: len(telegram.photos(ALICE)) == 2, within=15)
+        copy = pg_cluster.create_db()
+        try:
+            restore_bin = str(pg_cluster.bin_dir / "pg_restore")
+            await run(restore_bin, f"--dbname={copy}", "--no-owner", str(dump_file))
+            restored = [(r["prompt"], r["status"]) for r in rows(copy)]
+            migrations = "SELECT name FROM schema_migrations ORDER BY name"
+            assert query(copy, migrations) == query(source, migrations)
+        finally:
+            pg_cluster.drop_db(copy)
+    finally:
+        pg_cluster.drop_db(source)
+    assert restored[0] == ("a red fox", "succeeded")
+    assert restored[1][0] == "a slow fox" and restored[1][1] in ("queued", "running")
+
+
 def readme_config_table() -> dict[str, str]:
     """`key` -> `default` from the README's configuration table."""
     return dict(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| `(.*?)` \|", README.read_text(), re.M))
