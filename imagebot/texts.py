@@ -259,7 +259,6 @@ PAY_UNKNOWN_ORDER = "This invoice isn't valid any more. Send /buy for a new one.
 PAY_NOT_YOURS = "This invoice was made for someone else. Send /buy to get your own."
 PAY_ALREADY_PAID = "This invoice is already paid. Send /buy to buy more credits."
 PAY_PRICE_CHANGED = "The amount doesn't match this invoice. Send /buy for a new one."
-ADMIN_ONLY = "Only the bot's admins can do that."
 REFUND_USAGE = "Usage: /refund <charge id> (the charge id is in the receipt and in /balance)."
 GRANT_USAGE = "Usage: /grant <user id> <credits> [note], e.g. /grant 12345 10 sorry for the wait"
 

@@ -334,7 +334,8 @@ async def test_admin_refund_takes_credits_back_and_calls_telegram_once(
         refunds = db_rows(app, "SELECT * FROM credit_ledger WHERE kind = 'star_refund'")
         assert [(r["credits"], r["stars"]) for r in refunds] == [(-20, -50)]
         telegram.push_update(updates.command(f"/refund {charge.charge_id}"))
-        await wait_until(lambda: bool(texts_with(telegram, "Only the bot's admins")))
+        await wait_until(lambda: bool(texts_with(telegram, "I don't know /refund")))
+        assert len(telegram.calls_of("refundStarPayment")) == 1
         page = await ops_text(app, "/metrics")
     assert metric(page, "imagebot_stars_refunded_total") == 50
 
@@ -379,7 +380,7 @@ async def test_refund_refused_when_credits_are_spent_and_already_refunded_counts
 
 async def test_grant_and_the_operator_texts(bot: Any, telegram: FakeTelegram) -> None:
     """Admin /grant adds credits with a note; /paysupport, /terms and /privacy answer with the
-    operator's texts; a user's /grant is refused."""
+    operator's texts; a user's /grant and /refund get the unknown-command answer."""
     async with bot(**sections()) as app:
         telegram.push_update(
             updates.command(f"/grant {USER} 7 sorry for the wait", chat_id=ADMIN, user_id=ADMIN)
@@ -396,9 +397,13 @@ async def test_grant_and_the_operator_texts(bot: Any, telegram: FakeTelegram) ->
         ):
             telegram.push_update(updates.command(command))
             await wait_until(lambda expected=expected: bool(texts_with(telegram, expected)))
+        # Admin commands do not exist for anyone else: the unknown-command answer, no hint.
         telegram.push_update(updates.command(f"/grant {USER} 100"))
-        await wait_until(lambda: bool(texts_with(telegram, "Only the bot's admins")))
+        await wait_until(lambda: bool(texts_with(telegram, "I don't know /grant")))
+        telegram.push_update(updates.command("/refund stxWHATEVER"))
+        await wait_until(lambda: bool(texts_with(telegram, "I don't know /refund")))
         assert balance(app) == 7
+        assert telegram.calls_of("refundStarPayment") == []
 
 
 async def test_a_lost_payment_is_credited_by_reconciliation(

@@ -173,8 +173,8 @@ async def refund(update: Update, context: BotContext) -> None:
     if message is None or not is_addressed(message, context):
         return
     admin = _admin(update, context)
-    if admin is None:
-        await reply(update, context, texts.ADMIN_ONLY)
+    if admin is None:  # admin commands do not exist for anyone else (as in bot/admin.py)
+        await reply(update, context, texts.unknown_command((message.text or "").split()[0]))
         return
     args = command_argument(message.text).split()
     if len(args) != 1:
@@ -190,8 +190,8 @@ async def grant(update: Update, context: BotContext) -> None:
     if message is None or not is_addressed(message, context):
         return
     admin = _admin(update, context)
-    if admin is None:
-        await reply(update, context, texts.ADMIN_ONLY)
+    if admin is None:  # admin commands do not exist for anyone else (as in bot/admin.py)
+        await reply(update, context, texts.unknown_command((message.text or "").split()[0]))
         return
     args = command_argument(message.text).split(maxsplit=2)
     if len(args) < 2 or not args[0].lstrip("-").isdigit() or not args[1].isdigit():
