@@ -241,7 +241,7 @@ class Pipeline:
     # -- wait ------------------------------------------------------------------------------
 
     async def _wait(self, job: Job, provider: ImageProvider, *, poll_first: bool) -> PollResult:
-        interval = self._poll_interval(provider)
+        interval = provider.poll_interval_s
         deadline = self.deadline_monotonic(job)
         started = last_poll = time.monotonic()
         result: PollResult | None = None
@@ -288,13 +288,6 @@ class Pipeline:
         if self.hints.arriving:
             return max(interval, self.settings.webhook.hint_safety_poll_s)
         return interval
-
-    def _poll_interval(self, provider: ImageProvider) -> float:
-        if provider.name == "replicate":
-            return self.settings.replicate.poll_interval_s
-        if provider.name == "fal":
-            return self.settings.fal.poll_interval_s
-        return 0.1
 
     async def _poll(self, job: Job, provider: ImageProvider) -> PollResult:
         assert job.provider_request_id is not None
