@@ -280,15 +280,8 @@ class JobRunner:
             return CancelOutcome.FINISHED
         if job.phase in (Phase.FETCHED, Phase.DELIVERING):
             return CancelOutcome.TOO_LATE
-        if not await self.store.finish(
-            job_id, JobStatus.CANCELED, error_code="canceled", phase=Phase.DELIVERING
-        ):
+        if not await self.pipeline.end(job, JobStatus.CANCELED, error_code="canceled"):
             return CancelOutcome.FINISHED
-        self.metrics.jobs_finished.labels(job.kind.value, JobStatus.CANCELED.value).inc()
-        log.info("job_canceled", job_id=job_id, outcome="canceled", by="user")
-        await self.pipeline.cancel_at_vendor(job)
-        job.status = JobStatus.CANCELED
-        await self.pipeline.settle(job)
         self._in_background(self.pump())
         return CancelOutcome.CANCELED
 

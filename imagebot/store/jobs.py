@@ -229,7 +229,7 @@ class JobStore:
     ) -> bool:
         """Write a final status once; False if the job was already final.
 
-        `phase=DELIVERING` records that the chat still has to be tidied (see `unsettled`).
+        `phase=SETTLING` records that the chat still has to be tidied (see `unsettled`).
         """
         assert status in FINAL_STATUSES
         return await self.update(
@@ -249,7 +249,7 @@ class JobStore:
         Telegram could not take it. With `due_by`, only those whose next try is due then."""
         sql = (
             "SELECT * FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')"
-            " AND phase = 'delivering'"
+            " AND phase = 'settling'"
         )
         params: tuple[str, ...] = ()
         if due_by is not None:
@@ -273,7 +273,7 @@ class JobStore:
         row = await self.db.fetchone(
             "SELECT sum(status = 'running') AS deliveries,"
             " sum(status != 'running') AS notices FROM jobs"
-            " WHERE deliver_after IS NOT NULL AND phase IN ('fetched', 'delivering')"
+            " WHERE deliver_after IS NOT NULL AND phase IN ('fetched', 'delivering', 'settling')"
             " AND status IN ('running', 'succeeded', 'failed', 'canceled')"
         )
         if row is None:
