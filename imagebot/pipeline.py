@@ -6,7 +6,8 @@ delivery is marked `delivering` before the send and its message ids are stored r
 Every job ends through `end` (succeeded, failed or canceled): the final row with phase
 `settling`, then the chat's tidy-up (`settle`), then phase `done`.
 The sections that must not be cut short (a submit in flight, a send and its record) are run
-through the `critical` callable the runner passes in; everything else may be canceled.
+through the `critical` callable the runner passes in (see `Critical`); everything else may be
+canceled.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ from imagebot.store.jobs import JobStore
 
 log = get_logger(__name__)
 T = TypeVar("T")
+# `critical(step)` runs `step` (a coroutine) to its end even if the job is canceled meanwhile,
+# and returns its result. The pipeline wraps the two steps whose halves must not come apart:
+# a submit and the record of its request id (else the vendor may run, and bill, a request we
+# forgot), and a send and its record (else the chat gets the result twice). The runner owns
+# cancellation, so it passes this in: its version (JobRunner._critical) runs the step as a
+# task of its own that a user's cancel, the sweep and shutdown wait for before canceling the
+# job's task. A caller that never cancels (a test) may pass `lambda step: step`.
 Critical = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 
 _RUNNING = (JobStatus.RUNNING,)
@@ -127,6 +135,10 @@ class Pipeline:
             setattr(job, key, value)
 
     async def advance(self, job: Job, critical: Critical) -> None:
+        """Take a running job from the phase its row records to its ending (see `end`).
+
+        Errors (ProviderError, MediaError, DeliveryError, JobGone) are the runner's to turn
+        into `fail` or `park`; `critical` keeps a submit or a send whole (see `Critical`)."""
         provider = self.providers[job.kind]
         if job.phase is Phase.SUBMITTING:
             # We died between sending the submit and saving its id: it may exist at the

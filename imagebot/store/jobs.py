@@ -71,6 +71,7 @@ class JobStore:
         *,
         with_spend: bool = True,
         after_insert: Callable[[sqlite3.Connection, int, D], None] | None = None,
+        hold_s: float | None = None,
     ) -> tuple[D | None, Job | None]:
         """Create a job for an update if `decide(counters)` allows it, in one transaction.
 
@@ -79,9 +80,12 @@ class JobStore:
         `decide` runs on the writer thread, between reading the counters and inserting;
         `after_insert(conn, job_id, decision)` right after the insert, in the same transaction
         (credits reserve there; an exception it raises rolls the job back and propagates).
+        `hold_s`: the job is created held (see `release`): `claim_next` leaves it alone until
+        it is released or `hold_s` has passed.
         """
         now = utcnow()
         stamp = iso(now)
+        held_until = iso(now + timedelta(seconds=hold_s)) if hold_s is not None else None
 
         def create(conn: sqlite3.Connection) -> tuple[D | None, sqlite3.Row | None]:
             if conn.execute("SELECT 1 FROM jobs WHERE update_id = ?", (new.update_id,)).fetchone():
@@ -96,8 +100,8 @@ class JobStore:
                 "INSERT INTO jobs (kind, status, phase, update_id, chat_id, user_id, chat_type,"
                 " command_message_id, prompt, input_file_id, input_file_size, input_width,"
                 " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
-                " updated_at) VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?, ?)",
+                " updated_at, held_until) VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.kind.value,
                     new.update_id,
@@ -116,6 +120,7 @@ class JobStore:
                     new.cost_estimate_usd,
                     stamp,
                     stamp,
+                    held_until,
                 ),
             )
             if after_insert is not None:
@@ -131,6 +136,20 @@ class JobStore:
 
         decision, row = await self.db.write(create)
         return decision, (_row_to_job(row) if row is not None else None)
+
+    async def release(self, job_id: int) -> None:
+        """The handler that created a held job is done with it (its status message id is
+        saved, or could not be): the runner may claim it now."""
+        await self.db.execute_write(
+            "UPDATE jobs SET held_until = NULL WHERE id = ? AND held_until IS NOT NULL",
+            (job_id,),
+        )
+
+    async def release_all(self) -> int:
+        """Release every held job (at start-up: the handlers that held them are gone)."""
+        return await self.db.execute_write(
+            "UPDATE jobs SET held_until = NULL WHERE held_until IS NOT NULL"
+        )
 
     async def get(self, job_id: int) -> Job | None:
         row = await self.db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -189,7 +208,8 @@ class JobStore:
         return await self.db.execute_write(sql, params) == 1
 
     async def claim_next(self, slots: int, timeouts: dict[JobKind, float]) -> list[Job]:
-        """Move up to `slots` of the oldest queued jobs to running (FIFO by id)."""
+        """Move up to `slots` of the oldest queued jobs to running (FIFO by id), skipping
+        jobs still held by the handler that created them (see `create(hold_s=)`)."""
         if slots <= 0:
             return []
         now = utcnow()
@@ -200,7 +220,9 @@ class JobStore:
             ids = [
                 row[0]
                 for row in conn.execute(
-                    "SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT ?", (slots,)
+                    "SELECT id FROM jobs WHERE status = 'queued'"
+                    " AND (held_until IS NULL OR held_until <= ?) ORDER BY id LIMIT ?",
+                    (stamp, slots),
                 )
             ]
             marks = ", ".join("?" for _ in ids)
