@@ -23,10 +23,7 @@ from tests.fakes.fal_api import FakeFal
 from tests.fakes.images import make_image
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, SentMessage
-from tests.test_e2e import db_path, rows
-from tests.test_edit import log_output
-
-__all__ = ["log_output"]  # the production log pipeline into a StringIO, used as a fixture here
+from tests.support import db_path, rows
 
 ALICE, BOB, ADMIN = 11, 22, 99
 GROUP = -100_700

@@ -11,7 +11,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, SentMessage
-from tests.test_e2e import db_path, rows
+from tests.support import db_path, rows
 
 CHAT = updates.DEFAULT_CHAT_ID
 

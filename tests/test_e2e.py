@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any
 
 import aiohttp
 
@@ -14,34 +13,9 @@ from tests.conftest import BOT_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.support import db_path, ops_get, rows, webhook_url
 
 CHAT = updates.DEFAULT_CHAT_ID
-
-
-def webhook_url(app: Any) -> str:
-    port = app.services.intake.webhook_port
-    return f"http://127.0.0.1:{port}{app.services.settings.webhook.path}"
-
-
-async def ops_get(app: Any, path: str) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{app.ops.port}{path}") as resp,
-    ):
-        return resp.status, await resp.json()
-
-
-def rows(db_path: str, sql: str = "SELECT * FROM jobs ORDER BY id") -> list[sqlite3.Row]:
-    conn = sqlite3.connect(db_path, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return list(conn.execute(sql))
-    finally:
-        conn.close()
-
-
-def db_path(app: Any) -> str:
-    return str(app.services.settings.storage.database)
 
 
 async def test_generate_by_polling(bot, telegram: FakeTelegram, replicate: FakeReplicate) -> None:

@@ -16,8 +16,7 @@ from tests.fakes.fal_api import FakeFal
 from tests.fakes.images import make_image
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.support import free_port
-from tests.test_metrics import scrape, value
+from tests.support import free_port, scrape, value
 
 CHAT = updates.DEFAULT_CHAT_ID
 SLOW_POLL_S = 30.0  # without the hint no job here could finish within wait_until's bound
