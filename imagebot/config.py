@@ -10,11 +10,13 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -126,6 +128,8 @@ class AccessSettings(Section):
     admins: list[int] = []
     chats: list[int] = []
     refusal_notice_interval_s: float = Field(3600, ge=0)
+    # how often the bot re-reads the database allowlist and pause (set from another process)
+    refresh_interval_s: float = Field(2.0, gt=0, le=3600)
 
 
 class LimitsSettings(Section):
@@ -225,6 +229,8 @@ class MediaSettings(Section):
     max_pixels: int = Field(40_000_000, ge=10_000)
     timeout_s: float = Field(30, gt=0)
     max_redirects: int = Field(3, ge=0, le=10)
+    # downloads from the vendors' CDNs also go through network.proxy (SSRF checks still local)
+    via_proxy: bool = False
 
     @field_validator("allowed_private_networks")
     @classmethod
@@ -315,6 +321,78 @@ class CreditsSettings(Section):
         return next((p for p in self.packs if p.id == pack_id), None)
 
 
+PROXY_SCHEMES = ("http", "socks5", "socks5h")
+
+
+def check_proxy_url(url: str) -> None:
+    """Raise ValueError when `url` is not `scheme://[user[:password]@]host:port`.
+
+    The message never repeats the URL: it may hold a password.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in PROXY_SCHEMES:
+        raise ValueError(
+            f"must start with one of {', '.join(s + '://' for s in PROXY_SCHEMES)} "
+            "(e.g. socks5://127.0.0.1:1080 or http://proxy:3128)"
+        )
+    if not parts.hostname:
+        raise ValueError("has no host (e.g. socks5://127.0.0.1:1080)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    if not port:
+        raise ValueError("needs a port (e.g. socks5://127.0.0.1:1080 or http://proxy:3128)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be only scheme://host:port (no path or query)")
+
+
+def check_ca_bundle(path: Path) -> None:
+    """Raise ValueError unless `path` is a readable PEM file holding at least one certificate."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        raise ValueError(f"file not found: {path}") from None
+    except PermissionError:
+        raise ValueError(f"cannot read {path}: permission denied") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a PEM file") from None
+    except ssl.SSLError as exc:
+        raise ValueError(f"{path} holds no usable PEM certificate ({exc.reason})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+
+
+class NetworkSettings(Section):
+    """How outgoing connections leave the host: an optional proxy and an extra CA bundle."""
+
+    # every Bot API and vendor API call goes through it (socks5://host:port, http://host:port);
+    # a URL with a password belongs in IMAGEBOT_PROXY_URL
+    proxy: str = ""
+    # PEM bundle trusted on top of the system's and certifi's (a TLS-inspecting proxy's CA)
+    ca_file: Path | None = None
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            check_proxy_url(value)
+            if urlsplit(value).password is not None:
+                raise ValueError(
+                    "must not hold a password (config files get shared): "
+                    "put the whole URL in IMAGEBOT_PROXY_URL instead"
+                )
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            check_ca_bundle(value)
+        return value
+
+
 class Settings(BaseSettings):
     """All of imagebot's settings; secrets come from their own environment variables."""
 
@@ -340,12 +418,15 @@ class Settings(BaseSettings):
     logs: LogSettings = LogSettings()
     credits: CreditsSettings = CreditsSettings()
     delivery: DeliverySettings = DeliverySettings()
+    network: NetworkSettings = NetworkSettings()
 
     telegram_bot_token: SecretStr | None = Field(None, validation_alias="TELEGRAM_BOT_TOKEN")
     replicate_api_token: SecretStr | None = Field(None, validation_alias="REPLICATE_API_TOKEN")
     fal_key: SecretStr | None = Field(None, validation_alias="FAL_KEY")
     webhook_secret: SecretStr | None = Field(None, validation_alias="IMAGEBOT_WEBHOOK_SECRET")
     ops_token: SecretStr | None = Field(None, validation_alias="IMAGEBOT_OPS_TOKEN")
+    # the proxy URL with its credentials (overrides network.proxy, which must then agree)
+    proxy_url: SecretStr | None = Field(None, validation_alias="IMAGEBOT_PROXY_URL")
 
     @classmethod
     def settings_customise_sources(
@@ -361,7 +442,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
-        _check_secrets(self)
+        if _SECRETS_NEEDED.get():
+            _check_secrets(self)
+        _check_network(self)
         return self
 
     def secret_values(self) -> list[str]:
@@ -372,8 +455,20 @@ class Settings(BaseSettings):
             self.fal_key,
             self.webhook_secret,
             self.ops_token,
+            self.proxy_url,
         )
-        return [s.get_secret_value() for s in secrets if s and s.get_secret_value()]
+        found = [s.get_secret_value() for s in secrets if s and s.get_secret_value()]
+        password = urlsplit(self.proxy_url.get_secret_value()).password if self.proxy_url else None
+        if password:  # as written in the URL and as sent to the proxy
+            found += sorted({password, unquote(password)})
+        return found
+
+    @property
+    def effective_proxy(self) -> str:
+        """The proxy every outgoing API call uses ('' for none): IMAGEBOT_PROXY_URL first."""
+        if self.proxy_url is not None and self.proxy_url.get_secret_value().strip():
+            return self.proxy_url.get_secret_value().strip()
+        return self.network.proxy
 
     @property
     def bot_token(self) -> str:
@@ -382,6 +477,9 @@ class Settings(BaseSettings):
 
 
 _CLI_OVERRIDES: ContextVar[dict[str, Any] | None] = ContextVar("cli_overrides", default=None)
+# False for shell commands that only touch the database (`imagebot users`, `imagebot invite`):
+# they need the same storage settings as the bot, not its token or the vendors' keys.
+_SECRETS_NEEDED: ContextVar[bool] = ContextVar("secrets_needed", default=True)
 
 
 class _CliOverrides(PydanticBaseSettingsSource):
@@ -448,6 +546,30 @@ def _check_secrets(s: Settings) -> None:
         reserved = sorted(RESERVED_PARAMS & params.keys())
         if reserved:
             raise _Problem(f"{op}.params.{reserved[0]}", "comes from the user, not from config")
+
+
+def _check_network(s: Settings) -> None:
+    if s.proxy_url is not None and s.proxy_url.get_secret_value().strip():
+        secret = s.proxy_url.get_secret_value().strip()
+        try:
+            check_proxy_url(secret)
+        except ValueError as exc:
+            raise _Problem("IMAGEBOT_PROXY_URL", str(exc)) from None
+        if s.network.proxy:
+            ours, theirs = urlsplit(s.network.proxy), urlsplit(secret)
+            where = (ours.scheme, ours.hostname, ours.port)
+            if where != (theirs.scheme, theirs.hostname, theirs.port):
+                raise _Problem(
+                    "IMAGEBOT_PROXY_URL",
+                    "names another proxy than network.proxy: make them agree, or leave "
+                    "network.proxy empty",
+                )
+    cert_file = os.environ.get("SSL_CERT_FILE", "")
+    if cert_file:
+        try:
+            check_ca_bundle(Path(cert_file))
+        except ValueError as exc:
+            raise _Problem("SSL_CERT_FILE", str(exc)) from None
 
 
 def clamp_params(params: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
@@ -521,12 +643,17 @@ def _format_error(exc: ValidationError) -> ConfigError:
     return ConfigError(key, message)
 
 
-def load_settings(config_path: str | Path | None = None, *, mode: str | None = None) -> Settings:
-    """Read config.toml (or --config / IMAGEBOT_CONFIG) plus the environment; raise ConfigError."""
+def load_settings(
+    config_path: str | Path | None = None, *, mode: str | None = None, secrets: bool = True
+) -> Settings:
+    """Read config.toml (or --config / IMAGEBOT_CONFIG) plus the environment; raise ConfigError.
+
+    `secrets=False` skips the checks of the token and keys (for database-only commands)."""
     path = _config_path(config_path)
     data: dict[str, Any] = _read_toml(path) if path else {}
     _default_paths(data)
     token = _CLI_OVERRIDES.set({"telegram": {"mode": mode}} if mode else {})
+    need = _SECRETS_NEEDED.set(secrets)
     try:
         return Settings(**data)
     except ValidationError as exc:
@@ -534,6 +661,7 @@ def load_settings(config_path: str | Path | None = None, *, mode: str | None = N
     except SettingsError as exc:  # an IMAGEBOT_* list/table value that is not JSON
         raise _env_json_error(exc) from None
     finally:
+        _SECRETS_NEEDED.reset(need)
         _CLI_OVERRIDES.reset(token)
 
 

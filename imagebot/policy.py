@@ -49,6 +49,9 @@ class Policy:
         self._admins = frozenset(settings.access.admins)
         self._users = frozenset(settings.access.users)
         self._chats = frozenset(settings.access.chats)
+        # Users let in from the chat, the shell or an invite (the database's allowed_users),
+        # kept here by imagebot/control.py so no update waits for a database read.
+        self._listed: frozenset[int] = frozenset()
 
     def is_admin(self, user_id: int) -> bool:
         return user_id in self._admins
@@ -59,8 +62,21 @@ class Policy:
             self.settings.access.open
             or user_id in self._admins
             or user_id in self._users
+            or user_id in self._listed
             or chat_id in self._chats
         )
+
+    def set_listed(self, user_ids: frozenset[int]) -> None:
+        """Replace the database-backed part of the allowlist (one assignment: atomic)."""
+        self._listed = user_ids
+
+    def config_role(self, user_id: int) -> str | None:
+        """ "admin" or "user" when config.toml lists `user_id` (read-only there), else None."""
+        if user_id in self._admins:
+            return "admin"
+        if user_id in self._users:
+            return "user"
+        return None
 
     def clean_text(self, text: str | None) -> tuple[str, Decision]:
         """Normalise a prompt or instruction and check it; returns (clean text, decision)."""

@@ -15,7 +15,7 @@ from telegram.ext import (
     filters,
 )
 
-from imagebot.bot import buttons, callbacks, edit, payments, texts
+from imagebot.bot import admin, buttons, callbacks, edit, payments, texts
 from imagebot.bot.context import BotContext
 from imagebot.bot.errors import on_error
 from imagebot.bot.requests import (
@@ -52,6 +52,11 @@ async def gate(update: Update, context: BotContext) -> None:
     user, chat = update.effective_user, update.effective_chat
     if user is None or chat is None or services.policy.may_use(user.id, chat.id):
         return
+    # An invite link (t.me/<bot>?start=<code>) is the one way in from here.
+    code = admin.start_code(update.message)
+    if code is not None and services.control is not None:
+        await admin.redeem(update, context, code)
+        raise ApplicationHandlerStop
     services.metrics.refusals.labels(Reason.ALLOWLIST.value).inc()
     query = update.callback_query
     if query is not None:
@@ -62,6 +67,7 @@ async def gate(update: Update, context: BotContext) -> None:
         raise ApplicationHandlerStop
     message = update.effective_message
     interval = services.settings.access.refusal_notice_interval_s
+    bootstrap = not services.settings.access.admins  # tell the operator their way in
     # In a group only what is addressed to this bot is refused aloud; the rest is not for us.
     if (
         message is not None
@@ -70,9 +76,9 @@ async def gate(update: Update, context: BotContext) -> None:
     ):
         log.info("request_refused", reason=Reason.ALLOWLIST.value, notice=True)
         if (message.text or "").split("@")[0].split(" ")[0] == "/start":
-            await reply(update, context, texts.start(user.first_name, user.id, allowed=False))
+            await reply(update, context, texts.start(user.first_name, user.id, False, bootstrap))
         else:
-            await reply(update, context, texts.not_allowed(user.id))
+            await reply(update, context, texts.not_allowed(user.id, bootstrap))
     raise ApplicationHandlerStop
 
 
@@ -161,6 +167,7 @@ def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     if application.bot_data["services"].settings.credits.enabled:
         payments.register_payment_messages(application)  # group -1, ahead of /edit
         payments.register(application)
+    admin.register(application)  # only for access.admins; anyone else: unknown command
     for handler in buttons.handlers():
         application.add_handler(handler)
     application.add_handler(edit.stray_media_handler())

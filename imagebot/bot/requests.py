@@ -91,8 +91,23 @@ async def ensure_access(update: Update, context: BotContext) -> bool:
     log.info("request_refused", reason=Reason.ALLOWLIST.value, user_id=user.id, chat_id=chat.id)
     interval = services.settings.access.refusal_notice_interval_s
     if await claim_notice(services.db, user.id, Reason.ALLOWLIST.value, interval):
-        await reply(update, context, texts.not_allowed(user.id))
+        bootstrap = not services.settings.access.admins
+        await reply(update, context, texts.not_allowed(user.id, bootstrap))
     return False
+
+
+async def refuse_while_paused(update: Update, context: BotContext) -> bool:
+    """An admin paused the bot (/pause): a new request gets their message and no job."""
+    services = context.services
+    control = services.control
+    user = update.effective_user
+    if control is None or not control.paused or user is None:
+        return False
+    services.metrics.refusals.labels("paused").inc()
+    log.info("request_refused", reason="paused", user_id=user.id)
+    is_admin = services.policy.is_admin(user.id)
+    await reply(update, context, texts.paused_notice(control.pause_state.message, is_admin))
+    return True
 
 
 async def refuse(update: Update, context: BotContext, kind: JobKind, decision: Decision) -> None:
@@ -219,6 +234,8 @@ async def request_job(
     chat: Chat | None = update.effective_chat
     message = update.effective_message
     if user is None or chat is None or not await ensure_access(update, context):
+        return None
+    if await refuse_while_paused(update, context):
         return None
     prompt, decision = services.policy.clean_text(text)
     if not decision.allowed:

@@ -43,12 +43,12 @@ def utf16_trim(text: str, limit: int) -> str:
     return "".join(out).rstrip() + "…"
 
 
-def start(first_name: str | None, user_id: int, allowed: bool) -> str:
+def start(first_name: str | None, user_id: int, allowed: bool, bootstrap: bool = False) -> str:
     hello = f"Hi {first_name}!" if first_name else "Hi!"
     if not allowed:
         return (
             f"{hello} This bot is private. Your Telegram user id is {user_id}: "
-            "send it to the bot's owner to ask for access."
+            "send it to the bot's owner to ask for access." + _operator_way_in(user_id, bootstrap)
         )
     return (
         f"{hello} I draw pictures from your words and edit your photos.\n\n"
@@ -140,10 +140,10 @@ def input_problem(code: str | None, limit: float | None, used: float | None, kin
     return f"Tell me {what}, for example:\n{example}"
 
 
-def not_allowed(user_id: int) -> str:
+def not_allowed(user_id: int, bootstrap: bool = False) -> str:
     return (
         f"Sorry, this bot is private. Your Telegram user id is {user_id}: "
-        "send it to the bot's owner to ask for access."
+        "send it to the bot's owner to ask for access." + _operator_way_in(user_id, bootstrap)
     )
 
 
@@ -345,3 +345,242 @@ def grant_done(user_id: int, credits: int, balance: int) -> str:
 
 def granted_notice(credits: int, balance: int) -> str:
     return f"You got {_credits(credits)} from the bot's owner. Your balance: {_credits(balance)}."
+
+
+# -- the operator's control room: admin commands, invites, pause, menus (issue 19) ---------
+
+
+def _operator_way_in(user_id: int, bootstrap: bool) -> str:
+    """With no admin configured yet, the documented first step for whoever runs the bot
+    (it names only the reader's own id)."""
+    if not bootstrap:
+        return ""
+    return (
+        "\n\nRunning this bot yourself? No admin is set up yet: on the server, run\n"
+        f"imagebot users allow {user_id}\n"
+        "(or add your id to access.admins in config.toml to get the admin commands)."
+    )
+
+
+def user_commands(credits: bool) -> list[tuple[str, str]]:
+    """The "/" menu everyone sees: (command, description)."""
+    commands = [
+        ("generate", "Draw an image from a description"),
+        ("edit", "Change a photo"),
+        ("cancel", "Stop your running request"),
+        ("usage", "What you've used today"),
+        ("help", "What I can do"),
+    ]
+    if credits:
+        commands += [("buy", "Buy credits with Telegram Stars"), ("balance", "Your credits")]
+    return commands
+
+
+def admin_commands(credits: bool) -> list[tuple[str, str]]:
+    """The admins' extra entries in their own "/" menu."""
+    commands = [
+        ("allow", "Let a user in (id, or reply to them)"),
+        ("deny", "Take a user's access away"),
+        ("users", "Who may use the bot"),
+        ("invite", "Make an invite link: [uses] [hours]"),
+        ("invites", "Open invites; revoke one"),
+        ("stats", "Today's numbers"),
+        ("pause", "Stop taking new requests: [message]"),
+        ("resume", "Take requests again"),
+    ]
+    if credits:
+        commands += [("grant", "Give a user credits"), ("refund", "Refund a Stars payment")]
+    return commands
+
+
+PAUSED_DEFAULT = (
+    "The bot is taking a short break and isn't taking new requests right now. "
+    "Please try again a bit later."
+)
+ACCESS_GRANTED = "Good news: you can use this bot now. Send /help to see what I can do."
+ALLOW_USAGE = (
+    "Usage: /allow <user id>, or reply /allow to a message of the person to let in. "
+    "They can find their id by sending me /start."
+)
+DENY_USAGE = "Usage: /deny <user id>, or reply /deny to a message of theirs."
+INVITE_USAGE = "Usage: /invite [uses] [hours], e.g. /invite 5 24 (default: 1 use, valid 72 hours)."
+INVITES_USAGE = "Usage: /invites to list open invites, /invites revoke <number> to withdraw one."
+NO_INVITES = "No open invites. /invite makes one."
+RESUME_NOT_PAUSED = "The bot isn't paused."
+RESUMED = "Resumed: the bot takes new requests again."
+
+
+def _who(user_id: int, name: str | None) -> str:
+    return f"{user_id} ({name})" if name else str(user_id)
+
+
+def allowed_done(user_id: int, name: str | None) -> str:
+    return f"Done: {_who(user_id, name)} can use the bot now. /deny {user_id} takes it back."
+
+
+def allow_already(user_id: int, in_config: bool) -> str:
+    where = " (listed in config.toml)" if in_config else ""
+    return f"{user_id} can use the bot already{where}."
+
+
+def denied_done(user_id: int) -> str:
+    return f"Done: {user_id} can no longer use the bot."
+
+
+def deny_config(user_id: int, role: str) -> str:
+    key = "access.admins" if role == "admin" else "access.users"
+    return (
+        f"{user_id} is listed in config.toml ({key}), which I can't change from here. "
+        "Remove them there and restart the bot."
+    )
+
+
+def deny_not_listed(user_id: int) -> str:
+    return f"{user_id} isn't on the list, so there's nothing to take away."
+
+
+def users_text(
+    admins: list[int],
+    config_users: list[int],
+    added: list[tuple[int, str | None, str, str]],
+    chats: list[int],
+    used: dict[int, int],
+    is_open: bool,
+) -> str:
+    """`added`: (user id, name, how they got in, date), oldest first; `used`: jobs today."""
+
+    def today(user_id: int) -> str:
+        n = used.get(user_id, 0)
+        return f"{n} request today" if n == 1 else f"{n} requests today"
+
+    lines = []
+    if is_open:
+        lines.append("Anyone may use the bot (access.open = true in config.toml).")
+    lines.append("Admins (config.toml):")
+    lines += [f"• {uid}: {today(uid)}" for uid in admins] or ["• none"]
+    lines.append("Users (config.toml, read-only here):")
+    lines += [f"• {uid}: {today(uid)}" for uid in config_users] or ["• none"]
+    lines.append("Let in here (/deny takes them off):")
+    lines += [
+        f"• {_who(uid, name)}: {how}, {day}; {today(uid)}" for uid, name, how, day in added
+    ] or ["• none"]
+    if chats:
+        lines.append("Group chats (config.toml): " + ", ".join(str(c) for c in chats))
+    return utf16_trim("\n".join(lines), TEXT_LIMIT)
+
+
+def added_how(source: str, added_by: int | None, invite_id: int | None) -> str:
+    if source == "invite":
+        return f"invite #{invite_id}" if invite_id else "invite"
+    if source == "shell":
+        return "from the shell"
+    return f"by {added_by}"
+
+
+def invite_created(link: str | None, code: str, uses: int, expires: str) -> str:
+    times = "once" if uses == 1 else f"{uses} times"
+    how = link if link else f"Ask them to send me: /start {code}"
+    return (
+        f"Invite link (works {times}, until {expires} UTC):\n{how}\n\n"
+        "Anyone who opens it can use the bot. /invites lists open invites."
+    )
+
+
+def invites_text(invites: list[tuple[int, int, int, str, int | None]]) -> str:
+    """`invites`: (number, uses left, uses, expiry, made by), newest first."""
+    lines = ["Open invites:"]
+    for number, left, uses, expires, by in invites:
+        maker = f", made by {by}" if by else ", made from the shell"
+        lines.append(f"• #{number}: {left} of {uses} uses left, until {expires} UTC{maker}")
+    lines.append("/invites revoke <number> withdraws one.")
+    return utf16_trim("\n".join(lines), TEXT_LIMIT)
+
+
+def invite_revoked(number: int) -> str:
+    return f"Invite #{number} is withdrawn: its link no longer works."
+
+
+def invite_revoke_unknown(number: int) -> str:
+    return f"There's no invite #{number}."
+
+
+def invite_revoke_already(number: int) -> str:
+    return f"Invite #{number} was withdrawn already."
+
+
+def invite_welcome(first_name: str | None) -> str:
+    hello = f"Welcome, {first_name}!" if first_name else "Welcome!"
+    return (
+        f"{hello} The invite worked: you can use this bot now.\n\n"
+        "• /generate a red fox in the snow\n"
+        "• send a photo with the caption /edit make it night\n\n"
+        "/help lists everything I can do."
+    )
+
+
+_INVITE_REFUSED = {
+    "used_up": "This invite link has been used up.",
+    "expired": "This invite link has expired.",
+    "revoked": "This invite link was withdrawn.",
+    "unknown": "I don't recognize this invite link.",
+}
+
+
+def invite_refused(why: str, user_id: int) -> str:
+    return (
+        f"Sorry! {_INVITE_REFUSED.get(why, _INVITE_REFUSED['unknown'])} "
+        f"Ask whoever sent it for a new one. Your Telegram user id is {user_id}."
+    )
+
+
+def paused_notice(message: str | None, is_admin: bool) -> str:
+    text = message or PAUSED_DEFAULT
+    if is_admin:
+        text += "\n\n(The bot is paused: /resume takes requests again.)"
+    return text
+
+
+def paused_done(message: str | None) -> str:
+    told = message or PAUSED_DEFAULT
+    return (
+        "Paused: new requests are refused, running and queued ones finish. "
+        f"Users are told:\n{told}\n\n/resume to take requests again."
+    )
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f} s" if value < 10 else duration(value)
+
+
+def stats_text(
+    total: int,
+    per_kind: dict[str, dict[str, int]],
+    images: int,
+    spend_usd: float,
+    p50_s: float | None,
+    p95_s: float | None,
+    errors: list[tuple[str, int]],
+    queued: int,
+    running: int,
+    paused: bool,
+) -> str:
+    """`per_kind`: kind -> status -> jobs created today."""
+    lines = [f"Today (UTC): {total} request{'s' if total != 1 else ''}"]
+    for kind, label in (("generate", "Generate"), ("edit", "Edit")):
+        counts = per_kind.get(kind, {})
+        if counts:
+            parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+            lines.append(f"• {label}: {parts}")
+    lines.append(f"Images delivered: {images}")
+    lines.append(f"Estimated spend: ${spend_usd:.2f}")
+    lines.append(f"Time to result: median {seconds(p50_s)}, 95% within {seconds(p95_s)}")
+    if errors:
+        lines.append("Top errors: " + ", ".join(f"{code} ({n})" for code, n in errors))
+    else:
+        lines.append("Top errors: none")
+    lines.append(f"Now: {running} running, {queued} waiting")
+    if paused:
+        lines.append("The bot is paused (/resume).")
+    return "\n".join(lines)

@@ -440,7 +440,12 @@ class FakeTelegram(FakeServer):
         self._outage: tuple[int, frozenset[str] | None] | None = None
         self.outage_answers = 0
         self._init_payments()
-        for name, handler in {**self._method_table(), **self._payment_methods()}.items():
+        self._init_command_menus()
+        for name, handler in {
+            **self._method_table(),
+            **self._payment_methods(),
+            **self._command_menu_methods(),
+        }.items():
             self._methods[name.lower()] = (name, handler)
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle_method)
         self.app.router.add_get("/file/bot{token}/{file_path:.+}", self._handle_file)
@@ -1732,6 +1737,85 @@ class FakeTelegram(FakeServer):
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100:
             raise _bad("limit must be between 1 and 100")
         return {"transactions": copy.deepcopy(self.star_transactions[offset : offset + limit])}
+
+    # -- command menus with scopes (setMyCommands / getMyCommands / deleteMyCommands) -------
+    # Menus are kept per (scope, language_code) in `command_menus`; `commands` stays the
+    # default scope's list for every language (what earlier tests read). `menu(scope, lang)`
+    # reads one; `menu_for(chat_id, lang)` resolves what a private chat's "/" shows, in
+    # Telegram's order (the chat, all private chats, the default; with the language first).
+
+    _SCOPE_TYPES = frozenset(
+        {
+            "default",
+            "all_private_chats",
+            "all_group_chats",
+            "all_chat_administrators",
+            "chat",
+            "chat_administrators",
+            "chat_member",
+        }
+    )
+
+    def _init_command_menus(self) -> None:
+        self.command_menus: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def _command_menu_methods(self) -> dict[str, MethodHandler]:
+        return {
+            "setMyCommands": self._set_scoped_commands,
+            "getMyCommands": self._get_scoped_commands,
+            "deleteMyCommands": self._delete_scoped_commands,
+        }
+
+    def menu(self, scope: str = "default", language: str = "") -> list[str]:
+        """The command names of one scope's menu ("default", "chat:<id>", ...)."""
+        return [c["command"] for c in self.command_menus.get((scope, language), [])]
+
+    def menu_for(self, chat_id: int, language: str = "") -> list[str]:
+        """What the "/" menu shows in a private chat, resolved the way Telegram does."""
+        for scope in (f"chat:{chat_id}", "all_private_chats", "default"):
+            for lang in (language, "") if language else ("",):
+                if (scope, lang) in self.command_menus:
+                    return self.menu(scope, lang)
+        return []
+
+    def _menu_key(self, params: dict[str, Any]) -> tuple[str, str]:
+        language = str(params.get("language_code") or "")
+        if language and not re.fullmatch(r"[a-z]{2}", language):
+            raise _bad("LANG_CODE_INVALID")
+        scope = params.get("scope")
+        if scope is None:
+            return "default", language
+        if not isinstance(scope, dict) or scope.get("type") not in self._SCOPE_TYPES:
+            raise _bad("BOT_COMMAND_SCOPE_INVALID")
+        kind = str(scope["type"])
+        if kind in ("chat", "chat_administrators", "chat_member"):
+            if not isinstance(scope.get("chat_id"), int):
+                raise _bad("chat not found")
+            member = f":{scope.get('user_id')}" if kind == "chat_member" else ""
+            return f"{kind}:{scope['chat_id']}{member}", language
+        return kind, language
+
+    async def _set_scoped_commands(self, params: dict[str, Any]) -> Any:
+        key = self._menu_key(params)
+        before = self.commands
+        await self._set_my_commands(params)  # the list's own checks; it sets `commands`
+        if key != ("default", ""):
+            self.commands = before
+        if params["commands"]:
+            self.command_menus[key] = params["commands"]
+        else:
+            self.command_menus.pop(key, None)
+        return True
+
+    async def _get_scoped_commands(self, params: dict[str, Any]) -> Any:
+        return self.command_menus.get(self._menu_key(params), [])
+
+    async def _delete_scoped_commands(self, params: dict[str, Any]) -> Any:
+        key = self._menu_key(params)
+        self.command_menus.pop(key, None)
+        if key == ("default", ""):
+            self.commands = []
+        return True
 
 
 async def _serve(host: str, port: int, token: str) -> None:
