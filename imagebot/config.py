@@ -35,6 +35,7 @@ from imagebot.errors import ConfigError
 DEFAULT_TELEGRAM_API = "https://api.telegram.org"
 SECRET_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+MODEL_REF_RE = re.compile(r"[\w.-]+/[\w.-]+(:[0-9a-f]{16,64})?")
 
 # Backend parameters the user must never set: the user's text and photo go in these.
 RESERVED_PARAMS = frozenset({"prompt", "image", "image_url", "image_urls", "input_image"})
@@ -148,6 +149,11 @@ class LimitsSettings(Section):
 
 ParamValue = str | int | float | bool
 
+# [generate.shapes] when the operator names none: plain names -> aspect ratios
+DEFAULT_SHAPES = {"square": "1:1", "portrait": "3:4", "landscape": "4:3"}
+# ids of styles and names of shapes: they travel in button data (64 bytes at most)
+CHOICE_ID_RE = re.compile(r"[a-z0-9-]{1,32}")
+
 
 class OperationSettings(Section):
     daily_cap: int = Field(50, ge=0)
@@ -174,6 +180,27 @@ class GenerateSettings(OperationSettings):
         "aspect_ratio": "1:1",
         "output_format": "png",
     }
+    # plain shape names users pick (/settings, buttons under results) -> the model's ratio
+    shapes: dict[str, str] = dict(DEFAULT_SHAPES)
+    # how many images a user may ask for per request (the default is params.num_outputs)
+    max_images: int = Field(1, ge=1, le=4)
+    # how long a 🎨 Remix question waits for the user's reply with the new description
+    remix_reply_window_s: float = Field(86400, gt=0)
+
+    @field_validator("shapes")
+    @classmethod
+    def _shapes(cls, shapes: dict[str, str]) -> dict[str, str]:
+        for name, ratio in shapes.items():
+            if not CHOICE_ID_RE.fullmatch(name):
+                raise _Problem(f"generate.shapes.{name}", "a shape name must be 1-32 of a-z 0-9 -")
+            if not re.fullmatch(r"[1-9][0-9]{0,2}:[1-9][0-9]{0,2}", str(ratio)):
+                raise _Problem(f"generate.shapes.{name}", 'must be a ratio like "3:4"')
+        return shapes
+
+    @property
+    def most_images(self) -> int:
+        """The largest image count a user may choose (never below the operator's default)."""
+        return max(self.max_images, self.outputs_per_job)
 
 
 class EditSettings(OperationSettings):
@@ -196,7 +223,7 @@ class ReplicateSettings(Section):
     @field_validator("model")
     @classmethod
     def _model_ref(cls, value: str) -> str:
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+(:[0-9a-f]{16,64})?", value):
+        if not MODEL_REF_RE.fullmatch(value):
             raise ValueError("must be 'owner/name' or 'owner/name:<version id>'")
         return value
 
@@ -260,6 +287,8 @@ class DeliverySettings(Section):
     check_interval_s: float = Field(5.0, gt=0, le=300)  # how often due retries are started
     # idle bots prove the database still takes writes this often (for /healthz)
     write_probe_interval_s: float = Field(30.0, gt=0, le=3600)
+    # send every result photo hidden under a spoiler (tap to reveal), e.g. for group chats
+    spoiler: bool = False
 
 
 class LogSettings(Section):
@@ -319,6 +348,35 @@ class CreditsSettings(Section):
 
     def pack(self, pack_id: str) -> CreditPack | None:
         return next((p for p in self.packs if p.id == pack_id), None)
+
+
+class StyleSettings(Section):
+    """One [[styles]] entry: a look users pick with /style (a model, a prompt suffix, params)."""
+
+    id: str
+    name: str = Field(min_length=1, max_length=32)  # what users see on the button
+    model: str | None = None  # "owner/name" or "owner/name:<version>"; None = replicate.model
+    prompt_suffix: str = Field("", max_length=500)  # appended to the user's prompt
+    params: dict[str, ParamValue] = {}  # merged over generate.params (clamped the same way)
+
+    @field_validator("id")
+    @classmethod
+    def _style_id(cls, value: str) -> str:
+        if not CHOICE_ID_RE.fullmatch(value):
+            raise ValueError("must be 1-32 of a-z 0-9 -")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _style_model(cls, value: str | None) -> str | None:
+        if value is not None and not MODEL_REF_RE.fullmatch(value):
+            raise ValueError("must be 'owner/name' or 'owner/name:<version id>'")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _style_params(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+        return clamp_params(params)
 
 
 PROXY_SCHEMES = ("http", "socks5", "socks5h")
@@ -418,6 +476,7 @@ class Settings(BaseSettings):
     logs: LogSettings = LogSettings()
     credits: CreditsSettings = CreditsSettings()
     delivery: DeliverySettings = DeliverySettings()
+    styles: list[StyleSettings] = []  # [[styles]]: the first is the default; none = one look
     network: NetworkSettings = NetworkSettings()
 
     telegram_bot_token: SecretStr | None = Field(None, validation_alias="TELEGRAM_BOT_TOKEN")
@@ -444,8 +503,14 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> Settings:
         if _SECRETS_NEEDED.get():
             _check_secrets(self)
+        _check_styles(self)
         _check_network(self)
         return self
+
+    def style(self, style_id: str | None) -> StyleSettings | None:
+        """The style with this id, else the default (the first), else None (no styles)."""
+        found = next((s for s in self.styles if s.id == style_id), None)
+        return found or (self.styles[0] if self.styles else None)
 
     def secret_values(self) -> list[str]:
         """Every configured secret, for the log redactor."""
@@ -548,6 +613,17 @@ def _check_secrets(s: Settings) -> None:
             raise _Problem(f"{op}.params.{reserved[0]}", "comes from the user, not from config")
 
 
+def _check_styles(s: Settings) -> None:
+    seen: set[str] = set()
+    for n, style in enumerate(s.styles):
+        if style.id in seen:
+            raise _Problem(f"styles[{n}].id", f"{style.id!r} is used by another style")
+        seen.add(style.id)
+        reserved = sorted(RESERVED_PARAMS & style.params.keys())
+        if reserved:
+            raise _Problem(f"styles[{n}].params.{reserved[0]}", "comes from the user, not config")
+
+
 def _check_network(s: Settings) -> None:
     if s.proxy_url is not None and s.proxy_url.get_secret_value().strip():
         secret = s.proxy_url.get_secret_value().strip()
@@ -637,6 +713,8 @@ def _format_error(exc: ValidationError) -> ConfigError:
     if isinstance(inner, _Problem):
         return ConfigError(inner.key, inner.problem)
     key = ".".join(loc) or "config"
+    if len(loc) >= 2 and loc[0] == "styles" and loc[1].isdigit():
+        key = ".".join([f"styles[{loc[1]}]", *loc[2:]])  # as the operator wrote [[styles]]
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "is not a known setting"

@@ -371,7 +371,7 @@ async def test_command_menus_per_scope_set_only_when_changed(bot, telegram: Fake
     removed admin's menu is deleted."""
     async with bot(access=CLOSED):
         pass
-    user_menu = ["generate", "edit", "cancel", "usage", "help"]
+    user_menu = ["generate", "edit", "cancel", "usage", "settings", "style", "help"]
     admin_menu = [
         *user_menu,
         "allow",

@@ -15,7 +15,7 @@ from telegram.ext import (
     filters,
 )
 
-from imagebot.bot import admin, buttons, callbacks, edit, payments, texts
+from imagebot.bot import admin, buttons, callbacks, edit, payments, settings_menu, texts
 from imagebot.bot.context import BotContext
 from imagebot.bot.errors import on_error
 from imagebot.bot.requests import (
@@ -25,6 +25,7 @@ from imagebot.bot.requests import (
     reply,
     request_job,
 )
+from imagebot.choices import Choices
 from imagebot.logs import get_logger
 from imagebot.models import JobKind
 from imagebot.policy import Reason
@@ -118,7 +119,16 @@ async def usage(update: Update, context: BotContext) -> None:
         JobKind.GENERATE: services.settings.generate.daily_cap,
         JobKind.EDIT: services.settings.edit.daily_cap,
     }
-    await reply(update, context, texts.usage(counts, caps, services.policy.is_admin(user.id)))
+    await reply(
+        update,
+        context,
+        texts.usage(
+            counts,
+            caps,
+            services.policy.is_admin(user.id),
+            Choices(services.settings).counts_images,
+        ),
+    )
 
 
 async def cancel(update: Update, context: BotContext) -> None:
@@ -168,9 +178,12 @@ def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
         payments.register_payment_messages(application)  # group -1, ahead of /edit
         payments.register(application)
     admin.register(application)  # only for access.admins; anyone else: unknown command
+    for handler in settings_menu.handlers():  # /style, /settings, shape and remix buttons
+        application.add_handler(handler)
     for handler in buttons.handlers():
         application.add_handler(handler)
     application.add_handler(edit.stray_media_handler())
+    application.add_handler(settings_menu.reply_handler())  # answers to remix questions
     application.add_handler(MessageHandler(new_messages & filters.COMMAND, unknown_command))
     application.add_handler(
         MessageHandler(

@@ -70,6 +70,8 @@ def help_text(max_chars: int) -> str:
         "   e.g. /cancel\n"
         "/usage - what you've used today and what's left\n"
         "   e.g. /usage\n"
+        "/settings - choose the style, shape and number of images\n"
+        "/style - choose the style\n"
         "/help - this message\n\n"
         f"Descriptions can be up to {max_chars} characters. Under each result: "
         f"{BUTTON_AGAIN} makes another, {BUTTON_EDIT} edits it, "
@@ -170,14 +172,27 @@ def spend_cap_reached(retry_after_s: float) -> str:
     )
 
 
-def usage(used: dict[JobKind, int], caps: dict[JobKind, int], is_admin: bool) -> str:
+def usage(
+    used: dict[JobKind, int],
+    caps: dict[JobKind, int],
+    is_admin: bool,
+    counts_images: bool = False,
+) -> str:
+    """`counts_images`: users may ask for several images per request, so the limits count
+    images (and the text says so)."""
+    unit = " images" if counts_images else ""
     lines = ["Today (UTC):"]
     for kind in JobKind:
         if is_admin:
-            lines.append(f"• {_LABEL[kind]}: {used[kind]} used (no limit for admins)")
+            lines.append(f"• {_LABEL[kind]}: {used[kind]}{unit} used (no limit for admins)")
         else:
             left = max(0, caps[kind] - used[kind])
-            lines.append(f"• {_LABEL[kind]}: {used[kind]} of {caps[kind]} used, {left} left")
+            lines.append(f"• {_LABEL[kind]}: {used[kind]} of {caps[kind]}{unit} used, {left} left")
+    if counts_images:
+        lines.append(
+            "Each image counts: a request for 3 images uses 3. "
+            "Images the safety filter held back don't count."
+        )
     lines.append("Failed or canceled requests don't count.")
     return "\n".join(lines)
 
@@ -369,6 +384,8 @@ def user_commands(credits: bool) -> list[tuple[str, str]]:
         ("edit", "Change a photo"),
         ("cancel", "Stop your running request"),
         ("usage", "What you've used today"),
+        ("settings", "Style, shape and number of images"),
+        ("style", "Choose a style"),
         ("help", "What I can do"),
     ]
     if credits:
@@ -584,3 +601,81 @@ def stats_text(
     if paused:
         lines.append("The bot is paused (/resume).")
     return "\n".join(lines)
+
+
+# -- styles, shapes, image counts, remix (issue 17) ----------------------------------------
+
+BUTTON_REMIX = "🎨 Remix"
+NOT_YOUR_CHOICES = "These buttons belong to someone else. Send /settings for your own."
+STYLE_CHOOSE = "Choose a style for your new images:"
+NO_STYLES = "This bot has a single style, so there's nothing to choose."
+REMIX_ASK = (
+    "🎨 Remix: reply to this message with a new description. "
+    "I'll keep the same style, shape and number of images."
+)
+REMIX_PLACEHOLDER = "A new description"
+REMIX_EXPIRED = "That remix question has expired. Press 🎨 Remix under the picture again."
+REMIX_NOT_YOURS = "That remix question was for someone else."
+CHOICE_GONE = "That choice isn't offered any more. Send /settings to see what is."
+
+
+def shape_label(name: str) -> str:
+    """A shape's plain name as users see it: "portrait" -> "Portrait"."""
+    return name.replace("-", " ").capitalize()
+
+
+def images_label(count: int) -> str:
+    return "1 image" if count == 1 else f"{count} images"
+
+
+def withheld_note(withheld: int, asked: int) -> str:
+    verb = "was" if withheld == 1 else "were"
+    return f"{withheld} of {asked} images {verb} withheld by the provider's safety filter."
+
+
+def result_caption(
+    prompt: str, style_name: str | None = None, withheld: int = 0, asked: int = 0
+) -> str:
+    """The prompt, the style it was made in, and how many images the safety filter kept back."""
+    lines = [prompt]
+    if style_name:
+        lines.append(f"Style: {style_name}")
+    if withheld:
+        lines.append(f"⚠️ {withheld_note(withheld, asked)}")
+    if len(lines) == 1:
+        return caption(prompt)
+    tail = "\n" + "\n".join(lines[1:])
+    room = CAPTION_LIMIT - len(tail.encode("utf-16-le")) // 2
+    return utf16_trim(prompt, max(16, room)) + tail
+
+
+def settings_text(style_name: str | None, shape: str | None, count: int, max_count: int) -> str:
+    lines = ["Your choices for new images:"]
+    if style_name:
+        lines.append(f"• Style: {style_name}")
+    lines.append(f"• Shape: {shape_label(shape) if shape else 'as the bot is set up'}")
+    if max_count > 1:
+        lines.append(f"• Images per request: {count}")
+    lines.append("Tap a button to change them.")
+    return "\n".join(lines)
+
+
+def style_chosen(name: str) -> str:
+    return f"Style: {name}"
+
+
+def shape_chosen(name: str) -> str:
+    return f"Shape: {shape_label(name)}"
+
+
+def count_chosen(count: int) -> str:
+    return f"{images_label(count)} per request"
+
+
+def cap_too_many(kind: JobKind, left: int, retry_after_s: float) -> str:
+    """Some of today's images are left, but fewer than the request asks for."""
+    return (
+        f"You have {images_label(left)} left today for {_NOUN[kind]}, fewer than this "
+        "request asks for. Choose fewer images in /settings, or try again after 00:00 UTC "
+        f"(in {duration(retry_after_s)})."
+    )

@@ -168,6 +168,7 @@ class SentMessage:
     edits: list[dict[str, Any]] = field(default_factory=list)
     sent_at: float = field(default_factory=time.time)
     payload: dict[str, Any] = field(default_factory=dict)  # the Message JSON as last returned
+    has_spoiler: bool = False  # sent with has_spoiler (a photo hidden until tapped)
 
 
 @dataclass
@@ -996,6 +997,7 @@ class FakeTelegram(FakeServer):
         media_group_id: str | None = None,
         reply_markup: Any = None,
         content: dict[str, Any] | None = None,
+        has_spoiler: bool = False,
     ) -> SentMessage:
         message_id = _updates.next_message_id()
         now = time.time()
@@ -1015,6 +1017,8 @@ class FakeTelegram(FakeServer):
                 payload["entities"] = params["entities"]
         if content:
             payload.update(content)
+        if has_spoiler:
+            payload["has_media_spoiler"] = True
         if caption is not None:
             payload["caption"] = caption
             if isinstance(params.get("caption_entities"), list):
@@ -1037,6 +1041,7 @@ class FakeTelegram(FakeServer):
             media_group_id=media_group_id,
             sent_at=now,
             payload=payload,
+            has_spoiler=has_spoiler,
         )
         self.chats.setdefault(chat_id, []).append(sent)
         self._by_id[(chat_id, message_id)] = sent
@@ -1281,6 +1286,7 @@ class FakeTelegram(FakeServer):
             stored=stored,
             reply_markup=params.get("reply_markup"),
             content={"photo": self._photo_sizes(stored)},
+            has_spoiler=params.get("has_spoiler") is True,
         )
         return copy.deepcopy(sent.payload)
 
@@ -1313,19 +1319,21 @@ class FakeTelegram(FakeServer):
         if not kinds <= {"photo", "document"} or kinds == {"photo", "document"}:
             raise _bad("this fake supports albums of only photos or only documents")
         # Validate every item before creating anything: a failed album sends nothing.
-        items: list[tuple[str, StoredFile | bytes, str | None]] = []
+        items: list[tuple[str, StoredFile | bytes, str | None, bool]] = []
         for item in media:
             item_params = {**params, "media": item.get("media")}
             caption = self._check_caption(item.get("caption"), item.get("parse_mode"))
+            spoiler = item.get("has_spoiler") is True
             if item["type"] == "photo":
-                items.append(("photo", self._photo_file(item_params, "media"), caption))
+                items.append(("photo", self._photo_file(item_params, "media"), caption, spoiler))
             else:
-                items.append(("document", self._document_file(item_params, "media"), caption))
+                file = self._document_file(item_params, "media")
+                items.append(("document", file, caption, spoiler))
         reply = self._reply_target(chat_id, params)
         self._media_group_seq += 1
         group_id = f"{13_000_000_000_000_000 + self._media_group_seq}"
         results = []
-        for kind, file, caption in items:
+        for kind, file, caption, spoiler in items:
             stored = file if isinstance(file, StoredFile) else self._store_file(file, kind)
             content = (
                 {"photo": self._photo_sizes(stored)}
@@ -1342,6 +1350,7 @@ class FakeTelegram(FakeServer):
                 stored=stored,
                 media_group_id=group_id,
                 content=content,
+                has_spoiler=spoiler,
             )
             results.append(copy.deepcopy(sent.payload))
         return results
