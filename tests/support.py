@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import updates
 from tests.fakes.base import wait_until
-from tests.fakes.telegram_api import FakeTelegram
+from tests.fakes.telegram_api import FakeTelegram, SentMessage
 
 CHAT = updates.DEFAULT_CHAT_ID
 
@@ -173,3 +173,29 @@ def png_claiming(width: int, height: int) -> bytes:
 
 def connected_to(seen: list[Any], host: str) -> bool:
     return any(ipaddress.ip_address(a[0]) == ipaddress.ip_address(host) for a in seen)
+
+
+# -- pressing buttons ------------------------------------------------------------------------
+
+
+def press(telegram: FakeTelegram, sent: SentMessage, data: str, user_id: int = CHAT) -> str:
+    """Press the button `data` under `sent` (as `user_id`); returns the callback query id."""
+    update = updates.callback_query(
+        data, message=updates.bot_message_dict(sent), user_id=user_id, chat_id=sent.chat_id
+    )
+    telegram.push_update(update)
+    return str(update["callback_query"]["id"])
+
+
+def answer(telegram: FakeTelegram, query_id: str) -> dict[str, Any] | None:
+    """The bot's answerCallbackQuery for that query, if it answered."""
+    for record in telegram.answered_callbacks:
+        if record.get("callback_query_id") == query_id:
+            return record
+    return None
+
+
+def button_data(sent: SentMessage) -> list[str]:
+    """The callback data of every inline button under `sent`."""
+    markup = sent.reply_markup or {}
+    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
