@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
-import sqlite3
 import struct
 import zlib
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import updates
 from tests.fakes.base import wait_until
 from tests.fakes.telegram_api import FakeTelegram, SentMessage
+from tests.storeview import query
 
 CHAT = updates.DEFAULT_CHAT_ID
 
@@ -82,20 +82,16 @@ async def ops_get(app: Any, path: str) -> tuple[int, Any]:
         return resp.status, await resp.json()
 
 
-def rows(db_path: str, sql: str = "SELECT * FROM jobs ORDER BY id") -> list[sqlite3.Row]:
-    conn = sqlite3.connect(db_path, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return list(conn.execute(sql))
-    finally:
-        conn.close()
+def rows(db_path: str, sql: str = "SELECT * FROM jobs ORDER BY id") -> list[Any]:
+    """Rows of `sql` from the bot's store (SQLite file or PostgreSQL, see tests.storeview)."""
+    return query(db_path, sql)
 
 
 def db_path(app: Any) -> str:
     return str(app.services.settings.storage.database)
 
 
-def jobs(app: Any) -> list[sqlite3.Row]:
+def jobs(app: Any) -> list[Any]:
     """Every job row, oldest first."""
     return rows(db_path(app))
 
@@ -106,7 +102,7 @@ async def told(telegram: FakeTelegram, fragment: str, chat: int = CHAT) -> str:
     return next(t for t in telegram.texts(chat) if fragment in t)
 
 
-async def finished(app: Any, count: int = 1) -> list[sqlite3.Row]:
+async def finished(app: Any, count: int = 1) -> list[Any]:
     done = ("succeeded", "failed", "canceled")
     await wait_until(lambda: len([r for r in jobs(app) if r["status"] in done]) >= count, within=8)
     return jobs(app)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 
 import aiohttp
 
@@ -13,6 +12,7 @@ from tests.conftest import BOT_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.storeview import execute
 from tests.support import db_path, ops_get, rows, webhook_url
 
 CHAT = updates.DEFAULT_CHAT_ID
@@ -200,13 +200,11 @@ async def test_saved_but_unprocessed_update_is_replayed(
     update = updates.command("/generate replayed")
     async with bot():
         pass  # create and migrate the database
-    conn = sqlite3.connect(str(settings.storage.database))
-    conn.execute(
+    execute(
+        str(settings.storage.database),
         "INSERT INTO inbox (update_id, kind, received_at, payload) VALUES (?, 'message', ?, ?)",
         (update["update_id"], "2026-01-01T00:00:00.000Z", json.dumps(update)),
     )
-    conn.commit()
-    conn.close()
     async with bot():
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
     assert replicate.creates[0].params["input"]["prompt"] == "replayed"

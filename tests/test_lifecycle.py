@@ -6,7 +6,6 @@ the chat, the vendor and the row say."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -288,11 +287,11 @@ async def test_migration_moves_old_untidied_final_rows_to_settling(
     db = app.services.db
     await db.open()
     try:
-        before = [m for m in load_migrations() if m.name < "0006"]
+        before = [m for m in load_migrations(dialect=db.dialect) if m.name < "0006"]
         await migrate(db, before)
         stamp = iso()
 
-        def insert(conn: sqlite3.Connection) -> None:
+        def insert(conn: Any) -> None:
             for n, (status, phase) in enumerate(
                 [("failed", "delivering"), ("running", "delivering"), ("succeeded", "done")]
             ):

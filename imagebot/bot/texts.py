@@ -12,9 +12,13 @@ BUTTON_EDIT = "✏️ Edit this"
 BUTTON_ORIGINAL = "📎 Original"
 BUTTON_CANCEL = "✖ Cancel"
 
-_VERB = {JobKind.GENERATE: "Generating", JobKind.EDIT: "Editing"}
-_NOUN = {JobKind.GENERATE: "image generations", JobKind.EDIT: "photo edits"}
-_LABEL = {JobKind.GENERATE: "Generate", JobKind.EDIT: "Edit"}
+_VERB = {JobKind.GENERATE: "Generating", JobKind.EDIT: "Editing", JobKind.UPSCALE: "Upscaling"}
+_NOUN = {
+    JobKind.GENERATE: "image generations",
+    JobKind.EDIT: "photo edits",
+    JobKind.UPSCALE: "upscales",
+}
+_LABEL = {JobKind.GENERATE: "Generate", JobKind.EDIT: "Edit", JobKind.UPSCALE: "Upscale"}
 
 
 def duration(seconds: float) -> str:
@@ -72,6 +76,7 @@ def help_text(max_chars: int) -> str:
         "   e.g. /usage\n"
         "/settings - choose the style, shape and number of images\n"
         "/style - choose the style\n"
+        "/history - your last requests here, to get a result again\n"
         "/help - this message\n\n"
         f"Descriptions can be up to {max_chars} characters. Under each result: "
         f"{BUTTON_AGAIN} makes another, {BUTTON_EDIT} edits it, "
@@ -182,7 +187,7 @@ def usage(
     images (and the text says so)."""
     unit = " images" if counts_images else ""
     lines = ["Today (UTC):"]
-    for kind in JobKind:
+    for kind in caps:  # the operations this bot offers
         if is_admin:
             lines.append(f"• {_LABEL[kind]}: {used[kind]}{unit} used (no limit for admins)")
         else:
@@ -362,6 +367,55 @@ def granted_notice(credits: int, balance: int) -> str:
     return f"You got {_credits(credits)} from the bot's owner. Your balance: {_credits(balance)}."
 
 
+# -- albums, upscale, delete, history (issue 17) ---------------------------------------------
+
+BUTTON_UPSCALE = "⤴ Upscale"
+BUTTON_DELETE = "🗑 Delete"
+DELETED = "Deleted."
+ALREADY_DELETED = "That result was already deleted."
+UPSCALE_GONE = "That image isn't available to upscale any more."
+HISTORY_EMPTY = "You have no finished requests here yet. Try /generate a red fox in the snow"
+HISTORY_GONE = "I can't send that result again: Telegram no longer has it."
+HISTORY_NOTHING = "That request has no result to send again."
+HISTORY_SENDING = "Sending it again…"
+ALBUM_HINT = (
+    "Nice photos! To edit them together, send them again as one album with the caption "
+    "/edit and what to change, e.g. /edit put us on a beach"
+)
+ALBUM_NOTHING_TO_EDIT = "None of the files in that album is a photo I can edit."
+
+_HISTORY_KIND = {JobKind.GENERATE: "🖼", JobKind.EDIT: "✏️", JobKind.UPSCALE: "⤴"}
+_HISTORY_STATUS = {"succeeded": "done", "failed": "failed", "canceled": "canceled"}
+
+
+def album_first_used(sent: int, used: int) -> str:
+    """An album with more photos than one edit takes."""
+    return (
+        f"You sent {sent} photos; I'm editing the first {used} together "
+        f"(that's the most one edit can use)."
+    )
+
+
+def upscale_caption(prompt: str) -> str:
+    return utf16_trim(f"⤴ Upscaled: {prompt}", CAPTION_LIMIT)
+
+
+def history_line(when: str, kind: JobKind, prompt: str, status: str, deleted: bool) -> str:
+    """One finished job in /history: when (UTC), what, the prompt, how it ended."""
+    short = utf16_trim(prompt, 60)
+    state = _HISTORY_STATUS.get(status, status) + (", deleted" if deleted else "")
+    return f"{when} UTC {_HISTORY_KIND.get(kind, '')} {_LABEL[kind]}: “{short}” ({state})"
+
+
+def history_text(lines: list[str]) -> str:
+    head = "Your last requests here (newest first). Tap one to get its result again:"
+    return "\n".join([head, *(f"• {line}" for line in lines)])
+
+
+def history_button(job_id: int, prompt: str) -> str:
+    return utf16_trim(f"↩ {job_id}: {prompt}", 40)
+
+
 # -- the operator's control room: admin commands, invites, pause, menus (issue 19) ---------
 
 
@@ -386,6 +440,7 @@ def user_commands(credits: bool) -> list[tuple[str, str]]:
         ("usage", "What you've used today"),
         ("settings", "Style, shape and number of images"),
         ("style", "Choose a style"),
+        ("history", "Your last requests, to get a result again"),
         ("help", "What I can do"),
     ]
     if credits:
