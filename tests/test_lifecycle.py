@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from imagebot import texts
 from imagebot.app import App, build
-from imagebot.bot import texts
+from imagebot.clock import iso, utcnow
 from imagebot.models import Job, JobKind, JobStatus, NewJob, Phase, ProviderRequest
-from imagebot.store.db import iso, utcnow
 from imagebot.store.migrate import load_migrations, migrate
 from tests import updates
 from tests.conftest import SettingsFactory
@@ -99,7 +99,7 @@ async def whole(step: Coroutine[Any, Any, Any]) -> Any:
 @pytest.fixture
 async def rig(make_settings: SettingsFactory) -> AsyncIterator[Rig]:
     """The app's collaborators wired against the fakes, its database migrated, nothing run."""
-    app = build(make_settings(limits={"max_running": 2}))
+    app = build(make_settings(runner={"max_running": 2}))
     await app.services.db.open()
     await migrate(app.services.db)
     await app.application.initialize()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from telegram import Bot, BotCommand, BotCommandScope, BotCommandScopeChat, BotCommandScopeDefault
 from telegram.error import TelegramError
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.config import Settings
 from imagebot.logs import get_logger
 from imagebot.store.access import AccessStore

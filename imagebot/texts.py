@@ -125,8 +125,13 @@ _FAILURES = {
 }
 
 
+def failure_reason(code: str | None) -> str:
+    """Why a job failed, in words a user may see, by error code (see errors.ExternalError)."""
+    return _FAILURES.get(code or "", "something went wrong on our side.")
+
+
 def job_failed(job_id: int, code: str | None) -> str:
-    reason = _FAILURES.get(code or "", "something went wrong on our side.")
+    reason = failure_reason(code)
     return f"Sorry, job {job_id} failed: {reason}\nIt didn't count against your daily limit."
 
 
