@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import structlog
@@ -29,6 +29,9 @@ from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 from tests.pgcluster import ENABLE_HINT, Cluster, find_bin_dir, start_cluster
 from tests.support import deep_merge
+
+if TYPE_CHECKING:
+    from tests.crash_harness import MakeDaemon
 
 BOT_TOKEN = "123456:TEST-token_abc"
 REPLICATE_TOKEN = "r8_test_token"
@@ -321,3 +324,21 @@ def log_output() -> Iterator[io.StringIO]:
         sys.excepthook, threading.excepthook, logs._redactor = hooks
         for name, level in quiet.items():
             logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+async def daemon(
+    tmp_path: Path, telegram: FakeTelegram, replicate: FakeReplicate, fal: FakeFal
+) -> AsyncIterator[MakeDaemon]:
+    """`daemon(**sections)` makes a Daemon; every one is killed at teardown."""
+    from tests.crash_harness import Daemon  # here: crash_harness imports this module
+
+    made: list[Daemon] = []
+
+    def make(**sections: Any) -> Daemon:
+        made.append(Daemon(tmp_path, telegram, replicate, fal, **sections))
+        return made[-1]
+
+    yield make
+    for one in made:
+        await one.close()

@@ -195,3 +195,12 @@ def button_data(sent: SentMessage) -> list[str]:
     """The callback data of every inline button under `sent`."""
     markup = sent.reply_markup or {}
     return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
+
+
+def answer_text(telegram: FakeTelegram, update: dict[str, Any]) -> str | None:
+    """The text of the bot's answer to that button press, if it answered."""
+    query_id = update["callback_query"]["id"]
+    for record in telegram.answered_callbacks:
+        if record.get("callback_query_id") == query_id:
+            return str(record.get("text") or "")
+    return None
