@@ -298,7 +298,7 @@ async def start_imagebot(
 ) -> Bot:
     """Start `python -m imagebot --webhook` on a generated config; ready = 200 on /healthz.
 
-    `module` may name a wrapper that runs imagebot's CLI (bench.instrumented)."""
+    `module` may name a wrapper that runs imagebot's CLI (bench.research.instrumented)."""
     webhook_port, ops_port = free_port(), free_port()
     config = deep_merge(imagebot_config(fakes, workdir, webhook_port, ops_port), overrides or {})
     config_path = _write(workdir / "config.toml", toml_dumps(config))

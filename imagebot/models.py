@@ -29,14 +29,17 @@ FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CAN
 
 
 class Phase(StrEnum):
-    """Where a job is inside `running`; what a restart resumes from."""
+    """Where a running job is (what a restart resumes from), then whether a final job's chat
+    was tidied."""
 
     NEW = "new"  # nothing sent to the vendor yet
     SUBMITTING = "submitting"  # create/submit sent, no request id saved: outcome unknown
     SUBMITTED = "submitted"  # vendor request id saved; waiting for it
     FETCHED = "fetched"  # outputs downloaded to the results directory
     DELIVERING = "delivering"  # sending to Telegram; message ids not yet saved
-    DONE = "done"  # final status written
+    # The phases below belong to final rows (succeeded, failed, canceled):
+    SETTLING = "settling"  # final status written; the chat not tidied yet (Pipeline.settle)
+    DONE = "done"  # final status written and the chat tidied
 
 
 class CancelOutcome(StrEnum):

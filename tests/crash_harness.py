@@ -16,9 +16,10 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +361,52 @@ def count_by(items: Iterator[str] | list[str]) -> dict[str, int]:
     for item in items:
         counts[item] = counts.get(item, 0) + 1
     return dict(sorted(counts.items()))
+
+
+MakeDaemon = Callable[..., Daemon]
+
+
+# -- one-shot runs of the CLI (start-up errors, store commands) -----------------------------
+
+
+def environment(tmp_path: Path, telegram_url: str, **settings: str) -> dict[str, str]:
+    """The process environment: no inherited IMAGEBOT_* settings, local providers, the bot
+    token, a database under tmp_path, an OS-picked ops port; `settings` override."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBOT_")}
+    for secret in ("REPLICATE_API_TOKEN", "FAL_KEY", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
+        env.pop(secret, None)
+    env.update(
+        TELEGRAM_BOT_TOKEN=BOT_TOKEN,
+        IMAGEBOT_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        IMAGEBOT_GENERATE__PROVIDER="local",
+        IMAGEBOT_EDIT__PROVIDER="local",
+        IMAGEBOT_TELEGRAM__API_BASE_URL=telegram_url,
+        IMAGEBOT_STORAGE__DATABASE=str(tmp_path / "data" / "imagebot.db"),
+        IMAGEBOT_OPS__LISTEN="127.0.0.1",
+        IMAGEBOT_OPS__PORT="0",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    env.update(settings)
+    return env
+
+
+def only_line(stderr: str) -> str:
+    """The one line on stderr (asserts there is exactly one)."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def run_imagebot(
+    tmp_path: Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m imagebot <args>` in tmp_path with `env`, JSON logs, bounded."""
+    return subprocess.run(
+        [sys.executable, "-m", "imagebot", *args, "--log-format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=45,
+        check=False,
+        cwd=tmp_path,  # no config.toml there
+        env=env,
+    )

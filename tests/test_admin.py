@@ -19,7 +19,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 from tests.storeview import execute
-from tests.test_e2e import db_path, ops_get, rows
+from tests.support import db_path, ops_get, rows
 
 ADMIN = updates.DEFAULT_USER_ID  # private chat id = user id
 FRIEND = 2002

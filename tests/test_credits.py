@@ -19,23 +19,11 @@ from tests import updates
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, Invoice
-from tests.support import free_port
+from tests.support import CREDITS, free_port
 
 CHAT = USER = updates.DEFAULT_USER_ID
 OTHER = 2002
 ADMIN = 4242
-CREDITS: dict[str, Any] = {
-    "enabled": True,
-    "generate_cost": 1,
-    "edit_cost": 3,
-    "support_text": "Payment problems? Write to @owner.",
-    "terms_text": "Terms: credits never expire.",
-    "privacy_text": "Privacy: we keep your user id and your payments.",
-    "packs": [
-        {"id": "s", "credits": 20, "stars": 50, "title": "20 credits"},
-        {"id": "m", "credits": 50, "stars": 100, "title": "50 credits"},
-    ],
-}
 
 
 def credits(**overrides: Any) -> dict[str, Any]:

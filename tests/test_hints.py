@@ -4,6 +4,7 @@ request finishes, and the job polls at once instead of waiting out its poll inte
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
@@ -16,8 +17,7 @@ from tests.fakes.fal_api import FakeFal
 from tests.fakes.images import make_image
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.support import free_port
-from tests.test_metrics import scrape, value
+from tests.support import free_port, scrape, value
 
 CHAT = updates.DEFAULT_CHAT_ID
 SLOW_POLL_S = 30.0  # without the hint no job here could finish within wait_until's bound
@@ -121,14 +121,19 @@ async def test_forged_hints_are_refused(
         good = replicate.creates[0].params["webhook"]
         token = good.rsplit("/", 1)[1]
         base = hook_base(port)
+        # Done at the vendor: from now on, any wake-up would poll and deliver at once.
+        await wait_until(lambda: replicate.last_prediction.is_final)
+        polls = len(replicate.calls_of("get"))
         assert await post(f"{base}1/{'0' * 32}") == 403
         assert await post(f"{base}2/{token}") == 403
         assert await post(f"{base}one/{token}") == 403
         assert await post(f"{base}99/{app.services.runner.pipeline.hints.token(99)}") == 204
-        await asyncio.sleep(0.6)  # the prediction is done by now, but nothing valid woke it
-        assert telegram.photos(CHAT) == []
+        good_sent_at = time.time()
         assert await post(good) == 204
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1, within=SLOW_POLL_S / 3)
+        # Only the good hint woke the job: every poll since the forged ones came after it.
+        woken = replicate.calls_of("get")[polls:]
+        assert woken and all(call.at >= good_sent_at for call in woken)
         samples = await scrape(app)
     assert value(samples, "imagebot_completion_hints_total", verdict="forbidden") == 3
     assert value(samples, "imagebot_completion_hints_total", verdict="accepted") == 2

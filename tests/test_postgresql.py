@@ -19,8 +19,8 @@ from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
 from imagebot.store.migrate import migrate
 from imagebot.store.usage import Usage
+from tests.crash_harness import environment, only_line, run_imagebot
 from tests.storeview import query
-from tests.test_startup_errors import environment, only_line, run_imagebot
 
 
 def free_port() -> int:
