@@ -80,6 +80,8 @@ class Job:
     deliver_after: str | None = None
     delivery_attempts: int = 0
     delivery_waiting_since: str | None = None
+    # schema 10: the catalog the job's texts are in (its requester's language); None: English
+    language: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,7 @@ class NewJob:
     input_width: int | None = None
     input_height: int | None = None
     parent_job_id: int | None = None
+    language: str | None = None  # the requester's language (texts.current_language())
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from telegram.ext import (
     filters,
 )
 
-from imagebot.bot import buttons, callbacks, edit, payments, texts
+from imagebot.bot import buttons, callbacks, edit, language, payments, texts
 from imagebot.bot.context import BotContext
 from imagebot.bot.errors import on_error
 from imagebot.bot.requests import (
@@ -34,6 +34,7 @@ from imagebot.worker import CancelOutcome
 
 log = get_logger(__name__)
 
+# English here (built at import); translated when sent
 _CANCEL_TEXTS = {
     CancelOutcome.CANCELED: None,  # the status message itself says "Canceled"
     CancelOutcome.NOT_FOUND: texts.NOTHING_TO_CANCEL,
@@ -128,7 +129,7 @@ async def cancel(update: Update, context: BotContext) -> None:
     outcome = await services.runner.cancel(job.id, user_id=user.id)
     text = _CANCEL_TEXTS[outcome]
     if text:
-        await reply(update, context, text)
+        await reply(update, context, texts.tr(text))
 
 
 async def unknown_command(update: Update, context: BotContext) -> None:
@@ -149,7 +150,8 @@ def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     new_messages = filters.UpdateType.MESSAGE
     # Group order (each group runs its first matching handler; a stop ends the update):
     # -3 payments (money is credited whoever pays, even a user no longer allowed),
-    # -2 strangers (one notice per interval, nothing else), -1 the button gate, 0 the rest.
+    # -2 strangers (one notice per interval, nothing else), -1 the button gate, 0 the rest;
+    # before them all, -4 sets the language the update is answered in (bot/language.py).
     application.add_handler(TypeHandler(Update, gate), group=-2)
     application.add_handler(callbacks.gate_handler(), group=-1)
     application.add_handler(edit.conversation(application))
@@ -158,6 +160,7 @@ def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     application.add_handler(CommandHandler("generate", generate, filters=new_messages))
     application.add_handler(CommandHandler("usage", usage, filters=new_messages))
     application.add_handler(CommandHandler("cancel", cancel, filters=new_messages))
+    language.register(application)  # group -4 (every update) and /language with its buttons
     if application.bot_data["services"].settings.credits.enabled:
         payments.register_payment_messages(application)  # group -1, ahead of /edit
         payments.register(application)

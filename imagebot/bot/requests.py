@@ -199,6 +199,7 @@ async def request_job(
         input_width=edit_input.width if edit_input else None,
         input_height=edit_input.height if edit_input else None,
         parent_job_id=parent_job_id,
+        language=texts.current_language(),
     )
     now = utcnow()
     async with services.runner.acknowledging(update.update_id):

@@ -1,31 +1,174 @@
-"""Every string a user can see. Short, friendly, no vendor parameter names, no tracebacks."""
+"""Every string a user can see, in the user's language. Short, friendly, no vendor parameter
+names, no tracebacks.
+
+English is the source language: each text is written here in English and translated through
+the gettext catalogs in imagebot/locale/<lang>/LC_MESSAGES/imagebot.po (compiled .mo files
+ship in the wheel; see README "Languages" for the pybabel commands).
+
+Which language a text comes out in is the context's: `current_language()`, a ContextVar set
+for each update from the user's stored choice or Telegram `language_code` (bot/language.py)
+and for each job run from the job's row (`speaking(job.language)`), so texts made far from
+any update (status lines, captions, failure notices) still speak the requester's language.
+
+Constants are written `NAME = N_("English")`: reading `texts.NAME` translates them into the
+current language at that moment (this module's class does it), so a constant read while
+handling a Russian user's update is Russian. Inside this module, use `_(NAME)`.
+
+This module is a leaf: it imports only the standard library and imagebot.models.
+"""
 
 from __future__ import annotations
 
+import gettext
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
 from imagebot.models import JobKind
+
+DOMAIN = "imagebot"
+DEFAULT_LANGUAGE = "en"
+# The languages a user can pick (catalog name -> the language's own name). A new language:
+# its catalog under imagebot/locale/ and a line here (README "Languages").
+LANGUAGES: dict[str, str] = {
+    "en": "English",
+    "es": "Español",
+    "pt_BR": "Português (Brasil)",
+    "ru": "Русский",
+}
+
+
+def locale_dir() -> Path:
+    """Where the catalogs live (inside the package, so they ship in the wheel)."""
+    return Path(str(resources.files("imagebot") / "locale"))
+
+
+_language: ContextVar[str] = ContextVar("imagebot_language", default=DEFAULT_LANGUAGE)
+_catalogs: dict[str, gettext.NullTranslations] = {}
+
+
+def _catalog(language: str) -> gettext.NullTranslations:
+    catalog = _catalogs.get(language)
+    if catalog is None:
+        if language == DEFAULT_LANGUAGE:
+            catalog = gettext.NullTranslations()  # the source texts are English
+        else:
+            catalog = gettext.translation(
+                DOMAIN, locale_dir(), languages=[language], fallback=True
+            )
+        _catalogs[language] = catalog
+    return catalog
+
+
+def negotiate(code: str | None) -> str:
+    """The catalog for a Telegram `language_code` (an IETF tag such as "ru", "pt-br", "en-US"):
+    the exact tag (pt-br -> pt_BR), else the bare language (pt), else another region of it (pt
+    -> pt_BR), else English."""
+    if not code:
+        return DEFAULT_LANGUAGE
+    language, _sep, region = code.strip().replace("-", "_").partition("_")
+    language = language.lower()
+    candidates = [f"{language}_{region.upper()}"] if region else []
+    candidates.append(language)
+    for candidate in candidates:
+        if candidate in LANGUAGES:
+            return candidate
+    for known in LANGUAGES:
+        if known.partition("_")[0] == language:
+            return known
+    return DEFAULT_LANGUAGE
+
+
+def current_language() -> str:
+    """The language texts are made in right now (in this task)."""
+    return _language.get()
+
+
+def use_language(language: str | None) -> None:
+    """Speak `language` for the rest of this task (an update's handlers run in one task)."""
+    _language.set(language if language in LANGUAGES else DEFAULT_LANGUAGE)
+
+
+@contextmanager
+def speaking(language: str | None) -> Iterator[None]:
+    """Speak `language` inside the block (a job's texts: its requester's language)."""
+    token = _language.set(language if language in LANGUAGES else DEFAULT_LANGUAGE)
+    try:
+        yield
+    finally:
+        _language.reset(token)
+
+
+def _(message: str) -> str:
+    """`message` (English) in the current language."""
+    return str(_catalog(_language.get()).gettext(message))
+
+
+def ngettext(singular: str, plural: str, n: int) -> str:
+    """The form of a message for the number `n`, in the current language."""
+    return str(_catalog(_language.get()).ngettext(singular, plural, n))
+
+
+def tr(message: str) -> str:
+    """A message kept untranslated (e.g. a constant in a table built at import) translated now."""
+    return _(message)
+
+
+class _Message(str):
+    """A constant's English text; translated each time it is read as `texts.NAME`."""
+
+    __slots__ = ()
+
+
+def N_(message: str) -> str:
+    """Mark a constant for the catalogs; it is translated when read through the module."""
+    return _Message(message)
+
+
+class _TextsModule(ModuleType):
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if type(value) is _Message:
+            return _(value)
+        return value
+
+
+sys.modules[__name__].__class__ = _TextsModule
+
 
 CAPTION_LIMIT = 1024  # Telegram's caption limit (counted here in UTF-16 code units, the stricter)
 TEXT_LIMIT = 4096
 
-BUTTON_AGAIN = "🔁 Again"
-BUTTON_EDIT = "✏️ Edit this"
-BUTTON_ORIGINAL = "📎 Original"
-BUTTON_CANCEL = "✖ Cancel"
+BUTTON_AGAIN = N_("🔁 Again")
+BUTTON_EDIT = N_("✏️ Edit this")
+BUTTON_ORIGINAL = N_("📎 Original")
+BUTTON_CANCEL = N_("✖ Cancel")
 
-_VERB = {JobKind.GENERATE: "Generating", JobKind.EDIT: "Editing"}
-_NOUN = {JobKind.GENERATE: "image generations", JobKind.EDIT: "photo edits"}
-_LABEL = {JobKind.GENERATE: "Generate", JobKind.EDIT: "Edit"}
+
+def kind_label(kind: JobKind) -> str:
+    """The short name of an operation, as in /usage and /balance ("Generate", "Edit")."""
+    return _("Generate") if kind is JobKind.GENERATE else _("Edit")
 
 
 def duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     if seconds < 60:
-        return f"{seconds} s"
+        # TRANSLATORS: a short duration, as in "Try again in 45 s".
+        return _("{seconds} s").format(seconds=seconds)
     minutes, seconds = divmod(seconds, 60)
     if minutes < 60:
-        return f"{minutes} min {seconds} s" if seconds else f"{minutes} min"
+        if seconds:
+            return _("{minutes} min {seconds} s").format(minutes=minutes, seconds=seconds)
+        return _("{minutes} min").format(minutes=minutes)
     hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    if minutes:
+        return _("{hours} h {minutes} min").format(hours=hours, minutes=minutes)
+    return _("{hours} h").format(hours=hours)
 
 
 def utf16_trim(text: str, limit: int) -> str:
@@ -44,141 +187,175 @@ def utf16_trim(text: str, limit: int) -> str:
 
 
 def start(first_name: str | None, user_id: int, allowed: bool) -> str:
-    hello = f"Hi {first_name}!" if first_name else "Hi!"
+    hello = _("Hi {name}!").format(name=first_name) if first_name else _("Hi!")
     if not allowed:
-        return (
-            f"{hello} This bot is private. Your Telegram user id is {user_id}: "
+        return _(
+            "{hello} This bot is private. Your Telegram user id is {user_id}: "
             "send it to the bot's owner to ask for access."
-        )
-    return (
-        f"{hello} I draw pictures from your words and edit your photos.\n\n"
+        ).format(hello=hello, user_id=user_id)
+    return _(
+        "{hello} I draw pictures from your words and edit your photos.\n\n"
         "• /generate a red fox in the snow\n"
         "• send a photo with the caption /edit make it night\n\n"
         "/help lists everything I can do."
-    )
+    ).format(hello=hello)
 
 
 def help_text(max_chars: int) -> str:
-    return (
-        "What I can do:\n\n"
-        "/generate <description> - draw a new image\n"
-        "   e.g. /generate a lighthouse at dawn, watercolor\n"
-        "/edit <instruction> - change a photo. Send the photo with that caption, reply to a "
-        "photo with it, or send /edit alone and I'll ask for the photo\n"
-        "   e.g. /edit make the sky purple\n"
-        "/cancel - stop your running request (or an edit in progress)\n"
-        "   e.g. /cancel\n"
-        "/usage - what you've used today and what's left\n"
-        "   e.g. /usage\n"
-        "/help - this message\n\n"
-        f"Descriptions can be up to {max_chars} characters. Under each result: "
-        f"{BUTTON_AGAIN} makes another, {BUTTON_EDIT} edits it, "
-        f"{BUTTON_ORIGINAL} sends the full-size file."
-    )
+    parts = [
+        _("What I can do:"),
+        "",
+        _(
+            "/generate <description> - draw a new image\n"
+            "   e.g. /generate a lighthouse at dawn, watercolor"
+        ),
+        _(
+            "/edit <instruction> - change a photo. Send the photo with that caption, reply to a "
+            "photo with it, or send /edit alone and I'll ask for the photo\n"
+            "   e.g. /edit make the sky purple"
+        ),
+        _("/cancel - stop your running request (or an edit in progress)\n   e.g. /cancel"),
+        _("/usage - what you've used today and what's left\n   e.g. /usage"),
+        _("/language - choose the language I speak\n   e.g. /language es"),
+        _("/help - this message"),
+        "",
+        _(
+            "Descriptions can be up to {max_chars} characters. Under each result: "
+            "{again} makes another, {edit} edits it, {original} sends the full-size file."
+        ).format(
+            max_chars=max_chars,
+            again=_(BUTTON_AGAIN),
+            edit=_(BUTTON_EDIT),
+            original=_(BUTTON_ORIGINAL),
+        ),
+    ]
+    return "\n".join(parts)
 
 
 def status_started(kind: JobKind, job_id: int) -> str:
-    return f"{_VERB[kind]}… (job {job_id})"
+    if kind is JobKind.GENERATE:
+        return _("Generating… (job {job_id})").format(job_id=job_id)
+    return _("Editing… (job {job_id})").format(job_id=job_id)
 
 
 def status_working(kind: JobKind, job_id: int, elapsed_s: float) -> str:
-    return f"{_VERB[kind]}… {duration(elapsed_s)} (job {job_id})"
+    if kind is JobKind.GENERATE:
+        text = _("Generating… {elapsed} (job {job_id})")
+    else:
+        text = _("Editing… {elapsed} (job {job_id})")
+    return text.format(elapsed=duration(elapsed_s), job_id=job_id)
 
 
 def status_queued(job_id: int, position: int) -> str:
     """`position` is the place among waiting jobs: 1 means the next free slot is yours."""
     if position <= 1:
-        return f"You're next in line. (job {job_id})"
-    return f"You're #{position} in line. (job {job_id})"
+        return _("You're next in line. (job {job_id})").format(job_id=job_id)
+    return _("You're #{position} in line. (job {job_id})").format(position=position, job_id=job_id)
 
 
 def status_canceled(job_id: int) -> str:
-    return f"Canceled (job {job_id}). It didn't count against your daily limit."
+    return _("Canceled (job {job_id}). It didn't count against your daily limit.").format(
+        job_id=job_id
+    )
 
 
 _FAILURES = {
-    "safety": "the model refused this request (safety filter). Try different words.",
-    "timeout": "it took too long, so I stopped it.",
-    "results_expired": "the result expired before I could fetch it.",
-    "submit_unknown": "I lost track of it while restarting.",
-    "not_an_image": "that file isn't a JPEG, PNG or WebP image.",
-    "broken_image": "that image file is damaged or incomplete. Please send it again.",
-    "too_large": "that image is too large.",
-    "too_many_pixels": "that image has too many pixels.",
-    "input_unavailable": "Telegram no longer has that photo.",
-    "invalid_input": "the image service didn't accept this request.",
-    "blocked_address": "the image service returned a file I'm not allowed to fetch.",
-    "delivery_failed": "I couldn't send the result to this chat.",
-    "provider_unavailable": "the image service is having trouble right now. "
-    "Please try again in a few minutes.",
-    "rate_limited": "the image service is too busy right now. Please try again in a minute.",
-    "circuit_open": "the image service is having trouble right now. "
-    "Please try again in a few minutes.",
-    "delivery_gave_up": "Telegram couldn't take the result for a long time, so I stopped trying.",
+    "safety": N_("the model refused this request (safety filter). Try different words."),
+    "timeout": N_("it took too long, so I stopped it."),
+    "results_expired": N_("the result expired before I could fetch it."),
+    "submit_unknown": N_("I lost track of it while restarting."),
+    "not_an_image": N_("that file isn't a JPEG, PNG or WebP image."),
+    "broken_image": N_("that image file is damaged or incomplete. Please send it again."),
+    "too_large": N_("that image is too large."),
+    "too_many_pixels": N_("that image has too many pixels."),
+    "input_unavailable": N_("Telegram no longer has that photo."),
+    "invalid_input": N_("the image service didn't accept this request."),
+    "blocked_address": N_("the image service returned a file I'm not allowed to fetch."),
+    "delivery_failed": N_("I couldn't send the result to this chat."),
+    "provider_unavailable": N_(
+        "the image service is having trouble right now. Please try again in a few minutes."
+    ),
+    "rate_limited": N_("the image service is too busy right now. Please try again in a minute."),
+    "circuit_open": N_(
+        "the image service is having trouble right now. Please try again in a few minutes."
+    ),
+    "delivery_gave_up": N_(
+        "Telegram couldn't take the result for a long time, so I stopped trying."
+    ),
 }
 
 
 def job_failed(job_id: int, code: str | None) -> str:
-    reason = _FAILURES.get(code or "", "something went wrong on our side.")
-    return f"Sorry, job {job_id} failed: {reason}\nIt didn't count against your daily limit."
+    reason = _(_FAILURES.get(code or "", N_("something went wrong on our side.")))
+    return _(
+        "Sorry, job {job_id} failed: {reason}\nIt didn't count against your daily limit."
+    ).format(job_id=job_id, reason=reason)
 
 
 def input_problem(code: str | None, limit: float | None, used: float | None, kind: JobKind) -> str:
-    example = (
-        "/generate a red fox in the snow"
-        if kind is JobKind.GENERATE
-        else "/edit make the sky purple"
-    )
     if code == "too_long":
-        return (
-            f"That's {int(used or 0)} characters; the limit is {int(limit or 0)}. "
-            "Please make it shorter."
+        return _("That's {used} characters; the limit is {limit}. Please make it shorter.").format(
+            used=int(used or 0), limit=int(limit or 0)
         )
     if code == "control_chars":
-        return "That text has invisible control characters. Please retype it."
-    what = "what to draw" if kind is JobKind.GENERATE else "what to change"
-    return f"Tell me {what}, for example:\n{example}"
+        return _("That text has invisible control characters. Please retype it.")
+    if kind is JobKind.GENERATE:
+        return _("Tell me what to draw, for example:\n/generate a red fox in the snow")
+    return _("Tell me what to change, for example:\n/edit make the sky purple")
 
 
 def not_allowed(user_id: int) -> str:
-    return (
-        f"Sorry, this bot is private. Your Telegram user id is {user_id}: "
+    return _(
+        "Sorry, this bot is private. Your Telegram user id is {user_id}: "
         "send it to the bot's owner to ask for access."
-    )
+    ).format(user_id=user_id)
 
 
 def rate_limited(limit: float, retry_after_s: float) -> str:
-    return (
-        f"Easy there: at most {int(limit)} requests a minute. "
-        f"Try again in {duration(retry_after_s)}."
+    return _("Easy there: at most {limit} requests a minute. Try again in {wait}.").format(
+        limit=int(limit), wait=duration(retry_after_s)
     )
 
 
 def cap_reached(kind: JobKind, limit: float, retry_after_s: float, disabled: bool) -> str:
     if disabled:
-        return f"{_LABEL[kind]} is switched off on this bot."
-    return (
-        f"You've used all {int(limit)} {_NOUN[kind]} for today. "
-        f"The count resets at 00:00 UTC (in {duration(retry_after_s)})."
-    )
+        if kind is JobKind.GENERATE:
+            return _("Generate is switched off on this bot.")
+        return _("Edit is switched off on this bot.")
+    if kind is JobKind.GENERATE:
+        text = _(
+            "You've used all {limit} image generations for today. "
+            "The count resets at 00:00 UTC (in {wait})."
+        )
+    else:
+        text = _(
+            "You've used all {limit} photo edits for today. "
+            "The count resets at 00:00 UTC (in {wait})."
+        )
+    return text.format(limit=int(limit), wait=duration(retry_after_s))
 
 
 def spend_cap_reached(retry_after_s: float) -> str:
-    return (
+    return _(
         "The bot has reached today's budget, so it isn't taking new requests. "
-        f"Please try again after 00:00 UTC (in {duration(retry_after_s)})."
-    )
+        "Please try again after 00:00 UTC (in {wait})."
+    ).format(wait=duration(retry_after_s))
 
 
 def usage(used: dict[JobKind, int], caps: dict[JobKind, int], is_admin: bool) -> str:
-    lines = ["Today (UTC):"]
+    lines = [_("Today (UTC):")]
     for kind in JobKind:
+        label = kind_label(kind)
         if is_admin:
-            lines.append(f"• {_LABEL[kind]}: {used[kind]} used (no limit for admins)")
+            line = _("• {label}: {used} used (no limit for admins)")
         else:
-            left = max(0, caps[kind] - used[kind])
-            lines.append(f"• {_LABEL[kind]}: {used[kind]} of {caps[kind]} used, {left} left")
-    lines.append("Failed or canceled requests don't count.")
+            line = _("• {label}: {used} of {cap} used, {left} left")
+        lines.append(
+            line.format(
+                label=label, used=used[kind], cap=caps[kind], left=max(0, caps[kind] - used[kind])
+            )
+        )
+    lines.append(_("Failed or canceled requests don't count."))
     return "\n".join(lines)
 
 
@@ -187,60 +364,83 @@ def caption(prompt: str) -> str:
 
 
 def many_results(job_id: int, count: int) -> str:
-    return f"{count} images (job {job_id})."
+    return ngettext(
+        "{count} image (job {job_id}).", "{count} images (job {job_id}).", count
+    ).format(count=count, job_id=job_id)
 
 
-NOTHING_TO_CANCEL = "You have nothing running to cancel."
-CANCELED_SHORT = "Canceled."
-TOO_LATE_TO_CANCEL = "Too late to cancel: the result is on its way."
-NOT_YOUR_JOB = "That isn't your request."
-BUTTON_EXPIRED = "This button has expired."
-BUTTON_OTHER_CHAT = "This button works only in the chat where the request was made."
-ORIGINAL_GONE = "The original file isn't kept any more."
-ORIGINAL_SENDING = "Sending the original…"
-GENERIC_ERROR = "Sorry, something went wrong. Please try again in a moment."
-PRIVATE_TEXT_HINT = "I didn't get that. Here's what I can do:"
+NOTHING_TO_CANCEL = N_("You have nothing running to cancel.")
+CANCELED_SHORT = N_("Canceled.")
+TOO_LATE_TO_CANCEL = N_("Too late to cancel: the result is on its way.")
+NOT_YOUR_JOB = N_("That isn't your request.")
+BUTTON_EXPIRED = N_("This button has expired.")
+BUTTON_OTHER_CHAT = N_("This button works only in the chat where the request was made.")
+ORIGINAL_GONE = N_("The original file isn't kept any more.")
+ORIGINAL_SENDING = N_("Sending the original…")
+GENERIC_ERROR = N_("Sorry, something went wrong. Please try again in a moment.")
+PRIVATE_TEXT_HINT = N_("I didn't get that. Here's what I can do:")
 
-EDIT_ASK_PHOTO = "Send me the photo you want to edit (or /cancel)."
-EDIT_ASK_INSTRUCTION = "What should I change? For example: make the sky purple (or /cancel)."
-EDIT_WRONG_KIND = (
+EDIT_ASK_PHOTO = N_("Send me the photo you want to edit (or /cancel).")
+EDIT_ASK_INSTRUCTION = N_("What should I change? For example: make the sky purple (or /cancel).")
+EDIT_WRONG_KIND = N_(
     "I need a photo: send it as a photo or as a JPEG, PNG or WebP file. /cancel to stop."
 )
-EDIT_NEED_TEXT = "Tell me in words what to change, e.g. make the sky purple. /cancel to stop."
-EDIT_CANCELED = "Okay, edit canceled."
-EDIT_TIMED_OUT = "Edit canceled: I waited too long. Send /edit to start again."
-EDIT_UNSUPPORTED_MEDIA = (
+EDIT_NEED_TEXT = N_("Tell me in words what to change, e.g. make the sky purple. /cancel to stop.")
+EDIT_CANCELED = N_("Okay, edit canceled.")
+EDIT_TIMED_OUT = N_("Edit canceled: I waited too long. Send /edit to start again.")
+EDIT_UNSUPPORTED_MEDIA = N_(
     "I can only edit still photos (JPEG, PNG or WebP), not stickers, GIFs or videos."
 )
-EDIT_FILE_TOO_BIG = "That file is over 20 MB, the most Telegram lets bots download."
-PHOTO_HINT = (
+EDIT_FILE_TOO_BIG = N_("That file is over 20 MB, the most Telegram lets bots download.")
+PHOTO_HINT = N_(
     "Nice photo! To edit it, reply to it with /edit and what to change, "
     "e.g. /edit make it look like a painting."
 )
-EDIT_NOT_IMAGE_FILE = "That file isn't an image I can edit. Send a JPEG, PNG or WebP."
+EDIT_NOT_IMAGE_FILE = N_("That file isn't an image I can edit. Send a JPEG, PNG or WebP.")
 
 
 def unknown_command(command: str) -> str:
-    return f"I don't know {utf16_trim(command, 64)}. Try /help."
+    return _("I don't know {command}. Try /help.").format(command=utf16_trim(command, 64))
+
+
+# -- languages (/language) -------------------------------------------------------------------
+
+LANGUAGE_CHOOSE = N_("Choose the language I speak with you:")
+
+
+def language_set(language: str) -> str:
+    """Said in the newly chosen language."""
+    return _("Okay, I'll speak {language} with you now.").format(
+        language=LANGUAGES.get(language, language)
+    )
+
+
+def language_unknown(wanted: str) -> str:
+    return _("I don't speak {wanted} yet. I can speak: {languages}.").format(
+        wanted=utf16_trim(wanted, 32),
+        languages=", ".join(f"{name} ({code})" for code, name in LANGUAGES.items()),
+    )
 
 
 # -- credits and payments (Telegram Stars) -------------------------------------------------
 
 STAR = "⭐"
-BUY_CHOOSE = "Choose a pack of credits (paid with Telegram Stars):"
-BUY_UNKNOWN_PACK = "I don't know that pack. Send /buy to see the packs."
-BUY_FAILED = "Sorry, I couldn't create the invoice. Please try again in a moment."
-PAY_UNKNOWN_ORDER = "This invoice isn't valid any more. Send /buy for a new one."
-PAY_NOT_YOURS = "This invoice was made for someone else. Send /buy to get your own."
-PAY_ALREADY_PAID = "This invoice is already paid. Send /buy to buy more credits."
-PAY_PRICE_CHANGED = "The amount doesn't match this invoice. Send /buy for a new one."
-ADMIN_ONLY = "Only the bot's admins can do that."
-REFUND_USAGE = "Usage: /refund <charge id> (the charge id is in the receipt and in /balance)."
-GRANT_USAGE = "Usage: /grant <user id> <credits> [note], e.g. /grant 12345 10 sorry for the wait"
+BUY_CHOOSE = N_("Choose a pack of credits (paid with Telegram Stars):")
+BUY_UNKNOWN_PACK = N_("I don't know that pack. Send /buy to see the packs.")
+BUY_FAILED = N_("Sorry, I couldn't create the invoice. Please try again in a moment.")
+PAY_UNKNOWN_ORDER = N_("This invoice isn't valid any more. Send /buy for a new one.")
+PAY_NOT_YOURS = N_("This invoice was made for someone else. Send /buy to get your own.")
+PAY_ALREADY_PAID = N_("This invoice is already paid. Send /buy to buy more credits.")
+PAY_PRICE_CHANGED = N_("The amount doesn't match this invoice. Send /buy for a new one.")
+ADMIN_ONLY = N_("Only the bot's admins can do that.")
+REFUND_USAGE = N_("Usage: /refund <charge id> (the charge id is in the receipt and in /balance).")
+GRANT_USAGE = N_(
+    "Usage: /grant <user id> <credits> [note], e.g. /grant 12345 10 sorry for the wait"
+)
 
 
 def _credits(n: int) -> str:
-    return f"{n} credit" if n == 1 else f"{n} credits"
+    return ngettext("{n} credit", "{n} credits", n).format(n=n)
 
 
 def pack_button(title: str, stars: int) -> str:
@@ -248,34 +448,45 @@ def pack_button(title: str, stars: int) -> str:
 
 
 def invoice_description(credits: int) -> str:
-    return (
-        f"{_credits(credits)} for images in this bot, used once your free daily allowance "
-        "is spent."
-    )
+    return _(
+        "{credits} for images in this bot, used once your free daily allowance is spent."
+    ).format(credits=_credits(credits))
 
 
 def receipt(credits: int, stars: int, balance: int) -> str:
     if credits <= 0:
-        return (
-            f"Payment of {stars} {STAR} received, but I couldn't match it to an order. "
+        return _(
+            "Payment of {stars} ⭐ received, but I couldn't match it to an order. "
             "The bot's owner will sort it out; /paysupport if you have questions."
-        )
-    return (
-        f"Thank you! {stars} {STAR} received: +{_credits(credits)}.\n"
-        f"Your balance: {_credits(balance)}."
+        ).format(stars=stars)
+    return _("Thank you! {stars} ⭐ received: +{credits}.\nYour balance: {balance}.").format(
+        stars=stars, credits=_credits(credits), balance=_credits(balance)
     )
 
 
 def not_enough_credits(kind: JobKind, needed: int, balance: int, free_disabled: bool) -> str:
-    free = (
-        f"{_LABEL[kind]} isn't free on this bot"
-        if free_disabled
-        else f"You've used today's free {_NOUN[kind]}"
-    )
-    return (
-        f"{free}. This one costs {_credits(needed)} and you have {_credits(balance)}.\n"
-        "Buy credits below (paid with Telegram Stars):"
-    )
+    if kind is JobKind.GENERATE:
+        if free_disabled:
+            text = _(
+                "Generate isn't free on this bot. This one costs {needed} and you have "
+                "{balance}.\nBuy credits below (paid with Telegram Stars):"
+            )
+        else:
+            text = _(
+                "You've used today's free image generations. This one costs {needed} and you "
+                "have {balance}.\nBuy credits below (paid with Telegram Stars):"
+            )
+    elif free_disabled:
+        text = _(
+            "Edit isn't free on this bot. This one costs {needed} and you have "
+            "{balance}.\nBuy credits below (paid with Telegram Stars):"
+        )
+    else:
+        text = _(
+            "You've used today's free photo edits. This one costs {needed} and you "
+            "have {balance}.\nBuy credits below (paid with Telegram Stars):"
+        )
+    return text.format(needed=_credits(needed), balance=_credits(balance))
 
 
 def balance_text(
@@ -284,18 +495,23 @@ def balance_text(
     purchases: list[tuple[str, int, int, str]],
     is_admin: bool,
 ) -> str:
-    """`purchases`: (date, credits, stars, charge id), newest first."""
-    lines = [f"Your balance: {_credits(balance)}."]
+    """`costs`: operation label -> credits; `purchases`: (date, credits, stars, charge id),
+    newest first."""
+    lines = [_("Your balance: {balance}.").format(balance=_credits(balance))]
     if is_admin:
-        lines.append("As an admin you don't spend credits.")
-    lines.append("Once your free daily allowance is used, each image costs:")
+        lines.append(_("As an admin you don't spend credits."))
+    lines.append(_("Once your free daily allowance is used, each image costs:"))
     for name, cost in costs.items():
         lines.append(f"• {name}: {_credits(cost)}")
     if purchases:
-        lines.append("Your last purchases:")
+        lines.append(_("Your last purchases:"))
         for day, credits, stars, charge_id in purchases:
-            lines.append(f"• {day}: +{_credits(credits)} for {stars} {STAR} (charge {charge_id})")
-    lines.append("/buy to get more credits.")
+            lines.append(
+                _("• {day}: +{credits} for {stars} ⭐ (charge {charge_id})").format(
+                    day=day, credits=_credits(credits), stars=stars, charge_id=charge_id
+                )
+            )
+    lines.append(_("/buy to get more credits."))
     return "\n".join(lines)
 
 
@@ -303,45 +519,62 @@ def paysupport(support_text: str, charges: list[tuple[str, int, str]]) -> str:
     """`charges`: (date, stars, charge id) of the user's last payments."""
     text = support_text.strip()
     if charges:
-        listed = "\n".join(f"• {day}: {stars} {STAR}, charge {cid}" for day, stars, cid in charges)
-        text += f"\n\nYour last payments (quote the charge id when you write):\n{listed}"
+        listed = "\n".join(
+            _("• {day}: {stars} ⭐, charge {charge_id}").format(
+                day=day, stars=stars, charge_id=cid
+            )
+            for day, stars, cid in charges
+        )
+        text += "\n\n" + _(
+            "Your last payments (quote the charge id when you write):\n{payments}"
+        ).format(payments=listed)
     return text
 
 
 def refund_unknown(charge_id: str) -> str:
-    return f"No purchase with charge id {utf16_trim(charge_id, 200)} is recorded."
+    return _("No purchase with charge id {charge_id} is recorded.").format(
+        charge_id=utf16_trim(charge_id, 200)
+    )
 
 
 def refund_already(charge_id: str) -> str:
-    return f"Charge {charge_id} is already refunded."
+    return _("Charge {charge_id} is already refunded.").format(charge_id=charge_id)
 
 
 def refund_refused_balance(user_id: int, balance: int, credits: int) -> str:
-    return (
-        f"Not refunded: user {user_id} has {_credits(balance)} left and this purchase gave "
-        f"{_credits(credits)}. A refund takes the credits back and a balance can't go below "
+    return _(
+        "Not refunded: user {user_id} has {balance} left and this purchase gave "
+        "{credits}. A refund takes the credits back and a balance can't go below "
         "zero. /grant them first if you want to refund anyway."
-    )
+    ).format(user_id=user_id, balance=_credits(balance), credits=_credits(credits))
 
 
 def refund_failed(charge_id: str, error: str) -> str:
-    return f"Telegram didn't refund charge {charge_id}: {utf16_trim(error, 300)}. Nothing changed."
-
-
-def refund_done(charge_id: str, user_id: int, stars: int, balance: int) -> str:
-    return (
-        f"Refunded charge {charge_id}: {stars} {STAR} back to user {user_id}; "
-        f"their balance is now {_credits(balance)}."
+    return _("Telegram didn't refund charge {charge_id}: {error}. Nothing changed.").format(
+        charge_id=charge_id, error=utf16_trim(error, 300)
     )
 
 
+def refund_done(charge_id: str, user_id: int, stars: int, balance: int) -> str:
+    return _(
+        "Refunded charge {charge_id}: {stars} ⭐ back to user {user_id}; "
+        "their balance is now {balance}."
+    ).format(charge_id=charge_id, stars=stars, user_id=user_id, balance=_credits(balance))
+
+
 def refund_notice(stars: int, balance: int) -> str:
-    return f"{stars} {STAR} were refunded to you. Your balance: {_credits(balance)}."
+    return _("{stars} ⭐ were refunded to you. Your balance: {balance}.").format(
+        stars=stars, balance=_credits(balance)
+    )
 
 
 def grant_done(user_id: int, credits: int, balance: int) -> str:
-    return f"Gave user {user_id} {_credits(credits)}; their balance is now {_credits(balance)}."
+    return _("Gave user {user_id} {credits}; their balance is now {balance}.").format(
+        user_id=user_id, credits=_credits(credits), balance=_credits(balance)
+    )
 
 
 def granted_notice(credits: int, balance: int) -> str:
-    return f"You got {_credits(credits)} from the bot's owner. Your balance: {_credits(balance)}."
+    return _("You got {credits} from the bot's owner. Your balance: {balance}.").format(
+        credits=_credits(credits), balance=_credits(balance)
+    )

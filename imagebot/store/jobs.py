@@ -96,8 +96,8 @@ class JobStore:
                 "INSERT INTO jobs (kind, status, phase, update_id, chat_id, user_id, chat_type,"
                 " command_message_id, prompt, input_file_id, input_file_size, input_width,"
                 " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
-                " updated_at) VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?, ?)",
+                " updated_at, language) VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.kind.value,
                     new.update_id,
@@ -116,6 +116,7 @@ class JobStore:
                     new.cost_estimate_usd,
                     stamp,
                     stamp,
+                    new.language,
                 ),
             )
             if after_insert is not None:
