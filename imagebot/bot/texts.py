@@ -418,7 +418,9 @@ def language_set(language: str) -> str:
 def language_unknown(wanted: str) -> str:
     return _("I don't speak {wanted} yet. I can speak: {languages}.").format(
         wanted=utf16_trim(wanted, 32),
-        languages=", ".join(f"{name} ({code})" for code, name in LANGUAGES.items()),
+        languages=", ".join(
+            f"{name} ({code.replace('_', '-').lower()})" for code, name in LANGUAGES.items()
+        ),
     )
 
 
