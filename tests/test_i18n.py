@@ -301,4 +301,4 @@ async def test_a_job_ending_after_a_restart_speaks_its_requesters_language(
         await wait_until(lambda: any("не выполнена" in t for t in telegram.texts(CHAT)))
     failed = next(t for t in telegram.texts(CHAT) if "не выполнена" in t)
     assert failed.startswith("Увы, задача 1 не выполнена:")
-    assert failed.endswith("В дневной лимит она не засчитана.")
+    assert failed.endswith("В дневной лимит она не засчитана.")  # noqa: RUF001 - Russian
