@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,13 @@ from telegram import Bot
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, ContextTypes
 
+from imagebot.bot import texts
 from imagebot.bot.context import SERVICES_KEY, BotContext
 from imagebot.bot.handlers import register
+from imagebot.bot.menus import build_menus, publish
 from imagebot.botapi import AiohttpBotRequest
 from imagebot.config import Settings
+from imagebot.control import Control
 from imagebot.credits import Credits
 from imagebot.delivery import Delivery
 from imagebot.errors import ConfigError, StartupError, StoreError
@@ -38,6 +43,7 @@ from imagebot.media import (
 from imagebot.metrics import Metrics
 from imagebot.models import ImageFile, Job, JobKind
 from imagebot.netguard import AddressGuard, Resolver, system_resolver
+from imagebot.network import Network
 from imagebot.ops_server import OpsServer, OpsState
 from imagebot.pipeline import Pipeline
 from imagebot.policy import Policy
@@ -51,6 +57,7 @@ from imagebot.results import ResultFiles
 from imagebot.runtime import freeze_startup_objects, thaw_startup_objects
 from imagebot.services import Services
 from imagebot.stars import Stars
+from imagebot.store.access import AccessStore
 from imagebot.store.db import Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
@@ -84,7 +91,9 @@ class App:
             self.stop_event.set()
 
 
-def _providers(settings: Settings, fetcher: GuardedFetcher) -> dict[JobKind, ImageProvider]:
+def _providers(
+    settings: Settings, fetcher: GuardedFetcher, network: Network
+) -> dict[JobKind, ImageProvider]:
     generate: ImageProvider
     if settings.generate.provider == "replicate":
         assert settings.replicate_api_token is not None
@@ -92,13 +101,19 @@ def _providers(settings: Settings, fetcher: GuardedFetcher) -> dict[JobKind, Ima
             settings.replicate,
             settings.replicate_api_token.get_secret_value(),
             fetcher.fetch_image,
+            transport=network.httpx_transport(),
         )
     else:
         generate = LocalProvider()
     edit: ImageProvider
     if settings.edit.provider == "fal":
         assert settings.fal_key is not None
-        edit = FalProvider(settings.fal, settings.fal_key.get_secret_value(), fetcher.fetch_image)
+        edit = FalProvider(
+            settings.fal,
+            settings.fal_key.get_secret_value(),
+            fetcher.fetch_image,
+            transport=network.httpx_transport(),
+        )
     else:
         edit = generate if isinstance(generate, LocalProvider) else LocalProvider()
     return {JobKind.GENERATE: generate, JobKind.EDIT: edit}
@@ -112,6 +127,15 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     store = JobStore(db)
     tg = settings.telegram
     timeout = tg.request_timeout_s
+    # proxy + CA bundle for every outgoing client (ConfigError for a CA file gone bad since)
+    network = Network.from_settings(settings)
+    log.info(
+        "network_configured",
+        proxy=network.proxy.display if network.proxy else None,
+        ca_file=str(settings.network.ca_file) if settings.network.ca_file else None,
+        ssl_cert_file=os.environ.get("SSL_CERT_FILE") or None,
+        media_via_proxy=settings.media.via_proxy and network.proxy is not None,
+    )
     application = (
         Application.builder()
         .token(settings.bot_token)
@@ -125,9 +149,12 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
                 read_timeout=timeout,
                 pool_timeout=timeout,
                 media_read_timeout=max(60.0, timeout),
+                connector=network.aiohttp_connector,
             )
         )
-        .get_updates_request(AiohttpBotRequest(connection_pool_size=2))
+        .get_updates_request(
+            AiohttpBotRequest(connection_pool_size=2, connector=network.aiohttp_connector)
+        )
         .rate_limiter(TelegramRateLimiter(tg, on_flood_wait=lambda _: metrics.telegram_429.inc()))
         .context_types(ContextTypes(context=BotContext))
         .concurrent_updates(PerChatUpdateProcessor(inbox))
@@ -142,8 +169,9 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         max_pixels=settings.media.max_pixels,
         timeout_s=settings.media.timeout_s,
         max_redirects=settings.media.max_redirects,
+        transport=network.httpx_transport(proxied=settings.media.via_proxy),
     )
-    providers = _providers(settings, fetcher)
+    providers = _providers(settings, fetcher, network)
     delivery = Delivery(application.bot)
     progress = Progress(delivery, store, settings.progress)
     results = ResultFiles(settings.storage.results_dir)
@@ -187,7 +215,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         on_fatal=lambda why: app_ref[0].request_stop(why, exit_code=2),
     )
     policy = Policy(settings)
-    credits, stars = _credits(settings, application, db, store, policy, metrics, delivery)
+    credits, stars = _credits(settings, application, db, store, policy, metrics, delivery, network)
     if credits is not None and stars is not None:
         pipeline.on_final = credits.settle
         intake.direct["pre_checkout_query"] = stars.answer_pre_checkout
@@ -205,6 +233,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         intake=intake,
         credits=credits,
         stars=stars,
+        control=Control(AccessStore(db), policy),
     )
     application.bot_data[SERVICES_KEY] = services
     register(application)
@@ -221,6 +250,7 @@ def _credits(
     policy: Policy,
     metrics: Metrics,
     delivery: Delivery,
+    network: Network,
 ) -> tuple[Credits | None, Stars | None]:
     """Credits and Stars when `credits.enabled` (otherwise nothing changes)."""
     if not settings.credits.enabled:
@@ -235,9 +265,15 @@ def _credits(
         base_url=tg.bot_url,
         base_file_url=tg.file_url,
         request=AiohttpBotRequest(
-            connection_pool_size=8, read_timeout=8.0, pool_timeout=2.0, connect_timeout=5.0
+            connection_pool_size=8,
+            read_timeout=8.0,
+            pool_timeout=2.0,
+            connect_timeout=5.0,
+            connector=network.aiohttp_connector,
         ),
-        get_updates_request=AiohttpBotRequest(connection_pool_size=1),
+        get_updates_request=AiohttpBotRequest(
+            connection_pool_size=1, connector=network.aiohttp_connector
+        ),
     )
     stars = Stars(
         settings=settings,
@@ -273,6 +309,37 @@ async def _start_credits(app: App) -> None:
     # APScheduler cannot start a repeating job "now": the start-up pass is its own job.
     job_queue.run_once(reconcile, 0, name="stars-reconcile-startup")
     job_queue.run_repeating(reconcile, interval, name="stars-reconcile")
+
+
+async def _start_control(app: App) -> None:
+    """Re-read the database allowlist and pause every few seconds (the shell may change them
+    while the bot runs), and set the "/" command menus that changed since the last start."""
+    services = app.services
+    control = services.control
+    assert control is not None
+    bot = app.application.bot
+    await control.remember_username(bot.username)
+    job_queue = app.application.job_queue
+    assert job_queue is not None
+
+    async def refresh(_: object) -> None:
+        unbind_all()
+        try:
+            await control.refresh()
+        except (sqlite3.Error, StoreError) as exc:
+            log.warning("access_refresh_failed", error=str(exc))
+
+    job_queue.run_repeating(
+        refresh, services.settings.access.refresh_interval_s, name="access-refresh"
+    )
+    # Before updates are taken: no call at all when no list changed since the last start;
+    # a Telegram failure is logged and the scope tried again at the next start.
+    try:
+        # one menu per scope for every language, then one per scope and translated language
+        languages = (None, *texts.menu_language_codes())
+        await publish(bot, control.access, build_menus(services.settings, languages))
+    except (sqlite3.Error, StoreError) as exc:
+        log.warning("command_menu_failed", error=str(exc))
 
 
 async def _initialize(app: App) -> None:
@@ -367,6 +434,8 @@ async def run(app: App) -> int:
     try:
         await _make_results_dir(settings.storage.results_dir)
         applied = await migrate(services.db)
+        assert services.control is not None
+        await services.control.load()  # allowlist and pause before any update is handled
         app.state.heartbeat.start()
         await app.ops.start()
         log.info(
@@ -382,6 +451,7 @@ async def run(app: App) -> int:
             await app.application.start()
             _schedule_maintenance(app)
             await _start_credits(app)
+            await _start_control(app)
             await services.runner.recover()
             await services.intake.replay()
             freeze_startup_objects()

@@ -8,9 +8,11 @@ maps them: timeouts → TimedOut, other transport errors → NetworkError.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import aiohttp_socks
 from telegram._utils.defaultvalue import DefaultValue
 from telegram.error import NetworkError, TimedOut
 from telegram.request import BaseRequest, RequestData
@@ -32,6 +34,7 @@ class AiohttpBotRequest(BaseRequest):
         read_timeout: float | None = 20.0,
         pool_timeout: float | None = 20.0,
         media_read_timeout: float | None = 60.0,
+        connector: Callable[[int], aiohttp.BaseConnector] | None = None,
     ) -> None:
         self._pool_size = connection_pool_size
         self._connect_timeout = connect_timeout
@@ -39,6 +42,8 @@ class AiohttpBotRequest(BaseRequest):
         self._pool_timeout = pool_timeout
         self._media_read_timeout = media_read_timeout
         self._session: aiohttp.ClientSession | None = None
+        # builds the pool's connector from its size: imagebot.network's (proxy, CA bundle)
+        self._connector = connector
 
     @property
     def read_timeout(self) -> float | None:
@@ -47,7 +52,9 @@ class AiohttpBotRequest(BaseRequest):
     async def initialize(self) -> None:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._pool_size),
+                connector=self._connector(self._pool_size)
+                if self._connector is not None
+                else aiohttp.TCPConnector(limit=self._pool_size),
                 headers={"User-Agent": self.USER_AGENT},
                 trust_env=False,
             )
@@ -91,7 +98,10 @@ class AiohttpBotRequest(BaseRequest):
         try:
             async with self._session.request(method, url, data=data, timeout=timeout) as resp:
                 return resp.status, await resp.read()
-        except TimeoutError as exc:
+        except (TimeoutError, aiohttp_socks.ProxyTimeoutError) as exc:
             raise TimedOut from exc
         except aiohttp.ClientError as exc:
             raise NetworkError(f"aiohttp.{type(exc).__name__}: {exc}") from exc
+        except (aiohttp_socks.ProxyConnectionError, aiohttp_socks.ProxyError) as exc:
+            # the configured proxy refused or could not be reached: as unreachable as Telegram
+            raise NetworkError(f"proxy: {type(exc).__name__}: {exc}") from exc

@@ -1,4 +1,5 @@
-"""Command line: `imagebot [--polling|--webhook] [--config PATH]`, `imagebot check-config`.
+"""Command line: `imagebot [--polling|--webhook] [--config PATH]`, `imagebot check-config`,
+and the operator's shell controls `imagebot users allow|deny|list` and `imagebot invite`.
 
 A configuration problem prints one line naming the setting and exits with code 2, before
 anything touches the network. A setting the machine refuses at start-up (a port already in
@@ -7,6 +8,10 @@ and the address or path and exits with code 1, as a database problem does: the f
 right and the machine about to change (the other program on the port stops, a disk gets
 mounted), so systemd's Restart=on-failure tries again, while exit 2 is in
 RestartPreventExitStatus because only an edit of the configuration can fix it.
+
+`users` and `invite` work on the bot's database (same config, no token needed) while the bot
+runs: SQLite in WAL mode with a busy timeout takes both, and the running bot picks the
+change up within `access.refresh_interval_s`.
 """
 
 from __future__ import annotations
@@ -37,9 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=["run", "check-config"],
+        choices=["run", "check-config", "users", "invite"],
         default="run",
-        help="run the bot (default) or validate the configuration and print it",
+        help="run the bot (default), validate the configuration and print it, "
+        "`users allow <id>|deny <id>|list`, or `invite` (a link that lets its opener in)",
+    )
+    parser.add_argument("args", nargs="*", metavar="ARG", help="users: allow <id>|deny <id>|list")
+    parser.add_argument(
+        "--uses", type=int, default=None, metavar="N", help="invite: how many people (1)"
+    )
+    parser.add_argument(
+        "--hours", type=float, default=None, metavar="H", help="invite: valid this long (72)"
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -87,6 +100,7 @@ def effective_settings(settings: Settings) -> dict[str, object]:
         "fal_key",
         "webhook_secret",
         "ops_token",
+        "proxy_url",
     ):
         data[key] = "**********" if data.get(key) else None
     return data
@@ -107,10 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Opt in to PTB's timedelta durations now: its RetryAfter warns on every flood wait
     # otherwise (imagebot reads both forms).
     os.environ.setdefault("PTB_TIMEDELTA", "true")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)
     if args.version:
         print(f"imagebot {__version__}")  # noqa: T201
         return 0
+    if args.command in ("users", "invite"):
+        return _shell(parser, args)
+    if args.args:
+        parser.error(f"unexpected argument: {args.args[0]}")
     try:
         settings = load_settings(args.config, mode=args.mode)
     except ConfigError as exc:
@@ -136,3 +155,124 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         _error("database error", exc)
         return 1
+
+
+# -- the operator's shell controls (issue 19) ----------------------------------------------
+
+
+def _shell_request(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[str, int | None]:
+    """(action, user id) from the arguments; a usage error exits 2 through argparse."""
+    if args.command == "invite":
+        if args.args:
+            parser.error("invite takes no arguments: imagebot invite [--uses N] [--hours H]")
+        from imagebot.control import MAX_INVITE_HOURS, MAX_INVITE_USES
+
+        if args.uses is not None and not 1 <= args.uses <= MAX_INVITE_USES:
+            parser.error(f"--uses must be 1-{MAX_INVITE_USES}")
+        if args.hours is not None and not 0 < args.hours <= MAX_INVITE_HOURS:
+            parser.error(f"--hours must be more than 0 and at most {MAX_INVITE_HOURS:g}")
+        return "invite", None
+    if args.uses is not None or args.hours is not None:
+        parser.error("--uses and --hours go with `imagebot invite`")
+    match args.args:
+        case ["list"]:
+            return "list", None
+        case ["allow" | "deny" as action, user_id] if user_id.isascii() and user_id.isdigit():
+            if not 0 < int(user_id) < 2**63:
+                parser.error("a Telegram user id is a positive number")
+            return action, int(user_id)
+    parser.error("usage: imagebot users allow <user id> | users deny <user id> | users list")
+    raise AssertionError("argparse's error() exits")
+
+
+def _shell(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    action, user_id = _shell_request(parser, args)
+    try:
+        settings = load_settings(args.config, secrets=False)
+    except ConfigError as exc:
+        _error("configuration error", exc)
+        return EXIT_CONFIG
+    # Logs (the admin_action audit line) on stderr: stdout is the answer, for scripts.
+    configure_logging(
+        fmt=args.log_format or settings.logs.format,
+        level=settings.logs.level,
+        secrets=settings.secret_values(),
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(_shell_run(settings, action, user_id, args))
+    except StoreError as exc:
+        _error("database error", exc)
+        return 1
+
+
+async def _shell_run(
+    settings: Settings, action: str, user_id: int | None, args: argparse.Namespace
+) -> int:
+    from imagebot.control import DEFAULT_INVITE_HOURS, DEFAULT_INVITE_USES, Control, invite_link
+    from imagebot.policy import Policy
+    from imagebot.store.access import AccessStore, used_today_by_user
+    from imagebot.store.db import Database, utcnow
+    from imagebot.store.migrate import migrate
+    from imagebot.store.usage import day_start
+
+    db = Database(settings.storage.database, synchronous=settings.storage.synchronous)
+    await db.open()
+    try:
+        await migrate(db)  # the first run may come before the bot ever started
+        policy = Policy(settings)
+        control = Control(AccessStore(db), policy)
+        await control.load()
+        later = f"the running bot picks it up within {settings.access.refresh_interval_s:g} s"
+        if action == "invite":
+            uses = args.uses or DEFAULT_INVITE_USES
+            hours = args.hours or DEFAULT_INVITE_HOURS
+            code, made = await control.invite(uses=uses, hours=hours, admin_id=None)
+            link = invite_link(control.bot_username, code)
+            print(link or f"/start {code}")  # noqa: T201
+            note = "" if link else " (send it to the bot: its @username is known once it ran)"
+            expires = made.expires_at.strftime("%Y-%m-%d %H:%M")
+            _say(f"invite #{made.id}: {uses} use(s), valid until {expires} UTC{note}")
+            return 0
+        if action == "list":
+            access = settings.access
+            used = await used_today_by_user(db, day_start(utcnow()))
+            print("user_id\tallowed_by\tadded_at\trequests_today")  # noqa: T201
+            for uid in sorted(set(access.admins)):
+                print(f"{uid}\tconfig (admin)\t-\t{used.get(uid, 0)}")  # noqa: T201
+            for uid in sorted(set(access.users) - set(access.admins)):
+                print(f"{uid}\tconfig\t-\t{used.get(uid, 0)}")  # noqa: T201
+            for user in await control.access.allowed():
+                how = user.source.value + (f" {user.added_by}" if user.added_by else "")
+                added = user.added_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+                print(f"{user.user_id}\t{how}\t{added}\t{used.get(user.user_id, 0)}")  # noqa: T201
+            if access.open:
+                _say("access.open = true: anyone may use the bot")
+            return 0
+        assert user_id is not None
+        role = policy.config_role(user_id)
+        if action == "allow":
+            if role is not None:
+                _say(f"{user_id} is listed in config.toml already")
+            elif await control.allow(user_id, admin_id=None):
+                _say(f"{user_id} may use the bot now ({later})")
+            else:
+                _say(f"{user_id} may use the bot already")
+            return 0
+        if role is not None:
+            key = "access.admins" if role == "admin" else "access.users"
+            _error("not changed", ValueError(f"{user_id} is listed in config.toml ({key})"))
+            return 1
+        if await control.deny(user_id, admin_id=None) is None:
+            _say(f"{user_id} was not on the list")
+        else:
+            _say(f"{user_id} may no longer use the bot ({later})")
+        return 0
+    finally:
+        await db.close()
+
+
+def _say(text: str) -> None:
+    print(f"imagebot: {text}", file=sys.stderr)  # noqa: T201

@@ -10,11 +10,13 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -33,6 +35,7 @@ from imagebot.errors import ConfigError
 DEFAULT_TELEGRAM_API = "https://api.telegram.org"
 SECRET_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+MODEL_REF_RE = re.compile(r"[\w.-]+/[\w.-]+(:[0-9a-f]{16,64})?")
 
 # Backend parameters the user must never set: the user's text and photo go in these.
 RESERVED_PARAMS = frozenset({"prompt", "image", "image_url", "image_urls", "input_image"})
@@ -126,6 +129,8 @@ class AccessSettings(Section):
     admins: list[int] = []
     chats: list[int] = []
     refusal_notice_interval_s: float = Field(3600, ge=0)
+    # how often the bot re-reads the database allowlist and pause (set from another process)
+    refresh_interval_s: float = Field(2.0, gt=0, le=3600)
 
 
 class LimitsSettings(Section):
@@ -143,6 +148,11 @@ class LimitsSettings(Section):
 
 
 ParamValue = str | int | float | bool
+
+# [generate.shapes] when the operator names none: plain names -> aspect ratios
+DEFAULT_SHAPES = {"square": "1:1", "portrait": "3:4", "landscape": "4:3"}
+# ids of styles and names of shapes: they travel in button data (64 bytes at most)
+CHOICE_ID_RE = re.compile(r"[a-z0-9-]{1,32}")
 
 
 class OperationSettings(Section):
@@ -170,6 +180,27 @@ class GenerateSettings(OperationSettings):
         "aspect_ratio": "1:1",
         "output_format": "png",
     }
+    # plain shape names users pick (/settings, buttons under results) -> the model's ratio
+    shapes: dict[str, str] = dict(DEFAULT_SHAPES)
+    # how many images a user may ask for per request (the default is params.num_outputs)
+    max_images: int = Field(1, ge=1, le=4)
+    # how long a 🎨 Remix question waits for the user's reply with the new description
+    remix_reply_window_s: float = Field(86400, gt=0)
+
+    @field_validator("shapes")
+    @classmethod
+    def _shapes(cls, shapes: dict[str, str]) -> dict[str, str]:
+        for name, ratio in shapes.items():
+            if not CHOICE_ID_RE.fullmatch(name):
+                raise _Problem(f"generate.shapes.{name}", "a shape name must be 1-32 of a-z 0-9 -")
+            if not re.fullmatch(r"[1-9][0-9]{0,2}:[1-9][0-9]{0,2}", str(ratio)):
+                raise _Problem(f"generate.shapes.{name}", 'must be a ratio like "3:4"')
+        return shapes
+
+    @property
+    def most_images(self) -> int:
+        """The largest image count a user may choose (never below the operator's default)."""
+        return max(self.max_images, self.outputs_per_job)
 
 
 class EditSettings(OperationSettings):
@@ -192,7 +223,7 @@ class ReplicateSettings(Section):
     @field_validator("model")
     @classmethod
     def _model_ref(cls, value: str) -> str:
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+(:[0-9a-f]{16,64})?", value):
+        if not MODEL_REF_RE.fullmatch(value):
             raise ValueError("must be 'owner/name' or 'owner/name:<version id>'")
         return value
 
@@ -225,6 +256,8 @@ class MediaSettings(Section):
     max_pixels: int = Field(40_000_000, ge=10_000)
     timeout_s: float = Field(30, gt=0)
     max_redirects: int = Field(3, ge=0, le=10)
+    # downloads from the vendors' CDNs also go through network.proxy (SSRF checks still local)
+    via_proxy: bool = False
 
     @field_validator("allowed_private_networks")
     @classmethod
@@ -254,6 +287,8 @@ class DeliverySettings(Section):
     check_interval_s: float = Field(5.0, gt=0, le=300)  # how often due retries are started
     # idle bots prove the database still takes writes this often (for /healthz)
     write_probe_interval_s: float = Field(30.0, gt=0, le=3600)
+    # send every result photo hidden under a spoiler (tap to reveal), e.g. for group chats
+    spoiler: bool = False
 
 
 class LogSettings(Section):
@@ -315,6 +350,107 @@ class CreditsSettings(Section):
         return next((p for p in self.packs if p.id == pack_id), None)
 
 
+class StyleSettings(Section):
+    """One [[styles]] entry: a look users pick with /style (a model, a prompt suffix, params)."""
+
+    id: str
+    name: str = Field(min_length=1, max_length=32)  # what users see on the button
+    model: str | None = None  # "owner/name" or "owner/name:<version>"; None = replicate.model
+    prompt_suffix: str = Field("", max_length=500)  # appended to the user's prompt
+    params: dict[str, ParamValue] = {}  # merged over generate.params (clamped the same way)
+
+    @field_validator("id")
+    @classmethod
+    def _style_id(cls, value: str) -> str:
+        if not CHOICE_ID_RE.fullmatch(value):
+            raise ValueError("must be 1-32 of a-z 0-9 -")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _style_model(cls, value: str | None) -> str | None:
+        if value is not None and not MODEL_REF_RE.fullmatch(value):
+            raise ValueError("must be 'owner/name' or 'owner/name:<version id>'")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _style_params(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+        return clamp_params(params)
+
+
+PROXY_SCHEMES = ("http", "socks5", "socks5h")
+
+
+def check_proxy_url(url: str) -> None:
+    """Raise ValueError when `url` is not `scheme://[user[:password]@]host:port`.
+
+    The message never repeats the URL: it may hold a password.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in PROXY_SCHEMES:
+        raise ValueError(
+            f"must start with one of {', '.join(s + '://' for s in PROXY_SCHEMES)} "
+            "(e.g. socks5://127.0.0.1:1080 or http://proxy:3128)"
+        )
+    if not parts.hostname:
+        raise ValueError("has no host (e.g. socks5://127.0.0.1:1080)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    if not port:
+        raise ValueError("needs a port (e.g. socks5://127.0.0.1:1080 or http://proxy:3128)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be only scheme://host:port (no path or query)")
+
+
+def check_ca_bundle(path: Path) -> None:
+    """Raise ValueError unless `path` is a readable PEM file holding at least one certificate."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        raise ValueError(f"file not found: {path}") from None
+    except PermissionError:
+        raise ValueError(f"cannot read {path}: permission denied") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a PEM file") from None
+    except ssl.SSLError as exc:
+        raise ValueError(f"{path} holds no usable PEM certificate ({exc.reason})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+
+
+class NetworkSettings(Section):
+    """How outgoing connections leave the host: an optional proxy and an extra CA bundle."""
+
+    # every Bot API and vendor API call goes through it (socks5://host:port, http://host:port);
+    # a URL with a password belongs in IMAGEBOT_PROXY_URL
+    proxy: str = ""
+    # PEM bundle trusted on top of the system's and certifi's (a TLS-inspecting proxy's CA)
+    ca_file: Path | None = None
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            check_proxy_url(value)
+            if urlsplit(value).password is not None:
+                raise ValueError(
+                    "must not hold a password (config files get shared): "
+                    "put the whole URL in IMAGEBOT_PROXY_URL instead"
+                )
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            check_ca_bundle(value)
+        return value
+
+
 class Settings(BaseSettings):
     """All of imagebot's settings; secrets come from their own environment variables."""
 
@@ -340,12 +476,16 @@ class Settings(BaseSettings):
     logs: LogSettings = LogSettings()
     credits: CreditsSettings = CreditsSettings()
     delivery: DeliverySettings = DeliverySettings()
+    styles: list[StyleSettings] = []  # [[styles]]: the first is the default; none = one look
+    network: NetworkSettings = NetworkSettings()
 
     telegram_bot_token: SecretStr | None = Field(None, validation_alias="TELEGRAM_BOT_TOKEN")
     replicate_api_token: SecretStr | None = Field(None, validation_alias="REPLICATE_API_TOKEN")
     fal_key: SecretStr | None = Field(None, validation_alias="FAL_KEY")
     webhook_secret: SecretStr | None = Field(None, validation_alias="IMAGEBOT_WEBHOOK_SECRET")
     ops_token: SecretStr | None = Field(None, validation_alias="IMAGEBOT_OPS_TOKEN")
+    # the proxy URL with its credentials (overrides network.proxy, which must then agree)
+    proxy_url: SecretStr | None = Field(None, validation_alias="IMAGEBOT_PROXY_URL")
 
     @classmethod
     def settings_customise_sources(
@@ -361,8 +501,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
-        _check_secrets(self)
+        if _SECRETS_NEEDED.get():
+            _check_secrets(self)
+        _check_styles(self)
+        _check_network(self)
         return self
+
+    def style(self, style_id: str | None) -> StyleSettings | None:
+        """The style with this id, else the default (the first), else None (no styles)."""
+        found = next((s for s in self.styles if s.id == style_id), None)
+        return found or (self.styles[0] if self.styles else None)
 
     def secret_values(self) -> list[str]:
         """Every configured secret, for the log redactor."""
@@ -372,8 +520,20 @@ class Settings(BaseSettings):
             self.fal_key,
             self.webhook_secret,
             self.ops_token,
+            self.proxy_url,
         )
-        return [s.get_secret_value() for s in secrets if s and s.get_secret_value()]
+        found = [s.get_secret_value() for s in secrets if s and s.get_secret_value()]
+        password = urlsplit(self.proxy_url.get_secret_value()).password if self.proxy_url else None
+        if password:  # as written in the URL and as sent to the proxy
+            found += sorted({password, unquote(password)})
+        return found
+
+    @property
+    def effective_proxy(self) -> str:
+        """The proxy every outgoing API call uses ('' for none): IMAGEBOT_PROXY_URL first."""
+        if self.proxy_url is not None and self.proxy_url.get_secret_value().strip():
+            return self.proxy_url.get_secret_value().strip()
+        return self.network.proxy
 
     @property
     def bot_token(self) -> str:
@@ -382,6 +542,9 @@ class Settings(BaseSettings):
 
 
 _CLI_OVERRIDES: ContextVar[dict[str, Any] | None] = ContextVar("cli_overrides", default=None)
+# False for shell commands that only touch the database (`imagebot users`, `imagebot invite`):
+# they need the same storage settings as the bot, not its token or the vendors' keys.
+_SECRETS_NEEDED: ContextVar[bool] = ContextVar("secrets_needed", default=True)
 
 
 class _CliOverrides(PydanticBaseSettingsSource):
@@ -450,6 +613,41 @@ def _check_secrets(s: Settings) -> None:
             raise _Problem(f"{op}.params.{reserved[0]}", "comes from the user, not from config")
 
 
+def _check_styles(s: Settings) -> None:
+    seen: set[str] = set()
+    for n, style in enumerate(s.styles):
+        if style.id in seen:
+            raise _Problem(f"styles[{n}].id", f"{style.id!r} is used by another style")
+        seen.add(style.id)
+        reserved = sorted(RESERVED_PARAMS & style.params.keys())
+        if reserved:
+            raise _Problem(f"styles[{n}].params.{reserved[0]}", "comes from the user, not config")
+
+
+def _check_network(s: Settings) -> None:
+    if s.proxy_url is not None and s.proxy_url.get_secret_value().strip():
+        secret = s.proxy_url.get_secret_value().strip()
+        try:
+            check_proxy_url(secret)
+        except ValueError as exc:
+            raise _Problem("IMAGEBOT_PROXY_URL", str(exc)) from None
+        if s.network.proxy:
+            ours, theirs = urlsplit(s.network.proxy), urlsplit(secret)
+            where = (ours.scheme, ours.hostname, ours.port)
+            if where != (theirs.scheme, theirs.hostname, theirs.port):
+                raise _Problem(
+                    "IMAGEBOT_PROXY_URL",
+                    "names another proxy than network.proxy: make them agree, or leave "
+                    "network.proxy empty",
+                )
+    cert_file = os.environ.get("SSL_CERT_FILE", "")
+    if cert_file:
+        try:
+            check_ca_bundle(Path(cert_file))
+        except ValueError as exc:
+            raise _Problem("SSL_CERT_FILE", str(exc)) from None
+
+
 def clamp_params(params: Mapping[str, ParamValue]) -> dict[str, ParamValue]:
     """Clamp known numeric backend parameters into the vendor's accepted range."""
     out: dict[str, ParamValue] = {}
@@ -515,18 +713,25 @@ def _format_error(exc: ValidationError) -> ConfigError:
     if isinstance(inner, _Problem):
         return ConfigError(inner.key, inner.problem)
     key = ".".join(loc) or "config"
+    if len(loc) >= 2 and loc[0] == "styles" and loc[1].isdigit():
+        key = ".".join([f"styles[{loc[1]}]", *loc[2:]])  # as the operator wrote [[styles]]
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "is not a known setting"
     return ConfigError(key, message)
 
 
-def load_settings(config_path: str | Path | None = None, *, mode: str | None = None) -> Settings:
-    """Read config.toml (or --config / IMAGEBOT_CONFIG) plus the environment; raise ConfigError."""
+def load_settings(
+    config_path: str | Path | None = None, *, mode: str | None = None, secrets: bool = True
+) -> Settings:
+    """Read config.toml (or --config / IMAGEBOT_CONFIG) plus the environment; raise ConfigError.
+
+    `secrets=False` skips the checks of the token and keys (for database-only commands)."""
     path = _config_path(config_path)
     data: dict[str, Any] = _read_toml(path) if path else {}
     _default_paths(data)
     token = _CLI_OVERRIDES.set({"telegram": {"mode": mode}} if mode else {})
+    need = _SECRETS_NEEDED.set(secrets)
     try:
         return Settings(**data)
     except ValidationError as exc:
@@ -534,6 +739,7 @@ def load_settings(config_path: str | Path | None = None, *, mode: str | None = N
     except SettingsError as exc:  # an IMAGEBOT_* list/table value that is not JSON
         raise _env_json_error(exc) from None
     finally:
+        _SECRETS_NEEDED.reset(need)
         _CLI_OVERRIDES.reset(token)
 
 

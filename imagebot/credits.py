@@ -67,26 +67,33 @@ class Credits:
         op = getattr(self.settings, kind.value, None)
         return max(1, int(getattr(op, "outputs_per_job", 1)))
 
-    def job_cost(self, kind: JobKind) -> int:
-        """Credits a paid job reserves: the per-image price times the images it asks for."""
-        return self.cost_per_image(kind) * self.images_per_job(kind)
+    def job_cost(self, kind: JobKind, images: int | None = None) -> int:
+        """Credits a paid job reserves: the per-image price times the images it asks for
+        (`images`, default the operation's usual count)."""
+        count = self.images_per_job(kind) if images is None else max(1, images)
+        return self.cost_per_image(kind) * count
 
     # -- creating a job (these run on the writer thread, inside its transaction) -----------
 
     def decide(
-        self, user_id: int, kind: JobKind, counters: Counters, now: datetime
+        self,
+        user_id: int,
+        kind: JobKind,
+        counters: Counters,
+        now: datetime,
+        images: int | None = None,
     ) -> JobDecision:
         """The policy's decision, except that a cap refusal becomes `Paid` when credits are
         on and the operation has a price (whether the balance covers it is checked next,
-        in `after_insert`, in the same transaction)."""
-        decision = self.policy.decide(user_id, kind, counters, now)
+        in `after_insert`, in the same transaction). `images`: what the job asks for."""
+        decision = self.policy.decide(user_id, kind, counters, now, images)
         if decision.allowed or decision.reason is not Reason.CAP or not self.enabled:
             return decision
-        cost = self.job_cost(kind)
+        cost = self.job_cost(kind, images)
         if cost <= 0:
             return decision
         spend_cap = self.settings.limits.daily_spend_usd
-        estimate = self.policy.cost_estimate(kind)
+        estimate = self.policy.cost_estimate(kind, images)
         if spend_cap and counters.spent_today_usd + estimate > spend_cap:
             tomorrow = day_start(now) + timedelta(days=1)
             return Decision(
@@ -119,8 +126,11 @@ class Credits:
         if job.status is not JobStatus.SUCCEEDED:
             return 0, f"job {job.id} {job.status.value}: credits returned"
         per_image = self.cost_per_image(job.kind)
-        wanted = self.images_per_job(job.kind)
-        delivered = len(job.result_file_ids) if job.result_file_ids else wanted
+        wanted = job.images_asked or self.images_per_job(job.kind)
+        if job.images_delivered is not None:  # withheld images are not paid for
+            delivered = job.images_delivered
+        else:
+            delivered = len(job.result_file_ids) if job.result_file_ids else wanted
         kept = min(reserved, per_image * min(delivered, wanted))
         if kept < reserved:
             return kept, f"job {job.id} delivered {delivered} of {wanted} images"

@@ -23,6 +23,7 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 
 from imagebot.bot import texts
+from imagebot.bot.callbacks import Button, ButtonData
 from imagebot.errors import DeliveryError
 from imagebot.models import ImageFile
 
@@ -83,6 +84,38 @@ def result_keyboard(job_id: int, image_count: int) -> InlineKeyboardMarkup:
         ],
     ]
     return InlineKeyboardMarkup(rows)
+
+
+def choice_rows(job_id: int, shapes: Sequence[str]) -> list[list[InlineKeyboardButton]]:
+    """Under a result: one button per shape (the same prompt again in that shape), and
+    🎨 Remix (a new description, the same style, shape and count)."""
+    rows: list[list[InlineKeyboardButton]] = []
+    if shapes:
+        rows.append(
+            [
+                InlineKeyboardButton(
+                    texts.shape_label(name),
+                    callback_data=ButtonData(Button.SHAPE, job_id, name=name).encode(),
+                )
+                for name in shapes[:8]  # a keyboard row holds at most 8 buttons
+            ]
+        )
+    rows.append(
+        [
+            InlineKeyboardButton(
+                texts.BUTTON_REMIX, callback_data=ButtonData(Button.REMIX, job_id).encode()
+            )
+        ]
+    )
+    return rows
+
+
+def _with_rows(
+    keyboard: InlineKeyboardMarkup, rows: Sequence[Sequence[InlineKeyboardButton]]
+) -> InlineKeyboardMarkup:
+    if not rows:
+        return keyboard
+    return InlineKeyboardMarkup([*keyboard.inline_keyboard, *rows])
 
 
 def cancel_keyboard(job_id: int) -> InlineKeyboardMarkup:
@@ -181,27 +214,41 @@ class Delivery:
         *,
         caption: str,
         reply_to: int | None,
+        extra_rows: Sequence[Sequence[InlineKeyboardButton]] = (),
+        spoiler: bool = False,
     ) -> Sent:
         """One photo with buttons; an album and a button message for several; documents for
-        images over the photo limits."""
+        images over the photo limits. `extra_rows` go under the usual buttons; `spoiler`
+        hides every photo until tapped (documents cannot be hidden)."""
         photos = [img for img in images if fits_as_photo(img)]
         documents = [img for img in images if not fits_as_photo(img)]
         message_ids: list[int] = []
         file_ids: list[str] = []
-        keyboard = result_keyboard(job_id, len(images))
+        keyboard = _with_rows(result_keyboard(job_id, len(images)), extra_rows)
+        hidden = True if spoiler else None  # None: the parameter is not sent at all
         with telegram_errors():
             if len(images) == 1:
                 image = images[0]
                 name = f"imagebot-{job_id}.{image.extension}"
-                send = self.bot.send_photo if photos else self.bot.send_document
-                message = await send(
-                    chat_id,
-                    image.data,
-                    filename=name,
-                    caption=caption,
-                    reply_parameters=_reply_to(reply_to),
-                    reply_markup=keyboard,
-                )
+                if photos:
+                    message = await self.bot.send_photo(
+                        chat_id,
+                        image.data,
+                        filename=name,
+                        caption=caption,
+                        reply_parameters=_reply_to(reply_to),
+                        reply_markup=keyboard,
+                        has_spoiler=hidden,
+                    )
+                else:
+                    message = await self.bot.send_document(
+                        chat_id,
+                        image.data,
+                        filename=name,
+                        caption=caption,
+                        reply_parameters=_reply_to(reply_to),
+                        reply_markup=keyboard,
+                    )
                 return Sent([message.message_id], [_photo_file_id(message)])
             for start in range(0, len(photos), ALBUM_MAX):
                 chunk = photos[start : start + ALBUM_MAX]
@@ -213,6 +260,7 @@ class Delivery:
                         filename=f"imagebot-{job_id}-{start}.{chunk[0].extension}",
                         caption=first_caption,
                         reply_parameters=_reply_to(reply_to),
+                        has_spoiler=hidden,
                     )
                     sent: Sequence[Message] = (message,)
                 else:
@@ -223,6 +271,7 @@ class Delivery:
                                 img.data,
                                 filename=f"imagebot-{job_id}-{start + n}.{img.extension}",
                                 caption=first_caption if n == 0 else None,
+                                has_spoiler=hidden,
                             )
                             for n, img in enumerate(chunk)
                         ],

@@ -80,8 +80,23 @@ class Job:
     deliver_after: str | None = None
     delivery_attempts: int = 0
     delivery_waiting_since: str | None = None
+    # schema 7: what the user chose (style, shape, count) and what the job ran with
+    style_id: str | None = None
+    model: str | None = None  # vendor model ref; None = the provider's configured one
+    prompt_suffix: str = ""  # the style's words, added to the prompt sent to the vendor
+    shape: str | None = None
+    images_asked: int | None = None  # None: a job made in code without a row (tests)
+    images_delivered: int | None = None  # None until delivered
+    images_withheld: int = 0  # asked for, but withheld by the provider's safety filter
     # schema 10: the catalog the job's texts are in (its requester's language); None: English
     language: str | None = None
+
+    @property
+    def images_counted(self) -> int:
+        """Images this job counts against caps: those delivered once known, else those asked."""
+        if self.images_delivered is not None:
+            return self.images_delivered
+        return self.images_asked or 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +118,11 @@ class NewJob:
     input_width: int | None = None
     input_height: int | None = None
     parent_job_id: int | None = None
+    style_id: str | None = None
+    model: str | None = None
+    prompt_suffix: str = ""
+    shape: str | None = None
+    images_asked: int = 1
     language: str | None = None  # the requester's language (texts.current_language())
 
 
@@ -118,6 +138,8 @@ class ProviderRequest:
     image_mime: str | None = None
     # where the vendor may POST when the request finishes (a wake-up, see hints.py)
     notify_url: str | None = None
+    # the vendor model to run (a style's); None = the provider's configured model
+    model: str | None = None
 
 
 class PollState(StrEnum):

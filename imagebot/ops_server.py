@@ -104,6 +104,12 @@ async def healthz(request: web.Request) -> web.Response:
     # Each provider's circuit breaker (closed / open / half_open). An open circuit does not
     # make the bot unready: it answers users, and a restart would not fix the vendor.
     body["circuits"] = services.runner.pipeline.breakers.states()
+    # An admin's /pause (new requests refused, running ones finish): ready all the same.
+    control = services.control
+    if control is not None:
+        body["paused"] = control.paused
+        if control.paused:
+            body["pause_message"] = control.pause_state.message
     if not writes:
         body["database_write_error"] = services.db.writes.last_error
     if database:

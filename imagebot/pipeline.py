@@ -21,7 +21,7 @@ from tenacity import RetryCallState
 from imagebot.bot import texts
 from imagebot.breaker import CIRCUIT_OPEN, Breakers, is_vendor_failure
 from imagebot.config import Settings
-from imagebot.delivery import Delivery, Sent
+from imagebot.delivery import Delivery, Sent, choice_rows
 from imagebot.errors import (
     DeliveryError,
     MediaError,
@@ -138,7 +138,9 @@ class Pipeline:
             result = await self._wait(job, provider, poll_first=resumed)
             images = await self._fetch(job, provider, result)
             paths = await self.results.save(job.id, images)
-            await self.set(job, phase=Phase.FETCHED, result_paths=paths)
+            await self.set(
+                job, phase=Phase.FETCHED, result_paths=paths, **self._image_counts(job, images)
+            )
         else:
             images = await self.results.load(job.result_paths)
         await critical(self._deliver(job, images))
@@ -206,12 +208,27 @@ class Pipeline:
         return ProviderRequest(
             job_id=job.id,
             kind=job.kind,
-            prompt=job.prompt,
+            prompt=job.prompt + job.prompt_suffix,  # the style's words, recorded on the row
             params=dict(job.params),
             image=image.data if image else None,
             image_mime=image.mime if image else None,
             notify_url=self.hints.url_for(job.id),
+            model=job.model,
         )
+
+    def _image_counts(self, job: Job, images: list[ImageFile]) -> dict[str, Any]:
+        """What a job with these images counts: a provider whose safety filter dropped some
+        outputs (Replicate's FLUX does, silently) gave fewer than asked; caps, spend and
+        credits count only those delivered, and the user is told about the rest."""
+        asked = job.images_asked or len(images)
+        withheld = max(0, asked - len(images))
+        values: dict[str, Any] = {"images_delivered": len(images), "images_withheld": withheld}
+        if withheld:
+            per_image = job.cost_estimate_usd / asked if asked else 0.0
+            values["cost_estimate_usd"] = round(per_image * len(images), 6)
+            self.metrics.provider_errors.labels(job.provider, "safety_withheld").inc(withheld)
+            log.warning("images_withheld", asked=asked, delivered=len(images), withheld=withheld)
+        return values
 
     def deadline_monotonic(self, job: Job) -> float:
         if not job.deadline_at:
@@ -363,8 +380,15 @@ class Pipeline:
                     job.chat_id,
                     job.id,
                     images,
-                    caption=texts.caption(job.prompt),
+                    caption=texts.result_caption(
+                        job.prompt,
+                        _style_name(self.settings, job),
+                        job.images_withheld,
+                        job.images_asked or len(images),
+                    ),
                     reply_to=job.command_message_id,
+                    extra_rows=choice_rows(job.id, _rerun_shapes(self.settings, job)),
+                    spoiler=self.settings.delivery.spoiler,
                 )
         assert sent is not None
         finished = await self.store.finish(
@@ -539,6 +563,19 @@ class Pipeline:
             delivery_attempts=attempt,
             delivery_waiting_since=iso(since),
         )
+
+
+def _style_name(settings: Settings, job: Job) -> str | None:
+    """The style a result was made in, for its caption (when the operator has styles)."""
+    found = next((s for s in settings.styles if s.id == job.style_id), None)
+    return found.name if found else None
+
+
+def _rerun_shapes(settings: Settings, job: Job) -> list[str]:
+    """The shapes offered under a generated result (the same prompt again in that shape)."""
+    if job.kind is not JobKind.GENERATE:
+        return []
+    return list(settings.generate.shapes)
 
 
 _NOT_WAITING: dict[str, Any] = {

@@ -49,6 +49,9 @@ class Policy:
         self._admins = frozenset(settings.access.admins)
         self._users = frozenset(settings.access.users)
         self._chats = frozenset(settings.access.chats)
+        # Users let in from the chat, the shell or an invite (the database's allowed_users),
+        # kept here by imagebot/control.py so no update waits for a database read.
+        self._listed: frozenset[int] = frozenset()
 
     def is_admin(self, user_id: int) -> bool:
         return user_id in self._admins
@@ -59,8 +62,21 @@ class Policy:
             self.settings.access.open
             or user_id in self._admins
             or user_id in self._users
+            or user_id in self._listed
             or chat_id in self._chats
         )
+
+    def set_listed(self, user_ids: frozenset[int]) -> None:
+        """Replace the database-backed part of the allowlist (one assignment: atomic)."""
+        self._listed = user_ids
+
+    def config_role(self, user_id: int) -> str | None:
+        """ "admin" or "user" when config.toml lists `user_id` (read-only there), else None."""
+        if user_id in self._admins:
+            return "admin"
+        if user_id in self._users:
+            return "user"
+        return None
 
     def clean_text(self, text: str | None) -> tuple[str, Decision]:
         """Normalise a prompt or instruction and check it; returns (clean text, decision)."""
@@ -75,12 +91,23 @@ class Policy:
             return clean, Decision(False, Reason.INPUT, "too_long", limit=limit, used=len(clean))
         return clean, ALLOW
 
-    def cost_estimate(self, kind: JobKind) -> float:
+    def cost_estimate(self, kind: JobKind, images: int | None = None) -> float:
+        """What a job of `images` images (default: the operation's usual count) may cost."""
         op = self.settings.generate if kind is JobKind.GENERATE else self.settings.edit
-        return round(op.cost_per_image_usd * op.outputs_per_job, 6)
+        count = op.outputs_per_job if images is None else images
+        return round(op.cost_per_image_usd * count, 6)
 
-    def decide(self, user_id: int, kind: JobKind, counters: Counters, now: datetime) -> Decision:
-        """Rate limit, daily cap and spend cap for one new job (admins bypass all three)."""
+    def decide(
+        self,
+        user_id: int,
+        kind: JobKind,
+        counters: Counters,
+        now: datetime,
+        images: int | None = None,
+    ) -> Decision:
+        """Rate limit, daily cap and spend cap for one new job of `images` images (admins
+        bypass all three). Caps count images: the job must fit in what is left today
+        (`images` defaults to the operation's usual count)."""
         if self.is_admin(user_id):
             return ALLOW
         limits = self.settings.limits
@@ -96,21 +123,23 @@ class Policy:
                 limit=limits.rate_per_minute,
                 used=len(recent),
             )
-        cap = (
-            self.settings.generate if kind is JobKind.GENERATE else self.settings.edit
-        ).daily_cap
-        if counters.used_today >= cap:
+        op = self.settings.generate if kind is JobKind.GENERATE else self.settings.edit
+        images = op.outputs_per_job if images is None else max(1, images)
+        cap = op.daily_cap
+        if counters.used_today + images > cap:
             tomorrow = day_start(now) + timedelta(days=1)
             return Decision(
                 False,
                 Reason.CAP,
-                "cap" if cap else "disabled",
+                # "cap_images": some are left today, but fewer than this request asks for
+                "disabled" if not cap else "cap_images" if counters.used_today < cap else "cap",
                 retry_after_s=(tomorrow - now).total_seconds(),
                 limit=cap,
                 used=counters.used_today,
             )
         spend_cap = limits.daily_spend_usd
-        if spend_cap and counters.spent_today_usd + self.cost_estimate(kind) > spend_cap:
+        estimate = self.cost_estimate(kind, images)
+        if spend_cap and counters.spent_today_usd + estimate > spend_cap:
             tomorrow = day_start(now) + timedelta(days=1)
             return Decision(
                 False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from imagebot.config import Settings
+from imagebot.control import Control
 from imagebot.credits import Credits
 from imagebot.delivery import Delivery
 from imagebot.intake import Intake
@@ -34,3 +35,4 @@ class Services:
     intake: Intake
     credits: Credits | None = None  # credits.enabled: prices, reservations (issue 18)
     stars: Stars | None = None  # credits.enabled: invoices, payments, refunds
+    control: Control | None = None  # allowlist in the database, invites, pause (issue 19)

@@ -1,10 +1,7 @@
 -- imagebot schema 10: the language each user speaks with the bot (issue 19).
--- A user's choice by /language; without a row, their Telegram language_code decides.
-CREATE TABLE user_languages (
-    user_id    INTEGER PRIMARY KEY,
-    language   TEXT NOT NULL,   -- a catalog name: en, ru, es, pt_BR
-    updated_at TEXT NOT NULL
-);
+-- A user's choice by /language, beside their other choices; NULL: their Telegram
+-- language_code decides.
+ALTER TABLE user_prefs ADD COLUMN language TEXT;   -- a catalog name: en, ru, es, pt_BR
 
 -- The language a job's texts (status line, caption, failure notice) are in: its requester's
 -- when it was made, so a job finishing after a restart still speaks it. NULL: English.

@@ -431,14 +431,22 @@ async def test_a_lost_payment_is_credited_by_reconciliation(
         await wait_until(lambda: len(texts_with(telegram, "received")) == 5)
         offsets = [c.params.get("offset") for c in telegram.calls_of("getStarTransactions")]
         assert {0, 2, 4} <= set(offsets)
-        (cursor,) = db_rows(app, "SELECT next_offset FROM star_sync")
-        assert cursor[0] == len(telegram.star_transactions)
-        unreconciled = db_rows(
-            app,
-            "SELECT charge_id FROM credit_ledger"
-            " WHERE kind = 'purchase' AND reconciled_at IS NULL",
+        # The cursor is saved after the pass has credited what it read: wait for that write.
+        await wait_until(
+            lambda: (
+                [tuple(r) for r in db_rows(app, "SELECT next_offset FROM star_sync")]
+                == [(len(telegram.star_transactions),)]
+            )
         )
-        assert unreconciled == []
+        await wait_until(
+            lambda: (
+                not db_rows(
+                    app,
+                    "SELECT charge_id FROM credit_ledger"
+                    " WHERE kind = 'purchase' AND reconciled_at IS NULL",
+                )
+            )
+        )
 
 
 async def test_pre_checkout_is_answered_in_time_under_load(

@@ -57,7 +57,8 @@ def placeholders(text: str) -> list[str]:
 
 
 def emoji(text: str) -> list[str]:
-    return sorted(ch for ch in text if unicodedata.category(ch) == "So")
+    """Pictographs and dingbats (not letterlike symbols such as №)."""
+    return sorted(ch for ch in text if unicodedata.category(ch) == "So" and ord(ch) >= 0x2300)
 
 
 def catalog(language: str) -> Any:
@@ -201,6 +202,8 @@ async def test_russian_user_gets_russian_start_help_status_and_result(
         await wait_until(lambda: len(telegram.texts(CHAT)) == 2)
         send(telegram, "/generate рыжая лиса")
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
+        # the status line goes once the result is there
+        await wait_until(lambda: any(m.deleted for m in telegram.messages(CHAT, True)))
     start, help_text = telegram.texts(CHAT)[:2]
     assert start.startswith("Привет, Alice! Я рисую картинки")
     assert help_text.startswith("Что я умею:") and "/generate <описание>" in help_text
@@ -209,7 +212,9 @@ async def test_russian_user_gets_russian_start_help_status_and_result(
     assert (status[0].text or "").endswith("(задача 1)")
     photo = telegram.photos(CHAT)[0]
     assert photo.caption == "рыжая лиса"
-    assert buttons(photo) == ["🔁 Ещё раз", "✏️ Изменить", "📎 Оригинал"]
+    shown = buttons(photo)
+    assert shown[:3] == ["🔁 Ещё раз", "✏️ Изменить", "📎 Оригинал"]
+    assert "🎨 Ремикс" in shown and "Вертикальный" in shown
     assert [r["language"] for r in rows(db_path(app))] == ["ru"]
 
 
@@ -226,7 +231,7 @@ async def test_language_command_switches_and_survives_a_restart(
         send(telegram, "/start")
         await wait_until(lambda: len(telegram.texts(CHAT)) == 2)
     assert telegram.texts(CHAT)[1].startswith("Hi Alice! I draw pictures")
-    stored = rows(db_path(app), "SELECT user_id, language FROM user_languages")
+    stored = rows(db_path(app), "SELECT user_id, language FROM user_prefs")
     assert [tuple(r) for r in stored] == [(CHAT, "en")]
 
 
@@ -247,7 +252,7 @@ async def test_language_buttons_choose_and_forged_ones_change_nothing(
         telegram.push_update(speaking_as(forged, "pt-br"))
         await wait_until(lambda: len(telegram.answered_callbacks) == 1)
         assert telegram.answered_callbacks[0].get("text") == "Este botão expirou."
-        assert rows(db_path(app), "SELECT * FROM user_languages") == []
+        assert rows(db_path(app), "SELECT * FROM user_prefs WHERE language IS NOT NULL") == []
         press = updates.callback_query(
             "lang:es", message=updates.bot_message_dict(menu), user_id=CHAT
         )
@@ -302,3 +307,26 @@ async def test_a_job_ending_after_a_restart_speaks_its_requesters_language(
     failed = next(t for t in telegram.texts(CHAT) if "не выполнена" in t)
     assert failed.startswith("Увы, задача 1 не выполнена:")
     assert failed.endswith("В дневной лимит она не засчитана.")  # noqa: RUF001 - Russian
+
+
+async def test_command_menus_are_set_per_language(bot, telegram: FakeTelegram) -> None:
+    """At start the "/" menu is set once for every language (English) and once per translated
+    language with its two-letter language_code; Brazilian Portuguese serves "pt"."""
+    async with bot():
+        pass
+
+    def described(language: str) -> dict[str, str]:
+        menu = telegram.command_menus.get(("default", language), [])
+        return {c["command"]: c["description"] for c in menu}
+
+    assert described("")["generate"] == "Draw an image from a description"
+    assert described("ru")["generate"] == "Нарисовать картинку по описанию"
+    assert described("es")["language"] == "Elegir el idioma"
+    assert described("pt")["help"] == "O que eu sei fazer"
+    assert set(described("ru")) == set(described(""))
+    assert {lang for scope, lang in telegram.command_menus if scope == "default"} == {
+        "",
+        "es",
+        "pt",
+        "ru",
+    }

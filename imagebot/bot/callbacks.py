@@ -14,6 +14,9 @@ handler and before the /edit conversation can see the press). A press acts only 
   on or sends to: a press in chat B naming a job of chat A is refused, even from A's
   requester, so no file of A ever reaches B.
 
+The choice buttons of /style and /settings name no job but the user whose choices they set
+(`p<s|h|c>:<user id>:<value>`): only that user may press them (`ChoiceData`, `ChoicePress`).
+
 A refused press gets a short answer (the little notice on the presser's screen), a log line
 for the operator (`button_refused` with the reason), and changes nothing: nothing is sent to
 any chat, no job is made, no provider is called. New buttons (e.g. payments) add a `Button`
@@ -25,16 +28,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from telegram import Message, Update
 from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop, BaseHandler, CallbackQueryHandler
 
 from imagebot.bot import texts
-from imagebot.bot.context import BotContext
 from imagebot.logs import get_logger
 from imagebot.models import Job
+
+if TYPE_CHECKING:
+    # Only for annotations: delivery.py encodes button data with this module, and the
+    # context (through services) imports delivery.
+    from imagebot.bot.context import BotContext
 
 log = get_logger(__name__)
 
@@ -42,6 +49,10 @@ MAX_DATA_BYTES = 64  # Telegram's limit for callback_data: anything longer was n
 MAX_JOB_ID = 2**63 - 1  # SQLite's INTEGER; a bigger number would overflow the query
 MAX_INDEX = 99  # an album has at most 10 images
 _SHAPE = re.compile(r"([a-z]):([1-9][0-9]{0,18})(?::([0-9]{1,2}|\*))?", re.ASCII)
+# a job button naming a choice by name (h:<job>:<shape name>)
+_NAMED = re.compile(r"([a-z]):([1-9][0-9]{0,18}):([a-z0-9-]{1,32})", re.ASCII)
+# a choice button of /style or /settings: p<field>:<user id>:<value>
+_CHOICE = re.compile(r"p([shc]):([1-9][0-9]{0,18}):([a-z0-9-]{1,32})", re.ASCII)
 
 
 class Button(StrEnum):
@@ -51,12 +62,15 @@ class Button(StrEnum):
     EDIT = "e"
     ORIGINAL = "o"
     CANCEL = "x"
+    REMIX = "r"  # 🎨 Remix: ask for a new description, same style, shape and count
+    SHAPE = "h"  # Square / Portrait / …: the same prompt again in that shape
 
 
 class _Index(StrEnum):
     NONE = "none"  # a:<job>, x:<job>
     ONE = "one"  # e:<job>:<n>
     ONE_OR_ALL = "one_or_all"  # o:<job>:<n> or o:<job>:*
+    NAME = "name"  # h:<job>:<shape name>
 
 
 _INDEX = {
@@ -64,6 +78,8 @@ _INDEX = {
     Button.CANCEL: _Index.NONE,
     Button.EDIT: _Index.ONE,
     Button.ORIGINAL: _Index.ONE_OR_ALL,
+    Button.REMIX: _Index.NONE,
+    Button.SHAPE: _Index.NAME,
 }
 
 
@@ -74,10 +90,13 @@ class ButtonData:
     button: Button
     job_id: int
     index: int | None = None
+    name: str | None = None  # NAME buttons: the choice they name (a shape)
 
     def encode(self) -> str:
         if _INDEX[self.button] is _Index.NONE:
             return f"{self.button.value}:{self.job_id}"
+        if _INDEX[self.button] is _Index.NAME:
+            return f"{self.button.value}:{self.job_id}:{self.name}"
         return f"{self.button.value}:{self.job_id}:{'*' if self.index is None else self.index}"
 
 
@@ -85,6 +104,12 @@ def parse_button_data(data: object) -> ButtonData | None:
     """The button data in a press, or None when it is not exactly what our buttons send."""
     if not isinstance(data, str) or len(data.encode("utf-8", "replace")) > MAX_DATA_BYTES:
         return None
+    named = _NAMED.fullmatch(data)
+    if named is not None and named.group(1) in _NAMED_PREFIXES:
+        job_id = int(named.group(2))
+        if job_id > MAX_JOB_ID:
+            return None
+        return ButtonData(Button(named.group(1)), job_id, name=named.group(3))
     match = _SHAPE.fullmatch(data)
     if match is None:
         return None
@@ -97,6 +122,8 @@ def parse_button_data(data: object) -> ButtonData | None:
     if job_id > MAX_JOB_ID:
         return None
     shape = _INDEX[button]
+    if shape is _Index.NAME:
+        return None  # its name was not a valid one (handled above)
     if shape is _Index.NONE:
         return ButtonData(button, job_id) if index_text is None else None
     if index_text is None or (index_text == "*" and shape is not _Index.ONE_OR_ALL):
@@ -107,6 +134,52 @@ def parse_button_data(data: object) -> ButtonData | None:
     if index > MAX_INDEX or (len(index_text) > 1 and index_text.startswith("0")):
         return None
     return ButtonData(button, job_id, index)
+
+
+_NAMED_PREFIXES = frozenset(b.value for b, shape in _INDEX.items() if shape is _Index.NAME)
+
+
+class Choice(StrEnum):
+    """What a /style or /settings button sets; the value is its data's second letter."""
+
+    STYLE = "s"
+    SHAPE = "h"
+    COUNT = "c"
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceData:
+    """A choice button's data: which choice, for which user, which value (a style id, a shape
+    name or an image count)."""
+
+    choice: Choice
+    user_id: int
+    value: str
+
+    def encode(self) -> str:
+        return f"p{self.choice.value}:{self.user_id}:{self.value}"
+
+
+def parse_choice_data(data: object) -> ChoiceData | None:
+    """The choice in a press, or None when it is not exactly what a choice button sends."""
+    if not isinstance(data, str) or len(data.encode("utf-8", "replace")) > MAX_DATA_BYTES:
+        return None
+    match = _CHOICE.fullmatch(data)
+    if match is None:
+        return None
+    user_id = int(match.group(2))
+    if user_id > MAX_JOB_ID:
+        return None
+    return ChoiceData(Choice(match.group(1)), user_id, match.group(3))
+
+
+@dataclass(frozen=True, slots=True)
+class ChoicePress:
+    """A choice press that passed the check: its presser is the user the buttons belong to."""
+
+    data: ChoiceData
+    chat_id: int
+    message_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +269,42 @@ async def check_press(update: Update, context: BotContext) -> Press | None:
     return Press(data, job, user.id, message.message_id, by_admin=job.user_id != user.id)
 
 
+async def check_choice(update: Update, context: BotContext) -> ChoicePress | None:
+    """Parse a /style or /settings press and check it is the buttons' own user pressing
+    them, on the message that shows them. Accepted presses are kept in
+    `context.choice_press`; refused ones are answered and logged here."""
+    query = update.callback_query
+    user = update.effective_user
+    if query is None or user is None:
+        return None
+    data = parse_choice_data(query.data)
+    if data is None:
+        await _refuse(update, "malformed", texts.BUTTON_EXPIRED)
+        return None
+    message = query.message
+    if message is None:
+        await _refuse(update, "no_message", texts.BUTTON_EXPIRED)
+        return None
+    if isinstance(message, Message):
+        shown = _keyboard_data(message)
+        if shown is not None and query.data not in shown:
+            await _refuse(update, "not_on_message", texts.BUTTON_EXPIRED)
+            return None
+    if data.user_id != user.id:
+        await _refuse(update, "not_owner", texts.NOT_YOUR_CHOICES, alert=True)
+        return None
+    press = ChoicePress(data, message.chat.id, message.message_id)
+    context.choice_press = press
+    return press
+
+
 async def gate(update: Update, context: BotContext) -> None:
     """Handler group -1: a refused press stops here; an accepted one is kept for the handler."""
+    query = update.callback_query
+    if query is not None and isinstance(query.data, str) and query.data.startswith("p"):
+        if await check_choice(update, context) is None:
+            raise ApplicationHandlerStop
+        return
     press = await check_press(update, context)
     if press is None:
         raise ApplicationHandlerStop

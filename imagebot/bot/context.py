@@ -9,7 +9,7 @@ from telegram.ext import CallbackContext, ExtBot
 from imagebot.services import Services
 
 if TYPE_CHECKING:
-    from imagebot.bot.callbacks import Press
+    from imagebot.bot.callbacks import ChoicePress, Press
 
 SERVICES_KEY = "services"
 
@@ -20,6 +20,8 @@ class BotContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], d
     # The button press the gate (bot/callbacks.py) accepted for this update, if any; one
     # context serves every handler group of an update, so the buttons read it here.
     button_press: Press | None = None
+    # a /style or /settings choice press the gate accepted (its presser owns the buttons)
+    choice_press: ChoicePress | None = None
 
     @property
     def services(self) -> Services:

@@ -15,7 +15,7 @@ from telegram.ext import (
     filters,
 )
 
-from imagebot.bot import buttons, callbacks, edit, language, payments, texts
+from imagebot.bot import admin, buttons, callbacks, edit, language, payments, settings_menu, texts
 from imagebot.bot.context import BotContext
 from imagebot.bot.errors import on_error
 from imagebot.bot.requests import (
@@ -25,6 +25,7 @@ from imagebot.bot.requests import (
     reply,
     request_job,
 )
+from imagebot.choices import Choices
 from imagebot.logs import get_logger
 from imagebot.models import JobKind
 from imagebot.policy import Reason
@@ -53,6 +54,11 @@ async def gate(update: Update, context: BotContext) -> None:
     user, chat = update.effective_user, update.effective_chat
     if user is None or chat is None or services.policy.may_use(user.id, chat.id):
         return
+    # An invite link (t.me/<bot>?start=<code>) is the one way in from here.
+    code = admin.start_code(update.message)
+    if code is not None and services.control is not None:
+        await admin.redeem(update, context, code)
+        raise ApplicationHandlerStop
     services.metrics.refusals.labels(Reason.ALLOWLIST.value).inc()
     query = update.callback_query
     if query is not None:
@@ -63,6 +69,7 @@ async def gate(update: Update, context: BotContext) -> None:
         raise ApplicationHandlerStop
     message = update.effective_message
     interval = services.settings.access.refusal_notice_interval_s
+    bootstrap = not services.settings.access.admins  # tell the operator their way in
     # In a group only what is addressed to this bot is refused aloud; the rest is not for us.
     if (
         message is not None
@@ -71,9 +78,9 @@ async def gate(update: Update, context: BotContext) -> None:
     ):
         log.info("request_refused", reason=Reason.ALLOWLIST.value, notice=True)
         if (message.text or "").split("@")[0].split(" ")[0] == "/start":
-            await reply(update, context, texts.start(user.first_name, user.id, allowed=False))
+            await reply(update, context, texts.start(user.first_name, user.id, False, bootstrap))
         else:
-            await reply(update, context, texts.not_allowed(user.id))
+            await reply(update, context, texts.not_allowed(user.id, bootstrap))
     raise ApplicationHandlerStop
 
 
@@ -113,7 +120,16 @@ async def usage(update: Update, context: BotContext) -> None:
         JobKind.GENERATE: services.settings.generate.daily_cap,
         JobKind.EDIT: services.settings.edit.daily_cap,
     }
-    await reply(update, context, texts.usage(counts, caps, services.policy.is_admin(user.id)))
+    await reply(
+        update,
+        context,
+        texts.usage(
+            counts,
+            caps,
+            services.policy.is_admin(user.id),
+            Choices(services.settings).counts_images,
+        ),
+    )
 
 
 async def cancel(update: Update, context: BotContext) -> None:
@@ -164,9 +180,13 @@ def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     if application.bot_data["services"].settings.credits.enabled:
         payments.register_payment_messages(application)  # group -1, ahead of /edit
         payments.register(application)
+    admin.register(application)  # only for access.admins; anyone else: unknown command
+    for handler in settings_menu.handlers():  # /style, /settings, shape and remix buttons
+        application.add_handler(handler)
     for handler in buttons.handlers():
         application.add_handler(handler)
     application.add_handler(edit.stray_media_handler())
+    application.add_handler(settings_menu.reply_handler())  # answers to remix questions
     application.add_handler(MessageHandler(new_messages & filters.COMMAND, unknown_command))
     application.add_handler(
         MessageHandler(

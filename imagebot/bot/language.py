@@ -4,7 +4,7 @@ Handler group -4 (before payments, the stranger check and every answer) sets the
 the update's handlers: the user's stored choice, else their Telegram `language_code`
 (texts.negotiate: pt-br -> pt_BR -> pt -> English). `/language` shows the languages as
 buttons (`lang:<code>`, passed by the button gate as naming no job and checked here against
-the known catalogs); `/language ru` chooses directly. The choice is stored (user_languages)
+the known catalogs); `/language ru` chooses directly. The choice is stored (user_prefs)
 and holds for every later update and job, across restarts.
 """
 

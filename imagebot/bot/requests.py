@@ -14,6 +14,7 @@ from telegram import Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, 
 from imagebot.bot import texts
 from imagebot.bot.context import BotContext
 from imagebot.breaker import CIRCUIT_OPEN
+from imagebot.choices import Choices
 from imagebot.config import CreditPack
 from imagebot.credits import Paid
 from imagebot.errors import DeliveryError
@@ -23,6 +24,7 @@ from imagebot.policy import Decision, Reason
 from imagebot.services import Services
 from imagebot.store.db import utcnow
 from imagebot.store.ledger import NotEnoughCredits
+from imagebot.store.prefs import PrefStore
 from imagebot.store.usage import claim_notice
 
 log = get_logger(__name__)
@@ -88,8 +90,23 @@ async def ensure_access(update: Update, context: BotContext) -> bool:
     log.info("request_refused", reason=Reason.ALLOWLIST.value, user_id=user.id, chat_id=chat.id)
     interval = services.settings.access.refusal_notice_interval_s
     if await claim_notice(services.db, user.id, Reason.ALLOWLIST.value, interval):
-        await reply(update, context, texts.not_allowed(user.id))
+        bootstrap = not services.settings.access.admins
+        await reply(update, context, texts.not_allowed(user.id, bootstrap))
     return False
+
+
+async def refuse_while_paused(update: Update, context: BotContext) -> bool:
+    """An admin paused the bot (/pause): a new request gets their message and no job."""
+    services = context.services
+    control = services.control
+    user = update.effective_user
+    if control is None or not control.paused or user is None:
+        return False
+    services.metrics.refusals.labels("paused").inc()
+    log.info("request_refused", reason="paused", user_id=user.id)
+    is_admin = services.policy.is_admin(user.id)
+    await reply(update, context, texts.paused_notice(control.pause_state.message, is_admin))
+    return True
 
 
 async def refuse(update: Update, context: BotContext, kind: JobKind, decision: Decision) -> None:
@@ -100,6 +117,9 @@ async def refuse(update: Update, context: BotContext, kind: JobKind, decision: D
     retry = decision.retry_after_s or 0.0
     if reason is Reason.RATE:
         text = texts.rate_limited(decision.limit or 0, retry)
+    elif reason is Reason.CAP and decision.code == "cap_images":
+        left = int((decision.limit or 0) - (decision.used or 0))
+        text = texts.cap_too_many(kind, left, retry)
     elif reason is Reason.CAP:
         text = texts.cap_reached(kind, decision.limit or 0, retry, decision.code == "disabled")
     elif reason is Reason.SPEND:
@@ -170,19 +190,32 @@ async def request_job(
     *,
     edit_input: EditInput | None = None,
     parent_job_id: int | None = None,
+    style_id: str | None = None,
+    shape: str | None = None,
+    count: int | None = None,
 ) -> Job | None:
-    """Check and create a job for this update, answer "Generating…", and start it."""
+    """Check and create a job for this update, answer "Generating…", and start it.
+
+    The job runs with the user's stored style, shape and image count, except those given
+    here (a remix or a shape button keeps its job's own)."""
     services = context.services
     user: User | None = update.effective_user
     chat: Chat | None = update.effective_chat
     message = update.effective_message
     if user is None or chat is None or not await ensure_access(update, context):
         return None
+    if await refuse_while_paused(update, context):
+        return None
     prompt, decision = services.policy.clean_text(text)
     if not decision.allowed:
         await refuse(update, context, kind, decision)
         return None
-    provider, params = _operation(context, kind)
+    provider, _ = _operation(context, kind)
+    prefs = await PrefStore(services.db).get(user.id)
+    chosen = Choices(services.settings).resolve(
+        kind, prefs, style_id=style_id, shape=shape, count=count
+    )
+    images = chosen.images
     new = NewJob(
         kind=kind,
         update_id=update.update_id,
@@ -191,14 +224,19 @@ async def request_job(
         chat_type=chat.type,
         prompt=prompt,
         provider=provider,
-        params=params,
-        cost_estimate_usd=services.policy.cost_estimate(kind),
+        params=chosen.params,
+        cost_estimate_usd=services.policy.cost_estimate(kind, images),
         command_message_id=message.message_id if message else None,
         input_file_id=edit_input.file_id if edit_input else None,
         input_file_size=edit_input.file_size if edit_input else None,
         input_width=edit_input.width if edit_input else None,
         input_height=edit_input.height if edit_input else None,
         parent_job_id=parent_job_id,
+        style_id=chosen.style_id,
+        model=chosen.model,
+        prompt_suffix=chosen.prompt_suffix,
+        shape=chosen.shape,
+        images_asked=images,
         language=texts.current_language(),
     )
     now = utcnow()
@@ -208,9 +246,9 @@ async def request_job(
             decision_or_none, job = await services.store.create(
                 new,
                 decide=lambda counters: (
-                    credits.decide(user.id, kind, counters, now)
+                    credits.decide(user.id, kind, counters, now, images)
                     if credits is not None
-                    else services.policy.decide(user.id, kind, counters, now)
+                    else services.policy.decide(user.id, kind, counters, now, images)
                 ),
                 with_spend=services.settings.limits.daily_spend_usd > 0,
                 after_insert=(
@@ -232,7 +270,17 @@ async def request_job(
             return None
         services.metrics.jobs_created.labels(kind.value).inc()
         paid = decision_or_none.credits if isinstance(decision_or_none, Paid) else 0
-        log.info("job_created", job_id=job.id, kind=kind.value, provider=provider, credits=paid)
+        log.info(
+            "job_created",
+            job_id=job.id,
+            kind=kind.value,
+            provider=provider,
+            credits=paid,
+            style=job.style_id,
+            model=job.model,
+            shape=job.shape,
+            images=images,
+        )
         if not services.runner.pipeline.breakers.get(provider).admit(job.id):
             await refuse_while_down(services, job)
             return job

@@ -186,13 +186,13 @@ def utf16_trim(text: str, limit: int) -> str:
     return "".join(out).rstrip() + "…"
 
 
-def start(first_name: str | None, user_id: int, allowed: bool) -> str:
+def start(first_name: str | None, user_id: int, allowed: bool, bootstrap: bool = False) -> str:
     hello = _("Hi {name}!").format(name=first_name) if first_name else _("Hi!")
     if not allowed:
         return _(
             "{hello} This bot is private. Your Telegram user id is {user_id}: "
             "send it to the bot's owner to ask for access."
-        ).format(hello=hello, user_id=user_id)
+        ).format(hello=hello, user_id=user_id) + _operator_way_in(user_id, bootstrap)
     return _(
         "{hello} I draw pictures from your words and edit your photos.\n\n"
         "• /generate a red fox in the snow\n"
@@ -216,6 +216,8 @@ def help_text(max_chars: int) -> str:
         ),
         _("/cancel - stop your running request (or an edit in progress)\n   e.g. /cancel"),
         _("/usage - what you've used today and what's left\n   e.g. /usage"),
+        _("/settings - choose the style, shape and number of images"),
+        _("/style - choose the style"),
         _("/language - choose the language I speak\n   e.g. /language es"),
         _("/help - this message"),
         "",
@@ -304,11 +306,11 @@ def input_problem(code: str | None, limit: float | None, used: float | None, kin
     return _("Tell me what to change, for example:\n/edit make the sky purple")
 
 
-def not_allowed(user_id: int) -> str:
+def not_allowed(user_id: int, bootstrap: bool = False) -> str:
     return _(
         "Sorry, this bot is private. Your Telegram user id is {user_id}: "
         "send it to the bot's owner to ask for access."
-    ).format(user_id=user_id)
+    ).format(user_id=user_id) + _operator_way_in(user_id, bootstrap)
 
 
 def rate_limited(limit: float, retry_after_s: float) -> str:
@@ -342,17 +344,37 @@ def spend_cap_reached(retry_after_s: float) -> str:
     ).format(wait=duration(retry_after_s))
 
 
-def usage(used: dict[JobKind, int], caps: dict[JobKind, int], is_admin: bool) -> str:
+def usage(
+    used: dict[JobKind, int],
+    caps: dict[JobKind, int],
+    is_admin: bool,
+    counts_images: bool = False,
+) -> str:
+    """`counts_images`: users may ask for several images per request, so the limits count
+    images (and the text says so)."""
     lines = [_("Today (UTC):")]
     for kind in JobKind:
-        label = kind_label(kind)
-        if is_admin:
+        if is_admin and counts_images:
+            line = _("• {label}: {used} images used (no limit for admins)")
+        elif is_admin:
             line = _("• {label}: {used} used (no limit for admins)")
+        elif counts_images:
+            line = _("• {label}: {used} of {cap} images used, {left} left")
         else:
             line = _("• {label}: {used} of {cap} used, {left} left")
         lines.append(
             line.format(
-                label=label, used=used[kind], cap=caps[kind], left=max(0, caps[kind] - used[kind])
+                label=kind_label(kind),
+                used=used[kind],
+                cap=caps[kind],
+                left=max(0, caps[kind] - used[kind]),
+            )
+        )
+    if counts_images:
+        lines.append(
+            _(
+                "Each image counts: a request for 3 images uses 3. "
+                "Images the safety filter held back don't count."
             )
         )
     lines.append(_("Failed or canceled requests don't count."))
@@ -580,3 +602,419 @@ def granted_notice(credits: int, balance: int) -> str:
     return _("You got {credits} from the bot's owner. Your balance: {balance}.").format(
         credits=_credits(credits), balance=_credits(balance)
     )
+
+
+# -- the operator's control room: admin commands, invites, pause, menus (issue 19) ---------
+
+
+def _operator_way_in(user_id: int, bootstrap: bool) -> str:
+    """With no admin configured yet, the documented first step for whoever runs the bot
+    (it names only the reader's own id)."""
+    if not bootstrap:
+        return ""
+    return "\n\n" + _(
+        "Running this bot yourself? No admin is set up yet: on the server, run\n"
+        "imagebot users allow {user_id}\n"
+        "(or add your id to access.admins in config.toml to get the admin commands)."
+    ).format(user_id=user_id)
+
+
+def user_commands(credits: bool) -> list[tuple[str, str]]:
+    """The "/" menu everyone sees: (command, description), in the current language."""
+    commands = [
+        ("generate", _("Draw an image from a description")),
+        ("edit", _("Change a photo")),
+        ("cancel", _("Stop your running request")),
+        ("usage", _("What you've used today")),
+        ("settings", _("Style, shape and number of images")),
+        ("style", _("Choose a style")),
+        ("language", _("Choose the language")),
+        ("help", _("What I can do")),
+    ]
+    if credits:
+        commands += [
+            ("buy", _("Buy credits with Telegram Stars")),
+            ("balance", _("Your credits")),
+        ]
+    return commands
+
+
+def admin_commands(credits: bool) -> list[tuple[str, str]]:
+    """The admins' extra entries in their own "/" menu, in the current language."""
+    commands = [
+        ("allow", _("Let a user in (id, or reply to them)")),
+        ("deny", _("Take a user's access away")),
+        ("users", _("Who may use the bot")),
+        ("invite", _("Make an invite link: [uses] [hours]")),
+        ("invites", _("Open invites; revoke one")),
+        ("stats", _("Today's numbers")),
+        ("pause", _("Stop taking new requests: [message]")),
+        ("resume", _("Take requests again")),
+    ]
+    if credits:
+        commands += [
+            ("grant", _("Give a user credits")),
+            ("refund", _("Refund a Stars payment")),
+        ]
+    return commands
+
+
+def menu_language_codes() -> list[str]:
+    """The language_code of each translated "/" menu: Telegram takes two-letter ISO 639-1
+    codes there, so pt_BR's menu is the one for every Portuguese app ("pt")."""
+    return sorted({code.partition("_")[0] for code in LANGUAGES if code != DEFAULT_LANGUAGE})
+
+
+PAUSED_DEFAULT = N_(
+    "The bot is taking a short break and isn't taking new requests right now. "
+    "Please try again a bit later."
+)
+ACCESS_GRANTED = N_("Good news: you can use this bot now. Send /help to see what I can do.")
+ALLOW_USAGE = N_(
+    "Usage: /allow <user id>, or reply /allow to a message of the person to let in. "
+    "They can find their id by sending me /start."
+)
+DENY_USAGE = N_("Usage: /deny <user id>, or reply /deny to a message of theirs.")
+INVITE_USAGE = N_(
+    "Usage: /invite [uses] [hours], e.g. /invite 5 24 (default: 1 use, valid 72 hours)."
+)
+INVITES_USAGE = N_(
+    "Usage: /invites to list open invites, /invites revoke <number> to withdraw one."
+)
+NO_INVITES = N_("No open invites. /invite makes one.")
+RESUME_NOT_PAUSED = N_("The bot isn't paused.")
+RESUMED = N_("Resumed: the bot takes new requests again.")
+
+
+def _who(user_id: int, name: str | None) -> str:
+    return f"{user_id} ({name})" if name else str(user_id)
+
+
+def allowed_done(user_id: int, name: str | None) -> str:
+    return _("Done: {who} can use the bot now. /deny {user_id} takes it back.").format(
+        who=_who(user_id, name), user_id=user_id
+    )
+
+
+def allow_already(user_id: int, in_config: bool) -> str:
+    if in_config:
+        return _("{user_id} can use the bot already (listed in config.toml).").format(
+            user_id=user_id
+        )
+    return _("{user_id} can use the bot already.").format(user_id=user_id)
+
+
+def denied_done(user_id: int) -> str:
+    return _("Done: {user_id} can no longer use the bot.").format(user_id=user_id)
+
+
+def deny_config(user_id: int, role: str) -> str:
+    key = "access.admins" if role == "admin" else "access.users"
+    return _(
+        "{user_id} is listed in config.toml ({key}), which I can't change from here. "
+        "Remove them there and restart the bot."
+    ).format(user_id=user_id, key=key)
+
+
+def deny_not_listed(user_id: int) -> str:
+    return _("{user_id} isn't on the list, so there's nothing to take away.").format(
+        user_id=user_id
+    )
+
+
+def users_text(
+    admins: list[int],
+    config_users: list[int],
+    added: list[tuple[int, str | None, str, str]],
+    chats: list[int],
+    used: dict[int, int],
+    is_open: bool,
+) -> str:
+    """`added`: (user id, name, how they got in, date), oldest first; `used`: jobs today."""
+
+    def today(user_id: int) -> str:
+        n = used.get(user_id, 0)
+        return ngettext("{n} request today", "{n} requests today", n).format(n=n)
+
+    def entry(user_id: int) -> str:
+        return _("• {who}: {today}").format(who=user_id, today=today(user_id))
+
+    none = _("• none")
+    lines = []
+    if is_open:
+        lines.append(_("Anyone may use the bot (access.open = true in config.toml)."))
+    lines.append(_("Admins (config.toml):"))
+    lines += [entry(uid) for uid in admins] or [none]
+    lines.append(_("Users (config.toml, read-only here):"))
+    lines += [entry(uid) for uid in config_users] or [none]
+    lines.append(_("Let in here (/deny takes them off):"))
+    lines += [
+        _("• {who}: {how}, {day}; {today}").format(
+            who=_who(uid, name), how=how, day=day, today=today(uid)
+        )
+        for uid, name, how, day in added
+    ] or [none]
+    if chats:
+        lines.append(
+            _("Group chats (config.toml): {chats}").format(chats=", ".join(str(c) for c in chats))
+        )
+    return utf16_trim("\n".join(lines), TEXT_LIMIT)
+
+
+def added_how(source: str, added_by: int | None, invite_id: int | None) -> str:
+    if source == "invite":
+        return _("invite #{number}").format(number=invite_id) if invite_id else _("invite")
+    if source == "shell":
+        return _("from the shell")
+    return _("by {admin_id}").format(admin_id=added_by)
+
+
+def invite_created(link: str | None, code: str, uses: int, expires: str) -> str:
+    if uses == 1:
+        head = _("Invite link (works once, until {expires} UTC):")
+    else:
+        head = ngettext(
+            "Invite link (works {uses} time, until {expires} UTC):",
+            "Invite link (works {uses} times, until {expires} UTC):",
+            uses,
+        )
+    how = link if link else _("Ask them to send me: /start {code}").format(code=code)
+    return (
+        head.format(uses=uses, expires=expires)
+        + f"\n{how}\n\n"
+        + _("Anyone who opens it can use the bot. /invites lists open invites.")
+    )
+
+
+def invites_text(invites: list[tuple[int, int, int, str, int | None]]) -> str:
+    """`invites`: (number, uses left, uses, expiry, made by), newest first."""
+    lines = [_("Open invites:")]
+    for number, left, uses, expires, by in invites:
+        if by:
+            line = _("• #{number}: {left} of {uses} uses left, until {expires} UTC, made by {by}")
+        else:
+            line = _(
+                "• #{number}: {left} of {uses} uses left, until {expires} UTC, made from the shell"
+            )
+        lines.append(line.format(number=number, left=left, uses=uses, expires=expires, by=by))
+    lines.append(_("/invites revoke <number> withdraws one."))
+    return utf16_trim("\n".join(lines), TEXT_LIMIT)
+
+
+def invite_revoked(number: int) -> str:
+    return _("Invite #{number} is withdrawn: its link no longer works.").format(number=number)
+
+
+def invite_revoke_unknown(number: int) -> str:
+    return _("There's no invite #{number}.").format(number=number)
+
+
+def invite_revoke_already(number: int) -> str:
+    return _("Invite #{number} was withdrawn already.").format(number=number)
+
+
+def invite_welcome(first_name: str | None) -> str:
+    hello = _("Welcome, {name}!").format(name=first_name) if first_name else _("Welcome!")
+    return _(
+        "{hello} The invite worked: you can use this bot now.\n\n"
+        "• /generate a red fox in the snow\n"
+        "• send a photo with the caption /edit make it night\n\n"
+        "/help lists everything I can do."
+    ).format(hello=hello)
+
+
+_INVITE_REFUSED = {
+    "used_up": N_("This invite link has been used up."),
+    "expired": N_("This invite link has expired."),
+    "revoked": N_("This invite link was withdrawn."),
+    "unknown": N_("I don't recognize this invite link."),
+}
+
+
+def invite_refused(why: str, user_id: int) -> str:
+    return _(
+        "Sorry! {reason} Ask whoever sent it for a new one. Your Telegram user id is {user_id}."
+    ).format(reason=_(_INVITE_REFUSED.get(why, _INVITE_REFUSED["unknown"])), user_id=user_id)
+
+
+def paused_notice(message: str | None, is_admin: bool) -> str:
+    text = message or _(PAUSED_DEFAULT)  # the operator's own words are sent as written
+    if is_admin:
+        text += "\n\n" + _("(The bot is paused: /resume takes requests again.)")
+    return text
+
+
+def paused_done(message: str | None) -> str:
+    return _(
+        "Paused: new requests are refused, running and queued ones finish. "
+        "Users are told:\n{told}\n\n/resume to take requests again."
+    ).format(told=message or _(PAUSED_DEFAULT))
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return _("{seconds} s").format(seconds=f"{value:.1f}") if value < 10 else duration(value)
+
+
+_STATUSES = {
+    "queued": N_("queued"),
+    "running": N_("running"),
+    "succeeded": N_("succeeded"),
+    "failed": N_("failed"),
+    "canceled": N_("canceled"),
+}
+
+
+def stats_text(
+    total: int,
+    per_kind: dict[str, dict[str, int]],
+    images: int,
+    spend_usd: float,
+    p50_s: float | None,
+    p95_s: float | None,
+    errors: list[tuple[str, int]],
+    queued: int,
+    running: int,
+    paused: bool,
+) -> str:
+    """`per_kind`: kind -> status -> jobs created today."""
+    lines = [
+        ngettext("Today (UTC): {total} request", "Today (UTC): {total} requests", total).format(
+            total=total
+        )
+    ]
+    for kind in JobKind:
+        counts = per_kind.get(kind.value, {})
+        if counts:
+            parts = ", ".join(
+                # TRANSLATORS: a count of jobs in one status, e.g. "3 succeeded".
+                _("{n} {status}").format(n=n, status=_(_STATUSES.get(status, status)))
+                for status, n in sorted(counts.items())
+            )
+            lines.append(f"• {kind_label(kind)}: {parts}")
+    lines.append(_("Images delivered: {images}").format(images=images))
+    lines.append(_("Estimated spend: ${spend}").format(spend=f"{spend_usd:.2f}"))
+    lines.append(
+        _("Time to result: median {p50}, 95% within {p95}").format(
+            p50=seconds(p50_s), p95=seconds(p95_s)
+        )
+    )
+    if errors:
+        listed = ", ".join(f"{code} ({n})" for code, n in errors)
+        lines.append(_("Top errors: {errors}").format(errors=listed))
+    else:
+        lines.append(_("Top errors: none"))
+    lines.append(
+        _("Now: {running} running, {queued} waiting").format(running=running, queued=queued)
+    )
+    if paused:
+        lines.append(_("The bot is paused (/resume)."))
+    return "\n".join(lines)
+
+
+# -- styles, shapes, image counts, remix (issue 17) ----------------------------------------
+
+BUTTON_REMIX = N_("🎨 Remix")
+NOT_YOUR_CHOICES = N_("These buttons belong to someone else. Send /settings for your own.")
+STYLE_CHOOSE = N_("Choose a style for your new images:")
+NO_STYLES = N_("This bot has a single style, so there's nothing to choose.")
+REMIX_ASK = N_(
+    "🎨 Remix: reply to this message with a new description. "
+    "I'll keep the same style, shape and number of images."
+)
+REMIX_PLACEHOLDER = N_("A new description")
+REMIX_EXPIRED = N_("That remix question has expired. Press 🎨 Remix under the picture again.")
+REMIX_NOT_YOURS = N_("That remix question was for someone else.")
+CHOICE_GONE = N_("That choice isn't offered any more. Send /settings to see what is.")
+
+# The shapes a bot has when the operator names none (config.DEFAULT_SHAPES); other names
+# are the operator's own and shown as written.
+_SHAPES = {"square": N_("Square"), "portrait": N_("Portrait"), "landscape": N_("Landscape")}
+
+
+def shape_label(name: str) -> str:
+    """A shape's plain name as users see it: "portrait" -> "Portrait"."""
+    known = _SHAPES.get(name)
+    return _(known) if known else name.replace("-", " ").capitalize()
+
+
+def images_label(count: int) -> str:
+    return ngettext("{count} image", "{count} images", count).format(count=count)
+
+
+def withheld_note(withheld: int, asked: int) -> str:
+    return ngettext(
+        "{withheld} of {asked} images was withheld by the provider's safety filter.",
+        "{withheld} of {asked} images were withheld by the provider's safety filter.",
+        withheld,
+    ).format(withheld=withheld, asked=asked)
+
+
+def result_caption(
+    prompt: str, style_name: str | None = None, withheld: int = 0, asked: int = 0
+) -> str:
+    """The prompt, the style it was made in, and how many images the safety filter kept back."""
+    lines = [prompt]
+    if style_name:
+        lines.append(style_chosen(style_name))
+    if withheld:
+        lines.append(f"⚠️ {withheld_note(withheld, asked)}")
+    if len(lines) == 1:
+        return caption(prompt)
+    tail = "\n" + "\n".join(lines[1:])
+    room = CAPTION_LIMIT - len(tail.encode("utf-16-le")) // 2
+    return utf16_trim(prompt, max(16, room)) + tail
+
+
+def settings_text(style_name: str | None, shape: str | None, count: int, max_count: int) -> str:
+    lines = [_("Your choices for new images:")]
+    if style_name:
+        lines.append(_("• Style: {style}").format(style=style_name))
+    if shape:
+        lines.append(_("• Shape: {shape}").format(shape=shape_label(shape)))
+    else:
+        lines.append(_("• Shape: as the bot is set up"))
+    if max_count > 1:
+        lines.append(_("• Images per request: {count}").format(count=count))
+    lines.append(_("Tap a button to change them."))
+    return "\n".join(lines)
+
+
+def style_chosen(name: str) -> str:
+    return _("Style: {style}").format(style=name)
+
+
+def shape_chosen(name: str) -> str:
+    return _("Shape: {shape}").format(shape=shape_label(name))
+
+
+def count_chosen(count: int) -> str:
+    return ngettext("{count} image per request", "{count} images per request", count).format(
+        count=count
+    )
+
+
+def cap_too_many(kind: JobKind, left: int, retry_after_s: float) -> str:
+    """Some of today's images are left, but fewer than the request asks for."""
+    if kind is JobKind.GENERATE:
+        text = ngettext(
+            "You have {left} image left today for image generations, fewer than this "
+            "request asks for. Choose fewer images in /settings, or try again after "
+            "00:00 UTC (in {wait}).",
+            "You have {left} images left today for image generations, fewer than this "
+            "request asks for. Choose fewer images in /settings, or try again after "
+            "00:00 UTC (in {wait}).",
+            left,
+        )
+    else:
+        text = ngettext(
+            "You have {left} image left today for photo edits, fewer than this "
+            "request asks for. Choose fewer images in /settings, or try again after "
+            "00:00 UTC (in {wait}).",
+            "You have {left} images left today for photo edits, fewer than this "
+            "request asks for. Choose fewer images in /settings, or try again after "
+            "00:00 UTC (in {wait}).",
+            left,
+        )
+    return text.format(left=left, wait=duration(retry_after_s))

@@ -22,7 +22,7 @@ import httpx
 from aiolimiter import AsyncLimiter
 
 from imagebot.config import FalSettings
-from imagebot.errors import ProviderError
+from imagebot.errors import ProviderError, ProviderRejected
 from imagebot.logs import get_logger
 from imagebot.models import ImageFile, PollResult, PollState, ProviderRequest
 from imagebot.providers.base import (
@@ -53,6 +53,21 @@ def _detail(resp: httpx.Response) -> str:
         parts = [f"{d.get('type', '')}: {d.get('msg', '')}" for d in detail if isinstance(d, dict)]
         return "; ".join(parts) or str(detail)
     return str(detail)
+
+
+def _is_policy_violation(resp: httpx.Response) -> bool:
+    """fal's 422 naming `content_policy_violation` in `detail[].type`: its safety checker
+    refused the prompt or the photo (a refusal of this request, never a fault)."""
+    if resp.status_code != 422:
+        return False
+    try:
+        body = resp.json()
+    except ValueError:
+        return False
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return isinstance(detail, list) and any(
+        isinstance(d, dict) and d.get("type") == "content_policy_violation" for d in detail
+    )
 
 
 def _body_request_id(resp: httpx.Response) -> str | None:
@@ -102,6 +117,8 @@ class FalProvider:
 
     @staticmethod
     def _json(resp: httpx.Response, *, submit: bool) -> Any:
+        if _is_policy_violation(resp):
+            raise ProviderRejected(NAME, _detail(resp), code="safety", status=422)
         if resp.status_code >= 400:
             raise error_for_status(
                 NAME,

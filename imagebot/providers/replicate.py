@@ -120,7 +120,15 @@ class ReplicateProvider:
         self._version = version or None
         self._claimed: OrderedDict[str, None] = OrderedDict()
 
+    def _model_of(self, request: ProviderRequest) -> tuple[str, str | None]:
+        """(owner/name, version or None) a request runs: its own (a style's), else config's."""
+        if not request.model:
+            return self._model, self._version
+        model, _, version = request.model.partition(":")
+        return model, version or None
+
     async def submit(self, request: ProviderRequest) -> str:
+        model, version = self._model_of(request)
         payload = {**request.params, "prompt": request.prompt}
         hook: dict[str, Any] = {}
         if request.notify_url:
@@ -129,13 +137,13 @@ class ReplicateProvider:
         try:
             async with self._limiter:
                 with map_transport_errors(NAME, submit=True):
-                    if self._version:
+                    if version:
                         prediction = await self._client.predictions.async_create(
-                            version=self._version, input=payload, **hook
+                            version=version, input=payload, **hook
                         )
                     else:
                         prediction = await self._client.models.predictions.async_create(
-                            model=self._model, input=payload, **hook
+                            model=model, input=payload, **hook
                         )
         except ReplicateError as exc:
             status = exc.status or 500
@@ -178,7 +186,8 @@ class ReplicateProvider:
                         return None
                     raise
                 return self._claim(named)
-            return await self._search(payload, request.notify_url, sent_at - _LOOKUP_SKEW_S)
+            model = self._model_of(request)
+            return await self._search(payload, request.notify_url, sent_at - _LOOKUP_SKEW_S, model)
         except ReplicateError as lookup:
             raise lost_create(NAME, status, f"the lookup failed (HTTP {lookup.status})") from exc
         except (httpx.TransportError, ValueError) as lookup:
@@ -186,7 +195,11 @@ class ReplicateProvider:
             raise lost_create(NAME, status, why) from exc
 
     async def _search(
-        self, payload: dict[str, Any], notify_url: str | None, since: float
+        self,
+        payload: dict[str, Any],
+        notify_url: str | None,
+        since: float,
+        model: tuple[str, str | None],
     ) -> str | None:
         path: str | None = "/v1/predictions"
         params: dict[str, str] | None = {"created_after": _iso(since)}
@@ -204,7 +217,7 @@ class ReplicateProvider:
                 if created is not None and created < since:
                     older = True  # newest first: the rest are older still
                     break
-                if self._is_ours(item, payload, notify_url):
+                if self._is_ours(item, payload, notify_url, model):
                     return self._claim(str(item["id"]))
             path, params = self._next_page(page.get("next")), None
             if older or path is None:
@@ -212,14 +225,19 @@ class ReplicateProvider:
         raise ValueError("too many predictions to search")
 
     def _is_ours(
-        self, item: dict[str, Any], payload: dict[str, Any], notify_url: str | None
+        self,
+        item: dict[str, Any],
+        payload: dict[str, Any],
+        notify_url: str | None,
+        model: tuple[str, str | None],
     ) -> bool:
         pid = item.get("id")
         if not isinstance(pid, str) or not _PREDICTION_ID.fullmatch(pid) or pid in self._claimed:
             return False
-        if self._version and item.get("version") != self._version:
+        name, version = model
+        if version and item.get("version") != version:
             return False
-        if not self._version and item.get("model") not in (None, self._model):
+        if not version and item.get("model") not in (None, name):
             return False
         hook = item.get("webhook")
         if hook is not None and notify_url is not None and hook != notify_url:

@@ -96,8 +96,9 @@ class JobStore:
                 "INSERT INTO jobs (kind, status, phase, update_id, chat_id, user_id, chat_type,"
                 " command_message_id, prompt, input_file_id, input_file_size, input_width,"
                 " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
-                " updated_at, language) VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?, ?, ?, ?, ?)",
+                " updated_at, style_id, model, prompt_suffix, shape, images_asked, language)"
+                " VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.kind.value,
                     new.update_id,
@@ -116,6 +117,11 @@ class JobStore:
                     new.cost_estimate_usd,
                     stamp,
                     stamp,
+                    new.style_id,
+                    new.model,
+                    new.prompt_suffix,
+                    new.shape,
+                    new.images_asked,
                     new.language,
                 ),
             )
@@ -340,6 +346,9 @@ class JobStore:
                 (cutoff,),
             ).fetchall()
             conn.executemany("DELETE FROM jobs WHERE id = ?", [(row["id"],) for row in rows])
+            conn.executemany(
+                "DELETE FROM remix_prompts WHERE job_id = ?", [(row["id"],) for row in rows]
+            )
             return rows
 
         return [_row_to_job(row) for row in await self.db.write(prune)]

@@ -1,4 +1,4 @@
-"""The language each user chose with /language (table user_languages)."""
+"""The language each user chose with /language (user_prefs.language)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from imagebot.store.db import Database, iso, utcnow
 
 async def chosen_language(db: Database, user_id: int) -> str | None:
     """The catalog name the user chose, or None when they never chose."""
-    row = await db.fetchone("SELECT language FROM user_languages WHERE user_id = ?", (user_id,))
-    return str(row["language"]) if row is not None else None
+    row = await db.fetchone("SELECT language FROM user_prefs WHERE user_id = ?", (user_id,))
+    return str(row["language"]) if row is not None and row["language"] else None
 
 
 async def choose_language(db: Database, user_id: int, language: str) -> None:
     """Store the user's choice (it replaces an earlier one)."""
     await db.execute_write(
-        "INSERT INTO user_languages (user_id, language, updated_at) VALUES (?, ?, ?)"
+        "INSERT INTO user_prefs (user_id, language, updated_at) VALUES (?, ?, ?)"
         " ON CONFLICT (user_id) DO UPDATE SET language = excluded.language,"
         " updated_at = excluded.updated_at",
         (user_id, language, iso(utcnow())),

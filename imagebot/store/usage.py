@@ -1,7 +1,9 @@
 """Counters behind the rate limit, daily caps and spend cap, read from the jobs table.
 
-A job holds one unit of its user's daily cap from creation until it fails or is canceled, so
-the counts are simply the user's jobs of today that are not failed or canceled.
+Daily caps count images: a job holds the images it asks for from creation until it fails or
+is canceled (then they return), and once delivered only the images the user got (a provider's
+safety filter may withhold some). So the counts are the images of the user's jobs of today
+that are not failed or canceled. With one image per request that is simply the jobs.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ from imagebot.store.db import Database, iso, parse_iso
 
 RATE_WINDOW = timedelta(minutes=1)
 # A failed or canceled job gives its unit back, so only other jobs count.
+_IMAGES = "coalesce(images_delivered, images_asked)"
 _COUNT_CHARGED = (
-    "SELECT count(*) FROM jobs WHERE created_at >= ? AND status NOT IN ('failed', 'canceled')"
+    f"SELECT coalesce(sum({_IMAGES}), 0) FROM jobs"  # noqa: S608 - a fixed expression
+    " WHERE created_at >= ? AND status NOT IN ('failed', 'canceled')"
 )
 _SPENT = (
     "SELECT coalesce(sum(cost_estimate_usd), 0) FROM jobs"
     " WHERE created_at >= ? AND status NOT IN ('failed', 'canceled')"
 )
 _PER_KIND = (
-    "SELECT kind, count(*) AS n FROM jobs"
+    f"SELECT kind, sum({_IMAGES}) AS n FROM jobs"  # noqa: S608 - a fixed expression
     " WHERE created_at >= ? AND status NOT IN ('failed', 'canceled') AND user_id = ?"
     " GROUP BY kind"
 )
@@ -34,7 +38,7 @@ class Counters:
     """What the policy needs to know about one user's request, read in the write transaction."""
 
     recent_requests: tuple[datetime, ...]  # the user's job creations inside the rate window
-    used_today: int  # the user's charged jobs of this kind since 00:00 UTC
+    used_today: int  # the user's charged images of this kind since 00:00 UTC
     spent_today_usd: float  # estimated spend of every user since 00:00 UTC
 
 
@@ -70,7 +74,7 @@ def read_counters(
 
 
 async def used_today(db: Database, user_id: int, now: datetime) -> dict[JobKind, int]:
-    """The user's charged jobs per kind since 00:00 UTC (for /usage)."""
+    """The user's charged images per kind since 00:00 UTC (for /usage)."""
     rows = await db.fetchall(_PER_KIND, (iso(day_start(now)), user_id))
     counts = dict.fromkeys(JobKind, 0)
     for row in rows:

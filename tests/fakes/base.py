@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -62,15 +63,18 @@ class FakeServer:
         self.callbacks: list[tuple[str, int]] = []
         self._callback_tasks: set[asyncio.Task[None]] = set()
         self.callbacks_enabled = True
+        # serve https with this context when set (before start); `url` says https then
+        self.ssl_context: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self, port: int = 0) -> FakeServer:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, port)
+        site = web.TCPSite(self._runner, self.host, port, ssl_context=self.ssl_context)
         await site.start()
         server = site._server
         assert server is not None

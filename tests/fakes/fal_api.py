@@ -44,6 +44,9 @@ BEHAVIOUR_KEYS = frozenset(
         "image_size",
         "image_format",
         "output_url_base",
+        "withheld",  # images the safety checker drops from the result (fewer than asked)
+        # the submit is refused at once: HTTP 422, detail[].type content_policy_violation
+        "refuse_submit",
     }
 )
 MAX_FETCH_BYTES = 32 * 1024 * 1024
@@ -156,6 +159,8 @@ class FakeFal(FakeServer):
         self.image_size: tuple[int, int] = (64, 64)
         self.image_format = "PNG"
         self.output_url_base: str | None = None
+        self.withheld = 0
+        self.refuse_submit = False
         self.next_behaviours: list[dict[str, Any]] = []
         self.requests: dict[str, FakeFalRequest] = {}
         self.files: dict[str, StoredFile] = {}
@@ -281,6 +286,9 @@ class FakeFal(FakeServer):
             behaviour = self._take_behaviour()
         except ValueError as exc:
             return web.json_response({"detail": f"fake misconfigured: {exc}"}, status=500)
+        if behaviour["refuse_submit"]:
+            return validation_error(["body", "prompt"], POLICY_ERROR, "content_policy_violation")
+        count = max(1, count - max(0, int(behaviour["withheld"])))
         owner, app = request.match_info["owner"], request.match_info["app"]
         job = self._new_request(f"{owner}/{app}", request, data, received, count, behaviour)
         if job.webhook_url:

@@ -39,6 +39,9 @@ BEHAVIOUR_KEYS = frozenset(
         "image_size",
         "image_format",
         "output_url_base",
+        # outputs FLUX's safety checker drops silently (the prediction succeeds with fewer);
+        # all of them dropped fails it with NSFW_ERROR, as cog-flux does
+        "withheld",
     }
 )
 
@@ -174,6 +177,7 @@ class FakeReplicate(FakeServer):
         self.image_size: tuple[int, int] = (64, 64)
         self.image_format = "PNG"
         self.output_url_base: str | None = None
+        self.withheld = 0
         self.next_behaviours: list[dict[str, Any]] = []
         # version id -> "owner/name" reported for version-based creates
         self.version_models: dict[str, str] = {}
@@ -403,6 +407,11 @@ class FakeReplicate(FakeServer):
         ext, content_type = FORMATS[fmt]
         count = inp.get("num_outputs", inp.get("num_images", 1))
         count = count if isinstance(count, int) and count > 0 else 1
+        outcome, error_text = behaviour["outcome"], behaviour["error_text"]
+        withheld = max(0, int(behaviour["withheld"]))
+        if withheld >= count and outcome == "succeeded":
+            outcome, error_text = "failed", NSFW_ERROR
+        count = max(0, count - withheld)
         width, height = behaviour["image_size"]
         prompt = str(inp.get("prompt", ""))
         names, urls = [], []
@@ -422,8 +431,8 @@ class FakeReplicate(FakeServer):
             created=time.time(),
             startup_s=float(behaviour["startup_s"]),
             latency_s=float(behaviour["latency_s"]),
-            outcome=behaviour["outcome"],
-            error_text=behaviour["error_text"],
+            outcome=outcome,
+            error_text=error_text,
             output_urls=urls,
             files=names,
             urls={"get": api, "cancel": f"{api}/cancel", "web": f"{self.url}/p/{pid}"},

@@ -168,6 +168,7 @@ class SentMessage:
     edits: list[dict[str, Any]] = field(default_factory=list)
     sent_at: float = field(default_factory=time.time)
     payload: dict[str, Any] = field(default_factory=dict)  # the Message JSON as last returned
+    has_spoiler: bool = False  # sent with has_spoiler (a photo hidden until tapped)
 
 
 @dataclass
@@ -440,7 +441,12 @@ class FakeTelegram(FakeServer):
         self._outage: tuple[int, frozenset[str] | None] | None = None
         self.outage_answers = 0
         self._init_payments()
-        for name, handler in {**self._method_table(), **self._payment_methods()}.items():
+        self._init_command_menus()
+        for name, handler in {
+            **self._method_table(),
+            **self._payment_methods(),
+            **self._command_menu_methods(),
+        }.items():
             self._methods[name.lower()] = (name, handler)
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle_method)
         self.app.router.add_get("/file/bot{token}/{file_path:.+}", self._handle_file)
@@ -991,6 +997,7 @@ class FakeTelegram(FakeServer):
         media_group_id: str | None = None,
         reply_markup: Any = None,
         content: dict[str, Any] | None = None,
+        has_spoiler: bool = False,
     ) -> SentMessage:
         message_id = _updates.next_message_id()
         now = time.time()
@@ -1010,6 +1017,8 @@ class FakeTelegram(FakeServer):
                 payload["entities"] = params["entities"]
         if content:
             payload.update(content)
+        if has_spoiler:
+            payload["has_media_spoiler"] = True
         if caption is not None:
             payload["caption"] = caption
             if isinstance(params.get("caption_entities"), list):
@@ -1032,6 +1041,7 @@ class FakeTelegram(FakeServer):
             media_group_id=media_group_id,
             sent_at=now,
             payload=payload,
+            has_spoiler=has_spoiler,
         )
         self.chats.setdefault(chat_id, []).append(sent)
         self._by_id[(chat_id, message_id)] = sent
@@ -1276,6 +1286,7 @@ class FakeTelegram(FakeServer):
             stored=stored,
             reply_markup=params.get("reply_markup"),
             content={"photo": self._photo_sizes(stored)},
+            has_spoiler=params.get("has_spoiler") is True,
         )
         return copy.deepcopy(sent.payload)
 
@@ -1308,19 +1319,21 @@ class FakeTelegram(FakeServer):
         if not kinds <= {"photo", "document"} or kinds == {"photo", "document"}:
             raise _bad("this fake supports albums of only photos or only documents")
         # Validate every item before creating anything: a failed album sends nothing.
-        items: list[tuple[str, StoredFile | bytes, str | None]] = []
+        items: list[tuple[str, StoredFile | bytes, str | None, bool]] = []
         for item in media:
             item_params = {**params, "media": item.get("media")}
             caption = self._check_caption(item.get("caption"), item.get("parse_mode"))
+            spoiler = item.get("has_spoiler") is True
             if item["type"] == "photo":
-                items.append(("photo", self._photo_file(item_params, "media"), caption))
+                items.append(("photo", self._photo_file(item_params, "media"), caption, spoiler))
             else:
-                items.append(("document", self._document_file(item_params, "media"), caption))
+                file = self._document_file(item_params, "media")
+                items.append(("document", file, caption, spoiler))
         reply = self._reply_target(chat_id, params)
         self._media_group_seq += 1
         group_id = f"{13_000_000_000_000_000 + self._media_group_seq}"
         results = []
-        for kind, file, caption in items:
+        for kind, file, caption, spoiler in items:
             stored = file if isinstance(file, StoredFile) else self._store_file(file, kind)
             content = (
                 {"photo": self._photo_sizes(stored)}
@@ -1337,6 +1350,7 @@ class FakeTelegram(FakeServer):
                 stored=stored,
                 media_group_id=group_id,
                 content=content,
+                has_spoiler=spoiler,
             )
             results.append(copy.deepcopy(sent.payload))
         return results
@@ -1732,6 +1746,85 @@ class FakeTelegram(FakeServer):
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100:
             raise _bad("limit must be between 1 and 100")
         return {"transactions": copy.deepcopy(self.star_transactions[offset : offset + limit])}
+
+    # -- command menus with scopes (setMyCommands / getMyCommands / deleteMyCommands) -------
+    # Menus are kept per (scope, language_code) in `command_menus`; `commands` stays the
+    # default scope's list for every language (what earlier tests read). `menu(scope, lang)`
+    # reads one; `menu_for(chat_id, lang)` resolves what a private chat's "/" shows, in
+    # Telegram's order (the chat, all private chats, the default; with the language first).
+
+    _SCOPE_TYPES = frozenset(
+        {
+            "default",
+            "all_private_chats",
+            "all_group_chats",
+            "all_chat_administrators",
+            "chat",
+            "chat_administrators",
+            "chat_member",
+        }
+    )
+
+    def _init_command_menus(self) -> None:
+        self.command_menus: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def _command_menu_methods(self) -> dict[str, MethodHandler]:
+        return {
+            "setMyCommands": self._set_scoped_commands,
+            "getMyCommands": self._get_scoped_commands,
+            "deleteMyCommands": self._delete_scoped_commands,
+        }
+
+    def menu(self, scope: str = "default", language: str = "") -> list[str]:
+        """The command names of one scope's menu ("default", "chat:<id>", ...)."""
+        return [c["command"] for c in self.command_menus.get((scope, language), [])]
+
+    def menu_for(self, chat_id: int, language: str = "") -> list[str]:
+        """What the "/" menu shows in a private chat, resolved the way Telegram does."""
+        for scope in (f"chat:{chat_id}", "all_private_chats", "default"):
+            for lang in (language, "") if language else ("",):
+                if (scope, lang) in self.command_menus:
+                    return self.menu(scope, lang)
+        return []
+
+    def _menu_key(self, params: dict[str, Any]) -> tuple[str, str]:
+        language = str(params.get("language_code") or "")
+        if language and not re.fullmatch(r"[a-z]{2}", language):
+            raise _bad("LANG_CODE_INVALID")
+        scope = params.get("scope")
+        if scope is None:
+            return "default", language
+        if not isinstance(scope, dict) or scope.get("type") not in self._SCOPE_TYPES:
+            raise _bad("BOT_COMMAND_SCOPE_INVALID")
+        kind = str(scope["type"])
+        if kind in ("chat", "chat_administrators", "chat_member"):
+            if not isinstance(scope.get("chat_id"), int):
+                raise _bad("chat not found")
+            member = f":{scope.get('user_id')}" if kind == "chat_member" else ""
+            return f"{kind}:{scope['chat_id']}{member}", language
+        return kind, language
+
+    async def _set_scoped_commands(self, params: dict[str, Any]) -> Any:
+        key = self._menu_key(params)
+        before = self.commands
+        await self._set_my_commands(params)  # the list's own checks; it sets `commands`
+        if key != ("default", ""):
+            self.commands = before
+        if params["commands"]:
+            self.command_menus[key] = params["commands"]
+        else:
+            self.command_menus.pop(key, None)
+        return True
+
+    async def _get_scoped_commands(self, params: dict[str, Any]) -> Any:
+        return self.command_menus.get(self._menu_key(params), [])
+
+    async def _delete_scoped_commands(self, params: dict[str, Any]) -> Any:
+        key = self._menu_key(params)
+        self.command_menus.pop(key, None)
+        if key == ("default", ""):
+            self.commands = []
+        return True
 
 
 async def _serve(host: str, port: int, token: str) -> None:

@@ -1,0 +1,96 @@
+"""Users' choices (style, shape, image count) and the 🎨 Remix questions waiting for a reply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from imagebot.store.db import Database, iso
+
+# one statement per column: a choice changes only its own column
+_UPSERT = {
+    "style_id": (
+        "INSERT INTO user_prefs (user_id, style_id, updated_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (user_id) DO UPDATE SET style_id = excluded.style_id,"
+        " updated_at = excluded.updated_at"
+    ),
+    "shape": (
+        "INSERT INTO user_prefs (user_id, shape, updated_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (user_id) DO UPDATE SET shape = excluded.shape,"
+        " updated_at = excluded.updated_at"
+    ),
+    "image_count": (
+        "INSERT INTO user_prefs (user_id, image_count, updated_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (user_id) DO UPDATE SET image_count = excluded.image_count,"
+        " updated_at = excluded.updated_at"
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Prefs:
+    """One user's choices; None means the operator's default."""
+
+    style_id: str | None = None
+    shape: str | None = None
+    image_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RemixPrompt:
+    """A 🎨 Remix question the bot sent: a reply to it remixes `job_id`."""
+
+    chat_id: int
+    message_id: int
+    job_id: int
+    user_id: int
+    created_at: str
+
+
+class PrefStore:
+    """Reads and writes of user_prefs and remix_prompts."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def get(self, user_id: int) -> Prefs:
+        row = await self.db.fetchone(
+            "SELECT style_id, shape, image_count FROM user_prefs WHERE user_id = ?", (user_id,)
+        )
+        if row is None:
+            return Prefs()
+        count = row["image_count"]
+        return Prefs(row["style_id"], row["shape"], int(count) if count is not None else None)
+
+    async def set_style(self, user_id: int, style_id: str) -> None:
+        await self.db.execute_write(_UPSERT["style_id"], (user_id, style_id, iso()))
+
+    async def set_shape(self, user_id: int, shape: str) -> None:
+        await self.db.execute_write(_UPSERT["shape"], (user_id, shape, iso()))
+
+    async def set_count(self, user_id: int, count: int) -> None:
+        await self.db.execute_write(_UPSERT["image_count"], (user_id, count, iso()))
+
+    async def add_remix_prompt(
+        self, chat_id: int, message_id: int, job_id: int, user_id: int
+    ) -> None:
+        await self.db.execute_write(
+            "INSERT INTO remix_prompts (chat_id, message_id, job_id, user_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (chat_id, message_id) DO NOTHING",
+            (chat_id, message_id, job_id, user_id, iso()),
+        )
+
+    async def remix_prompt(self, chat_id: int, message_id: int) -> RemixPrompt | None:
+        row = await self.db.fetchone(
+            "SELECT chat_id, message_id, job_id, user_id, created_at FROM remix_prompts"
+            " WHERE chat_id = ? AND message_id = ?",
+            (chat_id, message_id),
+        )
+        if row is None:
+            return None
+        return RemixPrompt(
+            int(row["chat_id"]),
+            int(row["message_id"]),
+            int(row["job_id"]),
+            int(row["user_id"]),
+            str(row["created_at"]),
+        )
