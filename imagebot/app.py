@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from telegram import Bot
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, ContextTypes
 
-from imagebot.bot import texts
+from imagebot.bot import albums, texts
 from imagebot.bot.context import SERVICES_KEY, BotContext
 from imagebot.bot.handlers import register
 from imagebot.bot.menus import build_menus, publish
@@ -58,7 +57,7 @@ from imagebot.runtime import freeze_startup_objects, thaw_startup_objects
 from imagebot.services import Services
 from imagebot.stars import Stars
 from imagebot.store.access import AccessStore
-from imagebot.store.db import Database
+from imagebot.store.db import STORE_READ_ERRORS, Database, connect_store
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
@@ -116,13 +115,30 @@ def _providers(
         )
     else:
         edit = generate if isinstance(generate, LocalProvider) else LocalProvider()
-    return {JobKind.GENERATE: generate, JobKind.EDIT: edit}
+    providers: dict[JobKind, ImageProvider] = {JobKind.GENERATE: generate, JobKind.EDIT: edit}
+    if settings.upscale.enabled:
+        providers[JobKind.UPSCALE] = _upscaler(settings, fetcher, generate)
+    return providers
+
+
+def _upscaler(
+    settings: Settings, fetcher: GuardedFetcher, generate: ImageProvider
+) -> ImageProvider:
+    """[upscale]: its own model on Replicate (its own client), or the offline placeholder."""
+    if settings.upscale.provider == "replicate":
+        assert settings.replicate_api_token is not None
+        return ReplicateProvider(
+            settings.replicate.model_copy(update={"model": settings.upscale.model}),
+            settings.replicate_api_token.get_secret_value(),
+            fetcher.fetch_image,
+        )
+    return generate if isinstance(generate, LocalProvider) else LocalProvider()
 
 
 def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     """Wire every collaborator (no I/O happens here)."""
     metrics = Metrics()
-    db = Database(settings.storage.database, synchronous=settings.storage.synchronous)
+    db = connect_store(settings.storage.database, synchronous=settings.storage.synchronous)
     inbox = Inbox(db)
     store = JobStore(db)
     tg = settings.telegram
@@ -326,7 +342,7 @@ async def _start_control(app: App) -> None:
         unbind_all()
         try:
             await control.refresh()
-        except (sqlite3.Error, StoreError) as exc:
+        except STORE_READ_ERRORS as exc:
             log.warning("access_refresh_failed", error=str(exc))
 
     job_queue.run_repeating(
@@ -338,7 +354,7 @@ async def _start_control(app: App) -> None:
         # one menu per scope for every language, then one per scope and translated language
         languages = (None, *texts.menu_language_codes())
         await publish(bot, control.access, build_menus(services.settings, languages))
-    except (sqlite3.Error, StoreError) as exc:
+    except STORE_READ_ERRORS as exc:
         log.warning("command_menu_failed", error=str(exc))
 
 
@@ -395,6 +411,8 @@ def _schedule_maintenance(app: App) -> None:
     # The first prune a minute after start-up (or sooner when the interval is shorter).
     interval = settings.storage.prune_interval_s
     job_queue.run_repeating(prune, interval, first=min(60.0, interval), name="prune")
+    # Albums captioned /edit, including those a restart interrupted (issue 17).
+    albums.schedule(app.application)
 
 
 async def _prune(services: Services) -> None:

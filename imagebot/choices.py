@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from imagebot.config import ParamValue, Settings, StyleSettings, clamp_params
+from imagebot.config import OperationSettings, ParamValue, Settings, StyleSettings, clamp_params
 from imagebot.models import JobKind
 from imagebot.store.prefs import Prefs
 
@@ -61,7 +61,7 @@ class Choices:
         return max(self.max_images, self.settings.edit.outputs_per_job) > 1
 
     def default_count(self, kind: JobKind) -> int:
-        op = self.settings.generate if kind is JobKind.GENERATE else self.settings.edit
+        op: OperationSettings = getattr(self.settings, kind.value)  # [generate]/[edit]/[upscale]
         return max(1, min(MAX_IMAGES, op.outputs_per_job))
 
     def style_name(self, style_id: str | None) -> str | None:
@@ -98,11 +98,9 @@ class Choices:
         """What a new job runs with: the given style/shape/count (a remix or a shape button
         keeps a job's own; shape "" is the default shape), else the user's stored choices,
         else the operator's defaults."""
-        if kind is not JobKind.GENERATE:
-            edit = self.settings.edit
-            return Resolved(
-                None, None, None, "", None, self.default_count(kind), dict(edit.params)
-            )
+        if kind is not JobKind.GENERATE:  # an edit or an upscale: the operator's params
+            op: OperationSettings = getattr(self.settings, kind.value)
+            return Resolved(None, None, None, "", None, self.default_count(kind), dict(op.params))
         generate = self.settings.generate
         style = self.settings.style(style_id or prefs.style_id)
         params: dict[str, Any] = dict(generate.params)

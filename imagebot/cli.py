@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -42,10 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=["run", "check-config", "users", "invite"],
+        choices=["run", "check-config", "users", "invite", "migrate-store"],
         default="run",
         help="run the bot (default), validate the configuration and print it, "
-        "`users allow <id>|deny <id>|list`, or `invite` (a link that lets its opener in)",
+        "`users allow <id>|deny <id>|list`, `invite` (a link that lets its opener in), or "
+        "copy a SQLite store into PostgreSQL (migrate-store --from PATH --to URL, bot stopped)",
     )
     parser.add_argument("args", nargs="*", metavar="ARG", help="users: allow <id>|deny <id>|list")
     parser.add_argument(
@@ -54,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--hours", type=float, default=None, metavar="H", help="invite: valid this long (72)"
     )
+    parser.add_argument("--from", dest="copy_from", metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--to", dest="copy_to", metavar="URL", help=argparse.SUPPRESS)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--polling",
@@ -91,6 +95,30 @@ def _error(kind: str, exc: Exception) -> None:
     print(f"imagebot: {kind}: {' '.join(str(exc).split())}", file=sys.stderr)  # noqa: T201
 
 
+def _migrate_store(source: str | None, target: str | None) -> int:
+    """Copy a SQLite store into an empty PostgreSQL database; say what was done."""
+    from pathlib import Path
+
+    from imagebot.store.db import is_postgresql_url
+
+    if not source or not target or not is_postgresql_url(target):
+        _error(
+            "usage",
+            ValueError("imagebot migrate-store --from <sqlite path> --to postgresql://…"),
+        )
+        return EXIT_CONFIG
+    from imagebot.store.copy import copy_store
+
+    try:
+        report = copy_store(Path(source), target)
+    except StoreError as exc:
+        _error("migrate-store", exc)
+        return 1
+    for line in report.lines():
+        print(line)  # noqa: T201
+    return 0
+
+
 def effective_settings(settings: Settings) -> dict[str, object]:
     """Every setting as JSON, secrets masked (a set secret shows as '**********')."""
     data: dict[str, object] = settings.model_dump(mode="json")
@@ -103,7 +131,16 @@ def effective_settings(settings: Settings) -> dict[str, object]:
         "proxy_url",
     ):
         data[key] = "**********" if data.get(key) else None
+    storage = data.get("storage")
+    if isinstance(storage, dict) and isinstance(storage.get("database"), str):
+        storage["database"] = _mask_url_password(storage["database"])
     return data
+
+
+def _mask_url_password(url: str) -> str:
+    """A postgresql:// URL with its password (user:password@ or ?password=) masked."""
+    url = re.sub(r"^(postgres(?:ql)?://[^:/@]*):[^@/]*@", r"\1:**********@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1**********", url)
 
 
 async def _serve(settings: Settings) -> int:
@@ -126,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.version:
         print(f"imagebot {__version__}")  # noqa: T201
         return 0
+    if args.command == "migrate-store":
+        return _migrate_store(args.copy_from, args.copy_to)
     if args.command in ("users", "invite"):
         return _shell(parser, args)
     if args.args:
@@ -214,11 +253,11 @@ async def _shell_run(
     from imagebot.control import DEFAULT_INVITE_HOURS, DEFAULT_INVITE_USES, Control, invite_link
     from imagebot.policy import Policy
     from imagebot.store.access import AccessStore, used_today_by_user
-    from imagebot.store.db import Database, utcnow
+    from imagebot.store.db import connect_store, utcnow
     from imagebot.store.migrate import migrate
     from imagebot.store.usage import day_start
 
-    db = Database(settings.storage.database, synchronous=settings.storage.synchronous)
+    db = connect_store(settings.storage.database, synchronous=settings.storage.synchronous)
     await db.open()
     try:
         await migrate(db)  # the first run may come before the bot ever started

@@ -114,13 +114,35 @@ class OpsSettings(Section):
 
 
 class StorageSettings(Section):
-    database: Path = Path()
+    # A SQLite file path, or a postgresql:// URL (libpq: PG* variables and ~/.pgpass apply)
+    database: Path | str = Path()
     results_dir: Path = Path()
     synchronous: Literal["full", "normal"] = "full"
     inbox_retention_days: float = Field(8, ge=7)
     jobs_retention_days: float = Field(30, gt=0)
     results_retention_days: float = Field(7, gt=0)
     prune_interval_s: float = Field(3600, gt=0)
+
+    @field_validator("database", mode="before")
+    @classmethod
+    def _database(cls, value: object) -> object:
+        """A postgresql:// URL stays text (a Path would fold its //); anything else is a path."""
+        if isinstance(value, str) and value.startswith(("postgresql://", "postgres://")):
+            from psycopg.conninfo import conninfo_to_dict
+
+            try:
+                conninfo_to_dict(value)
+            except Exception as exc:  # psycopg.ProgrammingError: libpq's parse error
+                problem = " ".join(str(exc).split()) or "cannot be parsed"
+                raise ValueError(f"is not a valid PostgreSQL URL ({problem})") from None
+            return value
+        if isinstance(value, str):
+            return Path(value)
+        return value
+
+    @property
+    def is_postgresql(self) -> bool:
+        return isinstance(self.database, str)
 
 
 class AccessSettings(Section):
@@ -211,6 +233,36 @@ class EditSettings(OperationSettings):
     max_input_side_px: int = Field(2048, ge=64, le=8192)
     conversation_timeout_s: float = Field(300, gt=0)
     params: dict[str, ParamValue] = {"num_images": 1, "output_format": "png"}
+    # An album captioned /edit becomes one edit of up to this many photos (issue 17).
+    max_input_images: int = Field(4, ge=1, le=10)
+    # The album is complete once no new photo of it arrived for this long.
+    album_quiet_s: float = Field(2.0, ge=0.2, le=60)
+
+
+_MODEL_REF = re.compile(r"[\w.-]+/[\w.-]+(:[0-9a-f]{16,64})?")
+
+
+class UpscaleSettings(OperationSettings):
+    """⤴ Upscale under each result: a third operation, off until `model` is set (issue 17)."""
+
+    provider: Literal["replicate", "local"] = "replicate"
+    # e.g. "nightmareai/real-esrgan:<version id>"; empty = no upscale button
+    model: str = ""
+    daily_cap: int = Field(20, ge=0)
+    timeout_s: float = Field(120, gt=0, le=3600)
+    cost_per_image_usd: float = Field(0.002, ge=0)
+    params: dict[str, ParamValue] = {}
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, value: str) -> str:
+        if value and not _MODEL_REF.fullmatch(value):
+            raise ValueError("must be 'owner/name' or 'owner/name:<version id>'")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.provider == "local" or bool(self.model)
 
 
 class ReplicateSettings(Section):
@@ -476,6 +528,7 @@ class Settings(BaseSettings):
     logs: LogSettings = LogSettings()
     credits: CreditsSettings = CreditsSettings()
     delivery: DeliverySettings = DeliverySettings()
+    upscale: UpscaleSettings = UpscaleSettings()
     styles: list[StyleSettings] = []  # [[styles]]: the first is the default; none = one look
     network: NetworkSettings = NetworkSettings()
 
@@ -586,6 +639,12 @@ def _check_secrets(s: Settings) -> None:
             "is not set: export FAL_KEY=<key id>:<key secret> "
             '(or set edit.provider = "local" to try the bot without fal.ai)',
         )
+    if s.upscale.enabled and s.upscale.provider == "replicate" and not s.replicate_api_token:
+        raise _Problem(
+            "REPLICATE_API_TOKEN",
+            f"is not set, and upscale.model = {s.upscale.model!r} runs on Replicate "
+            "(or leave upscale.model empty to switch upscaling off)",
+        )
     if s.telegram.mode == "webhook":
         if not s.webhook.url:
             raise _Problem("webhook.url", "is required in webhook mode (the public https URL)")
@@ -606,7 +665,7 @@ def _check_secrets(s: Settings) -> None:
             "IMAGEBOT_OPS_TOKEN",
             f"is required because ops.listen = {s.ops.listen!r} is not a loopback address",
         )
-    for op in ("generate", "edit"):
+    for op in ("generate", "edit", "upscale"):
         params: Mapping[str, Any] = getattr(s, op).params
         reserved = sorted(RESERVED_PARAMS & params.keys())
         if reserved:
@@ -702,7 +761,40 @@ def _default_paths(data: dict[str, Any]) -> None:
     if not storage.get("database"):
         storage["database"] = str(base / "imagebot.db")
     if not storage.get("results_dir"):
-        storage["results_dir"] = str(Path(storage["database"]).parent / "results")
+        database = str(storage["database"])
+        if database.startswith(("postgresql://", "postgres://")) or os.environ.get(
+            "IMAGEBOT_STORAGE__DATABASE", ""
+        ).startswith(("postgresql://", "postgres://")):
+            storage["results_dir"] = str(base / "results")
+        else:
+            storage["results_dir"] = str(Path(database).parent / "results")
+
+
+def url_password(url: str) -> bool:
+    """True when a postgresql:// URL carries a password (user:password@host or ?password=)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return bool(conninfo_to_dict(url).get("password"))
+    except Exception:  # psycopg.ProgrammingError: the field validator names the problem
+        return False
+
+
+def _refuse_password_in_file(data: dict[str, Any]) -> None:
+    """A PostgreSQL password belongs in the environment or a passfile, not in config.toml."""
+    storage = data.get("storage")
+    database = storage.get("database") if isinstance(storage, dict) else None
+    if (
+        isinstance(database, str)
+        and database.startswith(("postgresql://", "postgres://"))
+        and url_password(database)
+    ):
+        raise ConfigError(
+            "storage.database",
+            "the PostgreSQL URL in the config file holds a password: remove it and set "
+            "PGPASSWORD, use a passfile (~/.pgpass), or put the whole URL in "
+            "IMAGEBOT_STORAGE__DATABASE",
+        )
 
 
 def _format_error(exc: ValidationError) -> ConfigError:
@@ -729,6 +821,7 @@ def load_settings(
     `secrets=False` skips the checks of the token and keys (for database-only commands)."""
     path = _config_path(config_path)
     data: dict[str, Any] = _read_toml(path) if path else {}
+    _refuse_password_in_file(data)
     _default_paths(data)
     token = _CLI_OVERRIDES.set({"telegram": {"mode": mode}} if mode else {})
     need = _SECRETS_NEEDED.set(secrets)

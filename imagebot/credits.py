@@ -9,7 +9,6 @@ reserved for gives back the rest. Admins never pay. The SQL is in store/ledger.p
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -18,6 +17,7 @@ from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
 from imagebot.models import Job, JobKind, JobStatus
 from imagebot.policy import Decision, Policy, Reason
+from imagebot.store.db import Conn
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger, grant_welcome_in, reserve_in
 from imagebot.store.usage import Counters, day_start
@@ -106,9 +106,7 @@ class Credits:
             )
         return Paid(cost, decision)
 
-    def after_insert(
-        self, conn: sqlite3.Connection, job_id: int, user_id: int, decision: JobDecision
-    ) -> None:
+    def after_insert(self, conn: Conn, job_id: int, user_id: int, decision: JobDecision) -> None:
         """In the job's transaction: the welcome grant, then the reservation of a paid job
         (NotEnoughCredits rolls the whole transaction back: no job, nothing reserved)."""
         if not self.enabled:

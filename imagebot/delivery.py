@@ -61,8 +61,11 @@ def telegram_errors() -> Iterator[None]:
         raise DeliveryError(exc.message, "telegram_error") from exc
 
 
-def result_keyboard(job_id: int, image_count: int) -> InlineKeyboardMarkup:
-    """🔁 Again / ✏️ Edit this / 📎 Original; their data names the job, which lives in SQLite."""
+def result_keyboard(
+    job_id: int, image_count: int, *, upscale: bool = False
+) -> InlineKeyboardMarkup:
+    """🔁 Again / ✏️ Edit this / 📎 Original, then ⤴ Upscale (when offered) and 🗑 Delete;
+    their data names the job, which lives in SQLite."""
     if image_count <= 1:
         return InlineKeyboardMarkup(
             [
@@ -70,7 +73,8 @@ def result_keyboard(job_id: int, image_count: int) -> InlineKeyboardMarkup:
                     InlineKeyboardButton(texts.BUTTON_AGAIN, callback_data=f"a:{job_id}"),
                     InlineKeyboardButton(texts.BUTTON_EDIT, callback_data=f"e:{job_id}:0"),
                     InlineKeyboardButton(texts.BUTTON_ORIGINAL, callback_data=f"o:{job_id}:0"),
-                ]
+                ],
+                *_more_rows(job_id, image_count, upscale),
             ]
         )
     rows = [
@@ -82,8 +86,38 @@ def result_keyboard(job_id: int, image_count: int) -> InlineKeyboardMarkup:
             InlineKeyboardButton(f"✏️ {n + 1}", callback_data=f"e:{job_id}:{n}")
             for n in range(image_count)
         ],
+        *_more_rows(job_id, image_count, upscale),
     ]
     return InlineKeyboardMarkup(rows)
+
+
+def _more_rows(job_id: int, image_count: int, upscale: bool) -> list[list[InlineKeyboardButton]]:
+    """Issue 17's rows under a result: ⤴ Upscale per image (when offered), 🗑 Delete."""
+    delete = InlineKeyboardButton(
+        texts.BUTTON_DELETE, callback_data=ButtonData(Button.DELETE, job_id).encode()
+    )
+    rows: list[list[InlineKeyboardButton]] = []
+    if upscale and image_count <= 1:
+        up = ButtonData(Button.UPSCALE, job_id, 0).encode()
+        rows.append([InlineKeyboardButton(texts.BUTTON_UPSCALE, callback_data=up), delete])
+        return rows
+    if upscale:
+        rows.append(
+            [
+                InlineKeyboardButton(
+                    f"⤴ {n + 1}", callback_data=ButtonData(Button.UPSCALE, job_id, n).encode()
+                )
+                for n in range(image_count)
+            ]
+        )
+    rows.append([delete])
+    return rows
+
+
+def upscaled_keyboard(job_id: int) -> InlineKeyboardMarkup:
+    """Under an upscaled file: only 🗑 Delete."""
+    data = ButtonData(Button.DELETE, job_id).encode()
+    return InlineKeyboardMarkup([[InlineKeyboardButton(texts.BUTTON_DELETE, callback_data=data)]])
 
 
 def choice_rows(job_id: int, shapes: Sequence[str]) -> list[list[InlineKeyboardButton]]:
@@ -216,15 +250,20 @@ class Delivery:
         reply_to: int | None,
         extra_rows: Sequence[Sequence[InlineKeyboardButton]] = (),
         spoiler: bool = False,
+        upscale: bool = False,
+        as_documents: bool = False,
     ) -> Sent:
         """One photo with buttons; an album and a button message for several; documents for
         images over the photo limits. `extra_rows` go under the usual buttons; `spoiler`
-        hides every photo until tapped (documents cannot be hidden)."""
+        hides every photo until tapped (documents cannot be hidden). `as_documents`: every
+        image as a file (an upscale, at full resolution) with only 🗑 Delete under it."""
+        if as_documents:
+            return await self._send_files(chat_id, job_id, images, caption, reply_to)
         photos = [img for img in images if fits_as_photo(img)]
         documents = [img for img in images if not fits_as_photo(img)]
         message_ids: list[int] = []
         file_ids: list[str] = []
-        keyboard = _with_rows(result_keyboard(job_id, len(images)), extra_rows)
+        keyboard = _with_rows(result_keyboard(job_id, len(images), upscale=upscale), extra_rows)
         hidden = True if spoiler else None  # None: the parameter is not sent at all
         with telegram_errors():
             if len(images) == 1:
@@ -294,6 +333,55 @@ class Delivery:
             )
             message_ids.append(buttons.message_id)
         return Sent(message_ids, file_ids)
+
+    async def _send_files(
+        self,
+        chat_id: int,
+        job_id: int,
+        images: Sequence[ImageFile],
+        caption: str,
+        reply_to: int | None,
+    ) -> Sent:
+        message_ids: list[int] = []
+        file_ids: list[str] = []
+        with telegram_errors():
+            for n, img in enumerate(images):
+                last = n == len(images) - 1
+                message = await self.bot.send_document(
+                    chat_id,
+                    img.data,
+                    filename=f"imagebot-{job_id}-{n + 1}.{img.extension}",
+                    caption=caption if n == 0 else None,
+                    reply_parameters=_reply_to(reply_to),
+                    reply_markup=upscaled_keyboard(job_id) if last else None,
+                )
+                message_ids.append(message.message_id)
+                file_ids.append(_photo_file_id(message))
+        return Sent(message_ids, file_ids)
+
+    async def resend(
+        self, chat_id: int, file_ids: Sequence[str], *, as_documents: bool, reply_to: int | None
+    ) -> list[int]:
+        """Send results again by their Telegram file_ids (/history): nothing is uploaded.
+        A file_id Telegram keeps as a document (an image over the photo limits) is sent as
+        one when sending it as a photo is refused."""
+        sent: list[int] = []
+        with telegram_errors():
+            for file_id in file_ids:
+                message: Message | None = None
+                if not as_documents:
+                    try:
+                        message = await self.bot.send_photo(
+                            chat_id, file_id, reply_parameters=_reply_to(reply_to)
+                        )
+                    except BadRequest:
+                        message = None
+                if message is None:
+                    message = await self.bot.send_document(
+                        chat_id, file_id, reply_parameters=_reply_to(reply_to)
+                    )
+                sent.append(message.message_id)
+        return sent
 
     async def send_document(
         self, chat_id: int, data: bytes, filename: str, *, reply_to: int | None = None

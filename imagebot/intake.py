@@ -35,6 +35,7 @@ from imagebot.config import Settings
 from imagebot.hints import ROUTE_SUFFIX, CompletionHints
 from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
+from imagebot.store.db import is_storage_fault
 from imagebot.store.inbox import Inbox, failure_text, update_kind
 from imagebot.threaded_site import ThreadedSite
 
@@ -164,6 +165,9 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
         super().__init__(_PTB_UNBOUNDED)
         self.inbox = inbox
         self.metrics: Metrics | None = None  # set by Intake
+        # set by Intake: handles an update whose handler met a storage fault (the database
+        # away or its disk full): it stays open in the inbox and is run again later
+        self.retry_later: Callable[[Update], None] | None = None
         self.max_running = max_concurrent_updates
         self._slots = asyncio.Semaphore(max_concurrent_updates)
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
@@ -203,6 +207,16 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
         if update_id is None:
             return
         failure = failure or noted
+        if (
+            failure is not None
+            and is_storage_fault(failure[1])
+            and isinstance(update, Update)
+            and self.retry_later is not None
+        ):
+            # Not the update's fault: it was acknowledged, so it must still make its job.
+            log.warning("update_deferred_store_fault", update_id=update_id, error=str(failure[1]))
+            self.retry_later(update)
+            return
         if failure is None:
             await self.inbox.mark_processed(update_id)
         else:
@@ -254,6 +268,7 @@ class Intake:
         processor = application.update_processor
         if isinstance(processor, PerChatUpdateProcessor):
             processor.metrics = metrics
+            processor.retry_later = self._retry_later
         # PTB hands handler exceptions to error handlers only; this one tells the processor,
         # which then closes the update with the reason.
         application.add_error_handler(self._note_handler_error)
@@ -350,6 +365,25 @@ class Intake:
             log.exception("direct_update_failed", update_id=update_id)
         finally:
             await self.inbox.mark_processed(update_id)
+
+    def _retry_later(self, update: Update) -> None:
+        task = asyncio.get_running_loop().create_task(self._retry_when_writable(update))
+        self._direct_tasks.add(task)
+        task.add_done_callback(self._direct_tasks.discard)
+
+    async def _retry_when_writable(self, update: Update) -> None:
+        """Queue the update again once the database takes writes (backoff 0.1 s doubling to
+        2 s). Left open if the bot stops first: the next start replays it."""
+        delay = 0.1
+        for _ in range(3600):  # bounded: about two hours of 2 s waits
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            if not self.running:
+                return
+            if await self.inbox.db.probe_write():
+                await self.application.update_queue.put(update)
+                return
+        log.error("update_left_for_next_start", update_id=update.update_id)
 
     async def replay(self) -> int:
         """Queue updates that were saved but not processed when the last run stopped; one that

@@ -10,6 +10,7 @@ from typing import Any
 class JobKind(StrEnum):
     GENERATE = "generate"
     EDIT = "edit"
+    UPSCALE = "upscale"  # a result image made larger (issue 17)
 
 
 class JobStatus(StrEnum):
@@ -88,6 +89,11 @@ class Job:
     images_asked: int | None = None  # None: a job made in code without a row (tests)
     images_delivered: int | None = None  # None until delivered
     images_withheld: int = 0  # asked for, but withheld by the provider's safety filter
+    # schema 8 (issue 17): album edits, upscales, deleted results
+    input_file_ids: list[str] = field(default_factory=list)  # every photo of an album edit
+    source_index: int | None = None  # upscale: which image of parent_job_id
+    deleted_at: str | None = None  # 🗑 Delete removed the result messages
+    deleted_by: int | None = None
     # schema 10: the catalog the job's texts are in (its requester's language); None: English
     language: str | None = None
 
@@ -123,6 +129,8 @@ class NewJob:
     prompt_suffix: str = ""
     shape: str | None = None
     images_asked: int = 1
+    input_file_ids: tuple[str, ...] = ()  # an album edit: every photo, input_file_id first
+    source_index: int | None = None  # upscale: which image of parent_job_id
     language: str | None = None  # the requester's language (texts.current_language())
 
 
@@ -136,6 +144,8 @@ class ProviderRequest:
     params: dict[str, Any]
     image: bytes | None = None
     image_mime: str | None = None
+    # an album edit's other photos, (bytes, MIME type) each, after `image`
+    more_images: tuple[tuple[bytes, str], ...] = ()
     # where the vendor may POST when the request finishes (a wake-up, see hints.py)
     notify_url: str | None = None
     # the vendor model to run (a style's); None = the provider's configured model

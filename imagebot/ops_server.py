@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import sqlite3
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,13 +15,12 @@ from typing import Any
 from aiohttp import web
 
 from imagebot import __version__
-from imagebot.errors import StoreError
 from imagebot.health import Heartbeat
 from imagebot.logs import Redactor
 from imagebot.metrics import CONTENT_TYPE
 from imagebot.models import Job, JobKind, JobStatus
 from imagebot.services import Services
-from imagebot.store.db import iso
+from imagebot.store.db import STORE_READ_ERRORS, iso
 from imagebot.store.jobs import JobFilter
 from imagebot.store.ledger import Ledger
 from imagebot.threaded_site import ListenError, start_site
@@ -202,9 +200,9 @@ async def get_job(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     # Read at scrape time: one query per scrape instead of one per job event.
-    with contextlib.suppress(sqlite3.Error, StoreError, ValueError):
+    with contextlib.suppress(*STORE_READ_ERRORS):
         services.metrics.jobs_queued.set((await services.store.counts())["queued"])
-    with contextlib.suppress(sqlite3.Error, StoreError, ValueError):
+    with contextlib.suppress(*STORE_READ_ERRORS):
         waiting = await services.store.waiting_counts()
         services.metrics.deliveries_waiting.set(waiting["deliveries"])
         services.metrics.notices_waiting.set(waiting["notices"])

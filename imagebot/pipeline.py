@@ -13,6 +13,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -89,6 +90,7 @@ class Pipeline:
         self.timeouts = {
             JobKind.GENERATE: settings.generate.timeout_s,
             JobKind.EDIT: settings.edit.timeout_s,
+            JobKind.UPSCALE: settings.upscale.timeout_s,
         }
         self._max_attempts = settings.limits.max_attempts
         self.breakers = Breakers(
@@ -203,8 +205,14 @@ class Pipeline:
 
     async def _request_for(self, job: Job) -> ProviderRequest:
         image: ImageFile | None = None
+        more: list[ImageFile] = []
         if job.kind is JobKind.EDIT:
             image = await self.load_input(job)
+            # an album edit: the other photos, downloaded and checked the same way
+            for file_id in job.input_file_ids[1:]:
+                more.append(await self.load_input(replace(job, input_file_id=file_id)))
+        elif job.kind is JobKind.UPSCALE:
+            image = await self._upscale_input(job)
         return ProviderRequest(
             job_id=job.id,
             kind=job.kind,
@@ -212,9 +220,22 @@ class Pipeline:
             params=dict(job.params),
             image=image.data if image else None,
             image_mime=image.mime if image else None,
+            more_images=tuple((m.data, m.mime) for m in more),
             notify_url=self.hints.url_for(job.id),
             model=job.model,
         )
+
+    async def _upscale_input(self, job: Job) -> ImageFile:
+        """The result image to upscale: its full-size file on disk while it is kept, else the
+        photo Telegram holds (downloaded by the bot: its URL never reaches the vendor)."""
+        parent = await self.store.get(job.parent_job_id) if job.parent_job_id else None
+        index = job.source_index or 0
+        if parent is not None and index < len(parent.result_paths):
+            try:
+                return await self.results.load_one(parent.result_paths[index])
+            except MediaError:
+                log.info("upscale_input_from_telegram", parent_job_id=parent.id)
+        return await self.load_input(job)
 
     def _image_counts(self, job: Job, images: list[ImageFile]) -> dict[str, Any]:
         """What a job with these images counts: a provider whose safety filter dropped some
@@ -389,6 +410,9 @@ class Pipeline:
                     reply_to=job.command_message_id,
                     extra_rows=choice_rows(job.id, _rerun_shapes(self.settings, job)),
                     spoiler=self.settings.delivery.spoiler,
+                    # ⤴ Upscale and 🗑 Delete (issue 17); an upscale comes as a document
+                    upscale=JobKind.UPSCALE in self.providers,
+                    as_documents=job.kind is JobKind.UPSCALE,
                 )
         assert sent is not None
         finished = await self.store.finish(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from imagebot.config import Settings
+from imagebot.config import OperationSettings, Settings
 from imagebot.models import JobKind
 from imagebot.store.usage import RATE_WINDOW, Counters, day_start
 
@@ -93,7 +93,7 @@ class Policy:
 
     def cost_estimate(self, kind: JobKind, images: int | None = None) -> float:
         """What a job of `images` images (default: the operation's usual count) may cost."""
-        op = self.settings.generate if kind is JobKind.GENERATE else self.settings.edit
+        op: OperationSettings = getattr(self.settings, kind.value)  # [generate]/[edit]/[upscale]
         count = op.outputs_per_job if images is None else images
         return round(op.cost_per_image_usd * count, 6)
 
@@ -123,7 +123,7 @@ class Policy:
                 limit=limits.rate_per_minute,
                 used=len(recent),
             )
-        op = self.settings.generate if kind is JobKind.GENERATE else self.settings.edit
+        op: OperationSettings = getattr(self.settings, kind.value)  # [generate]/[edit]/[upscale]
         images = op.outputs_per_job if images is None else max(1, images)
         cap = op.daily_cap
         if counters.used_today + images > cap:

@@ -20,6 +20,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.pgcluster import ENABLE_HINT, Cluster, find_bin_dir, start_cluster
 from tests.support import deep_merge
 
 BOT_TOKEN = "123456:TEST-token_abc"
@@ -53,6 +54,83 @@ def _is_loopback(host: object) -> bool:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default=os.environ.get("IMAGEBOT_TEST_STORE", "sqlite"),
+        help="the database the bot runs on in the tests (default: $IMAGEBOT_TEST_STORE, "
+        "else sqlite); postgresql starts a throw-away cluster",
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"store: {config.getoption('--store')}"
+
+
+def _needs_postgresql(item: pytest.Item, store: str) -> bool:
+    names = getattr(item, "fixturenames", ())
+    if "pg_url" in names or "pg_cluster" in names:
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "postgresql" in callspec.params.values():
+        return True
+    return store == "postgresql" and "store_target" in names
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without PostgreSQL's server binaries, its half of the suite is left out (one line at
+    the end says so and how to enable it), not failed."""
+    if find_bin_dir() is not None:
+        return
+    store = config.getoption("--store")
+    skipped = [item for item in items if _needs_postgresql(item, store)]
+    if skipped:
+        config.hook.pytest_deselected(items=skipped)
+        items[:] = [item for item in items if not _needs_postgresql(item, store)]
+        config.stash[_PG_LEFT_OUT] = len(skipped)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    left_out = config.stash.get(_PG_LEFT_OUT, 0)
+    if left_out:
+        terminalreporter.write_line(f"{ENABLE_HINT} ({left_out} tests)", yellow=True)
+
+
+_PG_LEFT_OUT = pytest.StashKey[int]()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """One throw-away PostgreSQL server for the session (skips when it is not installed)."""
+    cluster = start_cluster()
+    if cluster is None:
+        pytest.skip(ENABLE_HINT)
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Cluster) -> Iterator[str]:
+    """A fresh empty database on the session's cluster, dropped after the test."""
+    url = pg_cluster.create_db()
+    try:
+        yield url
+    finally:
+        pg_cluster.drop_db(url)
+
+
+@pytest.fixture
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """What `storage.database` is in this test: a SQLite file, or (--store postgresql) a
+    fresh database's URL."""
+    if request.config.getoption("--store") == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
+    return str(tmp_path / "imagebot.db")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -128,7 +206,11 @@ SettingsFactory = Callable[..., Settings]
 
 @pytest.fixture
 def make_settings(
-    tmp_path: Path, telegram: FakeTelegram, replicate: FakeReplicate, fal: FakeFal
+    tmp_path: Path,
+    telegram: FakeTelegram,
+    replicate: FakeReplicate,
+    fal: FakeFal,
+    store_target: str,
 ) -> SettingsFactory:
     """Settings pointed at the fakes, fast intervals, loopback allowed for media; override any
     section with keyword arguments (`limits={"max_running": 1}`)."""
@@ -145,7 +227,7 @@ def make_settings(
             "webhook": {"listen": "127.0.0.1", "port": 0, "url": "http://127.0.0.1:9/hook"},
             "ops": {"listen": "127.0.0.1", "port": 0},
             "storage": {
-                "database": str(tmp_path / "imagebot.db"),
+                "database": store_target,
                 "results_dir": str(tmp_path / "results"),
             },
             "access": {"open": True},

@@ -24,11 +24,13 @@ from typing import Any
 
 import aiohttp
 
+from tests import storeview
 from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.storeview import is_pg
 from tests.support import deep_merge, free_port, toml_dumps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,9 +45,16 @@ def connect(db_path: Path) -> sqlite3.Connection:
     return conn
 
 
-def query(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+def exists(db_path: Path | str) -> bool:
+    """Whether the daemon's store exists yet (a PostgreSQL database always does)."""
+    return is_pg(db_path) or Path(db_path).exists()
+
+
+def query(db_path: Path | str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
     """Rows of one query on the daemon's database (it may be running: WAL lets us read)."""
-    conn = connect(db_path)
+    if is_pg(db_path):
+        return storeview.query(db_path, sql, params)
+    conn = connect(Path(db_path))
     try:
         return list(conn.execute(sql, params))
     finally:
@@ -57,6 +66,18 @@ def write(db_path: Path, statements: list[tuple[str, tuple[Any, ...]]]) -> list[
     may fail at once with "database is locked" under WAL); returns the rows each changed or
     the last inserted id for an INSERT. Call it through asyncio.to_thread while a bot runs in
     this event loop: its busy wait must not block the loop the bot needs to commit."""
+    if is_pg(db_path):
+        from imagebot.store.postgresql import PgConn
+        from imagebot.store.postgresql import connect as pg_connect
+
+        with pg_connect(str(db_path)) as raw, raw.transaction():
+            pg = PgConn(raw, frozenset({"jobs", "star_orders", "credit_ledger"}))
+            out = []
+            for sql, params in statements:
+                cursor = pg.execute(sql, params)
+                is_insert = sql.lstrip().upper().startswith("INSERT")
+                out.append(cursor.lastrowid if is_insert else cursor.rowcount)
+            return [r or 0 for r in out]
     conn = sqlite3.connect(str(db_path), timeout=10, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -75,9 +96,12 @@ def write(db_path: Path, statements: list[tuple[str, tuple[Any, ...]]]) -> list[
         conn.close()
 
 
-def integrity(db_path: Path) -> str:
-    """PRAGMA integrity_check of the database file, as the sqlite3 module sees it."""
-    conn = connect(db_path)
+def integrity(db_path: Path | str) -> str:
+    """PRAGMA integrity_check of the database file, as the sqlite3 module sees it (on
+    PostgreSQL: "ok" when the server answers; the server checks its own pages)."""
+    if is_pg(db_path):
+        return "ok" if storeview.query(db_path, "SELECT 1 AS one")[0]["one"] == 1 else "no"
+    conn = connect(Path(db_path))
     try:
         rows = conn.execute("PRAGMA integrity_check").fetchall()
         return "; ".join(str(r[0]) for r in rows)
@@ -96,6 +120,7 @@ class Daemon:
         fal: FakeFal,
         *,
         mode: str = "webhook",
+        database: str | None = None,
         **sections: Any,
     ) -> None:
         self.dir = tmp_path
@@ -105,7 +130,8 @@ class Daemon:
         self.mode = mode
         self.webhook_port = free_port()
         self.ops_port = free_port()
-        self.db_path = tmp_path / "imagebot.db"
+        # the store: a SQLite file (a Path) or, with --store postgresql, a database URL
+        self.db_path: Any = database if is_pg(database) else tmp_path / "imagebot.db"
         self.results_dir = tmp_path / "results"
         self.config_path = tmp_path / "imagebot.toml"
         self.log_path = tmp_path / "imagebot.log"
@@ -306,10 +332,15 @@ class Daemon:
 
     # -- store -----------------------------------------------------------------------------
 
-    def jobs(self) -> list[sqlite3.Row]:
-        if not self.db_path.exists():
+    def jobs(self) -> list[Any]:
+        if not exists(self.db_path):
             return []
-        return query(self.db_path, "SELECT * FROM jobs ORDER BY id")
+        try:
+            return query(self.db_path, "SELECT * FROM jobs ORDER BY id")
+        except Exception as exc:  # PostgreSQL before the first start made the tables
+            if is_pg(self.db_path) and "does not exist" in str(exc):
+                return []
+            raise
 
     def job(self, job_id: int) -> sqlite3.Row:
         (row,) = query(self.db_path, "SELECT * FROM jobs WHERE id = ?", (job_id,))

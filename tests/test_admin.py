@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import sqlite3
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +18,7 @@ from tests import updates
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.storeview import execute
 from tests.test_e2e import db_path, ops_get, rows
 
 ADMIN = updates.DEFAULT_USER_ID  # private chat id = user id
@@ -256,15 +256,11 @@ def _insert_job(path: str, **fields: Any) -> None:
         "updated_at": now,
         **fields,
     }
-    conn = sqlite3.connect(path, timeout=30)
-    try:
-        conn.execute(
-            f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",  # noqa: S608
-            tuple(row.values()),
-        )
-        conn.commit()
-    finally:
-        conn.close()
+    execute(
+        path,
+        f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",  # noqa: S608
+        tuple(row.values()),
+    )
 
 
 async def test_stats_on_a_known_set_of_jobs(
@@ -374,7 +370,17 @@ async def test_command_menus_per_scope_set_only_when_changed(bot, telegram: Fake
     per_scope = 1 + len(texts.menu_language_codes())  # the default menu + each translation
     async with bot(access=CLOSED):
         pass
-    user_menu = ["generate", "edit", "cancel", "usage", "settings", "style", "language", "help"]
+    user_menu = [
+        "generate",
+        "edit",
+        "cancel",
+        "usage",
+        "settings",
+        "style",
+        "history",
+        "language",
+        "help",
+    ]
     admin_menu = [
         *user_menu,
         "allow",

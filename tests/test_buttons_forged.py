@@ -16,7 +16,7 @@ import pytest
 
 from imagebot.bot import texts
 from imagebot.bot.callbacks import Button, ButtonData, parse_button_data
-from imagebot.delivery import cancel_keyboard, result_keyboard
+from imagebot.delivery import cancel_keyboard, result_keyboard, upscaled_keyboard
 from tests import updates
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
@@ -110,7 +110,7 @@ def processed(app: Any, sent: list[dict[str, Any]]) -> bool:
 
 
 def job_data(kind: Button, job_id: int) -> str:
-    index = 0 if kind in (Button.EDIT, Button.ORIGINAL) else None
+    index = 0 if kind in (Button.EDIT, Button.ORIGINAL, Button.UPSCALE) else None
     name = "square" if kind is Button.SHAPE else None  # the shape buttons name a shape
     return ButtonData(kind, job_id, index, name=name).encode()
 
@@ -206,7 +206,7 @@ async def test_forged_presses_change_nothing(
     seen = {name: answer_text(telegram, update) for name, update, _ in cases}
     for name, text in seen.items():
         assert text == expected[name.split(" ", 1)[1]], name
-    assert len(cases) == 6 * len(Button)
+    assert len(cases) == 6 * len(Button)  # every button kind, the new ones (issue 17) too
     assert after == before[:3]  # no message sent, edited or deleted; no vendor call
     assert new_calls <= QUIET_CALLS, new_calls
     assert [dict(r) for r in jobs_after] == [dict(r) for r in jobs_before]  # no job, no quota
@@ -384,7 +384,14 @@ def test_parser_refuses_data_that_is_not_text(data: object) -> None:
 def test_parser_reads_every_button_the_bot_makes() -> None:
     """The data of every keyboard the bot sends parses back to its button, job and image, and
     encodes to the same text: the parser and the keyboards agree."""
-    keyboards = [result_keyboard(7, 1), result_keyboard(2**63 - 1, 3), cancel_keyboard(12)]
+    keyboards = [
+        result_keyboard(7, 1),
+        result_keyboard(2**63 - 1, 3),
+        cancel_keyboard(12),
+        result_keyboard(8, 1, upscale=True),
+        result_keyboard(9, 2, upscale=True),
+        upscaled_keyboard(10),
+    ]
     found = []
     for keyboard in keyboards:
         for row in keyboard.inline_keyboard:
@@ -398,10 +405,25 @@ def test_parser_reads_every_button_the_bot_makes() -> None:
         (Button.AGAIN, 7, None),
         (Button.EDIT, 7, 0),
         (Button.ORIGINAL, 7, 0),
+        (Button.DELETE, 7, None),
         (Button.AGAIN, 2**63 - 1, None),
         (Button.ORIGINAL, 2**63 - 1, None),
         (Button.EDIT, 2**63 - 1, 0),
         (Button.EDIT, 2**63 - 1, 1),
         (Button.EDIT, 2**63 - 1, 2),
+        (Button.DELETE, 2**63 - 1, None),
         (Button.CANCEL, 12, None),
+        (Button.AGAIN, 8, None),
+        (Button.EDIT, 8, 0),
+        (Button.ORIGINAL, 8, 0),
+        (Button.UPSCALE, 8, 0),
+        (Button.DELETE, 8, None),
+        (Button.AGAIN, 9, None),
+        (Button.ORIGINAL, 9, None),
+        (Button.EDIT, 9, 0),
+        (Button.EDIT, 9, 1),
+        (Button.UPSCALE, 9, 0),
+        (Button.UPSCALE, 9, 1),
+        (Button.DELETE, 9, None),
+        (Button.DELETE, 10, None),
     ]

@@ -131,8 +131,8 @@ async def test_result_buttons_work_after_restart(
         telegram.push_update(updates.command("/generate a red fox"))
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
     result = telegram.photos(CHAT)[0]
-    # then the shape row and 🎨 Remix (see test_creative.py)
-    assert button_data(result)[:3] == ["a:1", "e:1:0", "o:1:0"]
+    # then 🗑 Delete, the shape row and 🎨 Remix (see test_creative.py, test_result_actions.py)
+    assert button_data(result)[:4] == ["a:1", "e:1:0", "o:1:0", "d:1"]
     original_bytes = replicate.output_bytes(replicate.last_prediction.id)[0]
 
     async with bot() as app:
@@ -256,6 +256,6 @@ async def test_several_outputs_arrive_as_an_album(
     assert [p.caption for p in photos] == ["three foxes", None, None]
     buttons = [m for m in telegram.messages(CHAT) if m.reply_markup and m.kind == "text"]
     assert button_data(buttons[-1]) == [
-        *["a:1", "o:1:*", "e:1:0", "e:1:1", "e:1:2"],
+        *["a:1", "o:1:*", "e:1:0", "e:1:1", "e:1:2", "d:1"],
         *["h:1:square", "h:1:portrait", "h:1:landscape", "r:1"],
     ]

@@ -18,12 +18,21 @@ from typing import Any
 import pytest
 
 from tests import updates
-from tests.crash_harness import FINAL_STATUSES, REPO, Daemon, count_by, integrity, query
+from tests.crash_harness import (
+    FINAL_STATUSES,
+    REPO,
+    Daemon,
+    count_by,
+    exists,
+    integrity,
+    query,
+)
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.images import make_image
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.storeview import is_pg
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +42,18 @@ MakeDaemon = Callable[..., Daemon]
 
 @pytest.fixture
 async def daemon(
-    tmp_path: Path, telegram: FakeTelegram, replicate: FakeReplicate, fal: FakeFal
+    tmp_path: Path,
+    telegram: FakeTelegram,
+    replicate: FakeReplicate,
+    fal: FakeFal,
+    store_target: str,
 ) -> AsyncIterator[MakeDaemon]:
-    """`daemon(mode=..., limits={...})` makes a Daemon; every one is killed at teardown."""
+    """`daemon(mode=..., limits={...})` makes a Daemon on the test's store (SQLite, or
+    PostgreSQL with --store postgresql); every one is killed at teardown."""
     made: list[Daemon] = []
 
     def make(**sections: Any) -> Daemon:
-        made.append(Daemon(tmp_path, telegram, replicate, fal, **sections))
+        made.append(Daemon(tmp_path, telegram, replicate, fal, database=store_target, **sections))
         return made[-1]
 
     yield make
@@ -181,7 +195,7 @@ class Stream:
 
     def after_kill(self) -> None:
         db = self.daemon.db_path
-        if not db.exists():
+        if not exists(db):
             return
         assert integrity(db) == "ok"
         for row in query(db, "SELECT id, phase FROM jobs WHERE status = 'running'"):
@@ -428,7 +442,7 @@ async def test_database_left_by_kill_9_opens_migrates_and_checks_ok(
     replicate.latency_s = 1.0
     bot = daemon()
     await bot.start(wait=False)
-    await wait_until(lambda: bot.db_path.exists(), within=15, interval=0.001)
+    await wait_until(lambda: exists(bot.db_path), within=15, interval=0.001)
     await bot.kill()  # as early as the file exists: the migration may be half way
     assert integrity(bot.db_path) == "ok"
     await bot.start()
@@ -444,7 +458,8 @@ async def test_database_left_by_kill_9_opens_migrates_and_checks_ok(
     await wait_until(lambda: len(telegram.photos(CHAT)) >= 3, interval=0.002)
     await bot.kill()
     assert integrity(bot.db_path) == "ok"
-    assert query(bot.db_path, "PRAGMA journal_mode")[0][0] == "wal"
+    if not is_pg(bot.db_path):
+        assert query(bot.db_path, "PRAGMA journal_mode")[0][0] == "wal"
     await bot.start()
     await bot.wait_jobs(
         lambda rows: len(rows) == 8 and all(r["status"] == "succeeded" for r in rows)

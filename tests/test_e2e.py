@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 import aiohttp
@@ -14,6 +13,7 @@ from tests.conftest import BOT_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
+from tests.storeview import execute, query
 
 CHAT = updates.DEFAULT_CHAT_ID
 
@@ -31,13 +31,8 @@ async def ops_get(app: Any, path: str) -> tuple[int, Any]:
         return resp.status, await resp.json()
 
 
-def rows(db_path: str, sql: str = "SELECT * FROM jobs ORDER BY id") -> list[sqlite3.Row]:
-    conn = sqlite3.connect(db_path, timeout=30)
-    conn.row_factory = sqlite3.Row
-    try:
-        return list(conn.execute(sql))
-    finally:
-        conn.close()
+def rows(db_path: str, sql: str = "SELECT * FROM jobs ORDER BY id") -> list[Any]:
+    return query(db_path, sql)
 
 
 def db_path(app: Any) -> str:
@@ -226,13 +221,11 @@ async def test_saved_but_unprocessed_update_is_replayed(
     update = updates.command("/generate replayed")
     async with bot():
         pass  # create and migrate the database
-    conn = sqlite3.connect(str(settings.storage.database))
-    conn.execute(
+    execute(
+        str(settings.storage.database),
         "INSERT INTO inbox (update_id, kind, received_at, payload) VALUES (?, 'message', ?, ?)",
         (update["update_id"], "2026-01-01T00:00:00.000Z", json.dumps(update)),
     )
-    conn.commit()
-    conn.close()
     async with bot():
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
     assert replicate.creates[0].params["input"]["prompt"] == "replayed"

@@ -1,28 +1,41 @@
-"""JobStore against a real SQLite file: dedupe, claim, finish, and the quota it implies."""
+"""The store contract, run against both backends (SQLite file and PostgreSQL database):
+dedupe, claim, finish, the quota it implies, retention, migrations, concurrency."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from imagebot.models import JobKind, JobStatus, NewJob
+from imagebot.errors import StoreError
+from imagebot.models import Job, JobKind, JobStatus, NewJob, Phase
 from imagebot.policy import ALLOW, Decision, Reason
-from imagebot.store.db import URGENT, Database, utcnow
+from imagebot.store.db import URGENT, Conn, Database, iso, parse_iso, utcnow
 from imagebot.store.inbox import Inbox
-from imagebot.store.jobs import JobStore
-from imagebot.store.migrate import migrate
-from imagebot.store.usage import used_today
+from imagebot.store.jobs import JobFilter, JobStore
+from imagebot.store.ledger import Ledger, NotEnoughCredits, reserve_in
+from imagebot.store.migrate import load_migrations, migrate
+from imagebot.store.usage import Counters, used_today
+from tests.storeview import query
 
 TIMEOUTS = {JobKind.GENERATE: 90.0, JobKind.EDIT: 30.0}
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the store lives: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("pg_url"))
+    return str(tmp_path / "store.db")
+
+
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(tmp_path / "store.db")
+async def db(target: str) -> AsyncIterator[Database]:
+    database = Database(target)
     await database.open()
     await migrate(database)
     yield database
@@ -135,3 +148,190 @@ async def test_urgent_writes_go_first(db: Database) -> None:
     )
     await asyncio.gather(blocker, urgent, *normal)
     assert order == ["inbox", "job0", "job1", "job2"]
+
+
+# -- contract: what both backends must do the same way ----------------------------------------
+
+
+def test_migrations_are_numbered_in_lockstep() -> None:
+    """migrations/sqlite and migrations/postgresql hold the same numbers and names."""
+    sqlite_names = [m.name for m in load_migrations(dialect="sqlite")]
+    pg_names = [m.name for m in load_migrations(dialect="postgresql")]
+    assert sqlite_names == pg_names
+
+
+async def test_two_processes_starting_together_migrate_once(target: str) -> None:
+    """Two stores migrating one empty database at the same moment apply each migration once
+    and both start."""
+    first, second = Database(target), Database(target)
+    await first.open()
+    await second.open()
+    try:
+        applied = await asyncio.gather(migrate(first), migrate(second))
+        rows = await first.fetchall("SELECT name FROM schema_migrations ORDER BY name")
+    finally:
+        await first.close()
+        await second.close()
+    names = [m.name for m in load_migrations(dialect=first.dialect)]
+    assert sorted(applied[0] + applied[1]) == names
+    assert [row["name"] for row in rows] == names
+
+
+async def test_database_newer_than_the_code_is_refused(db: Database) -> None:
+    """A database holding a migration this code does not know stops start-up, named."""
+    await db.execute_write(
+        "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+        ("9999_from_the_future", iso()),
+    )
+    with pytest.raises(StoreError, match="newer imagebot"):
+        await migrate(db)
+
+
+async def test_concurrent_requests_of_one_user_never_pass_the_cap(target: str) -> None:
+    """Sixty requests of one user at once, through two stores on one database (as two
+    processes would), make exactly the daily cap of jobs; the rest are refused."""
+    cap = 5
+    stores = [Database(target), Database(target)]
+    for store_db in stores:
+        await store_db.open()
+    await migrate(stores[0])
+    try:
+
+        def decide(counters: Counters) -> Decision:
+            # Widen the window between reading the counters and inserting: without the
+            # create lock, two stores would both see room for one more job here.
+            time.sleep(0.002)
+            return ALLOW if counters.used_today < cap else Decision(False, Reason.CAP)
+
+        results = await asyncio.gather(
+            *(
+                JobStore(stores[n % 2]).create(new_job(1000 + n, user_id=42), decide)
+                for n in range(60)
+            )
+        )
+        count = await stores[0].fetchone("SELECT count(*) AS n FROM jobs WHERE user_id = 42")
+    finally:
+        for store_db in stores:
+            await store_db.close()
+    made = [job for _, job in results if job is not None]
+    refused = [d for d, job in results if job is None and d is not None and not d.allowed]
+    assert len(made) == cap
+    assert len(refused) == 60 - cap
+    assert count is not None and count["n"] == cap
+
+
+async def test_credits_are_never_overspent_under_concurrency(target: str) -> None:
+    """A user with credits for three jobs asks for twenty at once through two stores: three
+    jobs are made, the balance ends at zero, never below."""
+    stores = [Database(target), Database(target)]
+    for store_db in stores:
+        await store_db.open()
+    await migrate(stores[0])
+    try:
+        await Ledger(stores[0]).grant(77, 3, "test")
+
+        def reserve(conn: Conn, job_id: int, decision: Decision) -> None:
+            time.sleep(0.002)  # a wider race window, as in the cap test above
+            reserve_in(conn, 77, job_id, 1)
+
+        async def ask(n: int) -> Job | None:
+            try:
+                _, job = await JobStore(stores[n % 2]).create(
+                    new_job(2000 + n, user_id=77), lambda c: ALLOW, after_insert=reserve
+                )
+            except NotEnoughCredits:
+                return None
+            return job
+
+        made = [job for job in await asyncio.gather(*(ask(n) for n in range(20))) if job]
+        balance = await Ledger(stores[1]).balance(77)
+        jobs = await stores[1].fetchall("SELECT id FROM jobs WHERE user_id = 77")
+    finally:
+        for store_db in stores:
+            await store_db.close()
+    assert len(made) == 3 and len(jobs) == 3
+    assert balance == 0
+
+
+async def test_claims_across_two_stores_never_share_a_job(target: str) -> None:
+    """Two stores claiming from one queue at once never both take a job (SKIP LOCKED on
+    PostgreSQL, the single writer lock on SQLite)."""
+    stores = [Database(target), Database(target)]
+    for store_db in stores:
+        await store_db.open()
+    await migrate(stores[0])
+    try:
+        for update_id in range(3000, 3030):
+            await JobStore(stores[0]).create(new_job(update_id), lambda c: ALLOW)
+        batches = await asyncio.gather(
+            *(JobStore(stores[n % 2]).claim_next(4, TIMEOUTS) for n in range(10))
+        )
+    finally:
+        for store_db in stores:
+            await store_db.close()
+    claimed = [job.id for batch in batches for job in batch]
+    assert len(claimed) == len(set(claimed)) == 30
+
+
+async def test_request_id_is_committed_before_the_call_returns(db: Database, target: str) -> None:
+    """Once update() returns, another connection (another process) reads the vendor's id."""
+    store = JobStore(db)
+    _, job = await store.create(new_job(70), lambda c: ALLOW)
+    assert job is not None
+    assert await store.update(job.id, phase=Phase.SUBMITTED, provider_request_id="pred-70")
+    (row,) = query(target, "SELECT phase, provider_request_id FROM jobs WHERE id = ?", (job.id,))
+    assert (row["phase"], row["provider_request_id"]) == ("submitted", "pred-70")
+
+
+async def test_rows_round_trip_timestamps_and_json(db: Database) -> None:
+    """Timestamps come back as ISO-8601 UTC text ending in Z and JSON columns as the lists
+    and objects written, on both backends."""
+    store = JobStore(db)
+    new = new_job(80)
+    new = NewJob(**{**{f: getattr(new, f) for f in new.__dataclass_fields__}, "params": {"a": 1}})
+    _, job = await store.create(new, lambda c: ALLOW)
+    assert job is not None
+    await store.update(job.id, output_urls=["http://x/1.png"], delivered_message_ids=[5, 6])
+    saved = await store.get(job.id)
+    assert saved is not None
+    assert saved.params == {"a": 1}
+    assert saved.output_urls == ["http://x/1.png"] and saved.delivered_message_ids == [5, 6]
+    assert saved.created_at.endswith("Z") and parse_iso(saved.created_at) <= utcnow()
+    found = await store.find(JobFilter(since=iso(utcnow() - timedelta(minutes=1))))
+    assert [j.id for j in found] == [job.id]
+
+
+async def test_retention_prunes_old_inbox_rows_and_final_jobs(db: Database) -> None:
+    """Processed updates and final jobs older than the retention go; fresh and open ones stay."""
+    inbox, store = Inbox(db), JobStore(db)
+    await inbox.save([{"update_id": 90, "message": {}}, {"update_id": 91, "message": {}}])
+    await inbox.mark_processed(90)
+    old = iso(utcnow() - timedelta(days=40))
+    await db.execute_write("UPDATE inbox SET received_at = ? WHERE update_id = 90", (old,))
+    _, done = await store.create(new_job(92), lambda c: ALLOW)
+    _, open_job = await store.create(new_job(93), lambda c: ALLOW)
+    assert done is not None and open_job is not None
+    await store.finish(done.id, JobStatus.SUCCEEDED)
+    await db.execute_write("UPDATE jobs SET finished_at = ? WHERE id = ?", (old, done.id))
+    assert await inbox.prune(8) == 1
+    assert [j.id for j in await store.prune(30)] == [done.id]
+    assert [u.update_id for u in await inbox.unprocessed()] == [91]
+    assert (await store.get(open_job.id)) is not None
+    assert await inbox.counts() == {"total": 1, "pending": 1}
+
+
+async def test_duplicate_updates_are_saved_once(db: Database) -> None:
+    """An update Telegram sends twice is new the first time only."""
+    inbox = Inbox(db)
+    assert await inbox.save([{"update_id": 100, "message": {}}]) == [True]
+    assert await inbox.save([{"update_id": 100, "message": {}}, {"update_id": 101}]) == [
+        False,
+        True,
+    ]
+
+
+async def test_write_probe_and_health(db: Database) -> None:
+    """The write probe succeeds and the store reports itself healthy."""
+    assert await db.probe_write()
+    assert await db.is_healthy()
+    assert db.writes.ok

@@ -1,4 +1,5 @@
-"""Buttons under results and status messages: 🔁 Again, 📎 Original, ✖ Cancel.
+"""Buttons under results and status messages: 🔁 Again, 📎 Original, ✖ Cancel, ⤴ Upscale,
+🗑 Delete (and /history's entries, in history.py).
 
 (✏️ Edit this starts the edit conversation and lives in edit.py.) Their data names a job id;
 the job row is in SQLite, so buttons keep working after a restart. Every press is answered.
@@ -13,12 +14,14 @@ from typing import Any
 from telegram import Update
 from telegram.ext import BaseHandler, CallbackQueryHandler
 
-from imagebot.bot import texts
+from imagebot.bot import history, texts
 from imagebot.bot.callbacks import Button, checked
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import EditInput, ensure_access, request_job
 from imagebot.errors import DeliveryError, MediaError
 from imagebot.logs import get_logger
+from imagebot.models import JobKind, JobStatus
+from imagebot.store.db import iso
 from imagebot.worker import CancelOutcome
 
 log = get_logger(__name__)
@@ -40,10 +43,19 @@ async def again(update: Update, context: BotContext) -> None:
     if query is None or press is None:
         return
     job = press.job
+    if job.kind is JobKind.UPSCALE:  # no such button: an upscale is redone with ⤴
+        await query.answer(texts.BUTTON_EXPIRED)
+        return
     await query.answer()
     edit_input = EditInput(job.input_file_id) if job.input_file_id else None
     await request_job(
-        update, context, job.kind, job.prompt, edit_input=edit_input, parent_job_id=job.id
+        update,
+        context,
+        job.kind,
+        job.prompt,
+        edit_input=edit_input,
+        parent_job_id=job.id,
+        album=[EditInput(file_id) for file_id in job.input_file_ids],  # an album edit's photos
     )
 
 
@@ -94,6 +106,64 @@ async def cancel_button(update: Update, context: BotContext) -> None:
     )
 
 
+async def upscale(update: Update, context: BotContext) -> None:
+    """⤴ Upscale under a result image: a new `upscale` job for that image, through every
+    guard like a new command; the larger image comes back as a file."""
+    query = update.callback_query
+    press = checked(context, Button.UPSCALE)
+    if query is None or press is None:
+        return
+    services = context.services
+    job, index = press.job, press.data.index or 0
+    file_ids = job.result_file_ids
+    offered = JobKind.UPSCALE in services.runner.pipeline.providers
+    if (
+        not offered
+        or job.kind is JobKind.UPSCALE
+        or job.status is not JobStatus.SUCCEEDED
+        or index >= len(file_ids)
+        or not file_ids[index]
+    ):
+        await query.answer(texts.UPSCALE_GONE)
+        return
+    await query.answer()
+    await request_job(
+        update,
+        context,
+        JobKind.UPSCALE,
+        job.prompt,
+        edit_input=EditInput(file_ids[index]),
+        parent_job_id=job.id,
+        source_index=index,
+    )
+
+
+async def delete(update: Update, context: BotContext) -> None:
+    """🗑 Delete under a result: its messages go, and the job row records who did it. The
+    gate let only the requester or an admin through."""
+    query = update.callback_query
+    press = checked(context, Button.DELETE)
+    if query is None or press is None:
+        return
+    services = context.services
+    job = press.job
+    if job.deleted_at is not None:
+        await query.answer(texts.ALREADY_DELETED)
+        return
+    await services.store.update(job.id, deleted_at=iso(), deleted_by=press.user_id)
+    targets = list(job.delivered_message_ids)
+    if press.message_id not in targets:
+        targets.append(press.message_id)
+    gone = 0
+    for message_id in targets:
+        try:
+            gone += await services.delivery.delete(press.chat_id, message_id)
+        except DeliveryError as exc:
+            log.warning("result_delete_failed", job_id=job.id, error_code=exc.code)
+    log.info("result_deleted", job_id=job.id, messages=gone, by_admin=press.by_admin)
+    await query.answer(texts.DELETED)
+
+
 async def expired(update: Update, context: BotContext) -> None:
     """A press the gate let through that no handler took: a short answer, never silence."""
     if update.callback_query is not None:
@@ -106,5 +176,8 @@ def handlers() -> list[BaseHandler[Update, Any, Any]]:
         CallbackQueryHandler(again, pattern=f"^{Button.AGAIN.value}:"),
         CallbackQueryHandler(original, pattern=f"^{Button.ORIGINAL.value}:"),
         CallbackQueryHandler(cancel_button, pattern=f"^{Button.CANCEL.value}:"),
+        CallbackQueryHandler(upscale, pattern=f"^{Button.UPSCALE.value}:"),
+        CallbackQueryHandler(delete, pattern=f"^{Button.DELETE.value}:"),
+        CallbackQueryHandler(history.resend, pattern=f"^{Button.HISTORY.value}:"),
         CallbackQueryHandler(expired),
     ]

@@ -9,7 +9,8 @@ handler and before the /edit conversation can see the press). A press acts only 
 - the data is one of the buttons on the pressed message, when that message shows a keyboard,
 - the job exists,
 - the presser is the job's requester or an admin (`access.admins`), in private chats and
-  groups alike: 🔁 Again and ✏️ Edit this spend quota, 📎 Original reveals a file, ✖ stops a job,
+  groups alike: 🔁 Again, ✏️ Edit this and ⤴ Upscale spend quota, 📎 Original and a /history
+  entry reveal a file, ✖ stops a job, 🗑 Delete removes a result,
 - the press comes from the job's own chat. The job's chat is the only place a button acts
   on or sends to: a press in chat B naming a job of chat A is refused, even from A's
   requester, so no file of A ever reaches B.
@@ -64,6 +65,9 @@ class Button(StrEnum):
     CANCEL = "x"
     REMIX = "r"  # 🎨 Remix: ask for a new description, same style, shape and count
     SHAPE = "h"  # Square / Portrait / …: the same prompt again in that shape
+    UPSCALE = "u"  # ⤴ under a result image (issue 17)
+    DELETE = "d"  # 🗑 under a result: removes its messages
+    HISTORY = "g"  # a /history entry: the result sent again ("get") by file_id
 
 
 class _Index(StrEnum):
@@ -80,6 +84,9 @@ _INDEX = {
     Button.ORIGINAL: _Index.ONE_OR_ALL,
     Button.REMIX: _Index.NONE,
     Button.SHAPE: _Index.NAME,
+    Button.UPSCALE: _Index.ONE,
+    Button.DELETE: _Index.NONE,
+    Button.HISTORY: _Index.NONE,
 }
 
 

@@ -15,7 +15,18 @@ from telegram.ext import (
     filters,
 )
 
-from imagebot.bot import admin, buttons, callbacks, edit, language, payments, settings_menu, texts
+from imagebot.bot import (
+    admin,
+    albums,
+    buttons,
+    callbacks,
+    edit,
+    history,
+    language,
+    payments,
+    settings_menu,
+    texts,
+)
 from imagebot.bot.context import BotContext
 from imagebot.bot.errors import on_error
 from imagebot.bot.requests import (
@@ -120,6 +131,8 @@ async def usage(update: Update, context: BotContext) -> None:
         JobKind.GENERATE: services.settings.generate.daily_cap,
         JobKind.EDIT: services.settings.edit.daily_cap,
     }
+    if services.settings.upscale.enabled:
+        caps[JobKind.UPSCALE] = services.settings.upscale.daily_cap
     await reply(
         update,
         context,
@@ -170,12 +183,15 @@ def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     # before them all, -4 sets the language the update is answered in (bot/language.py).
     application.add_handler(TypeHandler(Update, gate), group=-2)
     application.add_handler(callbacks.gate_handler(), group=-1)
+    # Album parts first: an album captioned /edit is one edit, not one per photo (issue 17).
+    application.add_handler(albums.handler())
     application.add_handler(edit.conversation(application))
     application.add_handler(CommandHandler("start", start, filters=new_messages))
     application.add_handler(CommandHandler("help", help_command, filters=new_messages))
     application.add_handler(CommandHandler("generate", generate, filters=new_messages))
     application.add_handler(CommandHandler("usage", usage, filters=new_messages))
     application.add_handler(CommandHandler("cancel", cancel, filters=new_messages))
+    application.add_handler(CommandHandler("history", history.history, filters=new_messages))
     language.register(application)  # group -4 (every update) and /language with its buttons
     if application.bot_data["services"].settings.credits.enabled:
         payments.register_payment_messages(application)  # group -1, ahead of /edit

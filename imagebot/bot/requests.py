@@ -7,6 +7,7 @@ every guard applies the same way whatever the entry.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from telegram import Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
@@ -178,7 +179,7 @@ def _operation(
     context: BotContext, kind: JobKind
 ) -> tuple[str, dict[str, str | int | float | bool]]:
     settings = context.services.settings
-    op = settings.generate if kind is JobKind.GENERATE else settings.edit
+    op = getattr(settings, kind.value)  # [generate], [edit] or [upscale]
     return op.provider, dict(op.params)
 
 
@@ -193,11 +194,14 @@ async def request_job(
     style_id: str | None = None,
     shape: str | None = None,
     count: int | None = None,
+    album: Sequence[EditInput] = (),
+    source_index: int | None = None,
 ) -> Job | None:
     """Check and create a job for this update, answer "Generating…", and start it.
 
     The job runs with the user's stored style, shape and image count, except those given
-    here (a remix or a shape button keeps its job's own)."""
+    here (a remix or a shape button keeps its job's own). `album`: an album edit's photos
+    (the first is `edit_input`); `source_index`: an upscale's image of `parent_job_id`."""
     services = context.services
     user: User | None = update.effective_user
     chat: Chat | None = update.effective_chat
@@ -237,6 +241,8 @@ async def request_job(
         prompt_suffix=chosen.prompt_suffix,
         shape=chosen.shape,
         images_asked=images,
+        input_file_ids=tuple(p.file_id for p in album),
+        source_index=source_index,
         language=texts.current_language(),
     )
     now = utcnow()

@@ -114,6 +114,11 @@ def ngettext(singular: str, plural: str, n: int) -> str:
     return str(_catalog(_language.get()).ngettext(singular, plural, n))
 
 
+def pgettext(context: str, message: str) -> str:
+    """`message` in the current language, where the same English means different things."""
+    return str(_catalog(_language.get()).pgettext(context, message))
+
+
 def tr(message: str) -> str:
     """A message kept untranslated (e.g. a constant in a table built at import) translated now."""
     return _(message)
@@ -150,9 +155,16 @@ BUTTON_ORIGINAL = N_("📎 Original")
 BUTTON_CANCEL = N_("✖ Cancel")
 
 
+_LABEL = {
+    JobKind.GENERATE: N_("Generate"),
+    JobKind.EDIT: N_("Edit"),
+    JobKind.UPSCALE: N_("Upscale"),
+}
+
+
 def kind_label(kind: JobKind) -> str:
     """The short name of an operation, as in /usage and /balance ("Generate", "Edit")."""
-    return _("Generate") if kind is JobKind.GENERATE else _("Edit")
+    return _(_LABEL[kind])
 
 
 def duration(seconds: float) -> str:
@@ -218,6 +230,7 @@ def help_text(max_chars: int) -> str:
         _("/usage - what you've used today and what's left\n   e.g. /usage"),
         _("/settings - choose the style, shape and number of images"),
         _("/style - choose the style"),
+        _("/history - your last requests here, to get a result again"),
         _("/language - choose the language I speak\n   e.g. /language es"),
         _("/help - this message"),
         "",
@@ -234,18 +247,24 @@ def help_text(max_chars: int) -> str:
     return "\n".join(parts)
 
 
+_STARTED = {
+    JobKind.GENERATE: N_("Generating… (job {job_id})"),
+    JobKind.EDIT: N_("Editing… (job {job_id})"),
+    JobKind.UPSCALE: N_("Upscaling… (job {job_id})"),
+}
+_WORKING = {
+    JobKind.GENERATE: N_("Generating… {elapsed} (job {job_id})"),
+    JobKind.EDIT: N_("Editing… {elapsed} (job {job_id})"),
+    JobKind.UPSCALE: N_("Upscaling… {elapsed} (job {job_id})"),
+}
+
+
 def status_started(kind: JobKind, job_id: int) -> str:
-    if kind is JobKind.GENERATE:
-        return _("Generating… (job {job_id})").format(job_id=job_id)
-    return _("Editing… (job {job_id})").format(job_id=job_id)
+    return _(_STARTED[kind]).format(job_id=job_id)
 
 
 def status_working(kind: JobKind, job_id: int, elapsed_s: float) -> str:
-    if kind is JobKind.GENERATE:
-        text = _("Generating… {elapsed} (job {job_id})")
-    else:
-        text = _("Editing… {elapsed} (job {job_id})")
-    return text.format(elapsed=duration(elapsed_s), job_id=job_id)
+    return _(_WORKING[kind]).format(elapsed=duration(elapsed_s), job_id=job_id)
 
 
 def status_queued(job_id: int, position: int) -> str:
@@ -319,22 +338,29 @@ def rate_limited(limit: float, retry_after_s: float) -> str:
     )
 
 
+_SWITCHED_OFF = {
+    JobKind.GENERATE: N_("Generate is switched off on this bot."),
+    JobKind.EDIT: N_("Edit is switched off on this bot."),
+    JobKind.UPSCALE: N_("Upscale is switched off on this bot."),
+}
+_CAP_REACHED = {
+    JobKind.GENERATE: N_(
+        "You've used all {limit} image generations for today. "
+        "The count resets at 00:00 UTC (in {wait})."
+    ),
+    JobKind.EDIT: N_(
+        "You've used all {limit} photo edits for today. The count resets at 00:00 UTC (in {wait})."
+    ),
+    JobKind.UPSCALE: N_(
+        "You've used all {limit} upscales for today. The count resets at 00:00 UTC (in {wait})."
+    ),
+}
+
+
 def cap_reached(kind: JobKind, limit: float, retry_after_s: float, disabled: bool) -> str:
     if disabled:
-        if kind is JobKind.GENERATE:
-            return _("Generate is switched off on this bot.")
-        return _("Edit is switched off on this bot.")
-    if kind is JobKind.GENERATE:
-        text = _(
-            "You've used all {limit} image generations for today. "
-            "The count resets at 00:00 UTC (in {wait})."
-        )
-    else:
-        text = _(
-            "You've used all {limit} photo edits for today. "
-            "The count resets at 00:00 UTC (in {wait})."
-        )
-    return text.format(limit=int(limit), wait=duration(retry_after_s))
+        return _(_SWITCHED_OFF[kind])
+    return _(_CAP_REACHED[kind]).format(limit=int(limit), wait=duration(retry_after_s))
 
 
 def spend_cap_reached(retry_after_s: float) -> str:
@@ -353,7 +379,7 @@ def usage(
     """`counts_images`: users may ask for several images per request, so the limits count
     images (and the text says so)."""
     lines = [_("Today (UTC):")]
-    for kind in JobKind:
+    for kind in caps:  # the operations this bot offers
         if is_admin and counts_images:
             line = _("• {label}: {used} images used (no limit for admins)")
         elif is_admin:
@@ -488,28 +514,38 @@ def receipt(credits: int, stars: int, balance: int) -> str:
     )
 
 
+_NOT_FREE = {
+    JobKind.GENERATE: N_(
+        "Generate isn't free on this bot. This one costs {needed} and you have "
+        "{balance}.\nBuy credits below (paid with Telegram Stars):"
+    ),
+    JobKind.EDIT: N_(
+        "Edit isn't free on this bot. This one costs {needed} and you have "
+        "{balance}.\nBuy credits below (paid with Telegram Stars):"
+    ),
+    JobKind.UPSCALE: N_(
+        "Upscale isn't free on this bot. This one costs {needed} and you have "
+        "{balance}.\nBuy credits below (paid with Telegram Stars):"
+    ),
+}
+_FREE_USED = {
+    JobKind.GENERATE: N_(
+        "You've used today's free image generations. This one costs {needed} and you "
+        "have {balance}.\nBuy credits below (paid with Telegram Stars):"
+    ),
+    JobKind.EDIT: N_(
+        "You've used today's free photo edits. This one costs {needed} and you "
+        "have {balance}.\nBuy credits below (paid with Telegram Stars):"
+    ),
+    JobKind.UPSCALE: N_(
+        "You've used today's free upscales. This one costs {needed} and you "
+        "have {balance}.\nBuy credits below (paid with Telegram Stars):"
+    ),
+}
+
+
 def not_enough_credits(kind: JobKind, needed: int, balance: int, free_disabled: bool) -> str:
-    if kind is JobKind.GENERATE:
-        if free_disabled:
-            text = _(
-                "Generate isn't free on this bot. This one costs {needed} and you have "
-                "{balance}.\nBuy credits below (paid with Telegram Stars):"
-            )
-        else:
-            text = _(
-                "You've used today's free image generations. This one costs {needed} and you "
-                "have {balance}.\nBuy credits below (paid with Telegram Stars):"
-            )
-    elif free_disabled:
-        text = _(
-            "Edit isn't free on this bot. This one costs {needed} and you have "
-            "{balance}.\nBuy credits below (paid with Telegram Stars):"
-        )
-    else:
-        text = _(
-            "You've used today's free photo edits. This one costs {needed} and you "
-            "have {balance}.\nBuy credits below (paid with Telegram Stars):"
-        )
+    text = _((_NOT_FREE if free_disabled else _FREE_USED)[kind])
     return text.format(needed=_credits(needed), balance=_credits(balance))
 
 
@@ -604,6 +640,72 @@ def granted_notice(credits: int, balance: int) -> str:
     )
 
 
+# -- albums, upscale, delete, history (issue 17) ---------------------------------------------
+
+BUTTON_UPSCALE = N_("⤴ Upscale")
+BUTTON_DELETE = N_("🗑 Delete")
+DELETED = N_("Deleted.")
+ALREADY_DELETED = N_("That result was already deleted.")
+UPSCALE_GONE = N_("That image isn't available to upscale any more.")
+HISTORY_EMPTY = N_("You have no finished requests here yet. Try /generate a red fox in the snow")
+HISTORY_GONE = N_("I can't send that result again: Telegram no longer has it.")
+HISTORY_NOTHING = N_("That request has no result to send again.")
+HISTORY_SENDING = N_("Sending it again…")
+ALBUM_HINT = N_(
+    "Nice photos! To edit them together, send them again as one album with the caption "
+    "/edit and what to change, e.g. /edit put us on a beach"
+)
+ALBUM_NOTHING_TO_EDIT = N_("None of the files in that album is a photo I can edit.")
+
+_HISTORY_KIND = {JobKind.GENERATE: "🖼", JobKind.EDIT: "✏️", JobKind.UPSCALE: "⤴"}
+
+
+def album_first_used(sent: int, used: int) -> str:
+    """An album with more photos than one edit takes."""
+    return _(
+        "You sent {sent} photos; I'm editing the first {used} together "
+        "(that's the most one edit can use)."
+    ).format(sent=sent, used=used)
+
+
+def upscale_caption(prompt: str) -> str:
+    return utf16_trim(_("⤴ Upscaled: {prompt}").format(prompt=prompt), CAPTION_LIMIT)
+
+
+def history_line(when: str, kind: JobKind, prompt: str, status: str, deleted: bool) -> str:
+    """One finished job in /history: when (UTC), what, the prompt, how it ended."""
+    short = utf16_trim(prompt, 60)
+    state = _history_state(status)
+    if deleted:
+        state = _("{state}, deleted").format(state=state)
+    return _("{when} UTC {icon} {label}: “{prompt}” ({state})").format(
+        when=when,
+        icon=_HISTORY_KIND.get(kind, ""),
+        label=kind_label(kind),
+        prompt=short,
+        state=state,
+    )
+
+
+def _history_state(status: str) -> str:
+    if status == "succeeded":
+        return pgettext("history", "done")
+    if status == "failed":
+        return pgettext("history", "failed")
+    if status == "canceled":
+        return pgettext("history", "canceled")
+    return status
+
+
+def history_text(lines: list[str]) -> str:
+    head = _("Your last requests here (newest first). Tap one to get its result again:")
+    return "\n".join([head, *(f"• {line}" for line in lines)])
+
+
+def history_button(job_id: int, prompt: str) -> str:
+    return utf16_trim(f"↩ {job_id}: {prompt}", 40)
+
+
 # -- the operator's control room: admin commands, invites, pause, menus (issue 19) ---------
 
 
@@ -628,6 +730,7 @@ def user_commands(credits: bool) -> list[tuple[str, str]]:
         ("usage", _("What you've used today")),
         ("settings", _("Style, shape and number of images")),
         ("style", _("Choose a style")),
+        ("history", _("Your last requests, to get a result again")),
         ("language", _("Choose the language")),
         ("help", _("What I can do")),
     ]
@@ -1007,12 +1110,22 @@ def cap_too_many(kind: JobKind, left: int, retry_after_s: float) -> str:
             "00:00 UTC (in {wait}).",
             left,
         )
-    else:
+    elif kind is JobKind.EDIT:
         text = ngettext(
             "You have {left} image left today for photo edits, fewer than this "
             "request asks for. Choose fewer images in /settings, or try again after "
             "00:00 UTC (in {wait}).",
             "You have {left} images left today for photo edits, fewer than this "
+            "request asks for. Choose fewer images in /settings, or try again after "
+            "00:00 UTC (in {wait}).",
+            left,
+        )
+    else:
+        text = ngettext(
+            "You have {left} image left today for upscales, fewer than this "
+            "request asks for. Choose fewer images in /settings, or try again after "
+            "00:00 UTC (in {wait}).",
+            "You have {left} images left today for upscales, fewer than this "
             "request asks for. Choose fewer images in /settings, or try again after "
             "00:00 UTC (in {wait}).",
             left,

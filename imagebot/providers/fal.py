@@ -145,7 +145,11 @@ class FalProvider:
         payload = {
             **request.params,
             "prompt": request.prompt,
-            "image_urls": [data_uri(request.image, request.image_mime)],
+            # an album edit sends every photo, in the order the user sent them
+            "image_urls": [
+                data_uri(request.image, request.image_mime),
+                *(data_uri(data, mime) for data, mime in request.more_images),
+            ],
         }
         params = {"fal_webhook": request.notify_url} if request.notify_url else None
         resp = await self._send(

@@ -35,7 +35,14 @@ def _caption(img: Image.Image, text: str) -> None:
 
 
 def draw(request: ProviderRequest, index: int) -> ImageFile:
-    """A placeholder: a gradient for a prompt, the inverted photo for an edit, with the text."""
+    """A placeholder: a gradient for a prompt, the inverted photo for an edit, with the text;
+    an upscale is the image at twice the size (no text)."""
+    if request.kind is JobKind.UPSCALE and request.image:
+        with Image.open(io.BytesIO(request.image)) as src:
+            big = src.convert("RGB").resize((src.width * 2, src.height * 2))
+        out = io.BytesIO()
+        big.save(out, format="PNG")
+        return ImageFile(out.getvalue(), "image/png", big.width, big.height)
     if request.kind is JobKind.EDIT and request.image:
         with Image.open(io.BytesIO(request.image)) as src:
             img = ImageOps.invert(src.convert("RGB"))

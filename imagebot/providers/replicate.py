@@ -9,6 +9,7 @@ the worker's. Outputs are downloaded by the SSRF-guarded fetcher, never through 
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from collections import OrderedDict
@@ -25,7 +26,7 @@ from replicate.exceptions import ReplicateError
 from imagebot.config import ReplicateSettings
 from imagebot.errors import ProviderError
 from imagebot.logs import get_logger
-from imagebot.models import ImageFile, PollResult, PollState, ProviderRequest
+from imagebot.models import ImageFile, JobKind, PollResult, PollState, ProviderRequest
 from imagebot.providers.base import (
     create_may_exist,
     error_for_status,
@@ -129,7 +130,16 @@ class ReplicateProvider:
 
     async def submit(self, request: ProviderRequest) -> str:
         model, version = self._model_of(request)
-        payload = {**request.params, "prompt": request.prompt}
+        payload: dict[str, Any]
+        if request.kind is JobKind.UPSCALE:
+            # An upscaler takes the image and the operator's params, no prompt. The image
+            # travels as a data URI of bytes we hold (never a Telegram file URL: it carries
+            # the bot token).
+            if request.image is None or not request.image_mime:
+                raise ProviderError(NAME, "an upscale needs an input image", code="invalid_input")
+            payload = {**request.params, "image": _data_uri(request.image, request.image_mime)}
+        else:
+            payload = {**request.params, "prompt": request.prompt}
         hook: dict[str, Any] = {}
         if request.notify_url:
             hook = {"webhook": request.notify_url, "webhook_events_filter": ["completed"]}
@@ -320,6 +330,10 @@ def _named_prediction(resp: httpx.Response) -> str | None:
         return None
     pid = body.get("id") if isinstance(body, dict) else None
     return pid if isinstance(pid, str) and _PREDICTION_ID.fullmatch(pid) else None
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _iso(ts: float) -> str:

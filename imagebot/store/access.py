@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from imagebot.store.db import Database, iso, parse_iso, utcnow
+from imagebot.store.db import Conn, Database, Row, iso, parse_iso, utcnow
 
 INVITE_CODE_BYTES = 16  # 128 random bits; secrets.token_urlsafe(16) is 22 characters
 INVITE_CODE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -94,7 +93,7 @@ def _dt(text: str | None) -> datetime | None:
     return parse_iso(text) if text else None
 
 
-def _user(row: sqlite3.Row) -> AllowedUser:
+def _user(row: Row) -> AllowedUser:
     return AllowedUser(
         user_id=int(row["user_id"]),
         name=row["name"],
@@ -105,7 +104,7 @@ def _user(row: sqlite3.Row) -> AllowedUser:
     )
 
 
-def _invite(row: sqlite3.Row) -> Invite:
+def _invite(row: Row) -> Invite:
     return Invite(
         id=int(row["id"]),
         uses=int(row["uses"]),
@@ -117,7 +116,7 @@ def _invite(row: sqlite3.Row) -> Invite:
     )
 
 
-def _bump(conn: sqlite3.Connection) -> None:
+def _bump(conn: Conn) -> None:
     conn.execute("UPDATE bot_state SET version = version + 1 WHERE id = 1")
 
 
@@ -169,7 +168,7 @@ class AccessStore:
     ) -> bool:
         """Let `user_id` in; False when they were on the list already (nothing changes)."""
 
-        def run(conn: sqlite3.Connection) -> bool:
+        def run(conn: Conn) -> bool:
             changed = conn.execute(
                 "INSERT INTO allowed_users (user_id, name, source, added_by, added_at)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (user_id) DO NOTHING",
@@ -184,7 +183,7 @@ class AccessStore:
     async def deny(self, user_id: int) -> AllowedUser | None:
         """Take `user_id` off the list; their row as it was, or None if they were not on it."""
 
-        def run(conn: sqlite3.Connection) -> AllowedUser | None:
+        def run(conn: Conn) -> AllowedUser | None:
             # (no RETURNING: SQLite before 3.35, e.g. Debian 11, lacks it)
             row = conn.execute(
                 "SELECT * FROM allowed_users WHERE user_id = ?", (user_id,)
@@ -204,7 +203,7 @@ class AccessStore:
         code = new_invite_code()
         moment = now or utcnow()
 
-        def run(conn: sqlite3.Connection) -> Invite:
+        def run(conn: Conn) -> Invite:
             cursor = conn.execute(
                 "INSERT INTO invites (code_sha256, uses, uses_left, created_by, created_at,"
                 " expires_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -229,7 +228,7 @@ class AccessStore:
         """Revoke an invite; the row before the change, or None if there is no such invite.
         Revoking one already revoked, used up or expired changes nothing."""
 
-        def run(conn: sqlite3.Connection) -> Invite | None:
+        def run(conn: Conn) -> Invite | None:
             row = conn.execute("SELECT * FROM invites WHERE id = ?", (invite_id,)).fetchone()
             if row is None:
                 return None
@@ -250,7 +249,7 @@ class AccessStore:
         One transaction, so two people racing for the last use cannot both get in."""
         moment = now or utcnow()
 
-        def run(conn: sqlite3.Connection) -> tuple[Redeem, Invite | None]:
+        def run(conn: Conn) -> tuple[Redeem, Invite | None]:
             row = conn.execute(
                 "SELECT * FROM invites WHERE code_sha256 = ?", (code_digest(code),)
             ).fetchone()
@@ -280,7 +279,7 @@ class AccessStore:
         return await self.db.write(run)
 
     async def set_pause(self, paused: bool, message: str | None, by: int | None) -> None:
-        def run(conn: sqlite3.Connection) -> None:
+        def run(conn: Conn) -> None:
             conn.execute(
                 "UPDATE bot_state SET paused = ?, pause_message = ?, paused_by = ?,"
                 " paused_at = ?, version = version + 1 WHERE id = 1",
@@ -291,7 +290,8 @@ class AccessStore:
 
     async def set_bot_username(self, username: str | None) -> None:
         await self.db.execute_write(
-            "UPDATE bot_state SET bot_username = ? WHERE id = 1 AND bot_username IS NOT ?",
+            "UPDATE bot_state SET bot_username = ? WHERE id = 1"
+            " AND coalesce(bot_username, '') != coalesce(?, '')",
             (username, username),
         )
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from imagebot.store.db import URGENT, Database, iso, utcnow
+from imagebot.store.db import URGENT, Conn, Database, iso, utcnow
 
 # Every update type of the Bot API; anything else is "other", so a body with made-up keys
 # cannot mint new metric labels.
@@ -81,7 +80,7 @@ class Inbox:
             for payload in payloads
         ]
 
-        def insert(conn: sqlite3.Connection) -> list[bool]:
+        def insert(conn: Conn) -> list[bool]:
             return [
                 conn.execute(
                     "INSERT INTO inbox (update_id, kind, received_at, payload) VALUES (?, ?, ?, ?)"
@@ -119,6 +118,11 @@ class Inbox:
         )
         return [SavedUpdate(row["update_id"], _load(row["payload"])) for row in rows]
 
+    async def get(self, update_id: int) -> dict[str, Any] | None:
+        """The saved body of one update (None if unknown, pruned or unreadable)."""
+        row = await self.db.fetchone("SELECT payload FROM inbox WHERE update_id = ?", (update_id,))
+        return _load(row["payload"]) if row is not None else None
+
     async def prune(self, older_than_days: float) -> int:
         """Drop processed updates older than the retention (Telegram may resend for days)."""
         cutoff = iso(utcnow() - timedelta(days=older_than_days))
@@ -128,7 +132,8 @@ class Inbox:
 
     async def counts(self) -> dict[str, int]:
         row = await self.db.fetchone(
-            "SELECT count(*) AS total, sum(processed_at IS NULL) AS pending FROM inbox"
+            "SELECT count(*) AS total,"
+            " sum(CASE WHEN processed_at IS NULL THEN 1 ELSE 0 END) AS pending FROM inbox"
         )
         assert row is not None
         return {"total": row["total"] or 0, "pending": row["pending"] or 0}

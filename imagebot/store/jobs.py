@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from imagebot.models import FINAL_STATUSES, Job, JobKind, JobStatus, NewJob, Phase
-from imagebot.store.db import Database, iso, utcnow
+from imagebot.store.db import Conn, Database, Row, iso, utcnow
 from imagebot.store.usage import Counters, read_counters
 
 
@@ -21,12 +20,18 @@ class _Decision(Protocol):
 
 D = TypeVar("D", bound=_Decision)
 
-_JSON_LIST_FIELDS = ("output_urls", "result_paths", "result_file_ids", "delivered_message_ids")
+_JSON_LIST_FIELDS = (
+    "output_urls",
+    "result_paths",
+    "result_file_ids",
+    "delivered_message_ids",
+    "input_file_ids",
+)
 _COLUMNS = tuple(f.name for f in fields(Job))
 _WRITABLE = frozenset(_COLUMNS) - {"id", "created_at", "update_id"}
 
 
-def _row_to_job(row: sqlite3.Row) -> Job:
+def _row_to_job(row: Row) -> Job:
     data: dict[str, Any] = {key: row[key] for key in row.keys() if key in _COLUMNS}  # noqa: SIM118 - Row has no __iter__ over keys
     for key in _JSON_LIST_FIELDS:
         data[key] = json.loads(data[key] or "[]")
@@ -70,7 +75,7 @@ class JobStore:
         decide: Callable[[Counters], D],
         *,
         with_spend: bool = True,
-        after_insert: Callable[[sqlite3.Connection, int, D], None] | None = None,
+        after_insert: Callable[[Conn, int, D], None] | None = None,
     ) -> tuple[D | None, Job | None]:
         """Create a job for an update if `decide(counters)` allows it, in one transaction.
 
@@ -83,7 +88,10 @@ class JobStore:
         now = utcnow()
         stamp = iso(now)
 
-        def create(conn: sqlite3.Connection) -> tuple[D | None, sqlite3.Row | None]:
+        def create(conn: Conn) -> tuple[D | None, Row | None]:
+            # Every job creation takes this lock first: the counters read below stay true until
+            # the insert commits, even with several processes on one database.
+            self.db.lock(conn, "jobs:create")
             if conn.execute("SELECT 1 FROM jobs WHERE update_id = ?", (new.update_id,)).fetchone():
                 return None, None
             counters = read_counters(
@@ -96,9 +104,9 @@ class JobStore:
                 "INSERT INTO jobs (kind, status, phase, update_id, chat_id, user_id, chat_type,"
                 " command_message_id, prompt, input_file_id, input_file_size, input_width,"
                 " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
-                " updated_at, style_id, model, prompt_suffix, shape, images_asked, language)"
-                " VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " updated_at, style_id, model, prompt_suffix, shape, images_asked, input_file_ids,"
+                " source_index, language) VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.kind.value,
                     new.update_id,
@@ -122,6 +130,8 @@ class JobStore:
                     new.prompt_suffix,
                     new.shape,
                     new.images_asked,
+                    json.dumps(list(new.input_file_ids)),
+                    new.source_index,
                     new.language,
                 ),
             )
@@ -203,20 +213,24 @@ class JobStore:
         stamp = iso(now)
         deadlines = {kind: iso(now + timedelta(seconds=s)) for kind, s in timeouts.items()}
 
-        def claim(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+        def claim(conn: Conn) -> list[Row]:
             ids = [
                 row[0]
                 for row in conn.execute(
-                    "SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT ?", (slots,)
+                    "SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT ?"  # noqa: S608 - the dialect's fixed clause
+                    + self.db.for_update,
+                    (slots,),
                 )
             ]
+            if not ids:
+                return []
             marks = ", ".join("?" for _ in ids)
-            conn.execute(
-                "UPDATE jobs SET status = 'running', started_at = ?, updated_at = ?,"  # noqa: S608 - placeholders only
-                " deadline_at = CASE kind WHEN 'edit' THEN ? ELSE ? END"
-                f" WHERE id IN ({marks})",
-                (stamp, stamp, deadlines[JobKind.EDIT], deadlines[JobKind.GENERATE], *ids),
-            )
+            for kind, deadline in deadlines.items():
+                conn.execute(
+                    "UPDATE jobs SET status = 'running', started_at = ?, updated_at = ?,"  # noqa: S608 - placeholders only
+                    f" deadline_at = ? WHERE kind = ? AND id IN ({marks})",
+                    (stamp, stamp, deadline, kind.value, *ids),
+                )
             return conn.execute(
                 f"SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY id",  # noqa: S608
                 ids,
@@ -278,8 +292,8 @@ class JobStore:
     async def waiting_counts(self) -> dict[str, int]:
         """Results (`deliveries`) and chat notices (`notices`) waiting for Telegram."""
         row = await self.db.fetchone(
-            "SELECT sum(status = 'running') AS deliveries,"
-            " sum(status != 'running') AS notices FROM jobs"
+            "SELECT sum(CASE WHEN status = 'running' THEN 1 ELSE 0 END) AS deliveries,"
+            " sum(CASE WHEN status != 'running' THEN 1 ELSE 0 END) AS notices FROM jobs"
             " WHERE deliver_after IS NOT NULL AND phase IN ('fetched', 'delivering')"
             " AND status IN ('running', 'succeeded', 'failed', 'canceled')"
         )
@@ -324,6 +338,15 @@ class JobStore:
         )
         return _row_to_job(row) if row else None
 
+    async def history(self, user_id: int, chat_id: int, limit: int = 10) -> list[Job]:
+        """The user's newest finished jobs in this chat (for /history), newest first."""
+        rows = await self.db.fetchall(
+            "SELECT * FROM jobs WHERE user_id = ? AND chat_id = ?"
+            " AND status IN ('succeeded', 'failed', 'canceled') ORDER BY id DESC LIMIT ?",
+            (user_id, chat_id, limit),
+        )
+        return [_row_to_job(row) for row in rows]
+
     async def overdue(self, now: datetime, slack_s: float) -> list[Job]:
         """Running jobs whose deadline passed more than `slack_s` ago. Jobs whose images are
         made (phase fetched or delivering) have no deadline: only the delivery window ends
@@ -339,7 +362,7 @@ class JobStore:
         """Delete final jobs older than the retention; return them (their files go too)."""
         cutoff = iso(utcnow() - timedelta(days=older_than_days))
 
-        def prune(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+        def prune(conn: Conn) -> list[Row]:
             rows = conn.execute(
                 "SELECT * FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')"
                 " AND coalesce(finished_at, created_at) < ?",

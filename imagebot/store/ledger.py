@@ -9,11 +9,10 @@ sum of the user's rows, never a stored number that could drift.
 from __future__ import annotations
 
 import secrets
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from imagebot.store.db import URGENT, Database, iso
+from imagebot.store.db import URGENT, Conn, Database, Row, iso
 
 ORDER_OPEN, ORDER_PAID = "open", "paid"
 PURCHASE, STAR_REFUND, GRANT, WELCOME, SPEND, JOB_REFUND = (
@@ -75,7 +74,7 @@ class Credited:
     entry: Entry | None
 
 
-def _order(row: sqlite3.Row | None) -> Order | None:
+def _order(row: Row | None) -> Order | None:
     if row is None:
         return None
     return Order(
@@ -92,7 +91,7 @@ def _order(row: sqlite3.Row | None) -> Order | None:
     )
 
 
-def _entry(row: sqlite3.Row) -> Entry:
+def _entry(row: Row) -> Entry:
     return Entry(
         row["id"],
         row["user_id"],
@@ -107,12 +106,12 @@ def _entry(row: sqlite3.Row) -> Entry:
     )
 
 
-def balance_in(conn: sqlite3.Connection, user_id: int) -> int:
+def balance_in(conn: Conn, user_id: int) -> int:
     """The user's balance, read inside a write transaction."""
     return int(conn.execute(_BALANCE, (user_id,)).fetchone()[0])
 
 
-def _insert(conn: sqlite3.Connection, **values: object) -> int | None:
+def _insert(conn: Conn, **values: object) -> int | None:
     """Insert a ledger row unless a unique key has it already; the new row id or None."""
     values.setdefault("created_at", iso())
     columns = ", ".join(values)
@@ -124,7 +123,7 @@ def _insert(conn: sqlite3.Connection, **values: object) -> int | None:
     return cursor.lastrowid if cursor.rowcount == 1 else None
 
 
-def grant_welcome_in(conn: sqlite3.Connection, user_id: int, credits: int) -> bool:
+def grant_welcome_in(conn: Conn, user_id: int, credits: int) -> bool:
     """The one-time welcome grant, inside a transaction; True if it was given now."""
     if credits <= 0:
         return False
@@ -133,7 +132,7 @@ def grant_welcome_in(conn: sqlite3.Connection, user_id: int, credits: int) -> bo
     )
 
 
-def reserve_in(conn: sqlite3.Connection, user_id: int, job_id: int, credits: int) -> None:
+def reserve_in(conn: Conn, user_id: int, job_id: int, credits: int) -> None:
     """Reserve a new job's credits in its creating transaction; NotEnoughCredits rolls it back."""
     balance = balance_in(conn, user_id)
     if balance < credits:
@@ -163,7 +162,7 @@ class Ledger:
         nonce = secrets.token_hex(6)
         stamp = iso()
 
-        def create(conn: sqlite3.Connection) -> sqlite3.Row:
+        def create(conn: Conn) -> Row:
             # The payload needs the id: insert with a unique placeholder, then set it.
             row_id = conn.execute(
                 "INSERT INTO star_orders (payload, user_id, chat_id, pack_id, stars, credits,"
@@ -173,9 +172,7 @@ class Ledger:
             conn.execute(
                 "UPDATE star_orders SET payload = ? WHERE id = ?", (f"o:{row_id}:{nonce}", row_id)
             )
-            row: sqlite3.Row = conn.execute(
-                "SELECT * FROM star_orders WHERE id = ?", (row_id,)
-            ).fetchone()
+            row: Row = conn.execute("SELECT * FROM star_orders WHERE id = ?", (row_id,)).fetchone()
             return row
 
         order = _order(await self.db.write(create))
@@ -211,7 +208,7 @@ class Ledger:
         payment came in an update, that update processed in the inbox."""
         stamp = iso()
 
-        def record(conn: sqlite3.Connection) -> Credited:
+        def record(conn: Conn) -> Credited:
             row_id = _insert(
                 conn,
                 user_id=user_id,
@@ -270,7 +267,9 @@ class Ledger:
         a balance may not go below zero).
         """
 
-        def reserve(conn: sqlite3.Connection) -> tuple[str, Entry | None, int]:
+        def reserve(conn: Conn) -> tuple[str, Entry | None, int]:
+            # Balances only go down under the job-creation lock (see JobStore.create).
+            self.db.lock(conn, "jobs:create")
             row = conn.execute(
                 "SELECT * FROM credit_ledger WHERE kind = 'purchase' AND charge_id = ?",
                 (charge_id,),
@@ -314,7 +313,8 @@ class Ledger:
         (refund row, balance) when written now, None if known already or not our charge."""
         stamp = iso()
 
-        def record(conn: sqlite3.Connection) -> tuple[Entry, int] | None:
+        def record(conn: Conn) -> tuple[Entry, int] | None:
+            self.db.lock(conn, "jobs:create")  # balances only go down under this lock
             row = conn.execute(
                 "SELECT * FROM credit_ledger WHERE kind = 'purchase' AND charge_id = ?",
                 (charge_id,),
@@ -361,7 +361,7 @@ class Ledger:
     async def grant(self, user_id: int, credits: int, note: str) -> int:
         """An admin's grant; returns the new balance."""
 
-        def grant(conn: sqlite3.Connection) -> int:
+        def grant(conn: Conn) -> int:
             _insert(conn, user_id=user_id, kind=GRANT, credits=credits, note=note)
             return balance_in(conn, user_id)
 
@@ -395,7 +395,7 @@ class Ledger:
         was settled already.
         """
 
-        def settle(conn: sqlite3.Connection) -> tuple[int, int] | None:
+        def settle(conn: Conn) -> tuple[int, int] | None:
             row = conn.execute(
                 "SELECT user_id, credits FROM credit_ledger WHERE kind = 'spend' AND job_id = ?",
                 (job_id,),

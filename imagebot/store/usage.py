@@ -8,12 +8,11 @@ that are not failed or canceled. With one image per request that is simply the j
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from imagebot.models import JobKind
-from imagebot.store.db import Database, iso, parse_iso
+from imagebot.store.db import Conn, Database, iso, parse_iso
 
 RATE_WINDOW = timedelta(minutes=1)
 # A failed or canceled job gives its unit back, so only other jobs count.
@@ -47,7 +46,7 @@ def day_start(now: datetime) -> datetime:
 
 
 def read_counters(
-    conn: sqlite3.Connection, *, user_id: int, kind: JobKind, now: datetime, with_spend: bool
+    conn: Conn, *, user_id: int, kind: JobKind, now: datetime, with_spend: bool
 ) -> Counters:
     """Read inside the job-creating transaction (on the writer thread).
 

@@ -1,0 +1,410 @@
+"""The PostgreSQL store (psycopg 3): same interface and rules as the SQLite one.
+
+Writes: two writer threads, each owning one connection: URGENT (updates saved before Telegram
+is answered, payments) and NORMAL (job writes), so the webhook never waits behind a job
+transaction, and job writes keep the order they were submitted in, as on SQLite. Each write
+function runs whole inside BEGIN … COMMIT on its thread. Reads go through a small
+psycopg-pool (checked on checkout, so a restarted server costs no failed read).
+
+The connection handed to write functions has sqlite3's shape, so the store modules' SQL is
+written once: `?` placeholders become `%s`, an INSERT into a table with an identity `id`
+gets `RETURNING id` for `cursor.lastrowid`, Python booleans go in as 0/1 (flags are integer
+columns on both databases). Rows come back with timestamptz as ISO-8601 UTC text, jsonb as
+JSON text and integral numerics as int: what SQLite returns.
+
+When the server goes away (restart, crash, network), a call fails with a storage fault
+(StoreUnavailable or psycopg.OperationalError): callers wait it out as they do a full disk,
+and the next call connects again, at most once per backoff step (0.1 s doubling to 2 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.string import TextLoader
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from imagebot.errors import StoreError
+from imagebot.store.db import (
+    NORMAL,
+    URGENT,
+    Database,
+    Row,
+    StoreUnavailable,
+    WriteHealth,
+    is_storage_fault,
+    iso,
+)
+from imagebot.store.sqlite import _WriterThread
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 5
+READ_WAIT_S = 2  # a read waits this long for a pooled connection while the server is away
+_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.1, 2.0
+_INSERT_RE = re.compile(r'^\s*INSERT\s+INTO\s+"?(\w+)"?', re.IGNORECASE)
+_CHANGES_RE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
+
+
+@lru_cache(maxsize=1024)
+def translate(sql: str) -> str:
+    """`?` placeholders to `%s` (and a literal `%` to `%%`), outside quoted strings."""
+    out: list[str] = []
+    quote = ""
+    for ch in sql:
+        if quote:
+            if ch == quote:
+                quote = ""
+            out.append("%%" if ch == "%" else ch)
+        elif ch in "'\"":
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            out.append("%s")
+        elif ch == "%":
+            out.append("%%")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _params(params: Any) -> Any:
+    if params is None:
+        return None
+    if isinstance(params, dict):
+        return params
+    return tuple(int(v) if isinstance(v, bool) else v for v in params)
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+class PgRow:
+    """A result row read like sqlite3.Row: by index, by column name, `keys()`."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, index: dict[str, int], values: tuple[Any, ...]) -> None:
+        self._index = index
+        self._values = values
+
+    def __getitem__(self, key: int | str) -> Any:
+        if isinstance(key, str):
+            return self._values[self._index[key]]
+        return self._values[key]
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PgRow):
+            return self._values == other._values and self._index == other._index
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values)
+
+    def __repr__(self) -> str:
+        return f"PgRow({dict(zip(self._index, self._values, strict=True))!r})"
+
+
+def row_factory(cursor: Any) -> Callable[[Sequence[Any]], PgRow]:
+    description = cursor.description or ()
+    index = {column.name: n for n, column in enumerate(description)}
+    return lambda values: PgRow(index, tuple(_value(v) for v in values))
+
+
+def configure(conn: psycopg.Connection[Any]) -> None:
+    """Per connection: jsonb and json are read as text (callers json.loads, as on SQLite)."""
+    conn.adapters.register_loader("jsonb", TextLoader)
+    conn.adapters.register_loader("json", TextLoader)
+
+
+def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
+    conn: psycopg.Connection[Any] = psycopg.connect(
+        url,
+        autocommit=True,
+        row_factory=row_factory,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        application_name="imagebot",
+        **kwargs,
+    )
+    configure(conn)
+    return conn
+
+
+def server_address(url: str) -> str:
+    """host:port the URL (or libpq's PG* variables, or the defaults) point at; no password."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        info = {}
+    host = str(info.get("host") or os.environ.get("PGHOST") or "/var/run/postgresql")
+    port = str(info.get("port") or os.environ.get("PGPORT") or "5432")
+    return f"{host}:{port}"
+
+
+def database_name(url: str) -> str:
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "?"
+    return str(info.get("dbname") or os.environ.get("PGDATABASE") or info.get("user") or "")
+
+
+class _Cursor:
+    """sqlite3.Cursor's shape over a psycopg cursor."""
+
+    __slots__ = ("_cursor", "lastrowid", "rowcount")
+
+    def __init__(self, cursor: psycopg.Cursor[Any], lastrowid: int | None) -> None:
+        self._cursor = cursor
+        self.rowcount = cursor.rowcount
+        self.lastrowid = lastrowid
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._cursor.fetchall())
+
+
+class PgConn:
+    """sqlite3.Connection's shape (execute, executemany) over a psycopg connection."""
+
+    def __init__(self, conn: psycopg.Connection[Any], identity_tables: frozenset[str]) -> None:
+        self.raw = conn
+        self._identity = identity_tables
+        self.changes = 0
+
+    def execute(self, sql: str, parameters: Any = (), /) -> _Cursor:
+        text = translate(sql)
+        lastrowid_wanted = False
+        match = _INSERT_RE.match(text)
+        if match and match.group(1).lower() in self._identity and "RETURNING" not in text.upper():
+            text += " RETURNING id"
+            lastrowid_wanted = True
+        cursor = self.raw.execute(text, _params(parameters))
+        lastrowid = None
+        if lastrowid_wanted and cursor.rowcount == 1:
+            row = cursor.fetchone()
+            lastrowid = int(row[0]) if row is not None else None
+        if _CHANGES_RE.match(text) and cursor.rowcount > 0:
+            self.changes += cursor.rowcount
+        return _Cursor(cursor, lastrowid)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> _Cursor:
+        cursor = self.raw.cursor()
+        cursor.executemany(translate(sql), [_params(p) for p in parameters])
+        if _CHANGES_RE.match(sql) and cursor.rowcount > 0:
+            self.changes += cursor.rowcount
+        return _Cursor(cursor, None)
+
+
+class _Link:
+    """The connection one writer thread owns; made again after the server went away."""
+
+    def __init__(self, url: str, where: str) -> None:
+        self.url = url
+        self.where = where
+        self.conn: psycopg.Connection[Any] | None = None
+        self._delay = 0.0
+        self._next_try = 0.0
+
+    def get(self) -> psycopg.Connection[Any]:
+        conn = self.conn
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        self.drop()
+        now = time.monotonic()
+        if now < self._next_try:
+            raise StoreUnavailable(f"PostgreSQL at {self.where} is unreachable (retrying)")
+        try:
+            conn = connect(self.url)
+        except psycopg.OperationalError as exc:
+            self._delay = min(max(self._delay * 2, _BACKOFF_FIRST_S), _BACKOFF_MAX_S)
+            self._next_try = now + self._delay
+            raise StoreUnavailable(
+                f"PostgreSQL at {self.where} is unreachable: {_first_line(exc)}"
+            ) from exc
+        self._delay = 0.0
+        self._next_try = 0.0
+        self.conn = conn
+        return conn
+
+    def drop(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            finally:
+                self.conn = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class PostgresDatabase(Database):
+    """`storage.database = "postgresql://…"`: two writer threads, a read pool."""
+
+    dialect = "postgresql"
+    for_update = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str, *, synchronous: str = "full") -> None:
+        self.url = url
+        self.address = server_address(url)
+        self.dbname = database_name(url)
+        self.writes = WriteHealth()
+        self._lanes: dict[int, _WriterThread] = {}
+        self._links: dict[int, _Link] = {}
+        self._pool: ConnectionPool[Any] | None = None
+        self._identity: frozenset[str] | None = None
+        self._identity_lock = threading.Lock()
+
+    @property
+    def where(self) -> str:
+        return f"PostgreSQL {self.address}/{self.dbname}"
+
+    async def open(self) -> None:
+        try:
+            probe = await asyncio.to_thread(connect, self.url)
+        except psycopg.OperationalError as exc:
+            raise StoreError(
+                f"cannot reach PostgreSQL at {self.address}: {_first_line(exc)}"
+            ) from None
+        await asyncio.to_thread(probe.close)
+        for priority, name in ((URGENT, "pg-writer-urgent"), (NORMAL, "pg-writer")):
+            self._lanes[priority] = _WriterThread(name)
+            self._links[priority] = _Link(self.url, self.address)
+        self._pool = ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=4,
+            open=False,
+            timeout=READ_WAIT_S,
+            check=ConnectionPool.check_connection,
+            configure=configure,
+            kwargs={
+                "autocommit": True,
+                "row_factory": row_factory,
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "application_name": "imagebot",
+            },
+            name="imagebot-read",
+        )
+        await asyncio.to_thread(self._pool.open)
+
+    async def close(self) -> None:
+        for priority, lane in list(self._lanes.items()):
+            link = self._links[priority]
+            await asyncio.wrap_future(lane.submit(link.drop, NORMAL))
+            await asyncio.to_thread(lane.stop)
+        self._lanes.clear()
+        self._links.clear()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.close)
+
+    def identity_tables(self, conn: psycopg.Connection[Any]) -> frozenset[str]:
+        """Tables whose `id` is an identity column (their INSERTs return it as lastrowid)."""
+        with self._identity_lock:
+            if self._identity is None:
+                rows = conn.execute(
+                    "SELECT table_name FROM information_schema.columns"
+                    " WHERE table_schema = current_schema() AND column_name = 'id'"
+                    " AND is_identity = 'YES'"
+                ).fetchall()
+                self._identity = frozenset(str(row[0]) for row in rows)
+            return self._identity
+
+    def forget_schema(self) -> None:
+        """Called after migrations: the identity tables are read again."""
+        with self._identity_lock:
+            self._identity = None
+
+    async def run(self, fn: Callable[[Any], T], *, priority: int = NORMAL) -> T:
+        return await self._submit(fn, priority, transaction=False)
+
+    async def write(self, fn: Callable[[Any], T], *, priority: int = NORMAL) -> T:
+        return await self._submit(fn, priority, transaction=True)
+
+    async def _submit(self, fn: Callable[[Any], T], priority: int, *, transaction: bool) -> T:
+        lane = self._lanes.get(URGENT if priority == URGENT else NORMAL)
+        link = self._links.get(URGENT if priority == URGENT else NORMAL)
+        if lane is None or link is None:
+            raise StoreError("database is not open")
+        health = self.writes
+
+        def call() -> T:
+            try:
+                raw = link.get()
+                conn = PgConn(raw, self.identity_tables(raw))
+                if transaction:
+                    with raw.transaction():
+                        result = fn(conn)
+                else:
+                    result = fn(conn)
+            except BaseException as exc:
+                if is_storage_fault(exc):
+                    health.failed(exc)
+                    if link.conn is not None and link.conn.broken:
+                        link.drop()
+                raise
+            if conn.changes:
+                health.succeeded()
+            return result
+
+        # Shielded, as on SQLite: a write once submitted runs even if its awaiter is canceled.
+        return await asyncio.shield(asyncio.wrap_future(lane.submit(call, priority)))
+
+    async def execute_write(self, sql: str, params: Iterable[Any] = ()) -> int:
+        values = tuple(params)
+        return await self.run(lambda conn: conn.execute(sql, values).rowcount)
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        pool = self._pool
+        if pool is None:
+            raise StoreError("database is not open")
+        values = _params(tuple(params))
+        text = translate(sql)
+
+        def read() -> list[Row]:
+            try:
+                with pool.connection() as conn:
+                    rows: list[Row] = conn.execute(text, values).fetchall()
+                    return rows
+            except PoolTimeout as exc:
+                raise StoreUnavailable(
+                    f"PostgreSQL at {self.address} is unreachable: {_first_line(exc)}"
+                ) from exc
+
+        return await asyncio.to_thread(read)
+
+    def lock(self, conn: Any, key: str) -> None:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))

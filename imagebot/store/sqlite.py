@@ -1,0 +1,192 @@
+"""The SQLite store: WAL, busy_timeout, foreign keys; one writer thread, an aiosqlite reader.
+
+Every write transaction runs whole, as one function, on a single writer thread: one hop from
+the event loop and back. A transaction built from several awaited statements would hold
+SQLite's write lock across event-loop turns, and under load every other write (the webhook's
+save-before-ack first) would queue behind it. aiosqlite runs one statement per hop, so the
+writer uses the standard library's sqlite3 on its own thread; reads (/jobs, /healthz,
+counters for status messages) go through aiosqlite and, thanks to WAL, never wait for writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from imagebot.errors import StoreError
+from imagebot.store.db import NORMAL, Database, Row, WriteHealth, is_storage_fault
+
+T = TypeVar("T")
+
+
+_Item = tuple[int, int, Callable[[], object] | None, "Future[object] | None"]
+
+
+class _WriterThread:
+    """One thread that runs submitted functions by priority, then in order of arrival."""
+
+    def __init__(self, name: str = "sqlite-writer") -> None:
+        self._queue: queue.PriorityQueue[_Item] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], T], priority: int) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put((priority, next(self._seq), fn, future))  # type: ignore[arg-type]
+        return future
+
+    def _main(self) -> None:
+        while True:
+            _, _, fn, future = self._queue.get()
+            if fn is None or future is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the awaiting task
+                future.set_exception(exc)
+
+    def stop(self) -> None:
+        self._queue.put((NORMAL + 1, next(self._seq), None, None))  # after queued writes
+        self._thread.join()
+
+
+class SqliteDatabase(Database):
+    """Owns the connections. `write(fn)` runs `fn(conn)` in one transaction on the writer."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str | Path, *, synchronous: str = "full") -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self._executor: _WriterThread | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self.writes = WriteHealth()
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def _pragmas(self) -> list[str]:
+        return [
+            "PRAGMA busy_timeout=5000",
+            "PRAGMA foreign_keys=ON",
+            f"PRAGMA synchronous={self.synchronous}",
+        ]
+
+    def _connect_writer(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL").fetchall()
+        for pragma in self._pragmas():
+            conn.execute(pragma).fetchall()
+        self._writer = conn
+
+    async def open(self) -> None:
+        self._executor = _WriterThread()
+        try:
+            await self.run(lambda _: self._connect_writer(), connected=False)
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            self._reader.row_factory = aiosqlite.Row
+            for pragma in self._pragmas():
+                async with self._reader.execute(pragma) as cursor:
+                    await cursor.fetchall()
+        except (OSError, sqlite3.Error) as exc:
+            await self.close()
+            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._executor is not None:
+            if self._writer is not None:
+                await asyncio.wrap_future(self._executor.submit(self._writer.close, NORMAL))
+                self._writer = None
+            await asyncio.to_thread(self._executor.stop)
+            self._executor = None
+
+    async def run(
+        self,
+        fn: Callable[[Any], T],
+        *,
+        priority: int = NORMAL,
+        connected: bool = True,
+    ) -> T:
+        """Run `fn(writer)` on the writer thread, outside any transaction (migrations)."""
+        if self._executor is None or (connected and self._writer is None):
+            raise StoreError("database is not open")
+
+        health = self.writes
+
+        def call() -> T:
+            conn = self._writer
+            before = conn.total_changes if conn is not None else 0
+            try:
+                result = fn(conn)
+            except BaseException as exc:
+                if is_storage_fault(exc):
+                    health.failed(exc)
+                raise
+            # Only a write that changed rows reached the disk: a claim of an empty queue
+            # proves nothing about a full one.
+            if conn is not None and conn.total_changes != before:
+                health.succeeded()
+            return result
+
+        # Shielded: a write once submitted always runs, even if the awaiting task is canceled
+        # (a shutdown must not drop, say, the vendor request id on its way to the row).
+        return await asyncio.shield(asyncio.wrap_future(self._executor.submit(call, priority)))
+
+    async def write(self, fn: Callable[[Any], T], *, priority: int = NORMAL) -> T:
+        """Run `fn(writer)` as one transaction: BEGIN IMMEDIATE … COMMIT, ROLLBACK if it raises.
+
+        Callable from any event loop (the webhook intake has its own). Once submitted, the
+        transaction runs even if the awaiting task is canceled. URGENT work (saving an update
+        before Telegram is answered) goes ahead of queued job writes.
+        """
+
+        def transaction(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (disk full, I/O error) may or may not have ended the
+                # transaction; one left open would make every later BEGIN fail.
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # the first error says more
+                        conn.execute("ROLLBACK")
+                raise
+            return result
+
+        return await self.run(transaction, priority=priority)
+
+    async def execute_write(self, sql: str, params: Iterable[Any] = ()) -> int:
+        """One statement in its own (autocommit) transaction; returns the rows changed."""
+        values = tuple(params)
+        return await self.run(lambda conn: conn.execute(sql, values).rowcount)
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StoreError("database is not open")
+        return self._reader
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        # One hop to the reader thread (execute + fetch + close), not three.
+        return list(await self.reader.execute_fetchall(sql, tuple(params)))

@@ -1,0 +1,33 @@
+-- imagebot schema 7 (PostgreSQL twin of sqlite/0007): styles, shapes and image counts users
+-- choose; 🎨 Remix questions (issue 17).
+
+-- What a job runs with, recorded when it is made, so a restart resumes with the same model.
+ALTER TABLE jobs ADD COLUMN style_id text;                      -- [[styles]] id; NULL = no styles
+ALTER TABLE jobs ADD COLUMN model text;                         -- vendor model ref; NULL = the default
+ALTER TABLE jobs ADD COLUMN prompt_suffix text NOT NULL DEFAULT ''; -- the style's words after the prompt
+ALTER TABLE jobs ADD COLUMN shape text;                         -- [generate.shapes] name; NULL = default
+ALTER TABLE jobs ADD COLUMN images_asked bigint NOT NULL DEFAULT 1;
+-- images the user got; NULL until delivered. Caps, spend and credits count these once known.
+ALTER TABLE jobs ADD COLUMN images_delivered bigint;
+ALTER TABLE jobs ADD COLUMN images_withheld bigint NOT NULL DEFAULT 0;
+
+-- A user's choices from /style and /settings; NULL = the operator's default.
+CREATE TABLE user_prefs (
+    user_id      bigint PRIMARY KEY,
+    style_id     text,
+    shape        text,
+    image_count  bigint,
+    updated_at   timestamptz NOT NULL
+);
+
+-- 🎨 Remix: the question the bot sent (a forced reply); the user's reply to that message is
+-- run as a new job like job_id (same style, shape and count), also after a restart.
+CREATE TABLE remix_prompts (
+    chat_id     bigint NOT NULL,
+    message_id  bigint NOT NULL,   -- the bot's question
+    job_id      bigint NOT NULL,   -- the job remixed (no foreign key: jobs are pruned)
+    user_id     bigint NOT NULL,   -- who may answer it
+    created_at  timestamptz NOT NULL,
+    PRIMARY KEY (chat_id, message_id)
+);
+CREATE INDEX remix_prompts_created ON remix_prompts (created_at);
