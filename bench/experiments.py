@@ -89,7 +89,7 @@ VARIANTS: dict[str, Variant] = {
     "sync-normal": Variant(
         'storage.synchronous = "normal"', overrides={"storage": {"synchronous": "normal"}}
     ),
-    "running-20": Variant("limits.max_running = 20", overrides={"limits": {"max_running": 20}}),
+    "running-20": Variant("runner.max_running = 20", overrides={"runner": {"max_running": 20}}),
     "budget-1000": _budget(1000),
     "poll-0.1": _poll(0.1),
     "poll-0.05": _poll(0.05),

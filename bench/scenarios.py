@@ -390,7 +390,7 @@ async def report_memory(ctx: Context) -> dict[str, Any]:
     if ctx.quick:
         queued = 200
     overrides = {
-        "limits": {"max_running": running},
+        "runner": {"max_running": running},
         "generate": {"timeout_s": 600},
     }
     async with ctx.imagebot("memory", overrides, replicate_latency_s=300.0) as bot:

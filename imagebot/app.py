@@ -19,7 +19,8 @@ from telegram import Bot
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, ContextTypes
 
-from imagebot.bot import albums, texts
+from imagebot import texts
+from imagebot.bot import albums
 from imagebot.bot.context import SERVICES_KEY, BotContext
 from imagebot.bot.handlers import register
 from imagebot.bot.menus import build_menus, publish
@@ -57,11 +58,15 @@ from imagebot.runtime import freeze_startup_objects, thaw_startup_objects
 from imagebot.services import Services
 from imagebot.stars import Stars
 from imagebot.store.access import AccessStore
-from imagebot.store.db import STORE_READ_ERRORS, Database, connect_store
+from imagebot.store.albums import AlbumStore
+from imagebot.store.db import STORE_READ_ERRORS, connect_store
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
 from imagebot.store.migrate import migrate
+from imagebot.store.prefs import PrefStore
+from imagebot.store.stats import Stats
+from imagebot.store.usage import Usage
 from imagebot.threaded_site import ListenError
 from imagebot.worker import JobRunner
 
@@ -141,6 +146,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     db = connect_store(settings.storage.database, synchronous=settings.storage.synchronous)
     inbox = Inbox(db)
     store = JobStore(db)
+    ledger = Ledger(db)
     tg = settings.telegram
     timeout = tg.request_timeout_s
     # proxy + CA bundle for every outgoing client (ConfigError for a CA file gone bad since)
@@ -231,7 +237,9 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         on_fatal=lambda why: app_ref[0].request_stop(why, exit_code=2),
     )
     policy = Policy(settings)
-    credits, stars = _credits(settings, application, db, store, policy, metrics, delivery, network)
+    credits, stars = _credits(
+        settings, application, ledger, store, policy, metrics, delivery, network
+    )
     if credits is not None and stars is not None:
         pipeline.on_final = credits.settle
         intake.direct["pre_checkout_query"] = stars.answer_pre_checkout
@@ -240,6 +248,11 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         db=db,
         inbox=inbox,
         store=store,
+        usage=Usage(db),
+        ledger=ledger,
+        prefs=PrefStore(db),
+        stats=Stats(db),
+        albums=AlbumStore(db),
         policy=policy,
         runner=runner,
         delivery=delivery,
@@ -252,7 +265,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         control=Control(AccessStore(db), policy),
     )
     application.bot_data[SERVICES_KEY] = services
-    register(application)
+    register(application, services)
     app = App(services, application, OpsServer(services, state), state, providers, fetcher)
     app_ref.append(app)
     return app
@@ -261,7 +274,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
 def _credits(
     settings: Settings,
     application: Application[Any, Any, Any, Any, Any, Any],
-    db: Database,
+    ledger: Ledger,
     store: JobStore,
     policy: Policy,
     metrics: Metrics,
@@ -271,7 +284,6 @@ def _credits(
     """Credits and Stars when `credits.enabled` (otherwise nothing changes)."""
     if not settings.credits.enabled:
         return None, None
-    ledger = Ledger(db)
     credits = Credits(settings, ledger, policy, metrics, store)
     tg = settings.telegram
     # The pre-checkout answer's own Bot: its own connections and no outgoing rate limiter, so
@@ -399,7 +411,7 @@ def _schedule_maintenance(app: App) -> None:
         unbind_all()
         await _prune(services)
 
-    job_queue.run_repeating(sweep, settings.limits.sweep_interval_s, name="sweep")
+    job_queue.run_repeating(sweep, settings.runner.sweep_interval_s, name="sweep")
 
     async def tend(_: object) -> None:
         unbind_all()

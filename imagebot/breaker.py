@@ -1,9 +1,9 @@
 """A circuit breaker per provider: during a vendor outage new requests are refused at once
-instead of each one sending `limits.max_attempts` creates to a vendor that is down.
+instead of each one sending `runner.max_attempts` creates to a vendor that is down.
 
 States: **closed** (calls go through; consecutive vendor-side failures are counted), **open**
-(after `limits.circuit_failures` of them: no create is sent, new requests are told at once),
-**half-open** (once `limits.circuit_cooldown_s` has passed: exactly one job, the probe, may
+(after `runner.circuit_failures` of them: no create is sent, new requests are told at once),
+**half-open** (once `runner.circuit_cooldown_s` has passed: exactly one job, the probe, may
 send a create; its success closes the circuit, its failure opens it for another cool-down).
 
 The probe is a real user's job, chosen when the request arrives (`admit`) and checked again

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from imagebot.config import OperationSettings, ParamValue, Settings, StyleSettings, clamp_params
+from imagebot.config import ParamValue, Settings, StyleSettings, clamp_params
 from imagebot.models import JobKind
 from imagebot.store.prefs import Prefs
 
@@ -61,7 +61,7 @@ class Choices:
         return max(self.max_images, self.settings.edit.outputs_per_job) > 1
 
     def default_count(self, kind: JobKind) -> int:
-        op: OperationSettings = getattr(self.settings, kind.value)  # [generate]/[edit]/[upscale]
+        op = self.settings.operation(kind)
         return max(1, min(MAX_IMAGES, op.outputs_per_job))
 
     def style_name(self, style_id: str | None) -> str | None:
@@ -99,7 +99,7 @@ class Choices:
         keeps a job's own; shape "" is the default shape), else the user's stored choices,
         else the operator's defaults."""
         if kind is not JobKind.GENERATE:  # an edit or an upscale: the operator's params
-            op: OperationSettings = getattr(self.settings, kind.value)
+            op = self.settings.operation(kind)
             return Resolved(None, None, None, "", None, self.default_count(kind), dict(op.params))
         generate = self.settings.generate
         style = self.settings.style(style_id or prefs.style_id)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from imagebot import __version__
 from imagebot.config import Settings, load_settings
 from imagebot.errors import ConfigError, StartupError, StoreError
-from imagebot.logs import configure_logging, install_excepthook
+from imagebot.logs import configure_logging, get_logger, install_excepthook
 from imagebot.runtime import tune_interpreter
 
 EXIT_CONFIG = 2
@@ -175,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error("configuration error", exc)
         return EXIT_CONFIG
     if args.command == "check-config" or args.check_config:
+        for old, new in settings.renamed_keys:
+            print(f"imagebot: deprecated setting: {old} is now {new}", file=sys.stderr)  # noqa: T201
         print(json.dumps(effective_settings(settings), indent=2, default=str))  # noqa: T201
         return 0
     configure_logging(
@@ -183,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         secrets=settings.secret_values(),
     )
     install_excepthook()
+    for old, new in settings.renamed_keys:
+        get_logger(__name__).warning("config_key_renamed", old_key=old, new_key=new)
     try:
         return asyncio.run(_serve(settings))
     except ConfigError as exc:
@@ -250,12 +254,13 @@ def _shell(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 async def _shell_run(
     settings: Settings, action: str, user_id: int | None, args: argparse.Namespace
 ) -> int:
+    from imagebot.clock import utcnow
     from imagebot.control import DEFAULT_INVITE_HOURS, DEFAULT_INVITE_USES, Control, invite_link
     from imagebot.policy import Policy
-    from imagebot.store.access import AccessStore, used_today_by_user
-    from imagebot.store.db import connect_store, utcnow
+    from imagebot.store.access import AccessStore
+    from imagebot.store.db import connect_store
     from imagebot.store.migrate import migrate
-    from imagebot.store.usage import day_start
+    from imagebot.store.usage import Usage, day_start
 
     db = connect_store(settings.storage.database, synchronous=settings.storage.synchronous)
     await db.open()
@@ -277,7 +282,7 @@ async def _shell_run(
             return 0
         if action == "list":
             access = settings.access
-            used = await used_today_by_user(db, day_start(utcnow()))
+            used = await Usage(db).used_today_by_user(day_start(utcnow()))
             print("user_id\tallowed_by\tadded_at\trequests_today")  # noqa: T201
             for uid in sorted(set(access.admins)):
                 print(f"{uid}\tconfig (admin)\t-\t{used.get(uid, 0)}")  # noqa: T201

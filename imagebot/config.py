@@ -1,11 +1,15 @@
 """Settings: config.toml, overridden by IMAGEBOT_<SECTION>__<KEY>; secrets from vendor variables.
 
-Every problem becomes one `ConfigError` naming the dotted key (or the environment variable) before
-any network call is made.
+Layers, highest first: command-line switches (`--polling`), the environment, config.toml, the
+defaults below (`load_settings` hands each layer to its own settings source). Every problem
+becomes one `ConfigError` naming the dotted key (or the environment variable) before any
+network call is made. Keys that moved to another section are still read under their old name,
+and `Settings.renamed_keys` says which were, so the log can tell the operator.
 """
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 import os
@@ -13,7 +17,6 @@ import re
 import ssl
 import tomllib
 from collections.abc import Mapping
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -22,15 +25,23 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-from pydantic_settings.exceptions import SettingsError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from imagebot.errors import ConfigError
+from imagebot.models import JobKind
 
 DEFAULT_TELEGRAM_API = "https://api.telegram.org"
 SECRET_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
@@ -156,10 +167,17 @@ class AccessSettings(Section):
 
 
 class LimitsSettings(Section):
-    max_running: int = Field(100, ge=1, le=10000)
+    """What a user may ask for: request rate, prompt length, the day's spend."""
+
     rate_per_minute: int = Field(5, ge=1, le=1000)
     max_prompt_chars: int = Field(500, ge=1, le=4000)
     daily_spend_usd: float = Field(0, ge=0)
+
+
+class RunnerSettings(Section):
+    """How jobs run: concurrency, vendor-call retries, the sweep, the circuit breaker."""
+
+    max_running: int = Field(100, ge=1, le=10000)
     max_attempts: int = Field(3, ge=1, le=10)
     retry_base_s: float = Field(1.0, gt=0, le=60)
     retry_max_s: float = Field(20.0, gt=0, le=600)
@@ -167,6 +185,13 @@ class LimitsSettings(Section):
     sweep_interval_s: float = Field(30, gt=0)
     circuit_failures: int = Field(5, ge=0, le=1000)
     circuit_cooldown_s: float = Field(30, gt=0, le=3600)
+
+
+# Keys that moved: (old section, key) -> new section. The old name is still read (config.toml
+# and IMAGEBOT_<OLD>__<KEY>), and logged as deprecated.
+MOVED_KEYS: dict[tuple[str, str], str] = {
+    ("limits", key): "runner" for key in RunnerSettings.model_fields
+}
 
 
 ParamValue = str | int | float | bool
@@ -519,6 +544,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     access: AccessSettings = AccessSettings()
     limits: LimitsSettings = LimitsSettings()
+    runner: RunnerSettings = RunnerSettings()
     generate: GenerateSettings = GenerateSettings()
     edit: EditSettings = EditSettings()
     replicate: ReplicateSettings = ReplicateSettings()
@@ -540,6 +566,9 @@ class Settings(BaseSettings):
     # the proxy URL with its credentials (overrides network.proxy, which must then agree)
     proxy_url: SecretStr | None = Field(None, validation_alias="IMAGEBOT_PROXY_URL")
 
+    # (old dotted key, new dotted key) of every moved key that was set under its old name
+    _renamed_keys: tuple[tuple[str, str], ...] = PrivateAttr(default=())
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -549,16 +578,71 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Command line, then environment, then the TOML file (which arrives as init kwargs).
-        return _CliOverrides(settings_cls), env_settings, init_settings
+        """`Settings(**tables)`: the environment, then the tables given (load_settings builds
+        its own layers, see from_layers)."""
+        given = init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
+        return Environment(settings_cls), Layer(settings_cls, given)
+
+    @classmethod
+    def from_layers(cls, *, command_line: dict[str, Any], config_file: dict[str, Any]) -> Settings:
+        """Highest first: command-line switches, the environment, config.toml, defaults.
+        Raises ConfigError naming the key as the operator wrote it."""
+        layers = (
+            Layer(cls, command_line),
+            Environment(cls),
+            Layer(cls, config_file),
+        )
+        try:
+            settings = cls(_build_sources=(layers, {}))
+        except ValidationError as exc:
+            renamed = {new: old for layer in layers for old, new in layer.renamed}
+            raise _format_error(exc, renamed) from None
+        settings._renamed_keys = tuple(dict.fromkeys(r for layer in layers for r in layer.renamed))
+        return settings
+
+    @property
+    def renamed_keys(self) -> tuple[tuple[str, str], ...]:
+        """Moved keys that were set under their old name: (old, new) dotted keys."""
+        return self._renamed_keys
+
+    def operation(self, kind: JobKind) -> GenerateSettings | EditSettings | UpscaleSettings:
+        """The section of a job kind: [generate], [edit] or [upscale]."""
+        if kind is JobKind.GENERATE:
+            return self.generate
+        if kind is JobKind.EDIT:
+            return self.edit
+        return self.upscale
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> Settings:
-        if _SECRETS_NEEDED.get():
-            _check_secrets(self)
+    def _params_leave_the_users_input_alone(self) -> Settings:
+        for kind in JobKind:
+            reserved = sorted(RESERVED_PARAMS & self.operation(kind).params.keys())
+            if reserved:
+                raise _Problem(
+                    f"{kind.value}.params.{reserved[0]}", "comes from the user, not from config"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _styles_are_distinct_and_leave_the_users_input_alone(self) -> Settings:
         _check_styles(self)
+        return self
+
+    @model_validator(mode="after")
+    def _network_settings_agree(self) -> Settings:
         _check_network(self)
         return self
+
+    def check_ready_to_serve(self) -> None:
+        """What running the bot needs beyond valid values (a database-only shell command does
+        not): the token and the vendors' keys, a complete webhook mode, a protected ops
+        server. Raises ConfigError naming the variable or key."""
+        try:
+            _check_secrets_are_set(self)
+            _check_webhook_mode(self)
+            _check_ops_server_is_protected(self)
+        except _Problem as exc:
+            raise ConfigError(exc.key, exc.problem) from None
 
     def style(self, style_id: str | None) -> StyleSettings | None:
         """The style with this id, else the default (the first), else None (no styles)."""
@@ -590,24 +674,64 @@ class Settings(BaseSettings):
 
     @property
     def bot_token(self) -> str:
-        assert self.telegram_bot_token is not None  # guaranteed by _check_secrets
+        assert self.telegram_bot_token is not None  # guaranteed by check_ready_to_serve
         return self.telegram_bot_token.get_secret_value()
 
 
-_CLI_OVERRIDES: ContextVar[dict[str, Any] | None] = ContextVar("cli_overrides", default=None)
-# False for shell commands that only touch the database (`imagebot users`, `imagebot invite`):
-# they need the same storage settings as the bot, not its token or the vendors' keys.
-_SECRETS_NEEDED: ContextVar[bool] = ContextVar("secrets_needed", default=True)
+def _move_renamed(tables: dict[str, Any]) -> list[tuple[str, str]]:
+    """Move keys set under an old section name to their new section, in one layer's tables;
+    return (old, new) dotted keys. Both names in the same layer is a ConfigError."""
+    renamed: list[tuple[str, str]] = []
+    for (old_section, key), new_section in MOVED_KEYS.items():
+        old = tables.get(old_section)
+        if not isinstance(old, dict) or key not in old:
+            continue
+        new = tables.setdefault(new_section, {})
+        if not isinstance(new, dict):
+            continue  # a malformed section: validation names it
+        if key in new:
+            raise ConfigError(
+                f"{old_section}.{key}",
+                f"is also set as {new_section}.{key}: keep only {new_section}.{key}",
+            )
+        new[key] = old.pop(key)
+        renamed.append((f"{old_section}.{key}", f"{new_section}.{key}"))
+    return renamed
 
 
-class _CliOverrides(PydanticBaseSettingsSource):
-    """Settings given as command-line switches (`--polling`), above everything else."""
+class Layer(PydanticBaseSettingsSource):
+    """Settings handed over as tables (config.toml's, or the command line's switches)."""
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
+    def __init__(self, settings_cls: type[BaseSettings], tables: Mapping[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self.tables = copy.deepcopy(dict(tables))
+        self.renamed = _move_renamed(self.tables)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.tables.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return _CLI_OVERRIDES.get() or {}
+        return self.tables
+
+
+class Environment(EnvSettingsSource):
+    """IMAGEBOT_<SECTION>__<KEY> and the secrets' own variables. A list or table value that is
+    not JSON is a ConfigError naming the variable."""
+
+    renamed: list[tuple[str, str]] = []  # noqa: RUF012 - replaced by each call
+
+    def __call__(self) -> dict[str, Any]:
+        tables = super().__call__()
+        self.renamed = _move_renamed(tables)
+        return tables
+
+    def explode_env_vars(
+        self, field_name: str, field: FieldInfo, env_vars: Mapping[str, str | None]
+    ) -> dict[str, Any]:
+        try:
+            return super().explode_env_vars(field_name, field, env_vars)
+        except ValueError:
+            raise _not_json(field_name, field) from None
 
 
 class _Problem(ValueError):
@@ -619,7 +743,7 @@ class _Problem(ValueError):
         self.problem = problem
 
 
-def _check_secrets(s: Settings) -> None:
+def _check_secrets_are_set(s: Settings) -> None:
     if s.telegram_bot_token is None or not s.telegram_bot_token.get_secret_value().strip():
         raise _Problem(
             "TELEGRAM_BOT_TOKEN",
@@ -645,6 +769,9 @@ def _check_secrets(s: Settings) -> None:
             f"is not set, and upscale.model = {s.upscale.model!r} runs on Replicate "
             "(or leave upscale.model empty to switch upscaling off)",
         )
+
+
+def _check_webhook_mode(s: Settings) -> None:
     if s.telegram.mode == "webhook":
         if not s.webhook.url:
             raise _Problem("webhook.url", "is required in webhook mode (the public https URL)")
@@ -660,16 +787,14 @@ def _check_secrets(s: Settings) -> None:
             raise _Problem(
                 "IMAGEBOT_WEBHOOK_SECRET", "must be 1-256 characters of A-Z a-z 0-9 _ -"
             )
+
+
+def _check_ops_server_is_protected(s: Settings) -> None:
     if not s.ops.is_loopback and s.ops_token is None:
         raise _Problem(
             "IMAGEBOT_OPS_TOKEN",
             f"is required because ops.listen = {s.ops.listen!r} is not a loopback address",
         )
-    for op in ("generate", "edit", "upscale"):
-        params: Mapping[str, Any] = getattr(s, op).params
-        reserved = sorted(RESERVED_PARAMS & params.keys())
-        if reserved:
-            raise _Problem(f"{op}.params.{reserved[0]}", "comes from the user, not from config")
 
 
 def _check_styles(s: Settings) -> None:
@@ -797,7 +922,8 @@ def _refuse_password_in_file(data: dict[str, Any]) -> None:
         )
 
 
-def _format_error(exc: ValidationError) -> ConfigError:
+def _format_error(exc: ValidationError, renamed: Mapping[str, str] | None = None) -> ConfigError:
+    """The first problem as a ConfigError; a moved key set under its old name is named so."""
     err = exc.errors()[0]
     loc = [str(part) for part in err["loc"]]
     ctx = err.get("ctx") or {}
@@ -810,6 +936,9 @@ def _format_error(exc: ValidationError) -> ConfigError:
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         message = "is not a known setting"
+    old = (renamed or {}).get(key)
+    if old is not None:
+        return ConfigError(old, f"{message} (the key is now {key})")
     return ConfigError(key, message)
 
 
@@ -820,29 +949,20 @@ def load_settings(
 
     `secrets=False` skips the checks of the token and keys (for database-only commands)."""
     path = _config_path(config_path)
-    data: dict[str, Any] = _read_toml(path) if path else {}
-    _refuse_password_in_file(data)
-    _default_paths(data)
-    token = _CLI_OVERRIDES.set({"telegram": {"mode": mode}} if mode else {})
-    need = _SECRETS_NEEDED.set(secrets)
-    try:
-        return Settings(**data)
-    except ValidationError as exc:
-        raise _format_error(exc) from None
-    except SettingsError as exc:  # an IMAGEBOT_* list/table value that is not JSON
-        raise _env_json_error(exc) from None
-    finally:
-        _SECRETS_NEEDED.reset(need)
-        _CLI_OVERRIDES.reset(token)
+    config_file: dict[str, Any] = _read_toml(path) if path else {}
+    _refuse_password_in_file(config_file)
+    _default_paths(config_file)
+    command_line = {"telegram": {"mode": mode}} if mode else {}
+    settings = Settings.from_layers(command_line=command_line, config_file=config_file)
+    if secrets:
+        settings.check_ready_to_serve()
+    return settings
 
 
-def _env_json_error(exc: SettingsError) -> ConfigError:
+def _not_json(section: str, field: FieldInfo) -> ConfigError:
     """Name the IMAGEBOT_<SECTION>__<KEY> variable whose list or table value is not JSON."""
-    match = re.search(r'field "(\w+)"', str(exc))
-    section = match.group(1) if match else ""
     prefix = f"IMAGEBOT_{section.upper()}__"
-    field = Settings.model_fields.get(section)
-    model = field.annotation if field else None
+    model = field.annotation
     for name, value in os.environ.items():
         sub = name[len(prefix) :].lower()
         if not name.upper().startswith(prefix) or not isinstance(model, type):
@@ -855,4 +975,4 @@ def _env_json_error(exc: SettingsError) -> ConfigError:
         except ValueError:
             example = "'[123, 456]'" if isinstance(sub_field.default, list) else """'{"a": 1}'"""
             return ConfigError(f"{section}.{sub}", f"{name} must be JSON, e.g. {name}={example}")
-    return ConfigError(section or "environment", "an IMAGEBOT_* value could not be read")
+    return ConfigError(section, "an IMAGEBOT_* value could not be read")

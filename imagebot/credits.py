@@ -10,7 +10,7 @@ reserved for gives back the rest. Admins never pay. The SQL is in store/ledger.p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from imagebot.config import Settings
 from imagebot.logs import get_logger
@@ -20,7 +20,7 @@ from imagebot.policy import Decision, Policy, Reason
 from imagebot.store.db import Conn
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger, grant_welcome_in, reserve_in
-from imagebot.store.usage import Counters, day_start
+from imagebot.store.usage import Counters
 
 log = get_logger(__name__)
 
@@ -64,8 +64,7 @@ class Credits:
         return int(getattr(self.config, f"{name}_cost", 0))
 
     def images_per_job(self, kind: JobKind) -> int:
-        op = getattr(self.settings, kind.value, None)
-        return max(1, int(getattr(op, "outputs_per_job", 1)))
+        return max(1, self.settings.operation(kind).outputs_per_job)
 
     def job_cost(self, kind: JobKind, images: int | None = None) -> int:
         """Credits a paid job reserves: the per-image price times the images it asks for
@@ -92,18 +91,10 @@ class Credits:
         cost = self.job_cost(kind, images)
         if cost <= 0:
             return decision
-        spend_cap = self.settings.limits.daily_spend_usd
-        estimate = self.policy.cost_estimate(kind, images)
-        if spend_cap and counters.spent_today_usd + estimate > spend_cap:
-            tomorrow = day_start(now) + timedelta(days=1)
-            return Decision(
-                False,
-                Reason.SPEND,
-                "spend",
-                retry_after_s=(tomorrow - now).total_seconds(),
-                limit=spend_cap,
-                used=counters.spent_today_usd,
-            )
+        count = self.images_per_job(kind) if images is None else max(1, images)
+        spend = self.policy.spend_decision(kind, count, counters, now)
+        if not spend.allowed:
+            return spend
         return Paid(cost, decision)
 
     def after_insert(self, conn: Conn, job_id: int, user_id: int, decision: JobDecision) -> None:

@@ -22,8 +22,8 @@ from telegram import (
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 
-from imagebot.bot import texts
-from imagebot.bot.callbacks import Button, ButtonData
+from imagebot import texts
+from imagebot.buttondata import Button, ButtonData
 from imagebot.errors import DeliveryError
 from imagebot.models import ImageFile
 
@@ -54,6 +54,8 @@ def telegram_errors() -> Iterator[None]:
         text = exc.message.lower()
         if "chat not found" in text:
             raise DeliveryError(exc.message, "chat_not_found") from exc
+        if "message is not modified" in text:  # an edit to the text already shown
+            raise DeliveryError(exc.message, "not_modified") from exc
         raise DeliveryError(exc.message, "bad_request") from exc
     except NetworkError as exc:  # TimedOut included
         raise DeliveryError(exc.message, "network", is_retryable=True) from exc
@@ -220,7 +222,7 @@ class Delivery:
                     reply_markup=markup,
                 )
         except DeliveryError as exc:
-            if "not modified" in exc.message.lower():
+            if exc.code == "not_modified":
                 return True
             if exc.code == "bad_request":
                 return False

@@ -5,21 +5,27 @@ ImagebotError
   ConfigError                 names the dotted setting; start-up only
   StartupError                names the setting the machine refused (port in use, path); exit 1
   StoreError                  the database is newer than the code, or a migration failed
-  UserInputError              .user_message shown in chat
-  ProviderError               .provider, .code, .is_retryable, .retry_after_s
-    ProviderTimeout           our deadline passed; the vendor request is canceled
-    ProviderRejected          the vendor refused the input (4xx, safety filter): never retried
-    SubmitOutcomeUnknown      a create/submit may have reached the vendor: never resent blindly
-  MediaError                  .code, .is_retryable
-    BlockedAddress            SSRF guard: scheme, host or resolved address not allowed
-    MediaTooLarge             over a byte or pixel limit
-    NotAnImage                the bytes are not an image we accept
-    MediaExpired              the vendor no longer has the output
-  DeliveryError               .code, .is_retryable: Telegram refused a send
+  ExternalError               .code, .is_retryable, .retry_after_s, .message, .user_message
+    ProviderError             .provider, .status: a vendor call failed
+      ProviderTimeout         our deadline passed; the vendor request is canceled
+      ProviderRejected        the vendor refused the input (4xx, safety filter): never retried
+      SubmitOutcomeUnknown    a create/submit may have reached the vendor: never resent blindly
+    MediaError                a download or image check failed
+      BlockedAddress          SSRF guard: scheme, host or resolved address not allowed
+      MediaTooLarge           over a byte or pixel limit
+      NotAnImage              the bytes are not an image we accept
+      MediaExpired            the vendor no longer has the output
+    DeliveryError             Telegram refused a send
 ```
+
+An ExternalError is decided where the outside answer is read (providers/, media.py,
+delivery.py): whether it is worth another try (`is_retryable`, `retry_after_s`) is set there
+once, and callers read the fields, never re-decide them.
 """
 
 from __future__ import annotations
+
+from imagebot import texts
 
 
 class ImagebotError(Exception):
@@ -49,21 +55,39 @@ class StoreError(ImagebotError):
     """The database cannot be used by this version of the code."""
 
 
-class UserInputError(ImagebotError):
-    """The user sent something we cannot work with; `user_message` says what to fix."""
+class ExternalError(ImagebotError):
+    """Something outside imagebot (a vendor, a media host, Telegram) failed an operation.
 
-    def __init__(self, user_message: str, code: str = "bad_input") -> None:
-        super().__init__(code)
-        self.user_message = user_message
-        self.code = code
-
-
-class ProviderError(ImagebotError):
-    """A provider call failed.
-
-    `code` is a stable snake_case name stored on the job and used for metrics; `is_retryable`
-    says whether sending the same call again may succeed; `retry_after_s` is the vendor's hint.
+    `code` is a stable snake_case name stored on the job and used for metrics and logs;
+    `is_retryable` says whether the same call again may succeed; `retry_after_s` is the other
+    side's hint (Retry-After), if it gave one; `message` is the detail for operators (it may
+    quote the other side, so it is redacted before storing and never shown to a user);
+    `user_message` is what a user may be told, by code (texts.failure_reason).
     """
+
+    default_code = "error"
+
+    def __init__(
+        self,
+        message: str,
+        code: str | None = None,
+        *,
+        is_retryable: bool = False,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.is_retryable = is_retryable
+        self.retry_after_s = retry_after_s
+
+    @property
+    def user_message(self) -> str:
+        return texts.failure_reason(self.code)
+
+
+class ProviderError(ExternalError):
+    """A provider call failed; `provider` names the vendor, `status` its HTTP status if any."""
 
     default_code = "provider_error"
 
@@ -77,12 +101,8 @@ class ProviderError(ImagebotError):
         retry_after_s: float | None = None,
         status: int | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, code, is_retryable=is_retryable, retry_after_s=retry_after_s)
         self.provider = provider
-        self.message = message
-        self.code = code or self.default_code
-        self.is_retryable = is_retryable
-        self.retry_after_s = retry_after_s
         self.status = status
 
 
@@ -104,18 +124,10 @@ class SubmitOutcomeUnknown(ProviderError):
     default_code = "submit_unknown"
 
 
-class MediaError(ImagebotError):
+class MediaError(ExternalError):
     """A download or image check failed."""
 
     default_code = "media_error"
-
-    def __init__(
-        self, message: str, code: str | None = None, *, is_retryable: bool = False
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code or self.default_code
-        self.is_retryable = is_retryable
 
 
 class BlockedAddress(MediaError):
@@ -142,11 +154,7 @@ class MediaExpired(MediaError):
     default_code = "results_expired"
 
 
-class DeliveryError(ImagebotError):
+class DeliveryError(ExternalError):
     """Telegram refused to take a message for the chat."""
 
-    def __init__(self, message: str, code: str, *, is_retryable: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.is_retryable = is_retryable
+    default_code = "telegram_error"

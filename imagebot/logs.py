@@ -175,11 +175,6 @@ def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
     return logger
 
 
-def bind(**fields: Any) -> None:
-    """Bind fields (job_id, update_id, chat_id, ...) to every log line of the current task."""
-    structlog.contextvars.bind_contextvars(**fields)
-
-
 def unbind_all() -> None:
     structlog.contextvars.clear_contextvars()
 

@@ -39,6 +39,16 @@ class Phase(StrEnum):
     DONE = "done"  # final status written
 
 
+class CancelOutcome(StrEnum):
+    """What a user's cancel of a job came to (JobRunner.cancel; the handlers word it)."""
+
+    CANCELED = "canceled"
+    NOT_FOUND = "not_found"
+    NOT_YOURS = "not_yours"
+    FINISHED = "finished"
+    TOO_LATE = "too_late"
+
+
 @dataclass(slots=True)
 class Job:
     """One row of the `jobs` table."""

@@ -10,22 +10,25 @@ import contextlib
 import hmac
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from imagebot import __version__
+from imagebot.clock import iso
 from imagebot.health import Heartbeat
 from imagebot.logs import Redactor
 from imagebot.metrics import CONTENT_TYPE
 from imagebot.models import Job, JobKind, JobStatus
-from imagebot.services import Services
-from imagebot.store.db import STORE_READ_ERRORS, iso
+from imagebot.store.db import STORE_READ_ERRORS
 from imagebot.store.jobs import JobFilter
-from imagebot.store.ledger import Ledger
 from imagebot.threaded_site import ListenError, start_site
 
-SERVICES = web.AppKey("services", Services)
+if TYPE_CHECKING:
+    # Typing only: the ops server reads the app object but never imports the runner layers.
+    from imagebot.services import Services
+
+SERVICES: web.AppKey[Services] = web.AppKey("services")
 
 
 @dataclass
@@ -175,7 +178,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     more = len(jobs) > limit
     jobs = jobs[:limit]
     redactor = request.app[REDACTOR]
-    costs = await Ledger(services.db).job_costs([j.id for j in jobs])
+    costs = await services.ledger.job_costs([j.id for j in jobs])
     return web.json_response(
         {
             "jobs": [job_json(j, redactor) | {"credits_cost": costs.get(j.id, 0)} for j in jobs],
@@ -191,7 +194,7 @@ async def get_job(request: web.Request) -> web.Response:
     job = await services.store.get(job_id or 0)
     if job is None:
         return web.json_response({"error": "no such job"}, status=404)
-    costs = await Ledger(services.db).job_costs([job.id])
+    costs = await services.ledger.job_costs([job.id])
     return web.json_response(
         job_json(job, request.app[REDACTOR]) | {"credits_cost": costs.get(job.id, 0)}
     )

@@ -19,12 +19,14 @@ from typing import Any, TypeVar
 
 from tenacity import RetryCallState
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.breaker import CIRCUIT_OPEN, Breakers, is_vendor_failure
+from imagebot.clock import iso, parse_iso, utcnow
 from imagebot.config import Settings
 from imagebot.delivery import Delivery, Sent, choice_rows
 from imagebot.errors import (
     DeliveryError,
+    ExternalError,
     MediaError,
     ProviderError,
     ProviderTimeout,
@@ -47,7 +49,6 @@ from imagebot.progress import Progress
 from imagebot.providers.base import ImageProvider
 from imagebot.results import ResultFiles
 from imagebot.retries import retrying
-from imagebot.store.db import iso, parse_iso, utcnow
 from imagebot.store.jobs import JobStore
 
 log = get_logger(__name__)
@@ -87,15 +88,11 @@ class Pipeline:
         self.results = results
         self.load_input = load_input
         self.hints = hints
-        self.timeouts = {
-            JobKind.GENERATE: settings.generate.timeout_s,
-            JobKind.EDIT: settings.edit.timeout_s,
-            JobKind.UPSCALE: settings.upscale.timeout_s,
-        }
-        self._max_attempts = settings.limits.max_attempts
+        self.timeouts = {kind: settings.operation(kind).timeout_s for kind in JobKind}
+        self._max_attempts = settings.runner.max_attempts
         self.breakers = Breakers(
-            threshold=settings.limits.circuit_failures,
-            cooldown_s=settings.limits.circuit_cooldown_s,
+            threshold=settings.runner.circuit_failures,
+            cooldown_s=settings.runner.circuit_cooldown_s,
             metrics=metrics,
             providers=sorted({p.name for p in providers.values()}),
         )
@@ -110,11 +107,11 @@ class Pipeline:
         deadline: float | None = None,
         before_sleep: Callable[[RetryCallState], Awaitable[None]] | None = None,
     ) -> Any:
-        limits = self.settings.limits
+        runner = self.settings.runner
         return retrying(
             attempts=self._max_attempts if attempts is None else attempts,
-            base_s=limits.retry_base_s,
-            max_s=limits.retry_max_s,
+            base_s=runner.retry_base_s,
+            max_s=runner.retry_max_s,
             deadline=deadline,
             before_sleep=before_sleep,
         )
@@ -262,7 +259,7 @@ class Pipeline:
     ) -> Callable[[RetryCallState], Awaitable[None]]:
         async def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            code = getattr(exc, "code", type(exc).__name__)
+            code = exc.code if isinstance(exc, ExternalError) else type(exc).__name__
             self.metrics.provider_retries.labels(job.provider).inc()
             if persist is not None:
                 await persist(state.attempt_number)
@@ -364,8 +361,10 @@ class Pipeline:
         try:
             async with asyncio.timeout(CANCEL_TIMEOUT_S):
                 await provider.cancel(job.provider_request_id)
-        except (ProviderError, TimeoutError) as exc:
-            log.warning("provider_cancel_failed", error_code=getattr(exc, "code", "timeout"))
+        except ProviderError as exc:
+            log.warning("provider_cancel_failed", error_code=exc.code)
+        except TimeoutError:
+            log.warning("provider_cancel_failed", error_code="timeout")
         else:
             log.info("provider_canceled", request_id=job.provider_request_id)
 

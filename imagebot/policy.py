@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from imagebot.config import OperationSettings, Settings
+from imagebot.config import Settings
 from imagebot.models import JobKind
 from imagebot.store.usage import RATE_WINDOW, Counters, day_start
 
@@ -93,7 +93,7 @@ class Policy:
 
     def cost_estimate(self, kind: JobKind, images: int | None = None) -> float:
         """What a job of `images` images (default: the operation's usual count) may cost."""
-        op: OperationSettings = getattr(self.settings, kind.value)  # [generate]/[edit]/[upscale]
+        op = self.settings.operation(kind)
         count = op.outputs_per_job if images is None else images
         return round(op.cost_per_image_usd * count, 6)
 
@@ -123,7 +123,7 @@ class Policy:
                 limit=limits.rate_per_minute,
                 used=len(recent),
             )
-        op: OperationSettings = getattr(self.settings, kind.value)  # [generate]/[edit]/[upscale]
+        op = self.settings.operation(kind)
         images = op.outputs_per_job if images is None else max(1, images)
         cap = op.daily_cap
         if counters.used_today + images > cap:
@@ -137,7 +137,13 @@ class Policy:
                 limit=cap,
                 used=counters.used_today,
             )
-        spend_cap = limits.daily_spend_usd
+        return self.spend_decision(kind, images, counters, now)
+
+    def spend_decision(
+        self, kind: JobKind, images: int, counters: Counters, now: datetime
+    ) -> Decision:
+        """The daily spend cap alone (a job paid with credits still passes it)."""
+        spend_cap = self.settings.limits.daily_spend_usd
         estimate = self.cost_estimate(kind, images)
         if spend_cap and counters.spent_today_usd + estimate > spend_cap:
             tomorrow = day_start(now) + timedelta(days=1)

@@ -12,7 +12,7 @@ import time
 
 from aiolimiter import AsyncLimiter
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.config import ProgressSettings
 from imagebot.delivery import Delivery, cancel_keyboard
 from imagebot.errors import DeliveryError
@@ -37,8 +37,6 @@ class Progress:
         self._last_action: dict[int, float] = {}
         self._shown_position: dict[int, int] = {}
         self._tickers: dict[int, asyncio.Task[None]] = {}
-        self.edits_sent = 0
-        self.actions_sent = 0
 
     def _interval(self, job: Job) -> float:
         if job.chat_type == "private":
@@ -66,7 +64,6 @@ class Progress:
         except DeliveryError as exc:
             log.info("progress_edit_failed", job_id=job.id, error_code=exc.code)
             return False
-        self.edits_sent += 1
         return ok
 
     async def ensure_status(self, job: Job, *, queued_at: int | None = None) -> Job:
@@ -141,7 +138,6 @@ class Progress:
                 self._last_action[job.chat_id] = now
                 try:
                     await self.delivery.chat_action(job.chat_id)
-                    self.actions_sent += 1
                 except DeliveryError as exc:
                     log.info("chat_action_failed", job_id=job.id, error_code=exc.code)
             elapsed = int(now - started)

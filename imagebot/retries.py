@@ -14,11 +14,14 @@ from tenacity import (
     wait_random,
 )
 
+from imagebot.errors import ExternalError
+
 MAX_RETRY_AFTER_S = 120.0  # a vendor asking for longer than this is as good as down
 
 
 def is_retryable(exc: BaseException) -> bool:
-    return bool(getattr(exc, "is_retryable", False))
+    """Retry what the boundary that raised it marked retryable; nothing else."""
+    return isinstance(exc, ExternalError) and exc.is_retryable
 
 
 def retrying(
@@ -40,7 +43,7 @@ def retrying(
 
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
-        hint = getattr(exc, "retry_after_s", None)
+        hint = exc.retry_after_s if isinstance(exc, ExternalError) else None
         asked = min(float(hint), MAX_RETRY_AFTER_S) if hint else None
         seconds = backoff(state) if asked is None else asked + jitter(state)
         if deadline is not None:

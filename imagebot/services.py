@@ -14,9 +14,14 @@ from imagebot.policy import Policy
 from imagebot.progress import Progress
 from imagebot.results import ResultFiles
 from imagebot.stars import Stars
+from imagebot.store.albums import AlbumStore
 from imagebot.store.db import Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
+from imagebot.store.ledger import Ledger
+from imagebot.store.prefs import PrefStore
+from imagebot.store.stats import Stats
+from imagebot.store.usage import Usage
 from imagebot.worker import JobRunner
 
 
@@ -26,6 +31,11 @@ class Services:
     db: Database
     inbox: Inbox
     store: JobStore
+    usage: Usage  # /usage counts, notice throttling
+    ledger: Ledger  # credit entries (read by /jobs even with credits off)
+    prefs: PrefStore  # /style and /settings choices, remix prompts
+    stats: Stats  # the admins' /stats
+    albums: AlbumStore  # parts of albums captioned /edit, until they go quiet
     policy: Policy
     runner: JobRunner
     delivery: Delivery

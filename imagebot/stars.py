@@ -19,7 +19,7 @@ from typing import Any
 from telegram import Bot, LabeledPrice, SuccessfulPayment, TransactionPartnerUser
 from telegram.error import BadRequest, TelegramError
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.config import CreditPack, Settings
 from imagebot.credits import Credits
 from imagebot.delivery import Delivery

@@ -1,4 +1,4 @@
-"""JobRunner: claims queued jobs in FIFO order under `limits.max_running`, runs each on PTB's
+"""JobRunner: claims queued jobs in FIFO order under `runner.max_running`, runs each on PTB's
 JobQueue through the Pipeline, and resumes whatever a restart interrupted.
 
 It also owns a job's lifecycle around the pipeline: the user's cancel, the sweep of jobs past
@@ -14,31 +14,23 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from enum import StrEnum
 from typing import Any, TypeVar, cast
 
 import structlog
 from telegram.ext import CallbackContext, JobQueue
 
-from imagebot.bot import texts
-from imagebot.errors import DeliveryError, MediaError, ProviderError
+from imagebot import texts
+from imagebot.clock import iso, parse_iso, utcnow
+from imagebot.errors import DeliveryError, ExternalError
 from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
-from imagebot.models import Job, JobStatus, Phase
+from imagebot.models import CancelOutcome, Job, JobStatus, Phase
 from imagebot.pipeline import CANCEL_TIMEOUT_S, JobGone, Pipeline
-from imagebot.store.db import is_storage_fault, iso, parse_iso, utcnow
+from imagebot.store.db import is_storage_fault
 from imagebot.store.jobs import JobStore
 
 log = get_logger(__name__)
 T = TypeVar("T")
-
-
-class CancelOutcome(StrEnum):
-    CANCELED = "canceled"
-    NOT_FOUND = "not_found"
-    NOT_YOURS = "not_yours"
-    FINISHED = "finished"
-    TOO_LATE = "too_late"
 
 
 @dataclass
@@ -96,7 +88,7 @@ class JobRunner:
 
     def has_free_slot(self) -> bool:
         """A job created now would start at once (nothing waits ahead of it for a slot)."""
-        return not self._stopping and len(self._scheduled) < self.settings.limits.max_running
+        return not self._stopping and len(self._scheduled) < self.settings.runner.max_running
 
     async def submit(self, job_id: int) -> bool:
         """A job was created: start it if a slot is free. True if it started."""
@@ -111,7 +103,7 @@ class JobRunner:
             try:
                 if self._suspended and self.store.db.writes.ok:
                     await self._resume_suspended()
-                free = self.settings.limits.max_running - len(self._scheduled)
+                free = self.settings.runner.max_running - len(self._scheduled)
                 for job in await self.store.claim_next(free, self.pipeline.timeouts):
                     self._schedule(job)
             except Exception as exc:
@@ -124,7 +116,7 @@ class JobRunner:
         was not theirs, so their deadline starts over. Jobs with made images are left to
         `tend` (they need no slot)."""
         for job_id in sorted(self._suspended):
-            if len(self._scheduled) >= self.settings.limits.max_running:
+            if len(self._scheduled) >= self.settings.runner.max_running:
                 return
             self._suspended.discard(job_id)
             job = await self.store.get(job_id)
@@ -241,7 +233,7 @@ class JobRunner:
                 await self.pipeline.park(job, exc)
             else:
                 await self.pipeline.fail(job, exc.code, str(exc))
-        except (ProviderError, MediaError) as exc:
+        except ExternalError as exc:  # a vendor or media failure the boundary did not retry
             await self.pipeline.fail(job, exc.code, str(exc))
         except asyncio.CancelledError:
             if run.cancel_reason == "shutdown":
@@ -309,7 +301,7 @@ class JobRunner:
 
     async def sweep(self) -> None:
         """Fail running jobs past their deadline plus slack, even if their task vanished."""
-        slack = self.settings.limits.stale_slack_s
+        slack = self.settings.runner.stale_slack_s
         if not self.store.db.writes.ok:
             return  # nothing could be recorded; a storage fault is no job's timeout
         for job in await self.store.overdue(utcnow(), slack):

@@ -213,7 +213,7 @@ def make_settings(
     store_target: str,
 ) -> SettingsFactory:
     """Settings pointed at the fakes, fast intervals, loopback allowed for media; override any
-    section with keyword arguments (`limits={"max_running": 1}`)."""
+    section with keyword arguments (`runner={"max_running": 1}`)."""
 
     def factory(**sections: Any) -> Settings:
         data: dict[str, Any] = {
@@ -231,7 +231,8 @@ def make_settings(
                 "results_dir": str(tmp_path / "results"),
             },
             "access": {"open": True},
-            "limits": {"retry_base_s": 0.05, "retry_max_s": 0.2, "rate_per_minute": 100},
+            "limits": {"rate_per_minute": 100},
+            "runner": {"retry_base_s": 0.05, "retry_max_s": 0.2},
             "replicate": {"base_url": replicate.url, "poll_interval_s": 0.05},
             "fal": {"base_url": fal.url, "poll_interval_s": 0.05},
             "media": {

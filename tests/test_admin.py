@@ -9,9 +9,10 @@ import re
 from datetime import timedelta
 from typing import Any
 
-from imagebot.bot import texts
+from imagebot import texts
+from imagebot.clock import iso, utcnow
 from imagebot.store.access import AccessStore, Redeem
-from imagebot.store.db import Database, iso, utcnow
+from imagebot.store.db import Database
 from imagebot.store.migrate import migrate
 from imagebot.store.usage import day_start
 from tests import updates
@@ -271,7 +272,7 @@ async def test_stats_on_a_known_set_of_jobs(
     replicate.latency_s = 30  # the live jobs stay running / waiting while /stats is asked
     async with bot(
         access={**CLOSED, "users": [FRIEND]},
-        limits={"max_running": 1},
+        runner={"max_running": 1},
         generate={"cost_per_image_usd": 0.02},
     ) as app:
         path = db_path(app)

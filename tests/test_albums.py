@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.store.db import Database
 from imagebot.store.migrate import load_migrations, migrate
 from tests import updates

@@ -1,6 +1,6 @@
-"""The circuit breaker per provider: a vendor outage opens it after limits.circuit_failures
+"""The circuit breaker per provider: a vendor outage opens it after runner.circuit_failures
 vendor-side failures, new requests are then told at once (job id, no quota used, no vendor
-call), and after limits.circuit_cooldown_s one probe request closes it again."""
+call), and after runner.circuit_cooldown_s one probe request closes it again."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_only_vendor_side_failures_count() -> None:
 
 
 def test_zero_threshold_never_opens() -> None:
-    """limits.circuit_failures = 0 switches the breaker off."""
+    """runner.circuit_failures = 0 switches the breaker off."""
     b, _ = breaker(threshold=0)
     for job in range(50):
         b.failed(job)
@@ -149,8 +149,8 @@ async def test_outage_opens_the_circuit_refuses_fast_and_recovers(
     quota; once the vendor is back and the cool-down passed, one probe closes the circuit and
     requests work again."""
     replicate.fail_next("create", 503, {"detail": "down"}, times=10_000)
-    limits = {"circuit_failures": 5, "circuit_cooldown_s": 4}
-    async with bot(limits=limits, generate={"daily_cap": 3}) as app:
+    runner = {"circuit_failures": 5, "circuit_cooldown_s": 4}
+    async with bot(runner=runner, generate={"daily_cap": 3}) as app:
         creates_per_request = []
         for n in range(6):
             seen = len(replicate.creates)
@@ -202,7 +202,7 @@ async def test_without_the_breaker_every_request_spends_max_attempts(
     """circuit_failures = 0 (off): during the same outage each request sends max_attempts (3)
     creates: the amplification the breaker removes."""
     replicate.fail_next("create", 503, {"detail": "down"}, times=10_000)
-    async with bot(limits={"circuit_failures": 0}) as app:
+    async with bot(runner={"circuit_failures": 0}) as app:
         for n in range(4):
             row = await request_and_settle(app, telegram, f"outage {n}")
             assert (row["status"], row["error_code"]) == ("failed", "provider_unavailable")
@@ -217,7 +217,7 @@ async def test_refused_inputs_do_not_open_the_circuit(
     """Vendor 422s (a user's bad input) are not an outage: after more of them than the
     threshold, the next request still goes to the vendor and succeeds."""
     replicate.fail_next("create", 422, {"detail": "prompt: invalid"}, times=3)
-    async with bot(limits={"circuit_failures": 2}) as app:
+    async with bot(runner={"circuit_failures": 2}) as app:
         for n in range(3):
             row = await request_and_settle(app, telegram, f"bad {n}")
             assert row["error_code"] == "invalid_input"

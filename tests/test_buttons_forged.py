@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.callbacks import Button, ButtonData, parse_button_data
 from imagebot.delivery import cancel_keyboard, result_keyboard, upscaled_keyboard
 from tests import updates

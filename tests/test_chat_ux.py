@@ -110,7 +110,7 @@ async def test_queued_job_can_be_canceled(
 ) -> None:
     """A job still waiting in line is canceled without ever reaching the vendor."""
     replicate.latency_s = 3
-    async with bot(limits={"max_running": 1}) as app:
+    async with bot(runner={"max_running": 1}) as app:
         telegram.push_update(updates.command("/generate first"))
         telegram.push_update(updates.command("/generate second", user_id=2, chat_id=2))
         await wait_until(lambda: len(rows(db_path(app))) == 2)

@@ -138,14 +138,14 @@ def test_check_config_prints_effective_settings_with_secrets_masked(
 ) -> None:
     """check-config (either spelling) exits 0 and prints every effective setting as JSON,
     file and environment merged, with each set secret shown only as '**********'."""
-    (workdir / "imagebot.toml").write_text("[limits]\nmax_running = 3\n[access]\nusers = [42]\n")
+    (workdir / "imagebot.toml").write_text("[runner]\nmax_running = 3\n[access]\nusers = [42]\n")
     monkeypatch.setenv("IMAGEBOT_LIMITS__RATE_PER_MINUTE", "9")
     monkeypatch.setenv("IMAGEBOT_ACCESS__ADMINS", "[7, 8]")
     assert main([*argv, "--config", "imagebot.toml"]) == 0
     out, err = capsys.readouterr()
     assert err == ""
     data = json.loads(out)
-    assert data["limits"]["max_running"] == 3
+    assert data["runner"]["max_running"] == 3
     assert data["limits"]["rate_per_minute"] == 9
     assert data["access"] == data["access"] | {"users": [42], "admins": [7, 8]}
     assert data["ops"]["listen"] == "127.0.0.1"
@@ -192,7 +192,8 @@ def test_missing_token_names_the_variable(
 @pytest.mark.parametrize(
     ("variable", "value", "key"),
     [
-        ("IMAGEBOT_LIMITS__MAX_RUNNING", "0", "limits.max_running"),
+        ("IMAGEBOT_RUNNER__MAX_RUNNING", "0", "runner.max_running"),
+        ("IMAGEBOT_LIMITS__MAX_RUNNING", "0", "limits.max_running"),  # its old name
         ("IMAGEBOT_TELEGRAM__MODE", "carrier-pigeon", "telegram.mode"),
         ("IMAGEBOT_ACCESS__USERS", '[1, "x"]', "access.users"),
         ("IMAGEBOT_ACCESS__USERS", "1,2", "access.users"),  # not JSON
@@ -306,6 +307,59 @@ def test_a_database_from_a_newer_imagebot_is_refused(
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     conn.close()
     assert tables == {"schema_migrations"}
+
+
+def test_check_config_says_which_old_keys_were_used(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    workdir: Path,
+    secrets: None,
+) -> None:
+    """A runner key set under its old [limits] name (file or environment) still takes effect,
+    and check-config says on stderr which old key is now which new one."""
+    (workdir / "config.toml").write_text("[limits]\nmax_running = 3\nrate_per_minute = 4\n")
+    monkeypatch.setenv("IMAGEBOT_LIMITS__SWEEP_INTERVAL_S", "12")
+    assert main(["check-config"]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["runner"]["max_running"] == 3 and data["runner"]["sweep_interval_s"] == 12
+    assert data["limits"] == data["limits"] | {"rate_per_minute": 4}
+    assert "max_running" not in data["limits"]
+    assert sorted(err.splitlines()) == [
+        "imagebot: deprecated setting: limits.max_running is now runner.max_running",
+        "imagebot: deprecated setting: limits.sweep_interval_s is now runner.sweep_interval_s",
+    ]
+
+
+def test_start_up_logs_each_old_key_with_its_new_name(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    workdir: Path,
+    listener: socket.socket,
+    restore_logging: None,
+    restore_interpreter: None,
+) -> None:
+    """Starting with IMAGEBOT_LIMITS__MAX_RUNNING logs one `config_key_renamed` warning
+    naming the old and the new key (here before a refused database ends the start)."""
+    database = workdir / "imagebot.db"
+    conn = sqlite3.connect(database)
+    conn.execute("CREATE TABLE schema_migrations (name TEXT PRIMARY KEY, applied_at TEXT)")
+    conn.execute("INSERT INTO schema_migrations VALUES ('9999_from_the_future', 'x')")
+    conn.commit()
+    conn.close()
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", BOT_TOKEN)
+    monkeypatch.setenv("IMAGEBOT_GENERATE__PROVIDER", "local")
+    monkeypatch.setenv("IMAGEBOT_EDIT__PROVIDER", "local")
+    monkeypatch.setenv("IMAGEBOT_STORAGE__DATABASE", str(database))
+    monkeypatch.setenv("IMAGEBOT_OPS__PORT", "0")
+    monkeypatch.setenv("IMAGEBOT_LIMITS__MAX_RUNNING", "4")
+    assert main(["--polling", "--log-format", "json"]) == 1
+    out, _ = capsys.readouterr()
+    renamed = [e for e in map(json.loads, out.splitlines()) if e["event"] == "config_key_renamed"]
+    assert [(e["level"], e["old_key"], e["new_key"]) for e in renamed] == [
+        ("warning", "limits.max_running", "runner.max_running")
+    ]
+    assert nobody_connected(listener)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import pytest
 
 from imagebot.config import load_settings
 from imagebot.errors import ConfigError
+from imagebot.models import JobKind
 
 SECRETS = {
     "TELEGRAM_BOT_TOKEN": "123:abcDEF_-",
@@ -39,7 +40,7 @@ def test_repo_config_is_valid_and_matches_defaults(secrets: None) -> None:
     repo = Path(__file__).resolve().parents[1] / "config.toml"
     from_file = load_settings(repo)
     assert from_file.telegram.mode == "polling"
-    assert from_file.limits.max_running == 100
+    assert from_file.runner.max_running == 100
     assert from_file.generate.params == {
         "num_outputs": 1,
         "aspect_ratio": "1:1",
@@ -53,11 +54,11 @@ def test_environment_overrides_the_file(
     secrets: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """IMAGEBOT_<SECTION>__<KEY> wins over config.toml; lists come as JSON."""
-    path = write(tmp_path, "[limits]\nmax_running = 7\nrate_per_minute = 3\n")
-    monkeypatch.setenv("IMAGEBOT_LIMITS__MAX_RUNNING", "9")
+    path = write(tmp_path, "[runner]\nmax_running = 7\n[limits]\nrate_per_minute = 3\n")
+    monkeypatch.setenv("IMAGEBOT_RUNNER__MAX_RUNNING", "9")
     monkeypatch.setenv("IMAGEBOT_ACCESS__USERS", "[1, 2]")
     settings = load_settings(path)
-    assert settings.limits.max_running == 9
+    assert settings.runner.max_running == 9
     assert settings.limits.rate_per_minute == 3
     assert settings.access.users == [1, 2]
 
@@ -99,7 +100,8 @@ def test_provider_keys_required_only_for_their_provider(monkeypatch: pytest.Monk
 @pytest.mark.parametrize(
     ("toml", "key"),
     [
-        ("[limits]\nmax_running = 0\n", "limits.max_running"),
+        ("[runner]\nmax_running = 0\n", "runner.max_running"),
+        ("[limits]\nmax_running = 0\n", "limits.max_running"),  # its old name
         ("[limits]\nmax_runing = 5\n", "limits.max_runing"),
         ('[telegram]\nmode = "carrier-pigeon"\n', "telegram.mode"),
         ('[telegram]\napi_base_url = "api.telegram.org"\n', "telegram.api_base_url"),
@@ -164,3 +166,36 @@ def test_database_defaults_to_state_directory(
     settings = load_settings(write(tmp_path, ""))
     assert settings.storage.database == tmp_path / "imagebot.db"
     assert settings.storage.results_dir == tmp_path / "results"
+
+
+def test_runner_keys_under_their_old_limits_name_still_work(
+    secrets: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[limits] max_running (file) and IMAGEBOT_LIMITS__MAX_ATTEMPTS (environment) land in
+    [runner], each named in renamed_keys; the environment still wins over the file, whichever
+    name each uses."""
+    path = write(tmp_path, "[limits]\nmax_running = 7\nmax_attempts = 2\n")
+    monkeypatch.setenv("IMAGEBOT_RUNNER__MAX_RUNNING", "9")
+    monkeypatch.setenv("IMAGEBOT_LIMITS__MAX_ATTEMPTS", "5")
+    settings = load_settings(path)
+    assert (settings.runner.max_running, settings.runner.max_attempts) == (9, 5)
+    assert sorted(settings.renamed_keys) == [
+        ("limits.max_attempts", "runner.max_attempts"),
+        ("limits.max_running", "runner.max_running"),
+    ]
+    monkeypatch.delenv("IMAGEBOT_LIMITS__MAX_ATTEMPTS")
+    assert load_settings(write(tmp_path, "[runner]\nmax_running = 7\n")).renamed_keys == ()
+
+
+def test_a_key_set_under_both_names_in_one_place_is_refused(secrets: None, tmp_path: Path) -> None:
+    """Old and new name of the same key in one config.toml: an error naming the old key."""
+    err = error_of(write(tmp_path, "[limits]\nmax_running = 7\n[runner]\nmax_running = 8\n"))
+    assert err.key == "limits.max_running"
+    assert "runner.max_running" in err.problem
+
+
+def test_operation_gives_each_kind_its_section(secrets: None, tmp_path: Path) -> None:
+    """Settings.operation(kind) is [generate] for generations and [edit] for edits."""
+    settings = load_settings(write(tmp_path, "[generate]\ndaily_cap = 4\n[edit]\ndaily_cap = 2\n"))
+    assert settings.operation(JobKind.GENERATE).daily_cap == 4
+    assert settings.operation(JobKind.EDIT).daily_cap == 2

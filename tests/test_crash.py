@@ -48,7 +48,7 @@ async def daemon(
     fal: FakeFal,
     store_target: str,
 ) -> AsyncIterator[MakeDaemon]:
-    """`daemon(mode=..., limits={...})` makes a Daemon on the test's store (SQLite, or
+    """`daemon(mode=..., runner={...})` makes a Daemon on the test's store (SQLite, or
     PostgreSQL with --store postgresql); every one is killed at teardown."""
     made: list[Daemon] = []
 
@@ -232,7 +232,7 @@ async def test_kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice(
     replicate.latency_s = 0.3
     fal.latency_s = 0.3
     photo = make_image(48, 32, (200, 80, 20))
-    bot = daemon(mode=mode, limits={"max_running": 4})
+    bot = daemon(mode=mode, runner={"max_running": 4})
     stream = Stream(bot, rng, telegram.add_file(photo))
     for _ in range(kills):
         await stream.kill_at_random_moment()
@@ -365,10 +365,10 @@ async def test_sigterm_with_jobs_in_flight_exits_0_and_resumes(
     daemon: MakeDaemon, telegram: FakeTelegram, replicate: FakeReplicate
 ) -> None:
     """SIGTERM with one prediction waiting, one create in flight and two jobs queued behind
-    limits.max_running: exit 0 well within TimeoutStopSec, the create in flight is saved (not
+    runner.max_running: exit 0 well within TimeoutStopSec, the create in flight is saved (not
     left unknown), and after a restart every job completes with no second create."""
     replicate.latency_s = 5.0
-    bot = daemon(limits={"max_running": 2})
+    bot = daemon(runner={"max_running": 2})
     await bot.start()
     prompts = [f"stopped number {n}" for n in range(1, 5)]
     telegram.push_update(updates.command(f"/generate {prompts[0]}"))
@@ -448,7 +448,7 @@ async def test_database_left_by_kill_9_opens_migrates_and_checks_ok(
     await bot.start()
     assert integrity(bot.db_path) == "ok"
     names = [r["name"] for r in query(bot.db_path, "SELECT name FROM schema_migrations")]
-    assert names == sorted(p.stem for p in (REPO / "migrations").glob("[0-9]*.sql"))
+    assert names == sorted(p.stem for p in (REPO / "migrations" / "sqlite").glob("[0-9]*.sql"))
     for n in range(8):
         telegram.push_update(updates.command(f"/generate integrity {n}"))
     # Every create answered (so none is left of unknown outcome), then die mid-delivery.

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.cli import main
 from imagebot.config import load_settings
 from imagebot.errors import ConfigError
@@ -189,7 +189,7 @@ async def test_queued_job_keeps_its_model_across_a_restart(
     from tests.conftest import running
 
     replicate.latency_s = 30
-    settings = make_settings(styles=STYLES, limits={"max_running": 1})
+    settings = make_settings(styles=STYLES, runner={"max_running": 1})
     async with running(settings) as app:
         telegram.push_update(updates.command("/generate first"))
         await wait_until(lambda: len(replicate.creates) == 1)

@@ -457,7 +457,8 @@ async def test_pre_checkout_is_answered_in_time_under_load(
     replicate.latency_s = 60.0
     settings = sections(
         generate={"daily_cap": 1000},
-        limits={"max_running": 100, "rate_per_minute": 1000},
+        limits={"rate_per_minute": 1000},
+        runner={"max_running": 100},
     )
     async with bot(**settings) as app:
         invoice = await buy(telegram, "s")

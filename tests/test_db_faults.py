@@ -28,7 +28,7 @@ from tests.fakes.telegram_api import FakeTelegram
 CHAT = updates.DEFAULT_CHAT_ID
 log = logging.getLogger(__name__)
 FAST = {
-    "limits": {"sweep_interval_s": 0.2, "stale_slack_s": 0},
+    "runner": {"sweep_interval_s": 0.2, "stale_slack_s": 0},
     "generate": {"timeout_s": 2, "daily_cap": 100},
     "delivery": {
         "retry_base_s": 0.2,

@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 import structlog
 
-from imagebot import logs
-from imagebot.bot import texts
+from imagebot import logs, texts
 from imagebot.config import MediaSettings
 from imagebot.logs import configure_logging
 from tests import updates
@@ -985,6 +984,43 @@ async def test_unusable_request_id_from_fal_fails_without_resubmitting(
     assert (row["status"], row["error_code"]) == ("failed", "bad_response")
     assert len(fal.submits) == 1
     assert [c.op for c in fal.calls] == ["submit"]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code"),
+    [
+        (422, {"detail": [{"type": "content_policy_violation", "msg": "nsfw"}]}, "safety"),
+        (422, {"detail": [{"type": "value_error", "msg": "image too small"}]}, "model_error"),
+        (404, {"detail": "Request not found"}, "model_error"),
+        (200, b"<html>not json</html>", "model_error"),
+    ],
+)
+async def test_fal_refusing_the_result_fails_the_job_once(
+    bot, telegram: FakeTelegram, fal: FakeFal, status: int, body: Any, code: str
+) -> None:
+    """A completed request whose result fal refuses (or answers unreadably) fails the job with
+    a fitting code after one result call; the user is told."""
+    fal.fail_next("result", status, body, times=10)
+    file_id = telegram.add_file(make_image(64, 48))
+    async with bot() as app:
+        telegram.push_update(photo_upd(file_id, "/edit x"))
+        (row,) = await finished(app)
+        await wait_until(lambda: any("job 1 failed" in t for t in telegram.texts(CHAT)))
+    assert (row["status"], row["error_code"]) == ("failed", code)
+    assert len(fal.calls_of("result")) == 1 and len(fal.submits) == 1
+
+
+async def test_fal_result_answering_503_is_asked_again(
+    bot, telegram: FakeTelegram, fal: FakeFal
+) -> None:
+    """A 503 to the result call is worth another try: the result is fetched again and sent."""
+    fal.fail_next("result", 503, {"detail": "busy"})
+    file_id = telegram.add_file(make_image(64, 48))
+    async with bot() as app:
+        telegram.push_update(photo_upd(file_id, "/edit x"))
+        (row,) = await finished(app)
+    assert row["status"] == "succeeded"
+    assert len(fal.calls_of("result")) == 2 and len(fal.submits) == 1
 
 
 @pytest.mark.parametrize(

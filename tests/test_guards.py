@@ -123,7 +123,7 @@ async def test_queue_position_is_shown(
     """With max_running=1, waiting jobs are answered with their place in line (not with
     "Generating…" edited a moment later) and run in FIFO order."""
     replicate.latency_s = 1.2
-    async with bot(limits={"max_running": 1}) as app:
+    async with bot(runner={"max_running": 1}) as app:
         for n in range(3):
             telegram.push_update(updates.command(f"/generate queued {n}"))
         await wait_until(lambda: len(telegram.photos(CHAT)) == 3, within=20)

@@ -14,7 +14,7 @@ from babel.messages.extract import extract_from_dir
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.models import JobKind
 from tests import updates
 from tests.fakes.base import wait_until

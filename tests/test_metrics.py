@@ -165,7 +165,7 @@ async def test_running_and_queued_gauges_follow_the_queue(
 ) -> None:
     """With one slot and two jobs, the gauges show 1 running and 1 queued, then 0 and 0."""
     replicate.latency_s = 1.0
-    async with bot(limits={"max_running": 1}) as app:
+    async with bot(runner={"max_running": 1}) as app:
         telegram.push_update(updates.command("/generate first"))
         telegram.push_update(updates.command("/generate second", user_id=2002, chat_id=2002))
         await wait_until(lambda: len(replicate.creates) == 1)

@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 SENDS = frozenset(
     {"sendMessage", "sendPhoto", "editMessageText", "deleteMessage", "sendChatAction"}
 )
-# Short everything: the old give-up (limits.max_attempts quick tries) is over in well under a
+# Short everything: the old give-up (runner.max_attempts quick tries) is over in well under a
 # second, and a job past generate.timeout_s + stale_slack_s would be swept after 2 s.
 FAST = {
-    "limits": {"max_running": 1, "sweep_interval_s": 0.2, "stale_slack_s": 0},
+    "runner": {"max_running": 1, "sweep_interval_s": 0.2, "stale_slack_s": 0},
     "generate": {"timeout_s": 2},
     "delivery": {
         "retry_base_s": 0.2,

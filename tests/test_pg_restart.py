@@ -61,7 +61,7 @@ async def test_server_crash_under_load_loses_nothing_acknowledged(
     rng = random.Random(15)
     replicate.latency_s = 0.2
     url = own_cluster.create_db()
-    bot = Daemon(tmp_path, telegram, replicate, fal, database=url, limits={"max_running": 4})
+    bot = Daemon(tmp_path, telegram, replicate, fal, database=url, runner={"max_running": 4})
     sent: dict[int, str] = {}
     stop = asyncio.Event()
 

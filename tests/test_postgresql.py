@@ -18,7 +18,7 @@ from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
 from imagebot.store.migrate import migrate
-from imagebot.store.usage import claim_notice
+from imagebot.store.usage import Usage
 from tests.storeview import query
 from tests.test_startup_errors import environment, only_line, run_imagebot
 
@@ -121,7 +121,7 @@ async def _sqlite_store_with_data(path: Path) -> None:
     await db.execute_write("DELETE FROM jobs WHERE id = 4")  # the highest id SQLite gave: 4
     await ledger.grant(10, 7, "a grant")
     await ledger.set_sync_offset(3)
-    await claim_notice(db, 10, "not_allowed", 60)
+    await Usage(db).claim_notice(10, "not_allowed", 60)
     await db.close()
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.callbacks import parse_button_data
 from tests import updates
 from tests.conftest import SettingsFactory, running

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from imagebot.app import _prune
+from imagebot.clock import iso, utcnow
 from imagebot.config import load_settings
 from imagebot.errors import ConfigError
-from imagebot.store.db import iso, utcnow
 from tests import updates
 from tests.conftest import BOT_TOKEN, REPLICATE_TOKEN
 from tests.crash_harness import write

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from imagebot.clock import iso, parse_iso, utcnow
 from imagebot.errors import StoreError
 from imagebot.models import Job, JobKind, JobStatus, NewJob, Phase
 from imagebot.policy import ALLOW, Decision, Reason
-from imagebot.store.db import URGENT, Conn, Database, iso, parse_iso, utcnow
+from imagebot.store.db import URGENT, Conn, Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobFilter, JobStore
 from imagebot.store.ledger import Ledger, NotEnoughCredits, reserve_in
 from imagebot.store.migrate import load_migrations, migrate
-from imagebot.store.usage import Counters, used_today
+from imagebot.store.usage import Counters, Usage
 from tests.storeview import query
 
 TIMEOUTS = {JobKind.GENERATE: 90.0, JobKind.EDIT: 30.0}
@@ -110,7 +111,7 @@ async def test_failed_and_canceled_jobs_give_units_back(db: Database) -> None:
     await store.finish(ids[0], JobStatus.FAILED, error_code="timeout")
     await store.finish(ids[1], JobStatus.CANCELED)
     await store.finish(ids[2], JobStatus.SUCCEEDED)
-    counts = await used_today(db, 7, utcnow())
+    counts = await Usage(db).used_today(7, utcnow())
     assert counts[JobKind.GENERATE] == 2
     assert counts[JobKind.EDIT] == 0
 

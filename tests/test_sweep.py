@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from imagebot.store.db import iso, utcnow
+from imagebot.clock import iso, utcnow
 from tests import updates
 from tests.conftest import REPLICATE_TOKEN
 from tests.crash_harness import write
@@ -21,7 +21,7 @@ from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 
 CHAT = updates.DEFAULT_CHAT_ID
-SWEEP = {"limits": {"sweep_interval_s": 0.2, "stale_slack_s": 0}, "generate": {"timeout_s": 2}}
+SWEEP = {"runner": {"sweep_interval_s": 0.2, "stale_slack_s": 0}, "generate": {"timeout_s": 2}}
 
 
 def rows(app: Any, sql: str = "SELECT * FROM jobs ORDER BY id") -> list[sqlite3.Row]:

@@ -1,4 +1,4 @@
-"""Creates the vendor answered with 429/5xx: resent with backoff up to limits.max_attempts when
+"""Creates the vendor answered with 429/5xx: resent with backoff up to runner.max_attempts when
 nothing was created, looked up and adopted when the answer may hide a created request, never
 resent when that cannot be told. Through the real clients against the fake vendors."""
 

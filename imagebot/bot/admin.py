@@ -15,9 +15,10 @@ from typing import Any
 from telegram import Chat, Message, Update, User
 from telegram.ext import Application, CommandHandler, filters
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import command_argument, is_addressed, reply
+from imagebot.clock import utcnow
 from imagebot.control import (
     DEFAULT_INVITE_HOURS,
     DEFAULT_INVITE_USES,
@@ -28,11 +29,9 @@ from imagebot.control import (
 )
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
-from imagebot.store.access import Redeem, looks_like_code, used_today_by_user
-from imagebot.store.db import utcnow
+from imagebot.store.access import Redeem, looks_like_code
 from imagebot.store.languages import language_of
-from imagebot.store.stats import day_stats
-from imagebot.store.usage import claim_notice, day_start
+from imagebot.store.usage import day_start
 
 log = get_logger(__name__)
 
@@ -138,7 +137,7 @@ async def users(update: Update, context: BotContext) -> None:
     services = context.services
     access = services.settings.access
     added = await _control(context).access.allowed()
-    used = await used_today_by_user(services.db, day_start(utcnow()))
+    used = await services.usage.used_today_by_user(day_start(utcnow()))
     text = texts.users_text(
         admins=sorted(set(access.admins)),
         config_users=sorted(set(access.users) - set(access.admins)),
@@ -225,7 +224,7 @@ async def stats(update: Update, context: BotContext) -> None:
     if _admin_message(update, context) is None:
         return
     services = context.services
-    day = await day_stats(services.db, utcnow())
+    day = await services.stats.today(utcnow())
     per_kind: dict[str, dict[str, int]] = {}
     for (kind, status), n in day.jobs.items():
         per_kind.setdefault(kind, {})[status] = n
@@ -286,7 +285,7 @@ async def redeem(update: Update, context: BotContext, code: str) -> None:
         return
     services.metrics.refusals.labels("invite").inc()
     interval = services.settings.access.refusal_notice_interval_s
-    if await claim_notice(services.db, user.id, INVITE_NOTICE, interval):
+    if await services.usage.claim_notice(user.id, INVITE_NOTICE, interval):
         await reply(update, context, texts.invite_refused(outcome.value, user.id))
 
 
@@ -302,9 +301,8 @@ ADMIN_COMMANDS = {
 }
 
 
-def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+def register(application: Application[Any, Any, Any, Any, Any, Any], admins: list[int]) -> None:
     """Group 0, before the unknown-command catch-all; matched only for `access.admins`."""
-    admins = application.bot_data["services"].settings.access.admins
     if not admins:
         return
     only_admins = filters.UpdateType.MESSAGE & filters.User(user_id=admins)

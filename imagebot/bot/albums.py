@@ -19,20 +19,23 @@ the reply names one message).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from telegram import Message, Update
 from telegram.ext import Application, BaseHandler, CallbackContext, MessageHandler, filters
 
-from imagebot.bot import texts
-from imagebot.bot.context import SERVICES_KEY, BotContext
+from imagebot import texts
+from imagebot.bot.context import BotContext, services_of
 from imagebot.bot.edit import EDIT_CAPTION, MEDIA, NEW, UNSUPPORTED, pick_input
 from imagebot.bot.requests import EditInput, command_argument, is_addressed, reply, request_job
+from imagebot.clock import utcnow
 from imagebot.logs import get_logger, unbind_all
 from imagebot.models import JobKind
-from imagebot.services import Services
-from imagebot.store.albums import AlbumPart, AlbumStore
-from imagebot.store.db import is_storage_fault, utcnow
+from imagebot.store.albums import AlbumPart
+from imagebot.store.db import is_storage_fault
+
+if TYPE_CHECKING:
+    from imagebot.services import Services
 
 log = get_logger(__name__)
 
@@ -74,7 +77,7 @@ async def album_part(update: Update, context: BotContext) -> None:
         instruction=instruction,
     )
     services = context.services
-    is_new = await AlbumStore(services.db).add(part, utcnow())
+    is_new = await services.albums.add(part, utcnow())
     log.info(
         "album_part_saved",
         media_group_id=part.media_group_id,
@@ -95,9 +98,9 @@ async def _tick(context: CallbackContext[Any, Any, Any, Any]) -> None:
 async def finish_quiet_albums(application: Application[Any, Any, Any, Any, Any, Any]) -> int:
     """Turn every album that has been quiet long enough into its job (or its hint); returns
     how many albums were handled. One pass at a time."""
-    services: Services = application.bot_data[SERVICES_KEY]
+    services = services_of(application)
     lock = application.bot_data.setdefault(_LOCK_KEY, asyncio.Lock())
-    store = AlbumStore(services.db)
+    store = services.albums
     handled = 0
     async with lock:
         quiet = await store.quiet(utcnow(), services.settings.edit.album_quiet_s)
@@ -167,7 +170,7 @@ def schedule(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     interrupted, their replayed parts saved by then), then a safety net for lost timers."""
     job_queue = application.job_queue
     assert job_queue is not None
-    quiet_s = application.bot_data[SERVICES_KEY].settings.edit.album_quiet_s
+    quiet_s = services_of(application).settings.edit.album_quiet_s
     job_queue.run_repeating(
         _tick, max(10.0, quiet_s), first=quiet_s + 2 * _TIMER_SLACK_S, name="albums"
     )

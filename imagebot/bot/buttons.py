@@ -14,15 +14,15 @@ from typing import Any
 from telegram import Update
 from telegram.ext import BaseHandler, CallbackQueryHandler
 
-from imagebot.bot import history, texts
+from imagebot import texts
+from imagebot.bot import history
 from imagebot.bot.callbacks import Button, checked
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import EditInput, ensure_access, request_job
+from imagebot.clock import iso
 from imagebot.errors import DeliveryError, MediaError
 from imagebot.logs import get_logger
-from imagebot.models import JobKind, JobStatus
-from imagebot.store.db import iso
-from imagebot.worker import CancelOutcome
+from imagebot.models import CancelOutcome, JobKind, JobStatus
 
 log = get_logger(__name__)
 

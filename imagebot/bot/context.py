@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from telegram.ext import CallbackContext, ExtBot
-
-from imagebot.services import Services
+from telegram.ext import Application, CallbackContext, ExtBot
 
 if TYPE_CHECKING:
+    # Typing only: at run time the bot layer must not pull in the runner and the providers.
     from imagebot.bot.callbacks import ChoicePress, Press
+    from imagebot.services import Services
 
 SERVICES_KEY = "services"
+
+
+def services_of(application: Application[Any, Any, Any, Any, Any, Any]) -> Services:
+    """The app object, for code that runs without an update (scheduled passes)."""
+    return cast("Services", application.bot_data[SERVICES_KEY])
 
 
 class BotContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], dict[Any, Any]]):
@@ -25,6 +30,4 @@ class BotContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], d
 
     @property
     def services(self) -> Services:
-        services = self.bot_data[SERVICES_KEY]
-        assert isinstance(services, Services)
-        return services
+        return services_of(self.application)

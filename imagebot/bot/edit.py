@@ -12,7 +12,6 @@ from typing import Any
 
 from telegram import ForceReply, Message, Update
 from telegram.ext import (
-    Application,
     BaseHandler,
     CallbackQueryHandler,
     CommandHandler,
@@ -23,7 +22,7 @@ from telegram.ext import (
 )
 from telegram.warnings import PTBUserWarning
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.callbacks import Button, checked
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import (
@@ -235,10 +234,8 @@ def stray_media_handler() -> BaseHandler[Update, Any, Any]:
     return MessageHandler(NEW & filters.ChatType.PRIVATE & (MEDIA | UNSUPPORTED), stray_media)
 
 
-def conversation(
-    application: Application[Any, Any, Any, Any, Any, Any],
-) -> ConversationHandler[Any]:
-    timeout = application.bot_data["services"].settings.edit.conversation_timeout_s
+def conversation(timeout_s: float) -> ConversationHandler[Any]:
+    """/edit's ways in and its two waits; a conversation idle for `timeout_s` ends."""
     entry_points: list[BaseHandler[Update, Any, Any]] = [
         CommandHandler("edit", start_edit, filters=NEW),
         # Videos and GIFs captioned /edit come in too, to be told what can be edited.
@@ -267,7 +264,7 @@ def conversation(
             entry_points=entry_points,
             states=states,
             fallbacks=[CommandHandler("cancel", cancel_edit, filters=NEW)],
-            conversation_timeout=timeout,
+            conversation_timeout=timeout_s,
             allow_reentry=True,
             name="edit",
         )

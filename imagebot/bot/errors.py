@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from telegram import Update
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.context import BotContext
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from telegram import Update
 from telegram.error import TelegramError
@@ -15,6 +15,7 @@ from telegram.ext import (
     filters,
 )
 
+from imagebot import texts
 from imagebot.bot import (
     admin,
     albums,
@@ -25,7 +26,6 @@ from imagebot.bot import (
     language,
     payments,
     settings_menu,
-    texts,
 )
 from imagebot.bot.context import BotContext
 from imagebot.bot.errors import on_error
@@ -37,12 +37,13 @@ from imagebot.bot.requests import (
     request_job,
 )
 from imagebot.choices import Choices
+from imagebot.clock import utcnow
 from imagebot.logs import get_logger
-from imagebot.models import JobKind
+from imagebot.models import CancelOutcome, JobKind
 from imagebot.policy import Reason
-from imagebot.store.db import utcnow
-from imagebot.store.usage import claim_notice, used_today
-from imagebot.worker import CancelOutcome
+
+if TYPE_CHECKING:
+    from imagebot.services import Services
 
 log = get_logger(__name__)
 
@@ -85,7 +86,7 @@ async def gate(update: Update, context: BotContext) -> None:
     if (
         message is not None
         and is_addressed(message, context)
-        and await claim_notice(services.db, user.id, Reason.ALLOWLIST.value, interval)
+        and await services.usage.claim_notice(user.id, Reason.ALLOWLIST.value, interval)
     ):
         log.info("request_refused", reason=Reason.ALLOWLIST.value, notice=True)
         if (message.text or "").split("@")[0].split(" ")[0] == "/start":
@@ -126,13 +127,11 @@ async def usage(update: Update, context: BotContext) -> None:
     if not await ensure_access(update, context):
         return
     services = context.services
-    counts = await used_today(services.db, user.id, utcnow())
-    caps = {
-        JobKind.GENERATE: services.settings.generate.daily_cap,
-        JobKind.EDIT: services.settings.edit.daily_cap,
-    }
+    counts = await services.usage.used_today(user.id, utcnow())
+    kinds = [JobKind.GENERATE, JobKind.EDIT]
     if services.settings.upscale.enabled:
-        caps[JobKind.UPSCALE] = services.settings.upscale.daily_cap
+        kinds.append(JobKind.UPSCALE)
+    caps = {kind: services.settings.operation(kind).daily_cap for kind in kinds}
     await reply(
         update,
         context,
@@ -174,7 +173,7 @@ async def private_text(update: Update, context: BotContext) -> None:
     await reply(update, context, f"{texts.PRIVATE_TEXT_HINT}\n\n{texts.help_text(limit)}")
 
 
-def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+def register(application: Application[Any, Any, Any, Any, Any, Any], services: Services) -> None:
     """Wire every handler; order matters inside a group (the first match wins)."""
     new_messages = filters.UpdateType.MESSAGE
     # Group order (each group runs its first matching handler; a stop ends the update):
@@ -185,7 +184,7 @@ def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     application.add_handler(callbacks.gate_handler(), group=-1)
     # Album parts first: an album captioned /edit is one edit, not one per photo (issue 17).
     application.add_handler(albums.handler())
-    application.add_handler(edit.conversation(application))
+    application.add_handler(edit.conversation(services.settings.edit.conversation_timeout_s))
     application.add_handler(CommandHandler("start", start, filters=new_messages))
     application.add_handler(CommandHandler("help", help_command, filters=new_messages))
     application.add_handler(CommandHandler("generate", generate, filters=new_messages))
@@ -193,10 +192,11 @@ def register(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
     application.add_handler(CommandHandler("cancel", cancel, filters=new_messages))
     application.add_handler(CommandHandler("history", history.history, filters=new_messages))
     language.register(application)  # group -4 (every update) and /language with its buttons
-    if application.bot_data["services"].settings.credits.enabled:
+    if services.settings.credits.enabled:
         payments.register_payment_messages(application)  # group -1, ahead of /edit
         payments.register(application)
-    admin.register(application)  # only for access.admins; anyone else: unknown command
+    # only for access.admins; anyone else: unknown command
+    admin.register(application, services.settings.access.admins)
     for handler in settings_menu.handlers():  # /style, /settings, shape and remix buttons
         application.add_handler(handler)
     for handler in buttons.handlers():

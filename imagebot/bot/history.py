@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.callbacks import Button, ButtonData, checked
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import ensure_access, is_addressed, reply

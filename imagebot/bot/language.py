@@ -22,7 +22,7 @@ from telegram.ext import (
     filters,
 )
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import command_argument, is_addressed, reply
 from imagebot.errors import DeliveryError

@@ -1,7 +1,7 @@
 """Telegram's "/" command menus: the user commands for everyone, user + admin commands in each
 admin's own chat, set with setMyCommands at start-up only when a list changed.
 
-`build_menus` makes every list from the texts (bot/texts.py), one `Menu` per scope and
+`build_menus` makes every list from the texts (imagebot/texts.py), one `Menu` per scope and
 language; a per-language menu is one more `Menu` with its `language_code`. What was last set
 is kept per scope as a SHA-256 of the list (bot_state.command_menus), so a restart storm makes
 no Bot API call, and a scope that failed (Telegram unreachable) is tried again next start.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from telegram import Bot, BotCommand, BotCommandScope, BotCommandScopeChat, BotCommandScopeDefault
 from telegram.error import TelegramError
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.config import Settings
 from imagebot.logs import get_logger
 from imagebot.store.access import AccessStore

@@ -21,7 +21,7 @@ from telegram.ext import (
     filters,
 )
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import (
     command_argument,

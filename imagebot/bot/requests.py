@@ -9,24 +9,25 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from telegram import Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.context import BotContext
 from imagebot.breaker import CIRCUIT_OPEN
 from imagebot.choices import Choices
+from imagebot.clock import utcnow
 from imagebot.config import CreditPack
 from imagebot.credits import Paid
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.models import Job, JobKind, NewJob
 from imagebot.policy import Decision, Reason
-from imagebot.services import Services
-from imagebot.store.db import utcnow
 from imagebot.store.ledger import NotEnoughCredits
-from imagebot.store.prefs import PrefStore
-from imagebot.store.usage import claim_notice
+
+if TYPE_CHECKING:
+    from imagebot.services import Services
 
 log = get_logger(__name__)
 
@@ -90,7 +91,7 @@ async def ensure_access(update: Update, context: BotContext) -> bool:
     services.metrics.refusals.labels(Reason.ALLOWLIST.value).inc()
     log.info("request_refused", reason=Reason.ALLOWLIST.value, user_id=user.id, chat_id=chat.id)
     interval = services.settings.access.refusal_notice_interval_s
-    if await claim_notice(services.db, user.id, Reason.ALLOWLIST.value, interval):
+    if await services.usage.claim_notice(user.id, Reason.ALLOWLIST.value, interval):
         bootstrap = not services.settings.access.admins
         await reply(update, context, texts.not_allowed(user.id, bootstrap))
     return False
@@ -163,7 +164,7 @@ async def offer_packs(
     log.info("request_refused", reason="credits", balance=short.balance, needed=short.needed)
     if chat is None:
         return
-    free_disabled = getattr(services.settings, kind.value).daily_cap == 0
+    free_disabled = services.settings.operation(kind).daily_cap == 0
     try:
         await services.delivery.send_text(
             chat.id,
@@ -179,7 +180,7 @@ def _operation(
     context: BotContext, kind: JobKind
 ) -> tuple[str, dict[str, str | int | float | bool]]:
     settings = context.services.settings
-    op = getattr(settings, kind.value)  # [generate], [edit] or [upscale]
+    op = settings.operation(kind)
     return op.provider, dict(op.params)
 
 
@@ -215,7 +216,7 @@ async def request_job(
         await refuse(update, context, kind, decision)
         return None
     provider, _ = _operation(context, kind)
-    prefs = await PrefStore(services.db).get(user.id)
+    prefs = await services.prefs.get(user.id)
     chosen = Choices(services.settings).resolve(
         kind, prefs, style_id=style_id, shape=shape, count=count
     )

@@ -14,16 +14,16 @@ from typing import Any
 from telegram import ForceReply, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
 from telegram.ext import BaseHandler, CallbackQueryHandler, CommandHandler, MessageHandler, filters
 
-from imagebot.bot import texts
+from imagebot import texts
 from imagebot.bot.callbacks import Button, Choice, ChoiceData, checked
 from imagebot.bot.context import BotContext
 from imagebot.bot.requests import EditInput, ensure_access, is_addressed, reply, request_job
 from imagebot.choices import Choices
+from imagebot.clock import parse_iso, utcnow
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.models import Job
-from imagebot.store.db import parse_iso, utcnow
-from imagebot.store.prefs import Prefs, PrefStore
+from imagebot.store.prefs import Prefs
 
 log = get_logger(__name__)
 _PER_ROW = 3  # style buttons per keyboard row (names can be long)
@@ -106,7 +106,7 @@ async def style_command(update: Update, context: BotContext) -> None:
     if not choices.styles:
         await reply(update, context, texts.NO_STYLES)
         return
-    prefs = await PrefStore(context.services.db).get(user.id)
+    prefs = await context.services.prefs.get(user.id)
     style, _, _ = choices.current(prefs)
     markup = InlineKeyboardMarkup(_style_rows(choices, user.id, style.id if style else None))
     await _send_menu(update, context, texts.STYLE_CHOOSE, markup)
@@ -120,7 +120,7 @@ async def settings_command(update: Update, context: BotContext) -> None:
     if not await ensure_access(update, context):
         return
     choices = Choices(context.services.settings)
-    prefs = await PrefStore(context.services.db).get(user.id)
+    prefs = await context.services.prefs.get(user.id)
     markup = settings_keyboard(choices, user.id, prefs)
     await _send_menu(update, context, _settings_text(choices, prefs), markup)
 
@@ -145,7 +145,7 @@ async def choose(update: Update, context: BotContext) -> None:
         return
     services = context.services
     choices = Choices(services.settings)
-    prefs_store = PrefStore(services.db)
+    prefs_store = services.prefs
     data = press.data
     answer: str
     if data.choice is Choice.STYLE:
@@ -237,7 +237,7 @@ async def remix_button(update: Update, context: BotContext) -> None:
     except DeliveryError as exc:
         log.warning("remix_ask_failed", job_id=job.id, error_code=exc.code)
         return
-    await PrefStore(context.services.db).add_remix_prompt(
+    await context.services.prefs.add_remix_prompt(
         press.chat_id, asked.message_id, job.id, press.user_id
     )
     log.info("remix_asked", job_id=job.id, message_id=asked.message_id)
@@ -250,7 +250,7 @@ async def remix_reply(update: Update, context: BotContext) -> None:
     if message is None or user is None or chat is None or message.reply_to_message is None:
         return
     services = context.services
-    asked = await PrefStore(services.db).remix_prompt(chat.id, message.reply_to_message.message_id)
+    asked = await services.prefs.remix_prompt(chat.id, message.reply_to_message.message_id)
     if asked is None:
         if chat.type == chat.PRIVATE:
             limit = services.settings.limits.max_prompt_chars

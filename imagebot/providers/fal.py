@@ -224,13 +224,36 @@ class FalProvider:
             kind = str(status.get("error_type") or "")
             code = "safety" if is_safety_refusal(f"{kind} {error}") else "model_error"
             return PollResult(PollState.FAILED, error=error, error_code=code)
+        return await self._result(base)
+
+    async def _result(self, base: str) -> PollResult:
+        """The output of a COMPLETED request, decided here once from fal's answer.
+
+        Worth asking again (429, 5xx, no connection) or the account's fault (401/402/403): the
+        ProviderError every call maps to. Any other refusal (fal answers 422 for a model that
+        failed on the input, 404 for a result it lost) or an unreadable answer: the job failed
+        at the model, `safety` when the answer names a safety filter.
+        """
+        resp = await self._send("GET", base, submit=False)
+        status = resp.status_code
+        if status == 429 or status >= 500 or status in (401, 402, 403):
+            raise error_for_status(
+                NAME,
+                status,
+                _detail(resp),
+                submit=False,
+                retry_after_s=retry_after_seconds(resp.headers),
+            )
+        if status >= 300:
+            error = _detail(resp) if status >= 400 else f"unexpected redirect {status}"
+            code = "safety" if status >= 400 and is_safety_refusal(error) else "model_error"
+            return PollResult(PollState.FAILED, error=error, error_code=code)
         try:
-            result = await self._call("GET", base, submit=False)
-        except ProviderError as exc:
-            if exc.is_retryable or exc.code in ("auth", "billing"):
-                raise
-            code = "safety" if exc.code == "safety" else "model_error"
-            return PollResult(PollState.FAILED, error=exc.message, error_code=code)
+            result = resp.json()
+        except ValueError:
+            return PollResult(
+                PollState.FAILED, error="answer is not JSON", error_code="model_error"
+            )
         images = result.get("images") if isinstance(result, dict) else None
         urls = tuple(str(i["url"]) for i in images or [] if isinstance(i, dict) and i.get("url"))
         if not urls:

@@ -185,7 +185,7 @@ class ReplicateProvider:
         our input (the per-job completion-hint URL is compared as well if an answer carries
         `webhook`), that this process has not already created or adopted for another job.
         """
-        named = getattr(exc, "prediction_id", None)
+        named = exc.prediction_id if isinstance(exc, _HTTPError) else None
         try:
             if named:
                 try:
@@ -318,7 +318,7 @@ def _mapped(exc: ReplicateError, *, submit: bool) -> ProviderError:
         exc.status or 500,
         exc.detail or exc.title or "error",
         submit=submit,
-        retry_after_s=getattr(exc, "retry_after_s", None),
+        retry_after_s=exc.retry_after_s if isinstance(exc, _HTTPError) else None,
     )
 
 

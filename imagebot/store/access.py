@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from imagebot.store.db import Conn, Database, Row, iso, parse_iso, utcnow
+from imagebot.clock import iso, parse_iso, utcnow
+from imagebot.store.db import Conn, Database, Row
 
 INVITE_CODE_BYTES = 16  # 128 random bits; secrets.token_urlsafe(16) is 22 characters
 INVITE_CODE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -300,13 +301,3 @@ class AccessStore:
             "UPDATE bot_state SET command_menus = ? WHERE id = 1",
             (json.dumps(menus, sort_keys=True),),
         )
-
-
-async def used_today_by_user(db: Database, since: datetime) -> dict[int, int]:
-    """Charged jobs (not failed or canceled) per user since `since`, for /users."""
-    rows = await db.fetchall(
-        "SELECT user_id, count(*) AS n FROM jobs WHERE created_at >= ?"
-        " AND status NOT IN ('failed', 'canceled') GROUP BY user_id",
-        (iso(since),),
-    )
-    return {int(r["user_id"]): int(r["n"]) for r in rows}

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from imagebot.store.db import Database, iso
+from imagebot.clock import iso
+from imagebot.store.db import Database
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,30 +22,16 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias, TypeVar
 
+from imagebot.clock import iso
 from imagebot.errors import StoreError
 
 T = TypeVar("T")
 
 # A result row: sqlite3.Row or PostgreSQL's twin (by index and by column name, `keys()`).
 Row: TypeAlias = Any
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso(moment: datetime | None = None) -> str:
-    """ISO-8601 UTC with milliseconds and a Z, so text order is time order."""
-    moment = moment or utcnow()
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def parse_iso(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 URGENT, NORMAL = 0, 1
@@ -261,7 +247,4 @@ __all__ = [
     "WriteHealth",
     "connect_store",
     "is_storage_fault",
-    "iso",
-    "parse_iso",
-    "utcnow",
 ]

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from imagebot.store.db import URGENT, Conn, Database, iso, utcnow
+from imagebot.clock import iso, utcnow
+from imagebot.store.db import URGENT, Conn, Database
 
 # Every update type of the Bot API; anything else is "other", so a body with made-up keys
 # cannot mint new metric labels.

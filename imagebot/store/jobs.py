@@ -8,8 +8,9 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
+from imagebot.clock import iso, utcnow
 from imagebot.models import FINAL_STATUSES, Job, JobKind, JobStatus, NewJob, Phase
-from imagebot.store.db import Conn, Database, Row, iso, utcnow
+from imagebot.store.db import Conn, Database, Row
 from imagebot.store.usage import Counters, read_counters
 
 

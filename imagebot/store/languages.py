@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from imagebot.store.db import Database, iso, utcnow
+from imagebot.clock import iso, utcnow
+from imagebot.store.db import Database
 
 
 async def chosen_language(db: Database, user_id: int) -> str | None:

@@ -12,7 +12,8 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from imagebot.store.db import URGENT, Conn, Database, Row, iso
+from imagebot.clock import iso
+from imagebot.store.db import URGENT, Conn, Database, Row
 
 ORDER_OPEN, ORDER_PAID = "open", "paid"
 PURCHASE, STAR_REFUND, GRANT, WELCOME, SPEND, JOB_REFUND = (
@@ -247,13 +248,6 @@ class Ledger:
     async def purchase(self, charge_id: str) -> Entry | None:
         row = await self.db.fetchone(
             "SELECT * FROM credit_ledger WHERE kind = 'purchase' AND charge_id = ?", (charge_id,)
-        )
-        return _entry(row) if row else None
-
-    async def refund_entry(self, charge_id: str) -> Entry | None:
-        row = await self.db.fetchone(
-            "SELECT * FROM credit_ledger WHERE kind = 'star_refund' AND charge_id = ?",
-            (charge_id,),
         )
         return _entry(row) if row else None
 

@@ -16,9 +16,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from imagebot.clock import iso
 from imagebot.errors import StoreError
 from imagebot.logs import get_logger
-from imagebot.store.db import Database, iso
+from imagebot.store.db import Database
 
 log = get_logger(__name__)
 _NAME_RE = re.compile(r"[0-9]{4}_[a-z0-9_]+")

@@ -35,6 +35,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.string import TextLoader
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from imagebot.clock import iso
 from imagebot.errors import StoreError
 from imagebot.store.db import (
     NORMAL,
@@ -44,7 +45,6 @@ from imagebot.store.db import (
     StoreUnavailable,
     WriteHealth,
     is_storage_fault,
-    iso,
 )
 from imagebot.store.sqlite import _WriterThread
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from imagebot.store.db import Database, iso
+from imagebot.clock import iso
+from imagebot.store.db import Database
 
 # one statement per column: a choice changes only its own column
 _UPSERT = {

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from imagebot.store.db import Database, iso, parse_iso
+from imagebot.clock import iso, parse_iso
+from imagebot.store.db import Database
 from imagebot.store.usage import day_start
 
 TOP_ERRORS = 5
@@ -39,7 +40,17 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return ordered[int(rank) - 1]
 
 
-async def day_stats(db: Database, now: datetime) -> DayStats:
+class Stats:
+    """The numbers of the admins' /stats."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def today(self, now: datetime) -> DayStats:
+        return await _day_stats(self.db, now)
+
+
+async def _day_stats(db: Database, now: datetime) -> DayStats:
     """Four small queries over today's jobs (the jobs_created index) and the live counts."""
     since = day_start(now)
     start = iso(since)

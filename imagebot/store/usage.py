@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from imagebot.clock import iso, parse_iso
 from imagebot.models import JobKind
-from imagebot.store.db import Conn, Database, iso, parse_iso
+from imagebot.store.db import Conn, Database
 
 RATE_WINDOW = timedelta(minutes=1)
 # A failed or canceled job gives its unit back, so only other jobs count.
@@ -72,28 +73,37 @@ def read_counters(
     return Counters(recent, used, spent)
 
 
-async def used_today(db: Database, user_id: int, now: datetime) -> dict[JobKind, int]:
-    """The user's charged images per kind since 00:00 UTC (for /usage)."""
-    rows = await db.fetchall(_PER_KIND, (iso(day_start(now)), user_id))
-    counts = dict.fromkeys(JobKind, 0)
-    for row in rows:
-        counts[JobKind(row["kind"])] = int(row["n"])
-    return counts
+class Usage:
+    """The per-user counters handlers read: today's jobs per kind, and notice throttling."""
 
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
-async def spent_today(db: Database, now: datetime) -> float:
-    row = await db.fetchone(_SPENT, (iso(day_start(now)),))
-    return float(row[0]) if row else 0.0
+    async def used_today(self, user_id: int, now: datetime) -> dict[JobKind, int]:
+        """The user's charged images per kind since 00:00 UTC (for /usage)."""
+        rows = await self.db.fetchall(_PER_KIND, (iso(day_start(now)), user_id))
+        counts = dict.fromkeys(JobKind, 0)
+        for row in rows:
+            counts[JobKind(row["kind"])] = int(row["n"])
+        return counts
 
+    async def claim_notice(self, user_id: int, reason: str, interval_s: float) -> bool:
+        """True if the user may be told about `reason` now (once per interval); records it."""
+        now = iso()
+        cutoff = iso(parse_iso(now) - timedelta(seconds=interval_s))
+        changed = await self.db.execute_write(
+            "INSERT INTO notices (user_id, reason, sent_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (user_id, reason) DO UPDATE SET sent_at = excluded.sent_at"
+            " WHERE notices.sent_at <= ?",
+            (user_id, reason, now, cutoff),
+        )
+        return changed == 1
 
-async def claim_notice(db: Database, user_id: int, reason: str, interval_s: float) -> bool:
-    """True if the user may be told about `reason` now (at most once per interval); records it."""
-    now = iso()
-    cutoff = iso(parse_iso(now) - timedelta(seconds=interval_s))
-    changed = await db.execute_write(
-        "INSERT INTO notices (user_id, reason, sent_at) VALUES (?, ?, ?)"
-        " ON CONFLICT (user_id, reason) DO UPDATE SET sent_at = excluded.sent_at"
-        " WHERE notices.sent_at <= ?",
-        (user_id, reason, now, cutoff),
-    )
-    return changed == 1
+    async def used_today_by_user(self, since: datetime) -> dict[int, int]:
+        """Charged jobs (not failed or canceled) per user since `since`, for /users."""
+        rows = await self.db.fetchall(
+            "SELECT user_id, count(*) AS n FROM jobs WHERE created_at >= ?"
+            " AND status NOT IN ('failed', 'canceled') GROUP BY user_id",
+            (iso(since),),
+        )
+        return {int(r["user_id"]): int(r["n"]) for r in rows}

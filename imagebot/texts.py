@@ -306,11 +306,15 @@ _FAILURES = {
 }
 
 
+def failure_reason(code: str | None) -> str:
+    """Why a job failed, in words a user may see, by error code (see errors.ExternalError)."""
+    return _(_FAILURES.get(code or "", N_("something went wrong on our side.")))
+
+
 def job_failed(job_id: int, code: str | None) -> str:
-    reason = _(_FAILURES.get(code or "", N_("something went wrong on our side.")))
     return _(
         "Sorry, job {job_id} failed: {reason}\nIt didn't count against your daily limit."
-    ).format(job_id=job_id, reason=reason)
+    ).format(job_id=job_id, reason=failure_reason(code))
 
 
 def input_problem(code: str | None, limit: float | None, used: float | None, kind: JobKind) -> str:
