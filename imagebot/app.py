@@ -19,6 +19,7 @@ from telegram import Bot
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, ContextTypes
 
+from imagebot import texts
 from imagebot.bot import albums
 from imagebot.bot.context import SERVICES_KEY, BotContext
 from imagebot.bot.handlers import register
@@ -362,7 +363,9 @@ async def _start_control(app: App) -> None:
     # Before updates are taken: no call at all when no list changed since the last start;
     # a Telegram failure is logged and the scope tried again at the next start.
     try:
-        await publish(bot, control.access, build_menus(services.settings))
+        # one menu per scope for every language, then one per scope and translated language
+        languages = (None, *texts.menu_language_codes())
+        await publish(bot, control.access, build_menus(services.settings, languages))
     except STORE_READ_ERRORS as exc:
         log.warning("command_menu_failed", error=str(exc))
 

@@ -107,6 +107,8 @@ class Job:
     source_index: int | None = None  # upscale: which image of parent_job_id
     deleted_at: str | None = None  # 🗑 Delete removed the result messages
     deleted_by: int | None = None
+    # schema 10: the catalog the job's texts are in (its requester's language); None: English
+    language: str | None = None
 
     @property
     def images_counted(self) -> int:
@@ -142,6 +144,7 @@ class NewJob:
     images_asked: int = 1
     input_file_ids: tuple[str, ...] = ()  # an album edit: every photo, input_file_id first
     source_index: int | None = None  # upscale: which image of parent_job_id
+    language: str | None = None  # the requester's language (texts.current_language())
 
 
 @dataclass(frozen=True, slots=True)

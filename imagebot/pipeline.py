@@ -591,10 +591,13 @@ class Pipeline:
             await self.on_final(job)
         if job.status is JobStatus.SUCCEEDED:
             tidied = await self.progress.done(job)
-        elif job.status is JobStatus.CANCELED:
-            tidied = await self.progress.ended(job, texts.status_canceled(job.id))
         else:
-            tidied = await self.progress.ended(job, texts.job_failed(job.id, job.error_code))
+            with texts.speaking(job.language):  # also when tidied from a maintenance task
+                if job.status is JobStatus.CANCELED:
+                    text = texts.status_canceled(job.id)
+                else:
+                    text = texts.job_failed(job.id, job.error_code)
+            tidied = await self.progress.ended(job, text)
         if tidied:
             await self.store.update(job.id, phase=Phase.DONE, **_NOT_WAITING)
             return

@@ -18,6 +18,7 @@ from typing import Any, TypeVar, cast
 import structlog
 from telegram.ext import CallbackContext, JobQueue
 
+from imagebot import texts
 from imagebot.clock import iso, parse_iso, utcnow
 from imagebot.errors import DeliveryError, ExternalError
 from imagebot.logs import get_logger
@@ -194,6 +195,9 @@ class JobRunner:
         ):
             return  # parked again since it was found due: its next try is later
         run = self._runs[job_id] = _Run(job, task)
+        # This task (the job's own) speaks the requester's language: status line, caption,
+        # buttons, failure notice, whenever the job runs (after a restart too).
+        texts.use_language(job.language)
         structlog.contextvars.bind_contextvars(
             job_id=job.id,
             update_id=job.update_id,

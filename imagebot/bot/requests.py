@@ -296,6 +296,7 @@ async def request_job(
         images_asked=images,
         input_file_ids=tuple(p.file_id for p in album),
         source_index=source_index,
+        language=texts.current_language(),
     )
     job = await _create(update, context, new)
     if job is None:

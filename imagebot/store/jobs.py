@@ -110,8 +110,8 @@ class JobStore:
                 " command_message_id, prompt, input_file_id, input_file_size, input_width,"
                 " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
                 " updated_at, style_id, model, prompt_suffix, shape, images_asked, input_file_ids,"
-                " source_index, held_until) VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " source_index, held_until, language) VALUES (?, 'queued', 'new',"
+                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.kind.value,
                     new.update_id,
@@ -138,6 +138,7 @@ class JobStore:
                     json.dumps(list(new.input_file_ids)),
                     new.source_index,
                     held_until,
+                    new.language,
                 ),
             )
             if after_insert is not None:
