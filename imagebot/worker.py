@@ -55,6 +55,9 @@ class JobRunner:
         # jobs whose run stopped because the database refused a write: resumed once it
         # takes writes again (the row still says where they are)
         self._suspended: set[int] = set()
+        # New jobs whose handler could not release them (a storage fault at that moment):
+        # released by the next pump once writes work, not left held for the whole lease.
+        self._unreleased: set[int] = set()
         self._writes_were_ok = True
         # Telegram refused the last delivery try: offer it one parked result at a time
         self._telegram_failing = False
@@ -100,12 +103,27 @@ class JobRunner:
         await self.pump()
         return job_id in self._scheduled
 
+    async def release(self, job_id: int) -> None:
+        """The handler that created job `job_id` (held) is done with it: the runner may claim
+        it. A storage fault now leaves the release to the next pump."""
+        try:
+            await self.store.release(job_id)
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            self._unreleased.add(job_id)
+            log.warning("job_release_deferred", job_id=job_id, error=str(exc))
+
     async def pump(self) -> None:
-        """Resume suspended jobs, then claim the oldest queued jobs into free slots."""
+        """Release deferred holds and resume suspended jobs, then claim the oldest queued
+        jobs into free slots."""
         if self._stopping:
             return
         async with self._pump_lock:
             try:
+                for job_id in sorted(self._unreleased):
+                    await self.store.release(job_id)
+                    self._unreleased.discard(job_id)
                 if self._suspended and self.store.db.writes.ok:
                     await self._resume_suspended()
                 free = self.settings.runner.max_running - len(self._scheduled)

@@ -317,7 +317,7 @@ async def request_job(
     finally:
         # The job was created held (the runner does not claim it) so that it never starts
         # before its status message id is saved: the runner may take it now.
-        await services.store.release(job.id)
+        await services.runner.release(job.id)
     if not await services.runner.submit(job.id) and position is None:
         position = await services.store.queue_position(job.id)
         await services.progress.show_queued(job, position, force=True)
