@@ -3,9 +3,11 @@
 The fakes (Telegram, Replicate, fal) run in the test's event loop, so everything they saw
 survives any number of daemon restarts, exactly as the real services would. The daemon is
 `python -m imagebot --config <toml>` with its secrets in the environment, its stdout and stderr
-appended to one log file under tmp_path (a pipe could fill up and block it), its webhook and
-ops ports chosen once by the OS and kept across restarts (Telegram's webhook URL does not change
-when the bot restarts). Readiness is GET /healthz = 200 on the ops port.
+appended to one log file under tmp_path (a pipe could fill up and block it). The daemon listens
+on ports the OS picks at each start (port 0), read back from its log (`starting` names the ops
+address, `webhook_listening` the webhook port); its public webhook URL is a FrontDoor that holds
+its own port for the Daemon's life and forwards to the current run (Telegram's webhook URL does
+not change when the bot restarts). Readiness is GET /healthz = 200 on the ops port.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from tests import storeview
 from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
+from tests.fakes.front_door import FrontDoor
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 from tests.storeview import is_pg
-from tests.support import deep_merge, free_port, toml_dumps
+from tests.support import deep_merge, toml_dumps
 
 REPO = Path(__file__).resolve().parents[1]
 WEBHOOK_PATH = "/telegram/webhook"
@@ -129,8 +132,10 @@ class Daemon:
         self.replicate = replicate
         self.fal = fal
         self.mode = mode
-        self.webhook_port = free_port()
-        self.ops_port = free_port()
+        # the public webhook URL: forwards to whatever port the current run listens on
+        self.front_door = FrontDoor(lambda: self.webhook_port)
+        self._run_log_offset = 0  # where the current run's lines begin in log_path
+        self._ports: dict[str, int] = {}  # of the current run, once its log named them
         # the store: a SQLite file (a Path) or, with --store postgresql, a database URL
         self.db_path: Any = database if is_pg(database) else tmp_path / "imagebot.db"
         self.results_dir = tmp_path / "results"
@@ -159,11 +164,11 @@ class Daemon:
             },
             "webhook": {
                 "listen": "127.0.0.1",
-                "port": self.webhook_port,
-                "url": f"http://127.0.0.1:{self.webhook_port}{WEBHOOK_PATH}",
+                "port": 0,
+                "url": f"{self.front_door.url}{WEBHOOK_PATH}",
                 "path": WEBHOOK_PATH,
             },
-            "ops": {"listen": "127.0.0.1", "port": self.ops_port},
+            "ops": {"listen": "127.0.0.1", "port": 0},
             "storage": {"database": str(self.db_path), "results_dir": str(self.results_dir)},
             "access": {"open": True},
             "limits": {"rate_per_minute": 1000},
@@ -202,13 +207,42 @@ class Daemon:
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    def _port(self, name: str) -> int | None:
+        """The current run's `name` port ("ops" or "webhook") as its log says; None while the
+        daemon is down or has not logged it yet."""
+        if not self.running:
+            return None
+        if name not in self._ports:
+            with self.log_path.open("rb") as log:
+                log.seek(self._run_log_offset)
+                lines = log.read().decode("utf-8", errors="replace").splitlines()
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if entry.get("event") == "starting":
+                        self._ports["ops"] = int(str(entry["ops"]).rsplit(":", 1)[1])
+                    elif entry.get("event") == "webhook_listening":
+                        self._ports["webhook"] = int(entry["port"])
+        return self._ports.get(name)
+
+    @property
+    def ops_port(self) -> int | None:
+        return self._port("ops")
+
+    @property
+    def webhook_port(self) -> int | None:
+        return self._port("webhook")
+
     async def start(self, *, wait: bool = True) -> None:
         """Start the daemon; with `wait`, return once /healthz says it is ready."""
         assert not self.running, "the daemon is already running"
+        await self.front_door.start()
         self.starts += 1
+        self._ports = {}
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self.starts} ---\n".encode())
             log.flush()
+            self._run_log_offset = log.tell()
             if self.pipe_logs:
                 await self._start_piped()
                 if wait:
@@ -252,6 +286,8 @@ class Daemon:
                 log.flush()
 
     async def healthy(self) -> bool:
+        if self.ops_port is None:
+            return False
         url = f"http://127.0.0.1:{self.ops_port}/healthz"
         timeout = aiohttp.ClientTimeout(total=2)
         try:
@@ -265,9 +301,11 @@ class Daemon:
 
     async def ops_get(self, path: str) -> tuple[int, Any]:
         """GET a path of the ops server: (status, JSON body)."""
+        port = self.ops_port
+        assert port is not None, f"the daemon has no ops port now:\n{self.log_tail()}"
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-            session.get(f"http://127.0.0.1:{self.ops_port}{path}") as resp,
+            session.get(f"http://127.0.0.1:{port}{path}") as resp,
         ):
             return resp.status, await resp.json()
 
@@ -312,6 +350,7 @@ class Daemon:
         if self._log_copier is not None:
             await asyncio.wait_for(self._log_copier, 10)
             self._log_copier = None
+        await self.front_door.stop()
 
     def log_tail(self, lines: int = 40) -> str:
         try:

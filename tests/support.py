@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import socket
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -15,18 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import updates
 from tests.fakes.base import wait_until
+from tests.fakes.front_door import FrontDoor
 from tests.fakes.telegram_api import FakeTelegram, SentMessage
 from tests.storeview import query
 
 CHAT = updates.DEFAULT_CHAT_ID
-
-
-def free_port() -> int:
-    """A loopback port the OS says is free now (bound, read, closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -67,6 +60,21 @@ def toml_dumps(data: Mapping[str, Any], prefix: str = "") -> str:
 
 
 # -- reading a running bot (the App of conftest's `bot` fixture) ----------------------------
+
+
+@asynccontextmanager
+async def behind_front_door(
+    bot: Any, webhook: Mapping[str, Any] | None = None, **sections: Any
+) -> AsyncIterator[tuple[Any, FrontDoor]]:
+    """conftest's `bot(**sections)` in webhook mode on an OS-picked port, its webhook.url a
+    FrontDoor (known before the bot starts) that forwards to the port the bot got."""
+    apps: list[Any] = []
+    async with FrontDoor(lambda: apps[0].services.intake.webhook_port if apps else None) as door:
+        hook = {"port": 0, "url": f"{door.url}/telegram/webhook", **(webhook or {})}
+        telegram = {"mode": "webhook", **sections.pop("telegram", {})}
+        async with bot(telegram=telegram, webhook=hook, **sections) as app:
+            apps.append(app)
+            yield app, door
 
 
 def webhook_url(app: Any) -> str:

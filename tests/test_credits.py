@@ -19,7 +19,7 @@ from tests import updates
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, Invoice
-from tests.support import CREDITS, free_port
+from tests.support import CREDITS, behind_front_door
 
 CHAT = USER = updates.DEFAULT_USER_ID
 OTHER = 2002
@@ -486,9 +486,7 @@ async def test_webhook_mode_asks_for_pre_checkout_queries(
 ) -> None:
     """In webhook mode setWebhook's allowed_updates include pre_checkout_query, and a payment
     goes through end to end."""
-    port = free_port()
-    hook = {"port": port, "url": f"http://127.0.0.1:{port}/telegram/webhook"}
-    async with bot(**sections(telegram={"mode": "webhook"}, webhook=hook)) as app:
+    async with behind_front_door(bot, **sections()) as (app, _):
         assert telegram.webhook is not None
         assert telegram.webhook.allowed_updates is not None
         assert "pre_checkout_query" in telegram.webhook.allowed_updates
