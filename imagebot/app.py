@@ -65,6 +65,7 @@ from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
 from imagebot.store.migrate import migrate
 from imagebot.store.prefs import PrefStore
+from imagebot.store.sqlite import StoreInUse
 from imagebot.store.stats import Stats
 from imagebot.store.usage import Usage
 from imagebot.threaded_site import ListenError
@@ -143,7 +144,9 @@ def _upscaler(
 def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     """Wire every collaborator (no I/O happens here)."""
     metrics = Metrics()
-    db = connect_store(settings.storage.database, synchronous=settings.storage.synchronous)
+    db = connect_store(
+        settings.storage.database, synchronous=settings.storage.synchronous, exclusive=True
+    )
     inbox = Inbox(db)
     store = JobStore(db)
     ledger = Ledger(db)
@@ -459,6 +462,11 @@ async def run(app: App) -> int:
     settings = services.settings
     try:
         await services.db.open()
+    except StoreInUse as exc:  # a second bot on one SQLite file: refused before touching it
+        raise StartupError(
+            "storage.database",
+            f"{exc}: SQLite serves one process; to run several, use PostgreSQL (see README)",
+        ) from exc
     except StoreError as exc:  # the directory or file cannot be created, opened or written
         raise StartupError("storage.database", str(exc)) from exc
     try:

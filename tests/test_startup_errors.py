@@ -76,7 +76,7 @@ def test_ops_port_in_use(tmp_path: Path, held_port: int, telegram_stand_in: sock
     ("where", "setting", "problem"),
     [
         ("database under a file", "storage.database", "Not a directory"),
-        ("database in /proc", "storage.database", "unable to open database file"),
+        ("database in /proc", "storage.database", "cannot create its lock file"),
         ("database directory in /proc", "storage.database", "No such file or directory"),
         ("results under a file", "storage.results_dir", "Not a directory"),
     ],
