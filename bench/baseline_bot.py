@@ -5,7 +5,8 @@ TELEGRAM_BOT_TOKEN): an Application with `updater(None)` whose aiohttp route che
 secret header in constant time, parses the JSON, answers an empty 200 and puts the Update on
 `application.update_queue` (PTB's custom-webhook pattern, as imagebot's intake does, minus
 the save to SQLite). Its one handler answers /generate with one sendMessage: no store, no
-jobs, no rate limiter, updates processed concurrently. Prints "ready <port>" once serving.
+jobs, no rate limiter, updates processed concurrently. Prints "ready <port>" (the bound port)
+once serving.
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ async def serve(api_base: str, port: int, secret: str) -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
-        sys.stdout.write(f"ready {port}\n")
+        server = site._server  # aiohttp has no public accessor for the bound port
+        bound = server.sockets[0].getsockname()[1] if server and server.sockets else port
+        sys.stdout.write(f"ready {bound}\n")
         sys.stdout.flush()
         try:
             await stop.wait()
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the arguments and serve."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--api-base", required=True, help="the (fake) Bot API base URL")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True, help="0: the OS picks (printed)")
     parser.add_argument("--secret", required=True)
     args = parser.parse_args(argv)
     if not ipaddress.ip_address(urlsplit(args.api_base).hostname or "").is_loopback:

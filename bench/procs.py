@@ -1,8 +1,8 @@
 """The benchmark's processes: the fakes, imagebot, the baseline bot and the load generator.
 
-Everything listens on 127.0.0.1 only; ports are picked by the OS (bind port 0, read it, close,
-pass it on). Every wait is a bounded poll, and every process started here is stopped here
-(SIGTERM, then SIGKILL after a bounded wait).
+Everything listens on 127.0.0.1 only, on ports the OS picks (port 0) and read back from the
+process that bound them. Every wait is a bounded poll, and every process started here is
+stopped here (SIGTERM, then SIGKILL after a bounded wait).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from bench.load import Spec
-from tests.support import deep_merge, free_port, toml_dumps
+from tests.fakes.front_door import FrontDoor
+from tests.support import deep_merge, toml_dumps
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -188,11 +189,11 @@ class Fakes:
 # -- the bots ----------------------------------------------------------------------------------
 
 
-def imagebot_config(
-    fakes: Fakes, workdir: Path, webhook_port: int, ops_port: int
-) -> dict[str, Any]:
-    """imagebot's settings for the benchmark: the fakes, loopback only, no artificial limits
-    (each report overrides what it measures)."""
+def imagebot_config(fakes: Fakes, workdir: Path, front_door: FrontDoor) -> dict[str, Any]:
+    """imagebot's settings for the benchmark: the fakes, loopback only, OS-picked ports, no
+    artificial limits (each report overrides what it measures). The public webhook URL (what
+    Telegram and the vendors' completion hints reach) is `front_door`; the load generator
+    posts to the bound webhook port directly."""
     return {
         "telegram": {
             "mode": "webhook",
@@ -202,12 +203,12 @@ def imagebot_config(
             "rate_group_per_min": 600,
         },
         "webhook": {
-            "url": f"http://{HOST}:{webhook_port}{WEBHOOK_PATH}",
+            "url": f"{front_door.url}{WEBHOOK_PATH}",
             "listen": HOST,
-            "port": webhook_port,
+            "port": 0,
             "path": WEBHOOK_PATH,
         },
-        "ops": {"listen": HOST, "port": ops_port},
+        "ops": {"listen": HOST, "port": 0},
         "storage": {
             "database": str(workdir / "imagebot.db"),
             "results_dir": str(workdir / "results"),
@@ -238,6 +239,7 @@ class Bot:
     log_path: Path
     ready_s: float
     session: aiohttp.ClientSession = field(repr=False)
+    front_door: FrontDoor | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -270,22 +272,51 @@ class Bot:
 
     async def stop(self) -> int | None:
         await self.session.close()
-        return await _stop(self.proc, 40)
+        try:
+            return await _stop(self.proc, 40)
+        finally:
+            if self.front_door is not None:
+                await self.front_door.stop()
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (Linux: its socket inodes in /proc/<pid>/fd
+    matched against the LISTEN rows of /proc/<pid>/net/tcp and tcp6)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # an fd closed meanwhile
+            target = str(fd.readlink())
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                cols = row.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 async def _wait_ready(
-    proc: asyncio.subprocess.Process, session: aiohttp.ClientSession, url: str, within: float
-) -> None:
+    proc: asyncio.subprocess.Process, session: aiohttp.ClientSession, within: float
+) -> tuple[int, int]:
+    """Wait until one of the ports `proc` listens on answers GET /healthz with 200 (the ops
+    port: the bot is ready, so its webhook listens too); return (ops port, webhook port)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if proc.returncode is not None:
             raise BenchError(f"bot exited during start-up (code {proc.returncode})")
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                if resp.status == 200:
-                    return
+        ports = listening_ports(proc.pid)
+        for port in ports:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                url = f"http://{HOST}:{port}/healthz"
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    if resp.status == 200:
+                        (webhook,) = listening_ports(proc.pid) - {port}
+                        return port, webhook
         await asyncio.sleep(0.01)
-    raise BenchError(f"{url} not ready within {within} s")
+    raise BenchError(f"imagebot not ready within {within} s")
 
 
 async def start_imagebot(
@@ -298,9 +329,10 @@ async def start_imagebot(
 ) -> Bot:
     """Start `python -m imagebot --webhook` on a generated config; ready = 200 on /healthz.
 
-    `module` may name a wrapper that runs imagebot's CLI (bench.instrumented)."""
-    webhook_port, ops_port = free_port(), free_port()
-    config = deep_merge(imagebot_config(fakes, workdir, webhook_port, ops_port), overrides or {})
+    `module` may name a wrapper that runs imagebot's CLI (bench.research.instrumented)."""
+    upstream: list[int] = []  # the webhook port, once the bot is ready
+    front_door = await FrontDoor(lambda: upstream[0] if upstream else None).start()
+    config = deep_merge(imagebot_config(fakes, workdir, front_door), overrides or {})
     config_path = _write(workdir / "config.toml", toml_dumps(config))
     env = clean_env(
         TELEGRAM_BOT_TOKEN=BOT_TOKEN,
@@ -325,30 +357,31 @@ async def start_imagebot(
             stdout=log,
             stderr=log,
         )
-    ops_url = f"http://{HOST}:{ops_port}"
     try:
-        await _wait_ready(proc, session, f"{ops_url}/healthz", 30)
-    except BenchError:
+        ops_port, webhook_port = await _wait_ready(proc, session, 30)
+    except (BenchError, ValueError):  # ValueError: not exactly one other listening port
         await session.close()
         await _stop(proc, 10)
+        await front_door.stop()
         tail = _tail(log_path)
         raise BenchError(f"imagebot did not start; log tail:\n{tail}") from None
     ready_s = time.monotonic() - spawned
+    upstream.append(webhook_port)
     return Bot(
         "imagebot",
         proc,
         f"http://{HOST}:{webhook_port}{WEBHOOK_PATH}",
-        ops_url,
+        f"http://{HOST}:{ops_port}",
         log_path,
         ready_s,
         session,
+        front_door,
     )
 
 
 async def start_baseline(fakes: Fakes, workdir: Path) -> Bot:
     """Start bench/baseline_bot.py; ready when it prints 'ready <port>'."""
     _write(workdir / "baseline.log", "")
-    port = free_port()
     log_path = workdir / "baseline.log"
     with log_path.open("ab") as log:
         spawned = time.monotonic()
@@ -359,7 +392,7 @@ async def start_baseline(fakes: Fakes, workdir: Path) -> Bot:
             "--api-base",
             fakes.urls["telegram"],
             "--port",
-            str(port),
+            "0",
             "--secret",
             WEBHOOK_SECRET,
             cwd=ROOT,
@@ -367,7 +400,7 @@ async def start_baseline(fakes: Fakes, workdir: Path) -> Bot:
             stdout=asyncio.subprocess.PIPE,
             stderr=log,
         )
-    await _first_line(proc, 30, "bench.baseline_bot")
+    port = int((await _first_line(proc, 30, "bench.baseline_bot")).split()[1])  # "ready <port>"
     ready_s = time.monotonic() - spawned
     session = aiohttp.ClientSession(timeout=_HTTP_TIMEOUT)
     url = f"http://{HOST}:{port}{WEBHOOK_PATH}"

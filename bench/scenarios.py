@@ -26,7 +26,7 @@ from bench.procs import (
     start_baseline,
     start_imagebot,
 )
-from bench.profile import (
+from bench.research.profile import (
     profile_under_load,
     py_spy,
     start_py_spy,
@@ -546,7 +546,7 @@ def _counter(metrics: str, name: str, **labels: str) -> float:
 async def report_profile(ctx: Context, results_dir: Path, rate: float = 60.0) -> dict[str, Any]:
     """py-spy (GIL samples) of imagebot and the baseline under the same /generate load; the
     cost of a /generate end to end, by thread and by purpose; then the writer-thread, loop
-    and GC counters of bench.instrumented under the first load again."""
+    and GC counters of bench.research.instrumented under the first load again."""
     duration = ctx.seconds(8)
     count = int(rate * duration)
     out: dict[str, Any] = {"rate": rate, "duration_s": duration}
@@ -564,12 +564,13 @@ async def report_profile(ctx: Context, results_dir: Path, rate: float = 60.0) ->
         out["end_to_end_sampled"] = await end_to_end(
             ctx, rate_hz=E2E_RATE_HZ, raw=raw, label="e2e-sampled"
         )
-    # The same load once more through bench.instrumented (a separate run, so the counters do
-    # not distort the samples above).
+    # The same load once more through bench.research.instrumented (a separate run, so the
+    # counters do not distort the samples above).
     counters = results_dir / "profile-imagebot.counters.json"
     counters.unlink(missing_ok=True)
     env = {"BENCH_INSTRUMENT_OUT": str(counters)}
-    async with ctx.imagebot("profile-counters", module="bench.instrumented", extra_env=env) as bot:
+    module = "bench.research.instrumented"
+    async with ctx.imagebot("profile-counters", module=module, extra_env=env) as bot:
         spec = ctx.spec(bot, rate, count)
         await run_load(spec)
         await _wait_idle(bot, ctx.seconds(40))
@@ -582,7 +583,7 @@ async def report_profile(ctx: Context, results_dir: Path, rate: float = 60.0) ->
 
 
 def summarise_counters(data: dict[str, Any], updates: int) -> dict[str, Any]:
-    """bench.instrumented's counters, per update where that is what matters."""
+    """bench.research.instrumented's counters, per update where that is what matters."""
     writer = data["writer"]
     sites = {
         site: {

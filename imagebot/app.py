@@ -19,6 +19,7 @@ from telegram import Bot
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, ContextTypes
 
+from imagebot import texts
 from imagebot.bot import albums
 from imagebot.bot.context import SERVICES_KEY, BotContext
 from imagebot.bot.handlers import register
@@ -64,6 +65,7 @@ from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
 from imagebot.store.migrate import migrate
 from imagebot.store.prefs import PrefStore
+from imagebot.store.sqlite import StoreInUse
 from imagebot.store.stats import Stats
 from imagebot.store.usage import Usage
 from imagebot.threaded_site import ListenError
@@ -142,7 +144,9 @@ def _upscaler(
 def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     """Wire every collaborator (no I/O happens here)."""
     metrics = Metrics()
-    db = connect_store(settings.storage.database, synchronous=settings.storage.synchronous)
+    db = connect_store(
+        settings.storage.database, synchronous=settings.storage.synchronous, exclusive=True
+    )
     inbox = Inbox(db)
     store = JobStore(db)
     ledger = Ledger(db)
@@ -362,7 +366,9 @@ async def _start_control(app: App) -> None:
     # Before updates are taken: no call at all when no list changed since the last start;
     # a Telegram failure is logged and the scope tried again at the next start.
     try:
-        await publish(bot, control.access, build_menus(services.settings))
+        # one menu per scope for every language, then one per scope and translated language
+        languages = (None, *texts.menu_language_codes())
+        await publish(bot, control.access, build_menus(services.settings, languages))
     except STORE_READ_ERRORS as exc:
         log.warning("command_menu_failed", error=str(exc))
 
@@ -456,6 +462,11 @@ async def run(app: App) -> int:
     settings = services.settings
     try:
         await services.db.open()
+    except StoreInUse as exc:  # a second bot on one SQLite file: refused before touching it
+        raise StartupError(
+            "storage.database",
+            f"{exc}: SQLite serves one process; to run several, use PostgreSQL (see README)",
+        ) from exc
     except StoreError as exc:  # the directory or file cannot be created, opened or written
         raise StartupError("storage.database", str(exc)) from exc
     try:

@@ -5,7 +5,7 @@ ImagebotError
   ConfigError                 names the dotted setting; start-up only
   StartupError                names the setting the machine refused (port in use, path); exit 1
   StoreError                  the database is newer than the code, or a migration failed
-  ExternalError               .code, .is_retryable, .retry_after_s, .message, .user_message
+  ExternalError               .code, .is_retryable, .retry_after_s, .message
     ProviderError             .provider, .status: a vendor call failed
       ProviderTimeout         our deadline passed; the vendor request is canceled
       ProviderRejected        the vendor refused the input (4xx, safety filter): never retried
@@ -20,12 +20,11 @@ ImagebotError
 
 An ExternalError is decided where the outside answer is read (providers/, media.py,
 delivery.py): whether it is worth another try (`is_retryable`, `retry_after_s`) is set there
-once, and callers read the fields, never re-decide them.
+once, and callers read the fields, never re-decide them. A user is told about a failure by its
+stored `code` (texts.job_failed), which also works for a job that ends after a restart.
 """
 
 from __future__ import annotations
-
-from imagebot import texts
 
 
 class ImagebotError(Exception):
@@ -61,8 +60,7 @@ class ExternalError(ImagebotError):
     `code` is a stable snake_case name stored on the job and used for metrics and logs;
     `is_retryable` says whether the same call again may succeed; `retry_after_s` is the other
     side's hint (Retry-After), if it gave one; `message` is the detail for operators (it may
-    quote the other side, so it is redacted before storing and never shown to a user);
-    `user_message` is what a user may be told, by code (texts.failure_reason).
+    quote the other side, so it is redacted before storing and never shown to a user).
     """
 
     default_code = "error"
@@ -80,10 +78,6 @@ class ExternalError(ImagebotError):
         self.code = code or self.default_code
         self.is_retryable = is_retryable
         self.retry_after_s = retry_after_s
-
-    @property
-    def user_message(self) -> str:
-        return texts.failure_reason(self.code)
 
 
 class ProviderError(ExternalError):

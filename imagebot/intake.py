@@ -448,6 +448,8 @@ class Intake:
         self._web = ThreadedSite(app, hook.listen, hook.port, name="webhook-intake")
         await asyncio.to_thread(self._web.start)
         self.webhook_port = self._web.port
+        # the bound port (webhook.port may be 0: the OS picks), before Telegram is told the URL
+        log.info("webhook_listening", listen=hook.listen, port=self.webhook_port, path=hook.path)
         await self.application.bot.set_webhook(
             url=hook.url,
             secret_token=self._secret.decode(),

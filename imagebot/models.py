@@ -29,14 +29,17 @@ FINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CAN
 
 
 class Phase(StrEnum):
-    """Where a job is inside `running`; what a restart resumes from."""
+    """Where a running job is (what a restart resumes from), then whether a final job's chat
+    was tidied."""
 
     NEW = "new"  # nothing sent to the vendor yet
     SUBMITTING = "submitting"  # create/submit sent, no request id saved: outcome unknown
     SUBMITTED = "submitted"  # vendor request id saved; waiting for it
     FETCHED = "fetched"  # outputs downloaded to the results directory
     DELIVERING = "delivering"  # sending to Telegram; message ids not yet saved
-    DONE = "done"  # final status written
+    # The phases below belong to final rows (succeeded, failed, canceled):
+    SETTLING = "settling"  # final status written; the chat not tidied yet (Pipeline.settle)
+    DONE = "done"  # final status written and the chat tidied
 
 
 class CancelOutcome(StrEnum):
@@ -104,6 +107,8 @@ class Job:
     source_index: int | None = None  # upscale: which image of parent_job_id
     deleted_at: str | None = None  # 🗑 Delete removed the result messages
     deleted_by: int | None = None
+    # schema 10: the catalog the job's texts are in (its requester's language); None: English
+    language: str | None = None
 
     @property
     def images_counted(self) -> int:
@@ -139,6 +144,7 @@ class NewJob:
     images_asked: int = 1
     input_file_ids: tuple[str, ...] = ()  # an album edit: every photo, input_file_id first
     source_index: int | None = None  # upscale: which image of parent_job_id
+    language: str | None = None  # the requester's language (texts.current_language())
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,11 @@
 Each step records its phase in the job row first, so a restart resumes from the row. Two
 durability rules live here: the vendor request id is committed before any waiting, and a
 delivery is marked `delivering` before the send and its message ids are stored right after.
+Every job ends through `end` (succeeded, failed or canceled): the final row with phase
+`settling`, then the chat's tidy-up (`settle`), then phase `done`.
 The sections that must not be cut short (a submit in flight, a send and its record) are run
-through the `critical` callable the runner passes in; everything else may be canceled.
+through the `critical` callable the runner passes in (see `Critical`); everything else may be
+canceled.
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ from imagebot.store.jobs import JobStore
 
 log = get_logger(__name__)
 T = TypeVar("T")
+# `critical(step)` runs `step` (a coroutine) to its end even if the job is canceled meanwhile,
+# and returns its result. The pipeline wraps the two steps whose halves must not come apart:
+# a submit and the record of its request id (else the vendor may run, and bill, a request we
+# forgot), and a send and its record (else the chat gets the result twice). The runner owns
+# cancellation, so it passes this in: its version (JobRunner._critical) runs the step as a
+# task of its own that a user's cancel, the sweep and shutdown wait for before canceling the
+# job's task. A caller that never cancels (a test) may pass `lambda step: step`.
 Critical = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 
 _RUNNING = (JobStatus.RUNNING,)
@@ -124,6 +134,10 @@ class Pipeline:
             setattr(job, key, value)
 
     async def advance(self, job: Job, critical: Critical) -> None:
+        """Take a running job from the phase its row records to its ending (see `end`).
+
+        Errors (ProviderError, MediaError, DeliveryError, JobGone) are the runner's to turn
+        into `fail` or `park`; `critical` keeps a submit or a send whole (see `Critical`)."""
         provider = self.providers[job.kind]
         if job.phase is Phase.SUBMITTING:
             # We died between sending the submit and saving its id: it may exist at the
@@ -142,8 +156,8 @@ class Pipeline:
             )
         else:
             images = await self.results.load(job.result_paths)
+        # The send, its record and the chat's tidy-up: canceling the job must not split them.
         await critical(self._deliver(job, images))
-        await self.settle(job)
 
     # -- submit ----------------------------------------------------------------------------
 
@@ -276,7 +290,7 @@ class Pipeline:
     # -- wait ------------------------------------------------------------------------------
 
     async def _wait(self, job: Job, provider: ImageProvider, *, poll_first: bool) -> PollResult:
-        interval = self._poll_interval(provider)
+        interval = provider.poll_interval_s
         deadline = self.deadline_monotonic(job)
         started = last_poll = time.monotonic()
         result: PollResult | None = None
@@ -323,13 +337,6 @@ class Pipeline:
         if self.hints.arriving:
             return max(interval, self.settings.webhook.hint_safety_poll_s)
         return interval
-
-    def _poll_interval(self, provider: ImageProvider) -> float:
-        if provider.name == "replicate":
-            return self.settings.replicate.poll_interval_s
-        if provider.name == "fal":
-            return self.settings.fal.poll_interval_s
-        return 0.1
 
     async def _poll(self, job: Job, provider: ImageProvider) -> PollResult:
         assert job.provider_request_id is not None
@@ -414,34 +421,8 @@ class Pipeline:
                     as_documents=job.kind is JobKind.UPSCALE,
                 )
         assert sent is not None
-        finished = await self.store.finish(
-            job.id,
-            JobStatus.SUCCEEDED,
-            phase=Phase.DELIVERING,  # until the status line is removed (see settle)
-            delivered_message_ids=sent.message_ids,
-            result_file_ids=sent.file_ids,
-            **_NOT_WAITING,
-        )
-        if not finished:
+        if not await self.end(job, JobStatus.SUCCEEDED, sent=sent, images=len(images)):
             raise JobGone
-        waited_since = job.delivery_waiting_since
-        job.status = JobStatus.SUCCEEDED
-        _mirror(job, _NOT_WAITING)
-        elapsed = (utcnow() - parse_iso(job.created_at)).total_seconds()
-        self.metrics.jobs_finished.labels(job.kind.value, JobStatus.SUCCEEDED.value).inc()
-        self.metrics.end_to_end.labels(job.kind.value).observe(elapsed)
-        self.metrics.cost_usd.labels(job.provider).inc(job.cost_estimate_usd)
-        log.info(
-            "job_delivered",
-            outcome="succeeded",
-            images=len(images),
-            message_ids=sent.message_ids,
-            duration_ms=int(elapsed * 1000),
-            # how long the result waited for Telegram (an outage), if it had to
-            waited_for_telegram_s=round((utcnow() - parse_iso(waited_since)).total_seconds(), 1)
-            if waited_since
-            else None,
-        )
 
     # -- waiting for Telegram --------------------------------------------------------------
 
@@ -491,42 +472,88 @@ class Pipeline:
 
     # -- endings ---------------------------------------------------------------------------
 
-    async def fail(self, job: Job, code: str, message: str) -> None:
-        """End the job `failed` (once) and tell the user; its quota unit returns."""
+    async def end(
+        self,
+        job: Job,
+        status: JobStatus,
+        *,
+        error_code: str | None = None,
+        error: str = "",
+        sent: Sent | None = None,
+        images: int = 0,
+        by: str = "user",
+    ) -> bool:
+        """The one way a job ends (succeeded, failed, canceled): write the final row once,
+        count `jobs_finished`, log the outcome, then tidy the chat (`settle`).
 
-        async def write() -> bool:
-            # phase `delivering` until the user is told (see settle).
-            return await self.store.finish(
-                job.id,
-                JobStatus.FAILED,
-                error_code=code,
-                error_message=redact(message)[:500],
-                phase=Phase.DELIVERING,
-                **_NOT_WAITING,  # the failure notice waits for Telegram on its own clock
+        The row is written with phase `settling` (the chat not tidied yet), so a crash before
+        the tidy-up is finished later by `settle_due`. Returns False, doing nothing, when the
+        job was final already (another ending got there first: a cancel, the sweep).
+        `sent`: the delivered result (succeeded); `error_code`/`error`: why it failed; `by`:
+        who canceled it.
+        """
+        values: dict[str, Any] = dict(_NOT_WAITING)  # a notice waits on its own clock
+        if sent is not None:
+            values.update(delivered_message_ids=sent.message_ids, result_file_ids=sent.file_ids)
+        if error:
+            values["error_message"] = redact(error)[:500]
+        waited_since = job.delivery_waiting_since
+        # Shielded: an ending that was decided is recorded even if our caller is canceled.
+        finished = await asyncio.shield(
+            self.store.finish(
+                job.id, status, error_code=error_code, phase=Phase.SETTLING, **values
             )
-
-        if not await asyncio.shield(write()):
-            return
-        self.metrics.jobs_finished.labels(job.kind.value, JobStatus.FAILED.value).inc()
-        log.warning(
-            "job_failed",
-            outcome="failed",
-            error_code=code,
-            error=redact(message)[:300],
-            duration_ms=int((utcnow() - parse_iso(job.created_at)).total_seconds() * 1000),
         )
-        job.status, job.error_code = JobStatus.FAILED, code
-        _mirror(job, _NOT_WAITING)
+        if not finished:
+            return False
+        _mirror(job, {**values, "status": status, "phase": Phase.SETTLING})
+        job.error_code = error_code
+        elapsed = (utcnow() - parse_iso(job.created_at)).total_seconds()
+        self.metrics.jobs_finished.labels(job.kind.value, status.value).inc()
+        if status is JobStatus.SUCCEEDED:
+            self.metrics.end_to_end.labels(job.kind.value).observe(elapsed)
+            self.metrics.cost_usd.labels(job.provider).inc(job.cost_estimate_usd)
+            log.info(
+                "job_delivered",
+                job_id=job.id,
+                outcome="succeeded",
+                images=images,
+                message_ids=job.delivered_message_ids,
+                duration_ms=int(elapsed * 1000),
+                # how long the result waited for Telegram (an outage), if it had to
+                waited_for_telegram_s=round(
+                    (utcnow() - parse_iso(waited_since)).total_seconds(), 1
+                )
+                if waited_since
+                else None,
+            )
+        elif status is JobStatus.FAILED:
+            log.warning(
+                "job_failed",
+                job_id=job.id,
+                outcome="failed",
+                error_code=error_code,
+                error=redact(error)[:300],
+                duration_ms=int(elapsed * 1000),
+            )
+        else:
+            log.info("job_canceled", job_id=job.id, outcome="canceled", by=by)
+            await self.cancel_at_vendor(job)
         await self.settle(job)
+        return True
+
+    async def fail(self, job: Job, code: str, message: str) -> None:
+        """End the job `failed` and tell the user; its quota unit returns (see `end`)."""
+        await self.end(job, JobStatus.FAILED, error_code=code, error=message)
 
     async def settle(self, job: Job) -> None:
         """After a final status: tidy the chat (remove the status line, or turn it into the
         failure/cancel message), then record phase `done`.
 
-        Final statuses are written with phase `delivering` first, so a crash in between is
-        finished later (`settle_due`); this step is at-least-once. When Telegram cannot take
-        it now, the next try is planned on the row (deliver_after) and made by the runner's
-        periodic `tend`, for up to `delivery.retry_window_s`.
+        Final statuses are written with phase `settling` first (see `end`), so a crash in
+        between is finished later (`settle_due`); this step is at-least-once. When Telegram
+        cannot take it now, the next try is planned on the row (deliver_after) and made by
+        the runner's periodic `tend`, for up to `delivery.retry_window_s`.
         """
         if job.id in self._settling:
             return  # already being tidied (the inline ending and a late retry met)
@@ -543,7 +570,7 @@ class Pipeline:
         self._settling.add(job_id)
         try:
             job = await self.store.get(job_id)  # read after claiming: never a stale row
-            if job is None or not job.status.is_final or job.phase is not Phase.DELIVERING:
+            if job is None or not job.status.is_final or job.phase is not Phase.SETTLING:
                 return
             if job.deliver_after and parse_iso(job.deliver_after) > utcnow():
                 return
@@ -564,10 +591,13 @@ class Pipeline:
             await self.on_final(job)
         if job.status is JobStatus.SUCCEEDED:
             tidied = await self.progress.done(job)
-        elif job.status is JobStatus.CANCELED:
-            tidied = await self.progress.ended(job, texts.status_canceled(job.id))
         else:
-            tidied = await self.progress.ended(job, texts.job_failed(job.id, job.error_code))
+            with texts.speaking(job.language):  # also when tidied from a maintenance task
+                if job.status is JobStatus.CANCELED:
+                    text = texts.status_canceled(job.id)
+                else:
+                    text = texts.job_failed(job.id, job.error_code)
+            tidied = await self.progress.ended(job, text)
         if tidied:
             await self.store.update(job.id, phase=Phase.DONE, **_NOT_WAITING)
             return

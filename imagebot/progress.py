@@ -56,14 +56,11 @@ class Progress:
     async def _edit(self, job: Job, text: str, *, with_cancel: bool = True) -> bool:
         if job.status_message_id is None:
             return False
+        with texts.speaking(job.language):
+            markup = cancel_keyboard(job.id) if with_cancel else None
         await self._budget.acquire()
         try:
-            ok = await self.delivery.edit_text(
-                job.chat_id,
-                job.status_message_id,
-                text,
-                cancel_keyboard(job.id) if with_cancel else None,
-            )
+            ok = await self.delivery.edit_text(job.chat_id, job.status_message_id, text, markup)
         except DeliveryError as exc:
             log.info("progress_edit_failed", job_id=job.id, error_code=exc.code)
             return False
@@ -75,17 +72,20 @@ class Progress:
         waits for a slot at this place in line."""
         if job.status_message_id is not None:
             return job
-        if queued_at is None:
-            text = texts.status_started(job.kind, job.id)
-        else:
-            text = texts.status_queued(job.id, queued_at)
+        with texts.speaking(job.language):
+            if queued_at is None:
+                text = texts.status_started(job.kind, job.id)
+            else:
+                text = texts.status_queued(job.id, queued_at)
+            markup = cancel_keyboard(job.id)
+        if queued_at is not None:
             self._shown_position[job.id] = queued_at
         try:
             message = await self.delivery.send_text(
                 job.chat_id,
                 text,
                 reply_to=job.command_message_id,
-                markup=cancel_keyboard(job.id),
+                markup=markup,
             )
         except DeliveryError as exc:
             log.warning("status_message_failed", job_id=job.id, error_code=exc.code)
@@ -97,7 +97,9 @@ class Progress:
     async def show_queued(self, job: Job, position: int, *, force: bool = False) -> None:
         if self._shown_position.get(job.id) == position or not self._may_edit(job, force=force):
             return
-        if await self._edit(job, texts.status_queued(job.id, position)):
+        with texts.speaking(job.language):  # called for every waiting job, by a periodic task
+            text = texts.status_queued(job.id, position)
+        if await self._edit(job, text):
             self._shown_position[job.id] = position
 
     async def refresh_queue(self) -> None:
@@ -141,7 +143,9 @@ class Progress:
             elapsed = int(now - started)
             if elapsed >= 2 and elapsed != last_shown and self._may_edit(job):
                 last_shown = elapsed
-                await self._edit(job, texts.status_working(job.kind, job.id, elapsed))
+                with texts.speaking(job.language):
+                    text = texts.status_working(job.kind, job.id, elapsed)
+                await self._edit(job, text)
             await asyncio.sleep(1.0)
 
     async def done(self, job: Job) -> bool:

@@ -26,6 +26,7 @@ from imagebot.delivery import Delivery
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
+from imagebot.store.languages import chosen_language, language_of
 from imagebot.store.ledger import PURCHASE, STAR_REFUND, Credited, Ledger, Order
 
 log = get_logger(__name__)
@@ -133,9 +134,13 @@ class Stars:
         if not isinstance(query_id, str):
             return
         order: Order | None = None
-        problem: str | None = texts.PAY_UNKNOWN_ORDER
-        if self.config.enabled:
-            order, problem = await self.check(query)
+        # Not a handler's update (the intake answers it directly): the payer's language here.
+        payer = query.get("from") or {}
+        chosen = await chosen_language(self.ledger.db, user_id) if type(user_id) is int else None
+        with texts.speaking(chosen or texts.negotiate(str(payer.get("language_code") or ""))):
+            problem: str | None = texts.PAY_UNKNOWN_ORDER
+            if self.config.enabled:
+                order, problem = await self.check(query)
         ok = problem is None
         try:
             await self.answer_bot.answer_pre_checkout_query(
@@ -256,7 +261,9 @@ class Stars:
             already_refunded=already,
             **fields,
         )
-        await self._tell(bought.user_id, texts.refund_notice(bought.stars, balance))
+        with texts.speaking(await language_of(self.ledger.db, bought.user_id)):
+            notice = texts.refund_notice(bought.stars, balance)
+        await self._tell(bought.user_id, notice)
         return texts.refund_done(charge_id, bought.user_id, bought.stars, balance)
 
     async def _refund_failed(self, charge_id: str, error: str, fields: dict[str, Any]) -> str:
@@ -363,4 +370,6 @@ class Stars:
             credits=credits,
             balance=result.balance,
         )
-        await self._tell(order.chat_id, texts.receipt(credits, tx.amount, result.balance))
+        with texts.speaking(await language_of(self.ledger.db, order.user_id)):
+            receipt = texts.receipt(credits, tx.amount, result.balance)
+        await self._tell(order.chat_id, receipt)

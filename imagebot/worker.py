@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar, cast
@@ -19,6 +18,7 @@ from typing import Any, TypeVar, cast
 import structlog
 from telegram.ext import CallbackContext, JobQueue
 
+from imagebot import texts
 from imagebot.clock import iso, parse_iso, utcnow
 from imagebot.errors import DeliveryError, ExternalError
 from imagebot.logs import get_logger
@@ -48,18 +48,20 @@ class JobRunner:
         self.store = store
         self.metrics = metrics
         self.settings = pipeline.settings
-        self._job_queue: JobQueue[Any] | None = None
+        self._launch: Callable[[int], object] | None = None
         self._scheduled: set[int] = set()  # jobs holding a provider slot
         # jobs whose images are made, being offered to Telegram again: no slot held
         self._slotless: set[int] = set()
         # jobs whose run stopped because the database refused a write: resumed once it
         # takes writes again (the row still says where they are)
         self._suspended: set[int] = set()
+        # New jobs whose handler could not release them (a storage fault at that moment):
+        # released by the next pump once writes work, not left held for the whole lease.
+        self._unreleased: set[int] = set()
         self._writes_were_ok = True
         # Telegram refused the last delivery try: offer it one parked result at a time
         self._telegram_failing = False
         self._runs: dict[int, _Run] = {}
-        self._acks: dict[int, asyncio.Event] = {}
         self._pump_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -69,21 +71,28 @@ class JobRunner:
     # -- scheduling ------------------------------------------------------------------------
 
     def attach(self, job_queue: JobQueue[Any]) -> None:
-        self._job_queue = job_queue
+        """Run each job as a task of PTB's JobQueue (how the app runs them)."""
+
+        def launch(job_id: int) -> None:
+            # misfire_grace_time=None: a late job still runs (the default silently drops it).
+            job_queue.run_once(
+                self._job_callback,
+                when=0,
+                data=job_id,
+                name=f"job-{job_id}",
+                job_kwargs={"misfire_grace_time": None, "coalesce": False},
+            )
+
+        self._launch = launch
+
+    def attach_launcher(self, launch: Callable[[int], object]) -> None:
+        """Start jobs by calling `launch(job_id)`, which must see that `run(job_id)` is
+        awaited (a test may collect the ids and run them itself, one by one)."""
+        self._launch = launch
 
     @property
     def running_count(self) -> int:
         return len(self._scheduled)
-
-    @asynccontextmanager
-    async def acknowledging(self, update_id: int) -> AsyncIterator[None]:
-        """Hold a new job's start until its handler has sent and saved the status message."""
-        event = self._acks[update_id] = asyncio.Event()
-        try:
-            yield
-        finally:
-            event.set()
-            self._acks.pop(update_id, None)
 
     def has_free_slot(self) -> bool:
         """A job created now would start at once (nothing waits ahead of it for a slot)."""
@@ -94,12 +103,27 @@ class JobRunner:
         await self.pump()
         return job_id in self._scheduled
 
+    async def release(self, job_id: int) -> None:
+        """The handler that created job `job_id` (held) is done with it: the runner may claim
+        it. A storage fault now leaves the release to the next pump."""
+        try:
+            await self.store.release(job_id)
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            self._unreleased.add(job_id)
+            log.warning("job_release_deferred", job_id=job_id, error=str(exc))
+
     async def pump(self) -> None:
-        """Resume suspended jobs, then claim the oldest queued jobs into free slots."""
+        """Release deferred holds and resume suspended jobs, then claim the oldest queued
+        jobs into free slots."""
         if self._stopping:
             return
         async with self._pump_lock:
             try:
+                for job_id in sorted(self._unreleased):
+                    await self.store.release(job_id)
+                    self._unreleased.discard(job_id)
                 if self._suspended and self.store.db.writes.ok:
                     await self._resume_suspended()
                 free = self.settings.runner.max_running - len(self._scheduled)
@@ -133,16 +157,9 @@ class JobRunner:
             self._schedule(job)
 
     def _schedule(self, job: Job, *, slot: bool = True) -> None:
-        assert self._job_queue is not None, "attach() the JobQueue first"
+        assert self._launch is not None, "attach() the JobQueue first"
         (self._scheduled if slot else self._slotless).add(job.id)
-        # misfire_grace_time=None: a late job still runs (the default silently drops it).
-        self._job_queue.run_once(
-            self._job_callback,
-            when=0,
-            data=job.id,
-            name=f"job-{job.id}",
-            job_kwargs={"misfire_grace_time": None, "coalesce": False},
-        )
+        self._launch(job.id)
 
     def _in_background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -151,7 +168,11 @@ class JobRunner:
 
     async def _job_callback(self, context: CallbackContext[Any, Any, Any, Any]) -> None:
         assert context.job is not None
-        job_id = cast(int, context.job.data)
+        await self.run(cast(int, context.job.data))
+
+    async def run(self, job_id: int) -> None:
+        """Run one scheduled job (in the current task) until it ends, parks or stops, then
+        free its slot and look for more work."""
         task = asyncio.current_task()
         assert task is not None
         try:
@@ -185,12 +206,6 @@ class JobRunner:
         job = await self.store.get(job_id)
         if job is None or job.status.is_final:
             return
-        ack = self._acks.get(job.update_id)
-        if ack is not None:
-            await ack.wait()
-            job = await self.store.get(job_id)
-            if job is None or job.status.is_final:
-                return
         if (
             job_id in self._slotless
             and job.deliver_after
@@ -198,6 +213,9 @@ class JobRunner:
         ):
             return  # parked again since it was found due: its next try is later
         run = self._runs[job_id] = _Run(job, task)
+        # This task (the job's own) speaks the requester's language: status line, caption,
+        # buttons, failure notice, whenever the job runs (after a restart too).
+        texts.use_language(job.language)
         structlog.contextvars.bind_contextvars(
             job_id=job.id,
             update_id=job.update_id,
@@ -243,7 +261,10 @@ class JobRunner:
             await self.pipeline.fail(job, "internal_error", f"{type(exc).__name__}: {exc}")
 
     async def _critical(self, run: _Run, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` so that canceling the job does not cut it short."""
+        """Run `coro` (a step the pipeline marked critical: see pipeline.Critical) so that
+        canceling the job does not cut it short: it runs as its own task, shielded from the
+        job task's cancel, and is recorded on the run so that `_stop_run` (a user's cancel,
+        the sweep) and `shutdown` wait for it before canceling the job's task."""
         task = asyncio.get_running_loop().create_task(coro)
         run.critical = task
         try:
@@ -272,15 +293,8 @@ class JobRunner:
             return CancelOutcome.FINISHED
         if job.phase in (Phase.FETCHED, Phase.DELIVERING):
             return CancelOutcome.TOO_LATE
-        if not await self.store.finish(
-            job_id, JobStatus.CANCELED, error_code="canceled", phase=Phase.DELIVERING
-        ):
+        if not await self.pipeline.end(job, JobStatus.CANCELED, error_code="canceled"):
             return CancelOutcome.FINISHED
-        self.metrics.jobs_finished.labels(job.kind.value, JobStatus.CANCELED.value).inc()
-        log.info("job_canceled", job_id=job_id, outcome="canceled", by="user")
-        await self.pipeline.cancel_at_vendor(job)
-        job.status = JobStatus.CANCELED
-        await self.pipeline.settle(job)
         self._in_background(self.pump())
         return CancelOutcome.CANCELED
 
@@ -321,6 +335,9 @@ class JobRunner:
         """At start-up: take up every running job again, settle endings a crash cut short,
         then fill free slots from the queue. Jobs whose images are made are offered to
         Telegram by `tend`, without a slot, when their next try is due."""
+        # A job is created held until its handler has sent the status message (see
+        # JobStore.create): no handler of the last process is still running.
+        await self.store.release_all()
         running = await self.store.by_status(JobStatus.RUNNING)
         for job in running:
             if job.phase in (Phase.FETCHED, Phase.DELIVERING):

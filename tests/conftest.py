@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import ipaddress
+import logging
 import os
 import socket
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+import structlog
 
+from imagebot import logs
 from imagebot.app import App, build, run
 from imagebot.config import Settings
+from imagebot.logs import configure_logging
 from imagebot.netguard import Resolver, system_resolver
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
@@ -22,6 +29,9 @@ from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 from tests.pgcluster import ENABLE_HINT, Cluster, find_bin_dir, start_cluster
 from tests.support import deep_merge
+
+if TYPE_CHECKING:
+    from tests.crash_harness import MakeDaemon
 
 BOT_TOKEN = "123456:TEST-token_abc"
 REPLICATE_TOKEN = "r8_test_token"
@@ -280,3 +290,67 @@ def bot(make_settings: SettingsFactory) -> Callable[..., Any]:
         return running(make_settings(**sections))
 
     return start
+
+
+@pytest.fixture
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every TCP connect the test makes; a connect to anything but loopback fails before a
+    packet leaves, so a broken SSRF guard shows up as an assertion, never as traffic."""
+    seen: list[Any] = []
+    real = socket.socket.connect
+
+    def connect(self: socket.socket, address: Any) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            seen.append(address)
+            ip = ipaddress.ip_address(str(address[0]).split("%")[0])
+            if not ip.is_loopback:
+                raise ConnectionRefusedError(f"test guard: no connecting to {ip}")
+        real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return seen
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """The production log pipeline (JSON, DEBUG) into a StringIO, told no secrets to mask, so
+    only a token that never reached a log line passes; the previous set-up is put back after."""
+    root = logging.getLogger()
+    names = ("httpx", "httpcore", "apscheduler", "telegram.Bot", "telegram.ext.Application")
+    quiet = {name: logging.getLogger(name).level for name in names}
+    saved = (list(root.handlers), root.level, structlog.get_config())
+    hooks = (sys.excepthook, threading.excepthook, logs._redactor)
+    stream = io.StringIO()
+    configure_logging(fmt="json", level="DEBUG", secrets=(), stream=stream)
+    try:
+        yield stream
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        structlog.configure(**saved[2])
+        sys.excepthook, threading.excepthook, logs._redactor = hooks
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@pytest.fixture
+async def daemon(
+    tmp_path: Path,
+    telegram: FakeTelegram,
+    replicate: FakeReplicate,
+    fal: FakeFal,
+    store_target: str,
+) -> AsyncIterator[MakeDaemon]:
+    """`daemon(**sections)` makes a Daemon on the test's store (SQLite, or PostgreSQL with
+    --store postgresql); every one is killed at teardown."""
+    from tests.crash_harness import Daemon  # here: crash_harness imports this module
+
+    made: list[Daemon] = []
+
+    def make(**sections: Any) -> Daemon:
+        made.append(Daemon(tmp_path, telegram, replicate, fal, database=store_target, **sections))
+        return made[-1]
+
+    yield make
+    for one in made:
+        await one.close()

@@ -3,9 +3,11 @@
 The fakes (Telegram, Replicate, fal) run in the test's event loop, so everything they saw
 survives any number of daemon restarts, exactly as the real services would. The daemon is
 `python -m imagebot --config <toml>` with its secrets in the environment, its stdout and stderr
-appended to one log file under tmp_path (a pipe could fill up and block it), its webhook and
-ops ports chosen once by the OS and kept across restarts (Telegram's webhook URL does not change
-when the bot restarts). Readiness is GET /healthz = 200 on the ops port.
+appended to one log file under tmp_path (a pipe could fill up and block it). The daemon listens
+on ports the OS picks at each start (port 0), read back from its log (`starting` names the ops
+address, `webhook_listening` the webhook port); its public webhook URL is a FrontDoor that holds
+its own port for the Daemon's life and forwards to the current run (Telegram's webhook URL does
+not change when the bot restarts). Readiness is GET /healthz = 200 on the ops port.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,11 @@ from tests import storeview
 from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
+from tests.fakes.front_door import FrontDoor
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 from tests.storeview import is_pg
-from tests.support import deep_merge, free_port, toml_dumps
+from tests.support import deep_merge, toml_dumps
 
 REPO = Path(__file__).resolve().parents[1]
 WEBHOOK_PATH = "/telegram/webhook"
@@ -128,8 +132,10 @@ class Daemon:
         self.replicate = replicate
         self.fal = fal
         self.mode = mode
-        self.webhook_port = free_port()
-        self.ops_port = free_port()
+        # the public webhook URL: forwards to whatever port the current run listens on
+        self.front_door = FrontDoor(lambda: self.webhook_port)
+        self._run_log_offset = 0  # where the current run's lines begin in log_path
+        self._ports: dict[str, int] = {}  # of the current run, once its log named them
         # the store: a SQLite file (a Path) or, with --store postgresql, a database URL
         self.db_path: Any = database if is_pg(database) else tmp_path / "imagebot.db"
         self.results_dir = tmp_path / "results"
@@ -158,11 +164,11 @@ class Daemon:
             },
             "webhook": {
                 "listen": "127.0.0.1",
-                "port": self.webhook_port,
-                "url": f"http://127.0.0.1:{self.webhook_port}{WEBHOOK_PATH}",
+                "port": 0,
+                "url": f"{self.front_door.url}{WEBHOOK_PATH}",
                 "path": WEBHOOK_PATH,
             },
-            "ops": {"listen": "127.0.0.1", "port": self.ops_port},
+            "ops": {"listen": "127.0.0.1", "port": 0},
             "storage": {"database": str(self.db_path), "results_dir": str(self.results_dir)},
             "access": {"open": True},
             "limits": {"rate_per_minute": 1000},
@@ -201,13 +207,42 @@ class Daemon:
     def running(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    def _port(self, name: str) -> int | None:
+        """The current run's `name` port ("ops" or "webhook") as its log says; None while the
+        daemon is down or has not logged it yet."""
+        if not self.running:
+            return None
+        if name not in self._ports:
+            with self.log_path.open("rb") as log:
+                log.seek(self._run_log_offset)
+                lines = log.read().decode("utf-8", errors="replace").splitlines()
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if entry.get("event") == "starting":
+                        self._ports["ops"] = int(str(entry["ops"]).rsplit(":", 1)[1])
+                    elif entry.get("event") == "webhook_listening":
+                        self._ports["webhook"] = int(entry["port"])
+        return self._ports.get(name)
+
+    @property
+    def ops_port(self) -> int | None:
+        return self._port("ops")
+
+    @property
+    def webhook_port(self) -> int | None:
+        return self._port("webhook")
+
     async def start(self, *, wait: bool = True) -> None:
         """Start the daemon; with `wait`, return once /healthz says it is ready."""
         assert not self.running, "the daemon is already running"
+        await self.front_door.start()
         self.starts += 1
+        self._ports = {}
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self.starts} ---\n".encode())
             log.flush()
+            self._run_log_offset = log.tell()
             if self.pipe_logs:
                 await self._start_piped()
                 if wait:
@@ -251,6 +286,8 @@ class Daemon:
                 log.flush()
 
     async def healthy(self) -> bool:
+        if self.ops_port is None:
+            return False
         url = f"http://127.0.0.1:{self.ops_port}/healthz"
         timeout = aiohttp.ClientTimeout(total=2)
         try:
@@ -264,9 +301,11 @@ class Daemon:
 
     async def ops_get(self, path: str) -> tuple[int, Any]:
         """GET a path of the ops server: (status, JSON body)."""
+        port = self.ops_port
+        assert port is not None, f"the daemon has no ops port now:\n{self.log_tail()}"
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-            session.get(f"http://127.0.0.1:{self.ops_port}{path}") as resp,
+            session.get(f"http://127.0.0.1:{port}{path}") as resp,
         ):
             return resp.status, await resp.json()
 
@@ -311,6 +350,7 @@ class Daemon:
         if self._log_copier is not None:
             await asyncio.wait_for(self._log_copier, 10)
             self._log_copier = None
+        await self.front_door.stop()
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -360,3 +400,52 @@ def count_by(items: Iterator[str] | list[str]) -> dict[str, int]:
     for item in items:
         counts[item] = counts.get(item, 0) + 1
     return dict(sorted(counts.items()))
+
+
+MakeDaemon = Callable[..., Daemon]
+
+
+# -- one-shot runs of the CLI (start-up errors, store commands) -----------------------------
+
+
+def environment(tmp_path: Path, telegram_url: str, **settings: str) -> dict[str, str]:
+    """The process environment: no inherited IMAGEBOT_* settings, local providers, the bot
+    token, a database under tmp_path, an OS-picked ops port; `settings` override."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBOT_")}
+    for secret in ("REPLICATE_API_TOKEN", "FAL_KEY", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
+        env.pop(secret, None)
+    env.update(
+        TELEGRAM_BOT_TOKEN=BOT_TOKEN,
+        IMAGEBOT_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        IMAGEBOT_GENERATE__PROVIDER="local",
+        IMAGEBOT_EDIT__PROVIDER="local",
+        IMAGEBOT_TELEGRAM__API_BASE_URL=telegram_url,
+        IMAGEBOT_STORAGE__DATABASE=str(tmp_path / "data" / "imagebot.db"),
+        IMAGEBOT_OPS__LISTEN="127.0.0.1",
+        IMAGEBOT_OPS__PORT="0",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    env.update(settings)
+    return env
+
+
+def only_line(stderr: str) -> str:
+    """The one line on stderr (asserts there is exactly one)."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def run_imagebot(
+    tmp_path: Path, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m imagebot <args>` in tmp_path with `env`, JSON logs, bounded."""
+    return subprocess.run(
+        [sys.executable, "-m", "imagebot", *args, "--log-format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=45,
+        check=False,
+        cwd=tmp_path,  # no config.toml there
+        env=env,
+    )

@@ -9,6 +9,7 @@ import re
 from datetime import timedelta
 from typing import Any
 
+from imagebot import texts
 from imagebot.clock import iso, utcnow
 from imagebot.store.access import AccessStore, Redeem
 from imagebot.store.db import Database
@@ -19,7 +20,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 from tests.storeview import execute
-from tests.test_e2e import db_path, ops_get, rows
+from tests.support import db_path, ops_get, rows
 
 ADMIN = updates.DEFAULT_USER_ID  # private chat id = user id
 FRIEND = 2002
@@ -364,11 +365,23 @@ async def test_pause_without_message_uses_the_default(bot, telegram: FakeTelegra
 
 async def test_command_menus_per_scope_set_only_when_changed(bot, telegram: FakeTelegram) -> None:
     """At start the default menu gets the user commands and each admin's chat gets user +
-    admin commands; an unchanged restart makes no call; a new admin costs one call and a
-    removed admin's menu is deleted."""
+    admin commands, once for every language and once per translated language; an unchanged
+    restart makes no call; a new admin costs one call per language and a removed admin's
+    menus are deleted."""
+    per_scope = 1 + len(texts.menu_language_codes())  # the default menu + each translation
     async with bot(access=CLOSED):
         pass
-    user_menu = ["generate", "edit", "cancel", "usage", "settings", "style", "history", "help"]
+    user_menu = [
+        "generate",
+        "edit",
+        "cancel",
+        "usage",
+        "settings",
+        "style",
+        "history",
+        "language",
+        "help",
+    ]
     admin_menu = [
         *user_menu,
         "allow",
@@ -383,18 +396,19 @@ async def test_command_menus_per_scope_set_only_when_changed(bot, telegram: Fake
     assert telegram.menu("default") == user_menu
     assert telegram.menu(f"chat:{ADMIN}") == admin_menu
     assert telegram.menu_for(ADMIN) == admin_menu and telegram.menu_for(FRIEND) == user_menu
-    assert len(telegram.calls_of("setMyCommands")) == 2
+    assert telegram.menu_for(ADMIN, "ru") == admin_menu
+    assert len(telegram.calls_of("setMyCommands")) == 2 * per_scope
     async with bot(access=CLOSED):
         pass
-    assert len(telegram.calls_of("setMyCommands")) == 2  # unchanged: no call
+    assert len(telegram.calls_of("setMyCommands")) == 2 * per_scope  # unchanged: no call
     async with bot(access={**CLOSED, "admins": [ADMIN, OTHER]}):
         pass
-    assert len(telegram.calls_of("setMyCommands")) == 3
+    assert len(telegram.calls_of("setMyCommands")) == 3 * per_scope
     assert telegram.menu_for(OTHER) == admin_menu
     async with bot(access={**CLOSED, "admins": [OTHER]}):
         pass
-    assert len(telegram.calls_of("setMyCommands")) == 3
-    assert len(telegram.calls_of("deleteMyCommands")) == 1
+    assert len(telegram.calls_of("setMyCommands")) == 3 * per_scope
+    assert len(telegram.calls_of("deleteMyCommands")) == per_scope
     assert telegram.menu_for(ADMIN) == user_menu
 
 
@@ -403,11 +417,14 @@ async def test_failed_menu_is_tried_again_next_start(bot, telegram: FakeTelegram
     telegram.fail_method("setMyCommands", 400, "Bad Request: chat not found", times=2)
     async with bot(access=CLOSED):
         pass
-    assert telegram.command_menus == {}
+    # the two refused calls were the first: the menus for every language (None)
+    assert telegram.menu("default") == [] and telegram.menu(f"chat:{ADMIN}") == []
     async with bot(access=CLOSED):
         pass
     assert telegram.menu(f"chat:{ADMIN}")[-1] == "resume"
-    assert len(telegram.calls_of("setMyCommands")) == 4
+    # the first start's first two calls failed; the second start makes only those two again
+    per_scope = 1 + len(texts.menu_language_codes())
+    assert len(telegram.calls_of("setMyCommands")) == 2 * per_scope + 2
 
 
 async def test_racing_for_the_last_use_admits_one(tmp_path) -> None:

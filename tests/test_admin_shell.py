@@ -16,7 +16,7 @@ from imagebot.cli import main
 from tests import updates
 from tests.fakes.base import wait_until
 from tests.fakes.telegram_api import FakeTelegram
-from tests.test_e2e import db_path, rows
+from tests.support import db_path, rows
 
 STRANGER = 4242
 FRIEND = 5151

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,12 @@ from imagebot import texts
 from imagebot.store.db import Database
 from imagebot.store.migrate import load_migrations, migrate
 from tests import updates
-from tests.crash_harness import Daemon, exists, query
+from tests.crash_harness import MakeDaemon, exists, query
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.images import make_image
-from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.test_e2e import db_path, rows
+from tests.support import db_path, rows
 
 CHAT = updates.DEFAULT_CHAT_ID
 GROUP = -100_321
@@ -216,29 +214,6 @@ async def test_schema_8_keeps_every_jobs_column_and_id(tmp_path: Path) -> None:
 
 
 # -- kill -9 inside the quiet window (the real daemon as a subprocess) -----------------------
-
-MakeDaemon = Callable[..., Daemon]
-
-
-@pytest.fixture
-async def daemon(
-    tmp_path: Path,
-    telegram: FakeTelegram,
-    replicate: FakeReplicate,
-    fal: FakeFal,
-    store_target: str,
-) -> AsyncIterator[MakeDaemon]:
-    """`daemon(**sections)` makes a Daemon on the test's store; every one is killed at
-    teardown."""
-    made: list[Daemon] = []
-
-    def make(**sections: Any) -> Daemon:
-        made.append(Daemon(tmp_path, telegram, replicate, fal, database=store_target, **sections))
-        return made[-1]
-
-    yield make
-    for one in made:
-        await one.close()
 
 
 def album_parts(db: Path | str) -> list[Any]:

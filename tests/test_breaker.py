@@ -14,7 +14,7 @@ from tests import updates
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.test_e2e import db_path, ops_get, rows
+from tests.support import db_path, ops_get, rows
 
 CHAT = updates.DEFAULT_CHAT_ID
 

@@ -10,7 +10,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.images import damaged, noisy_image
 from tests.fakes.telegram_api import FakeTelegram
-from tests.test_edit import CHAT, finished, photo_upd, told
+from tests.support import CHAT, finished, photo_upd, told
 
 DAMAGED = "Sorry, job 1 failed: that image file is damaged or incomplete. Please send it again."
 

@@ -23,10 +23,7 @@ from tests.fakes.fal_api import FakeFal
 from tests.fakes.images import make_image
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, SentMessage
-from tests.test_e2e import db_path, rows
-from tests.test_edit import log_output
-
-__all__ = ["log_output"]  # the production log pipeline into a StringIO, used as a fixture here
+from tests.support import answer_text, db_path, rows
 
 ALICE, BOB, ADMIN = 11, 22, 99
 GROUP = -100_700
@@ -93,14 +90,6 @@ def press(telegram: FakeTelegram, on: SentMessage, data: str, user_id: int) -> d
     update = updates.callback_query(data, message=payload(on), user_id=user_id)
     telegram.push_update(update)
     return update
-
-
-def answer_text(telegram: FakeTelegram, update: dict[str, Any]) -> str | None:
-    query_id = update["callback_query"]["id"]
-    for record in telegram.answered_callbacks:
-        if record.get("callback_query_id") == query_id:
-            return str(record.get("text") or "")
-    return None
 
 
 def processed(app: Any, sent: list[dict[str, Any]]) -> bool:

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Any
 
 from tests import updates
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, SentMessage
-from tests.test_e2e import db_path, rows
+from tests.support import answer, button_data, db_path, press, rows
 
 CHAT = updates.DEFAULT_CHAT_ID
 
@@ -19,26 +18,6 @@ CHAT = updates.DEFAULT_CHAT_ID
 def status_message(telegram: FakeTelegram, chat: int = CHAT) -> SentMessage:
     """The bot's first text message in the chat: the "Generating…" status line."""
     return next(m for m in telegram.messages(chat, include_deleted=True) if m.kind == "text")
-
-
-def press(telegram: FakeTelegram, sent: SentMessage, data: str, user_id: int = CHAT) -> str:
-    update = updates.callback_query(
-        data, message=updates.bot_message_dict(sent), user_id=user_id, chat_id=sent.chat_id
-    )
-    telegram.push_update(update)
-    return str(update["callback_query"]["id"])
-
-
-def answer(telegram: FakeTelegram, query_id: str) -> dict[str, Any] | None:
-    for record in telegram.answered_callbacks:
-        if record.get("callback_query_id") == query_id:
-            return record
-    return None
-
-
-def button_data(sent: SentMessage) -> list[str]:
-    markup = sent.reply_markup or {}
-    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
 
 
 async def test_progress_edits_are_throttled_and_action_renewed(

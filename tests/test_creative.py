@@ -19,8 +19,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, SentMessage
-from tests.test_chat_ux import answer, button_data, press
-from tests.test_e2e import db_path, rows
+from tests.support import answer, button_data, db_path, press, rows
 
 CHAT = USER = updates.DEFAULT_CHAT_ID
 BOB = 2002

@@ -19,23 +19,11 @@ from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, Invoice
 from tests.storeview import query
-from tests.support import free_port
+from tests.support import CREDITS, behind_front_door
 
 CHAT = USER = updates.DEFAULT_USER_ID
 OTHER = 2002
 ADMIN = 4242
-CREDITS: dict[str, Any] = {
-    "enabled": True,
-    "generate_cost": 1,
-    "edit_cost": 3,
-    "support_text": "Payment problems? Write to @owner.",
-    "terms_text": "Terms: credits never expire.",
-    "privacy_text": "Privacy: we keep your user id and your payments.",
-    "packs": [
-        {"id": "s", "credits": 20, "stars": 50, "title": "20 credits"},
-        {"id": "m", "credits": 50, "stars": 100, "title": "50 credits"},
-    ],
-}
 
 
 def credits(**overrides: Any) -> dict[str, Any]:
@@ -335,7 +323,8 @@ async def test_admin_refund_takes_credits_back_and_calls_telegram_once(
         refunds = db_rows(app, "SELECT * FROM credit_ledger WHERE kind = 'star_refund'")
         assert [(r["credits"], r["stars"]) for r in refunds] == [(-20, -50)]
         telegram.push_update(updates.command(f"/refund {charge.charge_id}"))
-        await wait_until(lambda: bool(texts_with(telegram, "Only the bot's admins")))
+        await wait_until(lambda: bool(texts_with(telegram, "I don't know /refund")))
+        assert len(telegram.calls_of("refundStarPayment")) == 1
         page = await ops_text(app, "/metrics")
     assert metric(page, "imagebot_stars_refunded_total") == 50
 
@@ -380,7 +369,7 @@ async def test_refund_refused_when_credits_are_spent_and_already_refunded_counts
 
 async def test_grant_and_the_operator_texts(bot: Any, telegram: FakeTelegram) -> None:
     """Admin /grant adds credits with a note; /paysupport, /terms and /privacy answer with the
-    operator's texts; a user's /grant is refused."""
+    operator's texts; a user's /grant and /refund get the unknown-command answer."""
     async with bot(**sections()) as app:
         telegram.push_update(
             updates.command(f"/grant {USER} 7 sorry for the wait", chat_id=ADMIN, user_id=ADMIN)
@@ -397,9 +386,13 @@ async def test_grant_and_the_operator_texts(bot: Any, telegram: FakeTelegram) ->
         ):
             telegram.push_update(updates.command(command))
             await wait_until(lambda expected=expected: bool(texts_with(telegram, expected)))
+        # Admin commands do not exist for anyone else: the unknown-command answer, no hint.
         telegram.push_update(updates.command(f"/grant {USER} 100"))
-        await wait_until(lambda: bool(texts_with(telegram, "Only the bot's admins")))
+        await wait_until(lambda: bool(texts_with(telegram, "I don't know /grant")))
+        telegram.push_update(updates.command("/refund stxWHATEVER"))
+        await wait_until(lambda: bool(texts_with(telegram, "I don't know /refund")))
         assert balance(app) == 7
+        assert telegram.calls_of("refundStarPayment") == []
 
 
 async def test_a_lost_payment_is_credited_by_reconciliation(
@@ -494,9 +487,7 @@ async def test_webhook_mode_asks_for_pre_checkout_queries(
 ) -> None:
     """In webhook mode setWebhook's allowed_updates include pre_checkout_query, and a payment
     goes through end to end."""
-    port = free_port()
-    hook = {"port": port, "url": f"http://127.0.0.1:{port}/telegram/webhook"}
-    async with bot(**sections(telegram={"mode": "webhook"}, webhook=hook)) as app:
+    async with behind_front_door(bot, **sections()) as (app, _):
         assert telegram.webhook is not None
         assert telegram.webhook.allowed_updates is not None
         assert "pre_checkout_query" in telegram.webhook.allowed_updates

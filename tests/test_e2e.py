@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import aiohttp
 
@@ -13,30 +12,10 @@ from tests.conftest import BOT_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.storeview import execute, query
+from tests.storeview import execute
+from tests.support import db_path, ops_get, rows, webhook_url
 
 CHAT = updates.DEFAULT_CHAT_ID
-
-
-def webhook_url(app: Any) -> str:
-    port = app.services.intake.webhook_port
-    return f"http://127.0.0.1:{port}{app.services.settings.webhook.path}"
-
-
-async def ops_get(app: Any, path: str) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{app.ops.port}{path}") as resp,
-    ):
-        return resp.status, await resp.json()
-
-
-def rows(db_path: str, sql: str = "SELECT * FROM jobs ORDER BY id") -> list[Any]:
-    return query(db_path, sql)
-
-
-def db_path(app: Any) -> str:
-    return str(app.services.settings.storage.database)
 
 
 async def test_generate_by_polling(bot, telegram: FakeTelegram, replicate: FakeReplicate) -> None:

@@ -20,7 +20,7 @@ from tests.conftest import BOT_TOKEN
 from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.test_e2e import db_path, rows
+from tests.support import db_path, rows
 
 BACKLOG_CHAT = 5_001
 OTHER_CHAT = 5_002

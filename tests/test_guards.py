@@ -3,7 +3,6 @@ timeouts and Telegram's flood control, all decided from the store."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from tests import updates
@@ -11,7 +10,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 from tests.storeview import backdate
-from tests.test_e2e import db_path, rows
+from tests.support import db_path, rows
 
 CHAT = updates.DEFAULT_CHAT_ID
 GROUP = -100_777
@@ -223,12 +222,10 @@ async def test_timeout_cancels_at_the_vendor(
     bot, telegram: FakeTelegram, replicate: FakeReplicate
 ) -> None:
     """Past generate.timeout_s the job fails as a timeout and the prediction is canceled."""
-    replicate.latency_s = 30
-    started = time.monotonic()
+    replicate.latency_s = 30  # the user is told long before the vendor would finish
     async with bot(generate={"timeout_s": 1}) as app:
         telegram.push_update(updates.command("/generate eternal fox"))
         await wait_until(lambda: any("took too long" in t for t in telegram.texts(CHAT)))
-    assert time.monotonic() - started < 10
     (row,) = rows(db_path(app))
     assert row["status"] == "failed" and row["error_code"] == "timeout"
     assert len(replicate.cancels) == 1

@@ -4,6 +4,7 @@ request finishes, and the job polls at once instead of waiting out its poll inte
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
@@ -13,37 +14,25 @@ from tests import updates
 from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
+from tests.fakes.front_door import FrontDoor
 from tests.fakes.images import make_image
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.support import free_port
-from tests.test_metrics import scrape, value
+from tests.support import behind_front_door, scrape, value
 
 CHAT = updates.DEFAULT_CHAT_ID
 SLOW_POLL_S = 30.0  # without the hint no job here could finish within wait_until's bound
 
 
-def hinted_bot(bot: Any, port: int, webhook: dict[str, Any] | None = None, **sections: Any) -> Any:
-    """Webhook mode on a known port, webhook.url pointing at it, polls too slow to matter
+def hinted_bot(bot: Any, webhook: dict[str, Any] | None = None, **sections: Any) -> Any:
+    """Webhook mode behind a FrontDoor (its URL is webhook.url), polls too slow to matter
     (unless `sections` say otherwise)."""
     polls = {"poll_interval_s": SLOW_POLL_S}
-    return bot(
-        **{
-            "telegram": {"mode": "webhook"},
-            "webhook": {
-                "port": port,
-                "url": f"http://127.0.0.1:{port}/telegram/webhook",
-                **(webhook or {}),
-            },
-            "replicate": polls,
-            "fal": polls,
-            **sections,
-        }
-    )
+    return behind_front_door(bot, webhook, **{"replicate": polls, "fal": polls, **sections})
 
 
-def hook_base(port: int) -> str:
-    return f"http://127.0.0.1:{port}/telegram/webhook/done/"
+def hook_base(door: FrontDoor) -> str:
+    return f"{door.url}/telegram/webhook/done/"
 
 
 def no_secret_in(url: str) -> None:
@@ -61,19 +50,18 @@ async def test_replicate_hint_wakes_the_job(
 ) -> None:
     """Replicate is asked to call <webhook.url>/done/<job>/<token> on completion (and only
     then); its call wakes the job, which delivers long before its next poll would have."""
-    port = free_port()
     replicate.latency_s = 0.3
-    async with hinted_bot(bot, port) as app:
+    async with hinted_bot(bot) as (app, door):
         update = updates.command("/generate a kite")
         assert await updates.post_webhook(
-            f"http://127.0.0.1:{port}/telegram/webhook", update, WEBHOOK_SECRET
+            f"{door.url}/telegram/webhook", update, WEBHOOK_SECRET
         ) == (200, "")
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1, within=SLOW_POLL_S / 3)
         samples = await scrape(app)
 
     body = replicate.creates[0].params
     hook = body["webhook"]
-    assert hook.startswith(hook_base(port) + "1/")
+    assert hook.startswith(hook_base(door) + "1/")
     assert body["webhook_events_filter"] == ["completed"]
     no_secret_in(hook)
     assert replicate.callbacks == [(hook, 204)]
@@ -85,19 +73,16 @@ async def test_replicate_hint_wakes_the_job(
 
 async def test_fal_hint_wakes_the_edit(bot, telegram: FakeTelegram, fal: FakeFal) -> None:
     """fal gets the hint URL as `fal_webhook` on the submit; its call wakes the edit job."""
-    port = free_port()
     fal.latency_s = 0.3
     file_id = telegram.add_file(make_image(64, 48))
-    async with hinted_bot(bot, port):
+    async with hinted_bot(bot) as (_, door):
         update = updates.photo_message(file_id, width=64, height=48, caption="/edit make it red")
-        await updates.post_webhook(
-            f"http://127.0.0.1:{port}/telegram/webhook", update, WEBHOOK_SECRET
-        )
+        await updates.post_webhook(f"{door.url}/telegram/webhook", update, WEBHOOK_SECRET)
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1, within=SLOW_POLL_S / 3)
 
     hook = fal.last_request.webhook_url
     assert hook is not None
-    assert hook.startswith(hook_base(port) + "1/")
+    assert hook.startswith(hook_base(door) + "1/")
     no_secret_in(hook)
     assert fal.callbacks == [(hook, 204)]
     assert telegram.photos(CHAT)[0].caption == "make it red"
@@ -108,27 +93,31 @@ async def test_forged_hints_are_refused(
 ) -> None:
     """A wrong token, another job's token or a non-numeric id gets 403 and wakes nothing; a
     good token for a job that is not waiting is accepted and harmless."""
-    port = free_port()
     replicate.callbacks_enabled = False  # only the calls made here
     replicate.latency_s = 0.3
-    async with hinted_bot(bot, port) as app:
+    async with hinted_bot(bot) as (app, door):
         await updates.post_webhook(
-            f"http://127.0.0.1:{port}/telegram/webhook",
+            f"{door.url}/telegram/webhook",
             updates.command("/generate a boat"),
             WEBHOOK_SECRET,
         )
         await wait_until(lambda: len(replicate.creates) == 1)
         good = replicate.creates[0].params["webhook"]
         token = good.rsplit("/", 1)[1]
-        base = hook_base(port)
+        base = hook_base(door)
+        # Done at the vendor: from now on, any wake-up would poll and deliver at once.
+        await wait_until(lambda: replicate.last_prediction.is_final)
+        polls = len(replicate.calls_of("get"))
         assert await post(f"{base}1/{'0' * 32}") == 403
         assert await post(f"{base}2/{token}") == 403
         assert await post(f"{base}one/{token}") == 403
         assert await post(f"{base}99/{app.services.runner.pipeline.hints.token(99)}") == 204
-        await asyncio.sleep(0.6)  # the prediction is done by now, but nothing valid woke it
-        assert telegram.photos(CHAT) == []
+        good_sent_at = time.time()
         assert await post(good) == 204
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1, within=SLOW_POLL_S / 3)
+        # Only the good hint woke the job: every poll since the forged ones came after it.
+        woken = replicate.calls_of("get")[polls:]
+        assert woken and all(call.at >= good_sent_at for call in woken)
         samples = await scrape(app)
     assert value(samples, "imagebot_completion_hints_total", verdict="forbidden") == 3
     assert value(samples, "imagebot_completion_hints_total", verdict="accepted") == 2
@@ -138,17 +127,16 @@ async def test_hints_can_be_turned_off(
     bot, telegram: FakeTelegram, replicate: FakeReplicate
 ) -> None:
     """webhook.completion_hints = false: no URL goes to the vendor and no route listens."""
-    port = free_port()
     async with hinted_bot(
-        bot, port, {"completion_hints": False}, replicate={"poll_interval_s": 0.05}
-    ):
+        bot, {"completion_hints": False}, replicate={"poll_interval_s": 0.05}
+    ) as (_, door):
         await updates.post_webhook(
-            f"http://127.0.0.1:{port}/telegram/webhook",
+            f"{door.url}/telegram/webhook",
             updates.command("/generate a tree"),
             WEBHOOK_SECRET,
         )
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
-        assert await post(f"{hook_base(port)}1/{'0' * 32}") in (404, 405)
+        assert await post(f"{hook_base(door)}1/{'0' * 32}") in (404, 405)
     assert "webhook" not in replicate.creates[0].params
 
 
@@ -179,12 +167,11 @@ async def test_polls_slow_down_once_hints_arrive(
 ) -> None:
     """Until a hint has arrived a job polls at replicate.poll_interval_s; after one, the next
     job polls only at webhook.hint_safety_poll_s and is finished by its hint alone."""
-    port = free_port()
     replicate.latency_s = 0.4
     async with hinted_bot(
-        bot, port, {"hint_safety_poll_s": SLOW_POLL_S}, replicate={"poll_interval_s": 0.05}
-    ):
-        url = f"http://127.0.0.1:{port}/telegram/webhook"
+        bot, {"hint_safety_poll_s": SLOW_POLL_S}, replicate={"poll_interval_s": 0.05}
+    ) as (_, door):
+        url = f"{door.url}/telegram/webhook"
         await updates.post_webhook(url, updates.command("/generate one"), WEBHOOK_SECRET)
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
         await wait_until(lambda: len(replicate.callbacks) == 1)

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "imagebot"
 
 # Leaves: module -> the only imagebot modules it may import.
 LEAVES: dict[str, tuple[str, ...]] = {
-    "errors": ("texts",),  # ExternalError.user_message: the words a user sees, by code
+    "errors": (),
     "clock": (),
     "models": (),
     "texts": ("models",),

@@ -7,7 +7,7 @@ from tests.conftest import running
 from tests.fakes.base import wait_until
 from tests.fakes.images import image_size, make_image
 from tests.fakes.telegram_api import FakeTelegram
-from tests.test_e2e import db_path, rows
+from tests.support import db_path, rows
 
 CHAT = updates.DEFAULT_CHAT_ID
 

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,11 +18,18 @@ from tests.fakes.fal_api import FakeFal
 from tests.fakes.images import make_image
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.test_e2e import db_path, rows, webhook_url
+from tests.support import (
+    Samples,
+    db_path,
+    rows,
+    scrape,
+    scrape_text,
+    value,
+    webhook_url,
+)
 
 CHAT = updates.DEFAULT_CHAT_ID
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 # Every series issue 6 lists, as exported (counters gain `_total`, histograms `_count`).
 PROMISED = {
@@ -48,30 +54,6 @@ PROMISED = {
     "imagebot_delivery_errors": "counter",
     "process_resident_memory_bytes": "gauge",
 }
-
-
-async def scrape_text(app: Any, token: str | None = None) -> tuple[int, str, str]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{app.ops.port}/metrics", headers=headers) as resp,
-    ):
-        return resp.status, resp.headers.get("Content-Type", ""), await resp.text()
-
-
-async def scrape(app: Any) -> Samples:
-    """GET /metrics and parse it the way Prometheus does."""
-    status, _, text = await scrape_text(app)
-    assert status == 200
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 async def scrape_until(

@@ -33,7 +33,7 @@ from tests.fakes.images import make_image
 from tests.fakes.proxy import FakeCdn, FakeProxy
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.test_e2e import rows
+from tests.support import rows
 
 CHAT = updates.DEFAULT_CHAT_ID
 TG_HOST, REPLICATE_HOST, FAL_HOST = "api.telegram.test", "api.replicate.test", "queue.fal.test"

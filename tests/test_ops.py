@@ -27,7 +27,7 @@ from tests.fakes.images import make_image
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 from tests.storeview import execute, is_pg, query
-from tests.test_e2e import db_path, rows
+from tests.support import db_path, rows
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

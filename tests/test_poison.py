@@ -16,8 +16,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 from tests.storeview import execute, is_pg
-from tests.test_e2e import db_path, rows, webhook_url
-from tests.test_metrics import scrape, value
+from tests.support import db_path, rows, scrape, value, webhook_url
 
 CHAT = updates.DEFAULT_CHAT_ID
 SECRET = WEBHOOK_SECRET.encode()

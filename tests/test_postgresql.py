@@ -19,14 +19,8 @@ from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
 from imagebot.store.migrate import migrate
 from imagebot.store.usage import Usage
+from tests.crash_harness import environment, only_line, run_imagebot
 from tests.storeview import query
-from tests.test_startup_errors import environment, only_line, run_imagebot
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_password_in_the_config_file_url_stops_start_up(
@@ -77,13 +71,15 @@ def test_a_malformed_url_names_the_setting(
 def test_unreachable_server_is_one_line_and_exit_1(tmp_path: Path) -> None:
     """No server at the URL's address: one line naming host and port, exit 1 (systemd
     retries), no traceback."""
-    port = free_port()
-    env = environment(
-        tmp_path,
-        "http://127.0.0.1:9",
-        IMAGEBOT_STORAGE__DATABASE=f"postgresql://postgres@127.0.0.1:{port}/imagebot",
-    )
-    done = run_imagebot(tmp_path, env, "--polling")
+    with socket.socket() as held:  # bound, never listening: a connect is refused, and no
+        held.bind(("127.0.0.1", 0))  # other process can take the port while the bot runs
+        port = held.getsockname()[1]
+        env = environment(
+            tmp_path,
+            "http://127.0.0.1:9",
+            IMAGEBOT_STORAGE__DATABASE=f"postgresql://postgres@127.0.0.1:{port}/imagebot",
+        )
+        done = run_imagebot(tmp_path, env, "--polling")
     assert done.returncode == 1
     line = only_line(done.stderr)
     assert f"127.0.0.1:{port}" in line and "storage.database" in line

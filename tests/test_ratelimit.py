@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from itertools import pairwise
 
 from tests import updates
@@ -39,7 +38,6 @@ async def test_group_sends_are_spaced_for_twenty_a_minute(
     group = -100_9001
     replicate.latency_s = 0.1
     telegram.enforce_flood(group_per_min=20)
-    started = time.monotonic()
     async with bot(telegram={**DEFAULT_LIMITS, "groups_require_mention": False}):
         telegram.push_update(updates.command("/generate together", chat_id=group, user_id=7))
         await wait_until(lambda: len(telegram.photos(group)) == 1, within=30)
@@ -47,4 +45,3 @@ async def test_group_sends_are_spaced_for_twenty_a_minute(
     sends = sorted(m.sent_at for m in telegram.messages(group, include_deleted=True))
     assert len(sends) == 2  # "Generating…" and the photo
     assert sends[1] - sends[0] >= 3.0  # 60 s / 19 = 3.2 s apart
-    assert time.monotonic() - started < 15

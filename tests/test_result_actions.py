@@ -12,15 +12,12 @@ from imagebot import texts
 from imagebot.bot.callbacks import parse_button_data
 from tests import updates
 from tests.conftest import SettingsFactory, running
+from tests.crash_harness import MakeDaemon
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, SentMessage
-from tests.test_albums import MakeDaemon, daemon
-from tests.test_buttons_forged import answer_text
-from tests.test_e2e import db_path, rows
-
-__all__ = ["daemon"]  # the crash harness's daemon factory, used as a fixture here
+from tests.support import answer_text, db_path, rows
 
 CHAT = updates.DEFAULT_CHAT_ID
 ALICE, BOB, ADMIN = 11, 22, 99

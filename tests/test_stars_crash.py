@@ -13,8 +13,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.support import deep_merge, toml_dumps
-from tests.test_credits import CREDITS
+from tests.support import CREDITS, deep_merge, toml_dumps
 
 pytestmark = pytest.mark.slow
 

@@ -9,16 +9,14 @@ are under a regular FILE (`<file>/sub/bot.db`: not a directory) or in /proc.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BOT_TOKEN, WEBHOOK_SECRET
+from tests.crash_harness import environment, only_line, run_imagebot
 from tests.fakes.telegram_api import FakeTelegram
 
 IN_USE = "the address is already in use (another program, or another imagebot)"
@@ -52,47 +50,6 @@ def nobody_connected(sock: socket.socket) -> bool:
     return False
 
 
-def environment(tmp_path: Path, telegram_url: str, **settings: str) -> dict[str, str]:
-    """The process environment: no inherited IMAGEBOT_* settings, local providers, the bot
-    token, a database under tmp_path, an OS-picked ops port; `settings` override."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEBOT_")}
-    for secret in ("REPLICATE_API_TOKEN", "FAL_KEY", "NOTIFY_SOCKET", "WATCHDOG_USEC"):
-        env.pop(secret, None)
-    env.update(
-        TELEGRAM_BOT_TOKEN=BOT_TOKEN,
-        IMAGEBOT_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        IMAGEBOT_GENERATE__PROVIDER="local",
-        IMAGEBOT_EDIT__PROVIDER="local",
-        IMAGEBOT_TELEGRAM__API_BASE_URL=telegram_url,
-        IMAGEBOT_STORAGE__DATABASE=str(tmp_path / "data" / "imagebot.db"),
-        IMAGEBOT_OPS__LISTEN="127.0.0.1",
-        IMAGEBOT_OPS__PORT="0",
-        PYTHONDONTWRITEBYTECODE="1",
-    )
-    env.update(settings)
-    return env
-
-
-def only_line(stderr: str) -> str:
-    lines = stderr.splitlines()
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
-def run_imagebot(
-    tmp_path: Path, env: dict[str, str], *args: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "imagebot", *args, "--log-format", "json"],
-        capture_output=True,
-        text=True,
-        timeout=45,
-        check=False,
-        cwd=tmp_path,  # no config.toml there
-        env=env,
-    )
-
-
 def regular_file(tmp_path: Path) -> Path:
     path = tmp_path / "a-file"
     path.write_text("not a directory\n")
@@ -119,7 +76,7 @@ def test_ops_port_in_use(tmp_path: Path, held_port: int, telegram_stand_in: sock
     ("where", "setting", "problem"),
     [
         ("database under a file", "storage.database", "Not a directory"),
-        ("database in /proc", "storage.database", "unable to open database file"),
+        ("database in /proc", "storage.database", "cannot create its lock file"),
         ("database directory in /proc", "storage.database", "No such file or directory"),
         ("results under a file", "storage.results_dir", "Not a directory"),
     ],

@@ -4,6 +4,7 @@ dedupe, claim, finish, the quota it implies, retention, migrations, concurrency.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -21,6 +22,7 @@ from imagebot.store.jobs import JobFilter, JobStore
 from imagebot.store.ledger import Ledger, NotEnoughCredits, reserve_in
 from imagebot.store.migrate import load_migrations, migrate
 from imagebot.store.usage import Counters, Usage
+from tests.fakes.base import wait_until
 from tests.storeview import query
 
 TIMEOUTS = {JobKind.GENERATE: 90.0, JobKind.EDIT: 30.0}
@@ -116,18 +118,31 @@ async def test_failed_and_canceled_jobs_give_units_back(db: Database) -> None:
     assert counts[JobKind.EDIT] == 0
 
 
+async def hold_writer(db: Database) -> tuple[asyncio.Task[object], threading.Event]:
+    """Occupy the writer with one job until the returned event is set (bounded: 10 s)."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold(conn: object) -> bool:
+        started.set()
+        return release.wait(10)
+
+    task: asyncio.Task[object] = asyncio.create_task(db.run(hold))
+    await wait_until(started.is_set)
+    return task, release
+
+
 async def test_submitted_write_survives_cancellation(db: Database) -> None:
     """A write whose caller is canceled while it waits its turn is still committed."""
     store = JobStore(db)
     _, job = await store.create(new_job(60), lambda c: ALLOW)
     assert job is not None
-    blocker = asyncio.create_task(db.run(lambda conn: time.sleep(0.2)))
-    await asyncio.sleep(0.05)
+    blocker, release = await hold_writer(db)
     waiting = asyncio.create_task(store.update(job.id, provider_request_id="pred-1"))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # one step of the task: it submits its write, then awaits it
     waiting.cancel()
+    release.set()
     await blocker
-    await asyncio.sleep(0.05)
+    await db.run(lambda conn: None)  # the writer runs in order: the canceled write came first
     saved = await store.get(job.id)
     assert saved is not None and saved.provider_request_id == "pred-1"
 
@@ -135,18 +150,21 @@ async def test_submitted_write_survives_cancellation(db: Database) -> None:
 async def test_urgent_writes_go_first(db: Database) -> None:
     """An update saved for Telegram's ack jumps ahead of queued job writes."""
     order: list[str] = []
-    blocker = asyncio.create_task(db.run(lambda conn: time.sleep(0.1)))
-    await asyncio.sleep(0.02)
+    blocker, release = await hold_writer(db)
     normal = [
         asyncio.create_task(db.run(lambda conn, n=n: order.append(f"job{n}"))) for n in range(3)
     ]
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # each task submits its work while the writer is held
     urgent = asyncio.create_task(
         db.write(
             lambda conn: order.append("inbox"),
             priority=URGENT,
         )
     )
+    await asyncio.sleep(0)
+    if db.dialect == "postgresql":  # urgent writes have their own connection there: no wait
+        await urgent
+    release.set()
     await asyncio.gather(blocker, urgent, *normal)
     assert order == ["inbox", "job0", "job1", "job2"]
 

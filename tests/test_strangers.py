@@ -10,8 +10,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.test_e2e import db_path, rows
-from tests.test_metrics import scrape, value
+from tests.support import db_path, rows, scrape, value
 
 ALLOWED = updates.DEFAULT_USER_ID
 STRANGER = 4242

@@ -12,7 +12,7 @@ from tests.fakes.fal_api import FakeFal
 from tests.fakes.images import make_image
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.test_e2e import db_path, rows
+from tests.support import db_path, rows
 
 CHAT = updates.DEFAULT_CHAT_ID
 

@@ -30,6 +30,7 @@ from imagebot.control import (
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.store.access import Redeem, looks_like_code
+from imagebot.store.languages import language_of
 from imagebot.store.usage import day_start
 
 log = get_logger(__name__)
@@ -94,8 +95,15 @@ async def allow(update: Update, context: BotContext) -> None:
         return
     await reply(update, context, texts.allowed_done(user_id, name))
     if user_id != message.chat.id:  # tell them, when they have a chat with the bot
+        # in their language: their choice, else their app's (when allowed by reply)
+        replied = message.reply_to_message
+        author = replied.from_user if replied is not None else None
+        app_code = author.language_code if author is not None and author.id == user_id else None
+        chosen = await language_of(context.services.db, user_id)
+        with texts.speaking(chosen or texts.negotiate(app_code)):
+            granted = texts.ACCESS_GRANTED
         try:
-            await context.services.delivery.send_text(user_id, texts.ACCESS_GRANTED)
+            await context.services.delivery.send_text(user_id, granted)
         except DeliveryError as exc:
             log.info("access_granted_notice_failed", user_id=user_id, error_code=exc.code)
 

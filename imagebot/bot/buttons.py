@@ -26,6 +26,7 @@ from imagebot.models import CancelOutcome, JobKind, JobStatus
 
 log = get_logger(__name__)
 
+# English here (built at import); translated when answered
 _CANCEL_ANSWERS = {
     CancelOutcome.CANCELED: texts.CANCELED_SHORT,
     CancelOutcome.NOT_FOUND: texts.BUTTON_EXPIRED,
@@ -100,7 +101,9 @@ async def cancel_button(update: Update, context: BotContext) -> None:
         return
     # The gate checked who may press; the runner cancels on the requester's behalf.
     outcome = await context.services.runner.cancel(press.job.id, user_id=press.job.user_id)
-    await query.answer(_CANCEL_ANSWERS[outcome], show_alert=outcome is CancelOutcome.NOT_YOURS)
+    await query.answer(
+        texts.tr(_CANCEL_ANSWERS[outcome]), show_alert=outcome is CancelOutcome.NOT_YOURS
+    )
 
 
 async def upscale(update: Update, context: BotContext) -> None:

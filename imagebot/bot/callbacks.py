@@ -216,8 +216,9 @@ async def gate(update: Update, context: BotContext) -> None:
 
 # Buttons that name no job: a credit pack's button is only a key into config (price and
 # credits are read server-side), and the invoice goes to the presser's own chat, so
-# bot/payments.py checks it itself.
-JOBLESS_PREFIXES = ("buy:",)
+# bot/payments.py checks it itself. A language button (lang:<code>) only names a catalog,
+# checked against the known ones by bot/language.py, and changes only the presser's choice.
+JOBLESS_PREFIXES = ("buy:", "lang:")
 
 
 def _names_a_job(data: object) -> bool:

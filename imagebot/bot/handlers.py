@@ -23,6 +23,7 @@ from imagebot.bot import (
     callbacks,
     edit,
     history,
+    language,
     payments,
     settings_menu,
 )
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+# English here (built at import); translated when sent
 _CANCEL_TEXTS = {
     CancelOutcome.CANCELED: None,  # the status message itself says "Canceled"
     CancelOutcome.NOT_FOUND: texts.NOTHING_TO_CANCEL,
@@ -155,7 +157,7 @@ async def cancel(update: Update, context: BotContext) -> None:
     outcome = await services.runner.cancel(job.id, user_id=user.id)
     text = _CANCEL_TEXTS[outcome]
     if text:
-        await reply(update, context, text)
+        await reply(update, context, texts.tr(text))
 
 
 async def unknown_command(update: Update, context: BotContext) -> None:
@@ -176,7 +178,8 @@ def register(application: Application[Any, Any, Any, Any, Any, Any], services: S
     new_messages = filters.UpdateType.MESSAGE
     # Group order (each group runs its first matching handler; a stop ends the update):
     # -3 payments (money is credited whoever pays, even a user no longer allowed),
-    # -2 strangers (one notice per interval, nothing else), -1 the button gate, 0 the rest.
+    # -2 strangers (one notice per interval, nothing else), -1 the button gate, 0 the rest;
+    # before them all, -4 sets the language the update is answered in (bot/language.py).
     application.add_handler(TypeHandler(Update, gate), group=-2)
     application.add_handler(callbacks.gate_handler(), group=-1)
     # Album parts first: an album captioned /edit is one edit, not one per photo (issue 17).
@@ -188,6 +191,7 @@ def register(application: Application[Any, Any, Any, Any, Any, Any], services: S
     application.add_handler(CommandHandler("usage", usage, filters=new_messages))
     application.add_handler(CommandHandler("cancel", cancel, filters=new_messages))
     application.add_handler(CommandHandler("history", history.history, filters=new_messages))
+    language.register(application)  # group -4 (every update) and /language with its buttons
     if services.settings.credits.enabled:
         payments.register_payment_messages(application)  # group -1, ahead of /edit
         payments.register(application)

@@ -1,7 +1,7 @@
 """Telegram's "/" command menus: the user commands for everyone, user + admin commands in each
 admin's own chat, set with setMyCommands at start-up only when a list changed.
 
-`build_menus` makes every list from the texts (bot/texts.py), one `Menu` per scope and
+`build_menus` makes every list from the texts (imagebot/texts.py), one `Menu` per scope and
 language; a per-language menu is one more `Menu` with its `language_code`. What was last set
 is kept per scope as a SHA-256 of the list (bot_state.command_menus), so a restart storm makes
 no Bot API call, and a scope that failed (Telegram unreachable) is tried again next start.
@@ -47,12 +47,15 @@ def _key(base: str, language: str | None) -> str:
 
 
 def build_menus(settings: Settings, languages: Sequence[str | None] = (None,)) -> list[Menu]:
-    """Every menu to set: the default scope, and each admin's chat, per language."""
+    """Every menu to set: the default scope, and each admin's chat, per language (a Telegram
+    language_code such as "ru"; None: the menu for every other language)."""
     credits = settings.credits.enabled
     menus: list[Menu] = []
     for language in languages:
-        users = tuple(texts.user_commands(credits))
-        admins = users + tuple(texts.admin_commands(credits))
+        # each language's descriptions from its catalog (None: the default menu, English)
+        with texts.speaking(texts.negotiate(language)):
+            users = tuple(texts.user_commands(credits))
+            admins = users + tuple(texts.admin_commands(credits))
         menus.append(Menu(_key("default", language), BotCommandScopeDefault(), language, users))
         for admin_id in sorted(set(settings.access.admins)):
             menus.append(

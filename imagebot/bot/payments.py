@@ -34,7 +34,9 @@ from imagebot.config import CreditPack
 from imagebot.credits import Credits
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
+from imagebot.models import JobKind
 from imagebot.stars import Stars
+from imagebot.store.languages import language_of
 from imagebot.store.ledger import PURCHASE
 
 log = get_logger(__name__)
@@ -130,8 +132,8 @@ async def balance(update: Update, context: BotContext) -> None:
     await _welcome(context, user.id)
     left = await credits.ledger.balance(user.id)
     costs = {
-        "Generate": credits.cost_per_image("generate"),
-        "Edit": credits.cost_per_image("edit"),
+        texts.kind_label(JobKind.GENERATE): credits.cost_per_image("generate"),
+        texts.kind_label(JobKind.EDIT): credits.cost_per_image("edit"),
     }
     bought = await credits.ledger.entries(user.id, [PURCHASE], limit=5)
     purchases = [(e.created_at[:10], e.credits, e.stars, e.charge_id or "") for e in bought]
@@ -173,8 +175,8 @@ async def refund(update: Update, context: BotContext) -> None:
     if message is None or not is_addressed(message, context):
         return
     admin = _admin(update, context)
-    if admin is None:
-        await reply(update, context, texts.ADMIN_ONLY)
+    if admin is None:  # admin commands do not exist for anyone else (as in bot/admin.py)
+        await reply(update, context, texts.unknown_command((message.text or "").split()[0]))
         return
     args = command_argument(message.text).split()
     if len(args) != 1:
@@ -190,8 +192,8 @@ async def grant(update: Update, context: BotContext) -> None:
     if message is None or not is_addressed(message, context):
         return
     admin = _admin(update, context)
-    if admin is None:
-        await reply(update, context, texts.ADMIN_ONLY)
+    if admin is None:  # admin commands do not exist for anyone else (as in bot/admin.py)
+        await reply(update, context, texts.unknown_command((message.text or "").split()[0]))
         return
     args = command_argument(message.text).split(maxsplit=2)
     if len(args) < 2 or not args[0].lstrip("-").isdigit() or not args[1].isdigit():
@@ -207,8 +209,10 @@ async def grant(update: Update, context: BotContext) -> None:
     log.info("credits_granted", user_id=user_id, credits=amount, admin_id=admin, balance=left)
     await reply(update, context, texts.grant_done(user_id, amount, left))
     if user_id > 0:
+        with texts.speaking(await language_of(context.services.db, user_id)):
+            notice = texts.granted_notice(amount, left)  # in the receiver's language
         try:
-            await context.services.delivery.send_text(user_id, texts.granted_notice(amount, left))
+            await context.services.delivery.send_text(user_id, notice)
         except DeliveryError as exc:
             log.info("grant_notice_failed", user_id=user_id, error_code=exc.code)
 

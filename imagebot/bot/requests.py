@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from imagebot.services import Services
 
 log = get_logger(__name__)
+# How long a new job waits for its handler's release at most (the handler releases it as soon
+# as the status message is sent; this lease only matters if that release is lost).
+HANDLER_HOLD_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +187,55 @@ def _operation(
     return op.provider, dict(op.params)
 
 
+async def _create(update: Update, context: BotContext, new: NewJob) -> Job | None:
+    """Create the job, held (see `JobStore.create`), if the caps or the credits allow it;
+    otherwise tell the user why not."""
+    services = context.services
+    credits, user_id, kind, images = services.credits, new.user_id, new.kind, new.images_asked
+    now = utcnow()
+    try:
+        decision, job = await services.store.create(
+            new,
+            decide=lambda counters: (
+                credits.decide(user_id, kind, counters, now, images)
+                if credits is not None
+                else services.policy.decide(user_id, kind, counters, now, images)
+            ),
+            with_spend=services.settings.limits.daily_spend_usd > 0,
+            after_insert=(
+                lambda conn, job_id, decision: credits.after_insert(
+                    conn, job_id, user_id, decision
+                )
+            )
+            if credits is not None and credits.enabled
+            else None,
+            hold_s=HANDLER_HOLD_S,
+        )
+    except NotEnoughCredits as short:
+        await offer_packs(update, context, kind, short)
+        return None
+    if job is None:
+        if decision is None:
+            log.info("update_already_made_job")
+        elif not isinstance(decision, Paid):
+            await refuse(update, context, kind, decision)
+        return None
+    services.metrics.jobs_created.labels(kind.value).inc()
+    paid = decision.credits if isinstance(decision, Paid) else 0
+    log.info(
+        "job_created",
+        job_id=job.id,
+        kind=kind.value,
+        provider=new.provider,
+        credits=paid,
+        style=job.style_id,
+        model=job.model,
+        shape=job.shape,
+        images=images,
+    )
+    return job
+
+
 async def request_job(
     update: Update,
     context: BotContext,
@@ -244,61 +296,28 @@ async def request_job(
         images_asked=images,
         input_file_ids=tuple(p.file_id for p in album),
         source_index=source_index,
+        language=texts.current_language(),
     )
-    now = utcnow()
-    async with services.runner.acknowledging(update.update_id):
-        credits = services.credits
-        try:
-            decision_or_none, job = await services.store.create(
-                new,
-                decide=lambda counters: (
-                    credits.decide(user.id, kind, counters, now, images)
-                    if credits is not None
-                    else services.policy.decide(user.id, kind, counters, now, images)
-                ),
-                with_spend=services.settings.limits.daily_spend_usd > 0,
-                after_insert=(
-                    lambda conn, job_id, decision: credits.after_insert(
-                        conn, job_id, user.id, decision
-                    )
-                )
-                if credits is not None and credits.enabled
-                else None,
-            )
-        except NotEnoughCredits as short:
-            await offer_packs(update, context, kind, short)
-            return None
-        if job is None:
-            if decision_or_none is None:
-                log.info("update_already_made_job")
-            elif not isinstance(decision_or_none, Paid):
-                await refuse(update, context, kind, decision_or_none)
-            return None
-        services.metrics.jobs_created.labels(kind.value).inc()
-        paid = decision_or_none.credits if isinstance(decision_or_none, Paid) else 0
-        log.info(
-            "job_created",
-            job_id=job.id,
-            kind=kind.value,
-            provider=provider,
-            credits=paid,
-            style=job.style_id,
-            model=job.model,
-            shape=job.shape,
-            images=images,
-        )
+    job = await _create(update, context, new)
+    if job is None:
+        return None
+    position = None
+    try:
         if not services.runner.pipeline.breakers.get(provider).admit(job.id):
             await refuse_while_down(services, job)
             return job
         # When every slot is taken, the first answer is the place in line (not "Generating…"
         # edited a moment later). If Telegram refuses it now, the worker sends it at the start.
-        position = None
         if not services.runner.has_free_slot():
             position = await services.store.queue_position(job.id)
         job = await services.progress.ensure_status(job, queued_at=position)
         arrived = services.intake.received_at(update.update_id)
         if arrived is not None:
             services.metrics.ack_latency.labels(kind.value).observe(time.monotonic() - arrived)
+    finally:
+        # The job was created held (the runner does not claim it) so that it never starts
+        # before its status message id is saved: the runner may take it now.
+        await services.runner.release(job.id)
     if not await services.runner.submit(job.id) and position is None:
         position = await services.store.queue_position(job.id)
         await services.progress.show_queued(job, position, force=True)

@@ -25,6 +25,9 @@ class ImageProvider(Protocol):
     """A vendor that turns a ProviderRequest into images, in three resumable steps."""
 
     name: str
+    # Seconds from one poll's start to the next while a request is pending (set from the
+    # provider's config section when it is built).
+    poll_interval_s: float
 
     async def submit(self, request: ProviderRequest) -> str:
         """Create the vendor request and return its id (sent once; never retried blindly)."""

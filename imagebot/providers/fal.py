@@ -93,6 +93,7 @@ class FalProvider:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
+        self.poll_interval_s = settings.poll_interval_s
         self._fetch_image = fetch_image
         self._limiter = AsyncLimiter(settings.max_requests_per_s, 1)
         owner, name, *_ = settings.edit_app.split("/")

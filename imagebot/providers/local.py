@@ -66,8 +66,9 @@ class LocalProvider:
 
     name = NAME
 
-    def __init__(self, delay_s: float = 0.5) -> None:
+    def __init__(self, delay_s: float = 0.5, poll_interval_s: float = 0.1) -> None:
         self.delay_s = delay_s
+        self.poll_interval_s = poll_interval_s
         self._results: dict[str, list[ImageFile]] = {}
         self._ready: dict[str, asyncio.Event] = {}
 

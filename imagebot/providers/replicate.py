@@ -113,6 +113,7 @@ class ReplicateProvider:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
+        self.poll_interval_s = settings.poll_interval_s
         self._client = _Client(api_token, settings.base_url, settings.request_timeout_s, transport)
         self._fetch_image = fetch_image
         self._limiter = AsyncLimiter(settings.max_requests_per_s, 1)

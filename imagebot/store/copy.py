@@ -20,7 +20,7 @@ from typing import Any
 from imagebot.errors import StoreError
 from imagebot.store.migrate import load_migrations, migrate
 from imagebot.store.postgresql import PostgresDatabase, connect
-from imagebot.store.sqlite import SqliteDatabase
+from imagebot.store.sqlite import ProcessLock, SqliteDatabase, StoreInUse
 
 _SEED_RE = re.compile(r"INSERT\s+INTO\s+(\w+)", re.IGNORECASE)
 
@@ -98,17 +98,27 @@ def copy_store(source: Path, target: str) -> CopyReport:
     """Copy every table of the SQLite file `source` into the PostgreSQL database `target`."""
     if not source.is_file():
         raise StoreError(f"--from {source}: no such SQLite database file")
-    check = PostgresDatabase(target)
-    report = CopyReport(str(source), check.where)
-    asyncio.run(_migrate_both(source, target, report))
-    src = sqlite3.connect(source, isolation_level=None, timeout=30)
+    # Held for the whole copy: a running bot refuses it (it could write after a table was
+    # copied), and no bot can start on the file until the copy is done.
+    bot_lock = ProcessLock(source)
     try:
-        src.execute("BEGIN IMMEDIATE")  # hold the bot off: no write can slip past the copy
-        with connect(target) as dst:
-            _copy(src, dst, report)
-        src.execute("ROLLBACK")
+        bot_lock.acquire()
+    except StoreInUse as exc:
+        raise StoreError(f"--from {exc}: stop the bot first, then copy") from exc
+    try:
+        check = PostgresDatabase(target)
+        report = CopyReport(str(source), check.where)
+        asyncio.run(_migrate_both(source, target, report))
+        src = sqlite3.connect(source, isolation_level=None, timeout=30)
+        try:
+            src.execute("BEGIN IMMEDIATE")  # hold writers off: nothing slips past the copy
+            with connect(target) as dst:
+                _copy(src, dst, report)
+            src.execute("ROLLBACK")
+        finally:
+            src.close()
     finally:
-        src.close()
+        bot_lock.release()
     return report
 
 

@@ -224,15 +224,21 @@ def is_postgresql_url(target: str | Path) -> bool:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
-def connect_store(target: str | Path, *, synchronous: str = "full") -> Database:
-    """The store for `storage.database`: a postgresql:// URL or a SQLite file path."""
+def connect_store(
+    target: str | Path, *, synchronous: str = "full", exclusive: bool = False
+) -> Database:
+    """The store for `storage.database`: a postgresql:// URL or a SQLite file path.
+
+    `exclusive` (the bot itself): a SQLite file serves one bot process, and `open()` raises
+    StoreInUse while another holds it; PostgreSQL ignores it.
+    """
     if is_postgresql_url(target):
         from imagebot.store.postgresql import PostgresDatabase
 
         return PostgresDatabase(str(target))
     from imagebot.store.sqlite import SqliteDatabase
 
-    return SqliteDatabase(Path(target), synchronous=synchronous)
+    return SqliteDatabase(Path(target), synchronous=synchronous, exclusive=exclusive)
 
 
 __all__ = [

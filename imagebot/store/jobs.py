@@ -77,6 +77,7 @@ class JobStore:
         *,
         with_spend: bool = True,
         after_insert: Callable[[Conn, int, D], None] | None = None,
+        hold_s: float | None = None,
     ) -> tuple[D | None, Job | None]:
         """Create a job for an update if `decide(counters)` allows it, in one transaction.
 
@@ -85,9 +86,12 @@ class JobStore:
         `decide` runs on the writer thread, between reading the counters and inserting;
         `after_insert(conn, job_id, decision)` right after the insert, in the same transaction
         (credits reserve there; an exception it raises rolls the job back and propagates).
+        `hold_s`: the job is created held (see `release`): `claim_next` leaves it alone until
+        it is released or `hold_s` has passed.
         """
         now = utcnow()
         stamp = iso(now)
+        held_until = iso(now + timedelta(seconds=hold_s)) if hold_s is not None else None
 
         def create(conn: Conn) -> tuple[D | None, Row | None]:
             # Every job creation takes this lock first: the counters read below stay true until
@@ -106,8 +110,8 @@ class JobStore:
                 " command_message_id, prompt, input_file_id, input_file_size, input_width,"
                 " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
                 " updated_at, style_id, model, prompt_suffix, shape, images_asked, input_file_ids,"
-                " source_index) VALUES (?, 'queued', 'new', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " source_index, held_until, language) VALUES (?, 'queued', 'new',"
+                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.kind.value,
                     new.update_id,
@@ -133,6 +137,8 @@ class JobStore:
                     new.images_asked,
                     json.dumps(list(new.input_file_ids)),
                     new.source_index,
+                    held_until,
+                    new.language,
                 ),
             )
             if after_insert is not None:
@@ -148,6 +154,20 @@ class JobStore:
 
         decision, row = await self.db.write(create)
         return decision, (_row_to_job(row) if row is not None else None)
+
+    async def release(self, job_id: int) -> None:
+        """The handler that created a held job is done with it (its status message id is
+        saved, or could not be): the runner may claim it now."""
+        await self.db.execute_write(
+            "UPDATE jobs SET held_until = NULL WHERE id = ? AND held_until IS NOT NULL",
+            (job_id,),
+        )
+
+    async def release_all(self) -> int:
+        """Release every held job (at start-up: the handlers that held them are gone)."""
+        return await self.db.execute_write(
+            "UPDATE jobs SET held_until = NULL WHERE held_until IS NOT NULL"
+        )
 
     async def get(self, job_id: int) -> Job | None:
         row = await self.db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -206,7 +226,8 @@ class JobStore:
         return await self.db.execute_write(sql, params) == 1
 
     async def claim_next(self, slots: int, timeouts: dict[JobKind, float]) -> list[Job]:
-        """Move up to `slots` of the oldest queued jobs to running (FIFO by id)."""
+        """Move up to `slots` of the oldest queued jobs to running (FIFO by id), skipping
+        jobs still held by the handler that created them (see `create(hold_s=)`)."""
         if slots <= 0:
             return []
         now = utcnow()
@@ -217,9 +238,10 @@ class JobStore:
             ids = [
                 row[0]
                 for row in conn.execute(
-                    "SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT ?"  # noqa: S608 - the dialect's fixed clause
+                    "SELECT id FROM jobs WHERE status = 'queued'"  # noqa: S608 - the dialect's fixed clause
+                    " AND (held_until IS NULL OR held_until <= ?) ORDER BY id LIMIT ?"
                     + self.db.for_update,
-                    (slots,),
+                    (stamp, slots),
                 )
             ]
             if not ids:
@@ -250,7 +272,7 @@ class JobStore:
     ) -> bool:
         """Write a final status once; False if the job was already final.
 
-        `phase=DELIVERING` records that the chat still has to be tidied (see `unsettled`).
+        `phase=SETTLING` records that the chat still has to be tidied (see `unsettled`).
         """
         assert status in FINAL_STATUSES
         return await self.update(
@@ -270,7 +292,7 @@ class JobStore:
         Telegram could not take it. With `due_by`, only those whose next try is due then."""
         sql = (
             "SELECT * FROM jobs WHERE status IN ('succeeded', 'failed', 'canceled')"
-            " AND phase = 'delivering'"
+            " AND phase = 'settling'"
         )
         params: tuple[str, ...] = ()
         if due_by is not None:
@@ -294,7 +316,7 @@ class JobStore:
         row = await self.db.fetchone(
             "SELECT sum(CASE WHEN status = 'running' THEN 1 ELSE 0 END) AS deliveries,"
             " sum(CASE WHEN status != 'running' THEN 1 ELSE 0 END) AS notices FROM jobs"
-            " WHERE deliver_after IS NOT NULL AND phase IN ('fetched', 'delivering')"
+            " WHERE deliver_after IS NOT NULL AND phase IN ('fetched', 'delivering', 'settling')"
             " AND status IN ('running', 'succeeded', 'failed', 'canceled')"
         )
         if row is None:

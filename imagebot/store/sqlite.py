@@ -6,13 +6,22 @@ SQLite's write lock across event-loop turns, and under load every other write (t
 save-before-ack first) would queue behind it. aiosqlite runs one statement per hop, so the
 writer uses the standard library's sqlite3 on its own thread; reads (/jobs, /healthz,
 counters for status messages) go through aiosqlite and, thanks to WAL, never wait for writes.
+
+SQLite serves ONE bot process: `SqliteDatabase(path, exclusive=True)` (the bot's own store)
+holds an exclusive advisory lock (flock) on `<database>.lock` beside the file from before the
+database is opened until it is closed, and a second bot on the same file is refused before it
+touches the database. The kernel drops the lock when the process dies (kill -9 leaves none
+stale). The shell commands (`imagebot users`, `invite`) open the store without the lock: they
+are meant to run beside the bot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
+import os
 import queue
 import sqlite3
 import threading
@@ -27,6 +36,74 @@ from imagebot.errors import StoreError
 from imagebot.store.db import NORMAL, Database, Row, WriteHealth, is_storage_fault
 
 T = TypeVar("T")
+
+
+class StoreInUse(StoreError):
+    """Another process holds the SQLite file's lock (`pid` when it could be read)."""
+
+    def __init__(self, database: Path, pid: int | None) -> None:
+        self.database = database
+        self.pid = pid
+        by = f" (pid {pid})" if pid else ""
+        super().__init__(f"{database} is in use by another imagebot process{by}")
+
+
+def lock_path(database: Path) -> Path:
+    """The lock file of the SQLite database `database`: `<database>.lock` beside it."""
+    return database.with_name(database.name + ".lock")
+
+
+class ProcessLock:
+    """An exclusive flock on `<database>.lock`, held from `acquire()` to `release()`.
+
+    flock, not fcntl's record locks: SQLite's own POSIX locks on the database file are a
+    different kind, and closing any descriptor of a file drops every POSIX lock the process
+    holds on it. The holder's pid is written into the file for the refusal message.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self.database = database
+        self.path = lock_path(database)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock now or raise StoreInUse; StoreError if the file cannot be made."""
+        if self._fd is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open database {self.database}: cannot create its lock file "
+                f"{self.path}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise StoreInUse(self.database, pid) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock {self.path}: {exc.strerror or exc}") from exc
+        with contextlib.suppress(OSError):  # the pid is a courtesy; the lock is what counts
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 _Item = tuple[int, int, Callable[[], object] | None, "Future[object] | None"]
@@ -68,9 +145,13 @@ class SqliteDatabase(Database):
 
     dialect = "sqlite"
 
-    def __init__(self, path: str | Path, *, synchronous: str = "full") -> None:
+    def __init__(
+        self, path: str | Path, *, synchronous: str = "full", exclusive: bool = False
+    ) -> None:
         self.path = Path(path)
         self.synchronous = synchronous.upper()
+        # the bot's own store: one process per file (see the module docstring)
+        self._process_lock = ProcessLock(self.path) if exclusive else None
         self._executor: _WriterThread | None = None
         self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -97,6 +178,8 @@ class SqliteDatabase(Database):
         self._writer = conn
 
     async def open(self) -> None:
+        if self._process_lock is not None:
+            self._process_lock.acquire()  # before the file is touched: StoreInUse if taken
         self._executor = _WriterThread()
         try:
             await self.run(lambda _: self._connect_writer(), connected=False)
@@ -119,6 +202,8 @@ class SqliteDatabase(Database):
                 self._writer = None
             await asyncio.to_thread(self._executor.stop)
             self._executor = None
+        if self._process_lock is not None:
+            self._process_lock.release()
 
     async def run(
         self,

@@ -23,7 +23,8 @@ from PIL import Image
 from yarl import URL
 
 from imagebot.config import is_loopback_host
-from tests.fakes.base import Call, FakeServer, serve_until_signalled
+from tests.fakes.base import Call, serve_until_signalled
+from tests.fakes.files import FileHost
 from tests.fakes.images import image_size, inverted, make_image
 
 POLICY_ERROR = "The model refused this request (content policy)"
@@ -135,17 +136,7 @@ class FakeFalRequest:
         return self.outcome if self.status == "COMPLETED" else None
 
 
-@dataclass
-class StoredFile:
-    """A file the fake serves at /files/{name}: an output or an upload."""
-
-    data: bytes
-    content_type: str
-    expired: bool = False
-    downloads: int = 0
-
-
-class FakeFal(FakeServer):
+class FakeFal(FileHost):
     """fal's queue API on 127.0.0.1, scripted by attributes and `next_behaviours`."""
 
     def __init__(self, key: str = "fal_key_id:fal_key_secret", host: str = "127.0.0.1") -> None:
@@ -163,7 +154,6 @@ class FakeFal(FakeServer):
         self.refuse_submit = False
         self.next_behaviours: list[dict[str, Any]] = []
         self.requests: dict[str, FakeFalRequest] = {}
-        self.files: dict[str, StoredFile] = {}
         self.refused_fetches: list[str] = []
         self._cdn_tokens: set[str] = set()
         # answers given AFTER a submit queued its request: (status, name the request id)
@@ -171,7 +161,6 @@ class FakeFal(FakeServer):
         r = self.app.router
         r.add_post("/storage/auth/token", self._storage_token)
         r.add_post("/files/upload", self._upload)
-        r.add_get("/files/{name}", self._file)
         r.add_get("/{owner}/{app}/requests/{id}/status", self._status)
         r.add_get("/{owner}/{app}/requests/{id}", self._result)
         r.add_put("/{owner}/{app}/requests/{id}/cancel", self._cancel)
@@ -194,19 +183,9 @@ class FakeFal(FakeServer):
     def last_request(self) -> FakeFalRequest:
         return list(self.requests.values())[-1]
 
-    @property
-    def downloads(self) -> dict[str, int]:
-        """Download count per served file name."""
-        return {name: f.downloads for name, f in self.files.items()}
-
     def output_bytes(self, request_id: str) -> list[bytes]:
         """The image bytes behind a request's outputs (read directly, not counted)."""
         return [self.files[name].data for name in self.requests[request_id].files]
-
-    def expire_outputs(self) -> None:
-        """Make every file served so far answer 404 from now on."""
-        for f in self.files.values():
-            f.expired = True
 
     def everything_received(self) -> bytes:
         """Every request line, header and body the fake received, concatenated."""
@@ -401,20 +380,7 @@ class FakeFal(FakeServer):
         suffix = request.headers.get("X-Fal-File-Name", "upload.bin").rpartition(".")[2]
         name = f"{uuid.uuid4().hex}.{suffix or 'bin'}"
         content_type = request.headers.get("Content-Type", "application/octet-stream")
-        self.files[name] = StoredFile(body, content_type)
-        return web.json_response({"access_url": f"{self.url}/files/{name}"})
-
-    async def _file(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        self.record("file", request, await request.read(), name=name)
-        await self.apply_delay("file")
-        if fault := self.take_fault("file"):
-            return self.fault_response(fault)
-        stored = self.files.get(name)
-        if stored is None or stored.expired:
-            return web.Response(status=404, text="Not found")
-        stored.downloads += 1
-        return web.Response(body=stored.data, content_type=stored.content_type)
+        return web.json_response({"access_url": self.store_file(name, body, content_type, None)})
 
     async def _unknown(self, request: web.Request) -> web.Response:
         self.record("unknown", request, await request.read())
@@ -495,9 +461,8 @@ class FakeFal(FakeServer):
         names, images = [], []
         for i in range(count):
             name = f"{rid}_{i}.{ext}"
-            self.files[name] = StoredFile(output, content_type)
             names.append(name)
-            url = f"{base.rstrip('/')}/{name}" if base else f"{self.url}/files/{name}"
+            url = self.store_file(name, output, content_type, base)
             images.append(
                 {
                     "url": url,

@@ -17,7 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import Call, FakeServer, Fault, serve_until_signalled
+from tests.fakes.base import Call, Fault, serve_until_signalled
+from tests.fakes.files import FileHost
 from tests.fakes.images import make_image
 
 NSFW_ERROR = (
@@ -150,17 +151,7 @@ class FakePrediction:
         }
 
 
-@dataclass
-class StoredFile:
-    """An output file the fake serves at /files/{name}."""
-
-    data: bytes
-    content_type: str
-    expired: bool = False
-    downloads: int = 0
-
-
-class FakeReplicate(FakeServer):
+class FakeReplicate(FileHost):
     """Replicate's predictions API on 127.0.0.1, scripted by attributes and `next_behaviours`."""
 
     def __init__(
@@ -182,7 +173,6 @@ class FakeReplicate(FakeServer):
         # version id -> "owner/name" reported for version-based creates
         self.version_models: dict[str, str] = {}
         self.predictions: dict[str, FakePrediction] = {}
-        self.files: dict[str, StoredFile] = {}
         # answers given AFTER a create made its prediction (a gateway losing the answer)
         self._lost_answers: list[tuple[int, Any, dict[str, str]]] = []
         self.list_page_size = 100  # GET /v1/predictions page size (Replicate's is 100)
@@ -192,7 +182,6 @@ class FakeReplicate(FakeServer):
         r.add_get("/v1/predictions", self._list)
         r.add_get("/v1/predictions/{id}", self._get)
         r.add_post("/v1/predictions/{id}/cancel", self._cancel)
-        r.add_get("/files/{name}", self._file)
         r.add_route("*", "/{tail:.*}", self._unknown)
 
     # -- read back -------------------------------------------------------------------------
@@ -210,19 +199,9 @@ class FakeReplicate(FakeServer):
     def last_prediction(self) -> FakePrediction:
         return list(self.predictions.values())[-1]
 
-    @property
-    def downloads(self) -> dict[str, int]:
-        """Download count per output file name."""
-        return {name: f.downloads for name, f in self.files.items()}
-
     def output_bytes(self, prediction_id: str) -> list[bytes]:
         """The image bytes behind a prediction's outputs (read directly, not counted)."""
         return [self.files[name].data for name in self.predictions[prediction_id].files]
-
-    def expire_outputs(self) -> None:
-        """Make every output file created so far answer 404, as Replicate does after an hour."""
-        for f in self.files.values():
-            f.expired = True
 
     def fail_after_create(
         self,
@@ -366,18 +345,6 @@ class FakeReplicate(FakeServer):
             prediction.cancel_event.set()
         return web.json_response(prediction.to_json())
 
-    async def _file(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        self.record("file", request, await request.read(), name=name)
-        await self.apply_delay("file")
-        if fault := self.take_fault("file"):
-            return self.fault_response(fault)
-        stored = self.files.get(name)
-        if stored is None or stored.expired:
-            return web.Response(status=404, text="Not found")
-        stored.downloads += 1
-        return web.Response(body=stored.data, content_type=stored.content_type)
-
     async def _unknown(self, request: web.Request) -> web.Response:
         self.record("unknown", request, await request.read())
         return problem(404, "Not found", f"No fake route for {request.method} {request.path}")
@@ -419,9 +386,8 @@ class FakeReplicate(FakeServer):
         for i in range(count):
             name = f"{pid}_{i}.{ext}"
             data = make_image(width, height, prompt_color(prompt, i), fmt=fmt)
-            self.files[name] = StoredFile(data, content_type)
             names.append(name)
-            urls.append(f"{base.rstrip('/')}/{name}" if base else f"{self.url}/files/{name}")
+            urls.append(self.store_file(name, data, content_type, base))
         api = f"{self.url}/v1/predictions/{pid}"
         prediction = FakePrediction(
             id=pid,

@@ -1,7 +1,7 @@
 """imagebot with counters around its store, threads, event loops and GC: for the profile
 phase and the experiments only.
 
-`python -m bench.instrumented <imagebot arguments>` runs imagebot's own `cli.main` after
+`python -m bench.research.instrumented <imagebot arguments>` runs imagebot's own `cli.main` after
 wrapping (never editing) a few functions from the outside:
 
 - writer thread: every `Database.run` (so every `write` and `execute_write`: all the work of
@@ -21,7 +21,7 @@ a slow acknowledgement can be matched with what happened at that moment. At exit
 is written as JSON to $BENCH_INSTRUMENT_OUT. With $BENCH_INSTRUMENT=off nothing is counted
 and only the what-ifs below apply (a what-if measured without the counters' overhead). The
 figures of the reports never come from this wrapper: only the profile's explanations and the
-experiments (bench/experiments.py) do.
+experiments (bench/research/experiments.py) do.
 
 $BENCH_WHAT_IF (comma-separated) applies a change from the outside, to measure its effect
 before anyone edits imagebot:
@@ -58,6 +58,7 @@ from typing import Any, TypeVar
 
 import aiosqlite.core
 
+from bench.stats import percentile
 from imagebot import cli, threaded_site
 from imagebot.intake import Intake
 from imagebot.store import db as db_module
@@ -347,10 +348,7 @@ def _settle_in_background() -> None:
 
 
 def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+    return percentile(values, q) or 0.0
 
 
 def _ms(value: float) -> float:

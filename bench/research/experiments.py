@@ -1,20 +1,21 @@
 """Experiments behind BENCHMARKS.md's findings: what limits the webhook ack rate and what
 dominates the added latency, measured by changing imagebot only from the outside (its config,
-its environment, and bench.instrumented's what-ifs). Not part of `python -m bench`.
+its environment, and bench.research.instrumented's what-ifs). Not part of `python -m bench`.
 
-    python -m bench.experiments list
-    python -m bench.experiments ack   [--variants default,gil-5ms] [--rates 100,150,200]
+    python -m bench.research.experiments list
+    python -m bench.research.experiments ack   [--variants default,gil-5ms] [--rates 100,150,200]
                                       [--repeat 2] [--seconds 3]
-    python -m bench.experiments added [--variants default,budget-1000] [--rate 10] [--repeat 1]
-    python -m bench.experiments flood [--variants default,settle-bg] [--repeat 1]
-    python -m bench.experiments cpu   [--variants default,gc-freeze] [--hz 0,250,500]
+    python -m bench.research.experiments added [--variants default,budget-1000] [--rate 10]
+                                               [--repeat 1]
+    python -m bench.research.experiments flood [--variants default,settle-bg] [--repeat 1]
+    python -m bench.research.experiments cpu   [--variants default,gc-freeze] [--hz 0,250,500]
 
 Variants combine with '+' (`gc-freeze+gil-5ms`). Every variant x rate x repetition is a
 freshly started bot on a fresh database against reset fakes, as in the reports; the order is
 interleaved (rate, repetition, then variant) so that drift on the machine spreads over all
-variants. The `instrumented` variant runs with bench.instrumented's counters and matches each
-slow acknowledgement with what happened meanwhile (GC pauses, loop stalls, the save's queue
-wait and hand-back). Prints a table and writes bench/results/experiments-<kind>.json.
+variants. The `instrumented` variant runs with bench.research.instrumented's counters and
+matches each slow acknowledgement with what happened meanwhile (GC pauses, loop stalls, the
+save's queue wait and hand-back). Prints a table and writes bench/results/experiments-<kind>.json.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from bench import scenarios
 from bench.procs import Fakes
 from bench.run import RESULTS_DIR, machine
 from bench.scenarios import Context
+from bench.stats import percentile
 from tests.support import deep_merge
 
 RUN_LIMIT_S = 1800
@@ -76,7 +78,7 @@ def _poll(seconds: float) -> Variant:
 
 VARIANTS: dict[str, Variant] = {
     "default": Variant("imagebot as configured by the benchmark"),
-    "instrumented": Variant("default + bench.instrumented's counters", counters=True),
+    "instrumented": Variant("default + bench.research.instrumented's counters", counters=True),
     "gil-5ms": _gil(0.005),
     "gil-2ms": _gil(0.002),
     "gil-1ms": _gil(0.001),
@@ -130,7 +132,7 @@ def _launch(variant: Variant, counters_out: Path) -> tuple[str, dict[str, str]]:
     env["BENCH_INSTRUMENT"] = "on" if variant.counters else "off"
     if variant.counters:
         env["BENCH_INSTRUMENT_OUT"] = str(counters_out)
-    return "bench.instrumented", env
+    return "bench.research.instrumented", env
 
 
 # -- ack ---------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def match_slow(records: list[dict[str, Any]], data: dict[str, Any]) -> dict[str,
         "save_wait_p50_p99_ms": _p50_p99([s[1] for s in saves]),
         "save_run_p50_p99_ms": _p50_p99([s[2] for s in saves]),
         "save_hand_back_p50_p99_ms": _p50_p99([s[3] for s in saves]),
-        "save_queue_depth_p99": _pct([float(s[4]) for s in saves], 99),
+        "save_queue_depth_p99": percentile([float(s[4]) for s in saves], 99),
         "gc": data["gc"],
         "loops": data["loops"],
         "thread_cpu_s": data["thread_cpu_s"],
@@ -198,15 +200,8 @@ def match_slow(records: list[dict[str, Any]], data: dict[str, Any]) -> dict[str,
     }
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
-
-
 def _p50_p99(values: list[float]) -> list[float | None]:
-    return [_pct(values, 50), _pct(values, 99)]
+    return [percentile(values, 50), percentile(values, 99)]
 
 
 async def ack_once(ctx: Context, name: str, rate: float, seconds: float) -> dict[str, Any]:
@@ -403,7 +398,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, run the experiment, print its table, write its JSON."""
-    parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.research.experiments", description=__doc__
+    )
     parser.add_argument("kind", choices=["ack", "added", "flood", "cpu", "list"])
     parser.add_argument("--variants", default="default")
     parser.add_argument("--rates", default="100,150,200,300", help="ack: updates/s")
