@@ -38,6 +38,9 @@ def find_bin_dir() -> Path | None:
     return None
 
 
+_START_TRIES = 5
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -104,21 +107,31 @@ class Cluster:
         return " ".join(opts)
 
     def start(self) -> None:
-        if not self.port:
-            self.port = _free_port()
-        self._run(
-            str(self.bin_dir / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.log),
-            "-w",
-            "-t",
-            "60",
-            "-o",
-            self.options(),
-            "start",
-        )
+        # PostgreSQL must be told its port before it starts (it cannot bind port 0), so a
+        # fresh cluster picks a free one; if something takes it in between, it picks again.
+        fresh = not self.port
+        for attempt in itertools.count(1):
+            if fresh:
+                self.port = _free_port()
+            try:
+                self._run(
+                    str(self.bin_dir / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(self.log),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    self.options(),
+                    "start",
+                )
+            except subprocess.CalledProcessError:
+                if not fresh or attempt >= _START_TRIES:
+                    raise
+                continue
+            break
         self.running = True
 
     def stop(self, mode: str = "fast") -> None:
