@@ -32,6 +32,8 @@ from bench.scenarios import (
     _judge,
     _load_with_cpu,
     _wait_idle,
+    measure_memory,
+    memory_overrides,
 )
 from tests.pgcluster import Cluster, start_cluster
 
@@ -187,30 +189,9 @@ async def _cpu_per_job(stores: Stores, store: str) -> dict[str, Any]:
 
 
 async def _memory(stores: Stores, store: str) -> dict[str, Any]:
-    """Report 4's two RSS figures for one store (100 running + 1,000 queued)."""
-    running, queued = 100, (200 if stores.ctx.quick else 1000)
-    overrides = {"limits": {"max_running": running}, "generate": {"timeout_s": 600}}
-    async with stores.bot(store, "memory", overrides, replicate_latency_s=300.0) as bot:
-        await asyncio.sleep(1.0)
-        idle = bot.rss()
-        await run_load(stores.ctx.spec(bot, 200, running + queued))
-        deadline = time.monotonic() + 60
-        health: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            health = await bot.healthz()
-            if health.get("running", 0) >= running and health.get("queued", 0) >= queued:
-                break
-            await asyncio.sleep(0.25)
-        samples = []
-        for _ in range(4):
-            await asyncio.sleep(0.5)
-            samples.append(bot.rss()["VmRSS"])
-    return {
-        "idle_rss_mb": round(idle["VmRSS"] / 1024, 1),
-        "loaded_rss_mb": round(max(samples) / 1024, 1),
-        "running": health.get("running"),
-        "queued": health.get("queued"),
-    }
+    """Report 4's RSS figures for one store (100 running + 1,000 queued)."""
+    async with stores.bot(store, "memory", memory_overrides(), replicate_latency_s=300.0) as bot:
+        return await measure_memory(stores.ctx, bot)
 
 
 @contextlib.contextmanager

@@ -384,32 +384,40 @@ async def report_added_latency(ctx: Context) -> dict[str, Any]:
     }
 
 
+MEMORY_RUNNING = 100
+
+
+def memory_overrides() -> dict[str, Any]:
+    """Config for the memory figures: 100 slots, jobs that outlive the measurement."""
+    return {"runner": {"max_running": MEMORY_RUNNING}, "generate": {"timeout_s": 600}}
+
+
 async def report_memory(ctx: Context) -> dict[str, Any]:
     """Report 4: RSS idle, and with 100 running + 1,000 queued jobs."""
-    running, queued = 100, 1000
-    if ctx.quick:
-        queued = 200
-    overrides = {
-        "runner": {"max_running": running},
-        "generate": {"timeout_s": 600},
-    }
-    async with ctx.imagebot("memory", overrides, replicate_latency_s=300.0) as bot:
-        await asyncio.sleep(1.0)
-        idle = bot.rss()
-        spec = ctx.spec(bot, 200, running + queued)
-        await run_load(spec)
-        deadline = time.monotonic() + 60
-        health: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            health = await bot.healthz()
-            if health.get("running", 0) >= running and health.get("queued", 0) >= queued:
-                break
-            await asyncio.sleep(0.25)
-        samples = []
-        for _ in range(4):
-            await asyncio.sleep(0.5)
-            samples.append(bot.rss()["VmRSS"])
-        loaded = bot.rss()
+    async with ctx.imagebot("memory", memory_overrides(), replicate_latency_s=300.0) as bot:
+        return await measure_memory(ctx, bot)
+
+
+async def measure_memory(ctx: Context, bot: Bot) -> dict[str, Any]:
+    """RSS of a fresh bot idle, then with 100 running + 1,000 queued jobs (200 when quick);
+    the bot runs with `memory_overrides()` and a vendor slower than the measurement."""
+    running, queued = MEMORY_RUNNING, (200 if ctx.quick else 1000)
+    await asyncio.sleep(1.0)
+    idle = bot.rss()
+    spec = ctx.spec(bot, 200, running + queued)
+    await run_load(spec)
+    deadline = time.monotonic() + 60
+    health: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        health = await bot.healthz()
+        if health.get("running", 0) >= running and health.get("queued", 0) >= queued:
+            break
+        await asyncio.sleep(0.25)
+    samples = []
+    for _ in range(4):
+        await asyncio.sleep(0.5)
+        samples.append(bot.rss()["VmRSS"])
+    loaded = bot.rss()
     return {
         "idle_rss_mb": round(idle["VmRSS"] / 1024, 1),
         "loaded_rss_mb": round(max(samples) / 1024, 1),
