@@ -206,6 +206,10 @@ class JobRunner:
         job = await self.store.get(job_id)
         if job is None or job.status.is_final:
             return
+        if self._stopping:
+            # Shutdown began before this run was registered, so it was not told to stop and
+            # the clients it would use are about to close: leave the row for the next start.
+            return
         if (
             job_id in self._slotless
             and job.deliver_after
