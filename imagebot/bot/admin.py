@@ -30,7 +30,6 @@ from imagebot.control import (
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.store.access import Redeem, looks_like_code
-from imagebot.store.languages import language_of
 from imagebot.store.usage import day_start
 
 log = get_logger(__name__)
@@ -99,7 +98,7 @@ async def allow(update: Update, context: BotContext) -> None:
         replied = message.reply_to_message
         author = replied.from_user if replied is not None else None
         app_code = author.language_code if author is not None and author.id == user_id else None
-        chosen = await language_of(context.services.db, user_id)
+        chosen = await context.services.prefs.language_of(user_id)
         with texts.speaking(chosen or texts.negotiate(app_code)):
             granted = texts.ACCESS_GRANTED
         try:

@@ -27,7 +27,6 @@ from imagebot.bot.context import BotContext
 from imagebot.bot.requests import command_argument, is_addressed, reply
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
-from imagebot.store.languages import choose_language, chosen_language
 
 log = get_logger(__name__)
 
@@ -57,7 +56,7 @@ async def remember_language(update: Update, context: BotContext) -> None:
         return
     chosen: str | None = None
     try:
-        chosen = await chosen_language(context.services.db, user.id)
+        chosen = await context.services.prefs.chosen_language(user.id)
     except Exception as exc:  # a storage fault must not silence the bot: Telegram's guess
         log.warning("language_lookup_failed", error=str(exc))
     texts.use_language(chosen or texts.negotiate(user.language_code))
@@ -75,7 +74,7 @@ def language_keyboard() -> InlineKeyboardMarkup:
 
 
 async def _choose(context: BotContext, user_id: int, language: str) -> None:
-    await choose_language(context.services.db, user_id, language)
+    await context.services.prefs.choose_language(user_id, language)
     texts.use_language(language)
     log.info("language_chosen", user_id=user_id, language=language)
 

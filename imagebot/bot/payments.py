@@ -36,7 +36,6 @@ from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.models import JobKind
 from imagebot.stars import Stars
-from imagebot.store.languages import language_of
 from imagebot.store.ledger import PURCHASE
 
 log = get_logger(__name__)
@@ -209,7 +208,7 @@ async def grant(update: Update, context: BotContext) -> None:
     log.info("credits_granted", user_id=user_id, credits=amount, admin_id=admin, balance=left)
     await reply(update, context, texts.grant_done(user_id, amount, left))
     if user_id > 0:
-        with texts.speaking(await language_of(context.services.db, user_id)):
+        with texts.speaking(await context.services.prefs.language_of(user_id)):
             notice = texts.granted_notice(amount, left)  # in the receiver's language
         try:
             await context.services.delivery.send_text(user_id, notice)

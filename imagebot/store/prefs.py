@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from imagebot.clock import iso
+from imagebot.store import languages
 from imagebot.store.db import Database
 
 # one statement per column: a choice changes only its own column
@@ -52,6 +53,20 @@ class PrefStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    # The language columns' SQL lives in store/languages.py (stars.py reads it too); handlers
+    # reach it here, through Services, like every other store.
+    async def chosen_language(self, user_id: int) -> str | None:
+        """The catalog name the user chose with /language, or None."""
+        return await languages.chosen_language(self.db, user_id)
+
+    async def choose_language(self, user_id: int, language: str) -> None:
+        """Store the user's /language choice."""
+        await languages.choose_language(self.db, user_id, language)
+
+    async def language_of(self, user_id: int) -> str | None:
+        """The language to address a user in outside their own updates."""
+        return await languages.language_of(self.db, user_id)
 
     async def get(self, user_id: int) -> Prefs:
         row = await self.db.fetchone(
