@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from imagebot.clock import iso, utcnow
-from imagebot.store.db import URGENT, Conn, Database
+from imagebot.store.db import URGENT, Conn, Database, is_storage_fault
 
 # Every update type of the Bot API; anything else is "other", so a body with made-up keys
 # cannot mint new metric labels.
@@ -39,6 +42,11 @@ UPDATE_KINDS = (
     "removed_chat_boost",
 )
 _MAX_FAILURE_CHARS = 300
+# Rows per INSERT of a group commit (5 parameters each: far below either database's limit).
+# A single save with more rows (a polling batch is at most 100) still gets one statement.
+MAX_BATCH_ROWS = 200
+_COLUMNS = ("update_id", "kind", "received_at", "payload", "received_by")
+_Row = tuple[Any, ...]
 
 
 def update_kind(payload: dict[str, Any]) -> str:
@@ -62,15 +70,100 @@ class SavedUpdate:
     payload: dict[str, Any] | None  # None: the stored text is not a JSON object any more
 
 
+class _Waiter:
+    """One `save` call: its rows and the future its caller awaits ([is new] per row)."""
+
+    __slots__ = ("future", "rows")
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
+        self.future: Future[list[bool]] = Future()
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Saves committed together; `taken` once the writer (or a failed submit) closed it."""
+
+    waiters: list[_Waiter] = field(default_factory=list)
+    taken: bool = False
+
+
+def _settle(
+    future: Future[list[bool]],
+    result: list[bool] | None = None,
+    error: BaseException | None = None,
+) -> None:
+    if future.done():  # settled already (cannot happen: shielded), never twice
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result or [])
+
+
+def _chunks(waiters: list[_Waiter]) -> Iterator[list[_Waiter]]:
+    """Consecutive savers, up to MAX_BATCH_ROWS rows a chunk; a saver is never split (its
+    rows are committed all together or not at all)."""
+    chunk: list[_Waiter] = []
+    rows = 0
+    for waiter in waiters:
+        if chunk and rows + len(waiter.rows) > MAX_BATCH_ROWS:
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append(waiter)
+        rows += len(waiter.rows)
+    if chunk:
+        yield chunk
+
+
+def _insert(conn: Conn, rows: list[_Row]) -> list[bool]:
+    """One statement (its own transaction, outside BEGIN … COMMIT) inserting `rows`; True for
+    the rows it added. An update_id already stored, or earlier in `rows` (Telegram sent it
+    again meanwhile), is not new."""
+    seen: set[int] = set()
+    unique = []
+    for row in rows:
+        if row[0] not in seen:
+            seen.add(row[0])
+            unique.append(row)
+    one = "(" + ", ".join("?" for _ in _COLUMNS) + ")"
+    cursor = conn.execute(
+        f"INSERT INTO inbox ({', '.join(_COLUMNS)}) VALUES {', '.join(one for _ in unique)}"  # noqa: S608 - placeholders only
+        " ON CONFLICT (update_id) DO NOTHING RETURNING update_id",
+        [value for row in unique for value in row],
+    )
+    added = {int(row[0]) for row in cursor.fetchall()}
+    fresh = []
+    for row in rows:
+        fresh.append(row[0] in added)
+        added.discard(row[0])  # a repeat within `rows` is not new
+    return fresh
+
+
 class Inbox:
     """Dedupe on update_id and remember which updates still have to be processed."""
 
     def __init__(self, db: Database, node_id: str | None = None) -> None:
         self.db = db
         self.node_id = node_id  # recorded as received_by: whose handlers run the update
+        # The batch of saves waiting for the writer (None: none waits). Saves come from the
+        # main loop (polling) and from the webhook thread's loop, the commit runs on the
+        # writer thread: hence a lock, held only to add a saver or to close the batch.
+        self._lock = threading.Lock()
+        self._open: _Batch | None = None
 
     async def save(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
-        """Commit a batch of raw updates in one transaction; True where the update is new."""
+        """Commit raw updates (all of them or none); True where the update is new.
+
+        Group commit: saves that arrive while one is waiting for the writer join it, and the
+        writer commits them together, one INSERT statement for up to MAX_BATCH_ROWS rows (a
+        statement is its own transaction: one round trip and one fsync for them all, where a
+        save each cost BEGIN, INSERT, COMMIT and an fsync each). Under load the batch grows
+        with the queue, so the writer keeps up; alone, a save is one statement. Every caller
+        still returns only once its own rows are committed.
+        """
+        if not payloads:
+            return []
         now = iso()
         rows = [
             (
@@ -82,20 +175,65 @@ class Inbox:
             )
             for payload in payloads
         ]
+        waiter = _Waiter(rows)
+        with self._lock:
+            batch = self._open
+            leader = batch is None
+            if batch is None:
+                batch = self._open = _Batch()
+            batch.waiters.append(waiter)
+        if leader:
+            # Telegram waits for this one: it goes ahead of queued job writes. The write is
+            # submitted before this coroutine first suspends, and once submitted it runs.
+            try:
+                await self.db.run(lambda conn: self._commit(conn, batch), priority=URGENT)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                # The batch never reached the writer (store closed, server away): nobody else
+                # will settle its savers. (When it did, _commit settled each one already.)
+                with self._lock:
+                    unsettled = [] if batch.taken else batch.waiters
+                    batch.taken = True
+                    if self._open is batch:
+                        self._open = None
+                for other in unsettled:
+                    _settle(other.future, error=exc)
+        return await asyncio.shield(asyncio.wrap_future(waiter.future))
 
-        def insert(conn: Conn) -> list[bool]:
-            return [
-                conn.execute(
-                    "INSERT INTO inbox (update_id, kind, received_at, payload, received_by)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (update_id) DO NOTHING",
-                    row,
-                ).rowcount
-                == 1
-                for row in rows
-            ]
-
-        # Telegram waits for this one: it goes ahead of queued job writes.
-        return await self.db.write(insert, priority=URGENT)
+    def _commit(self, conn: Conn, batch: _Batch) -> None:
+        """On the writer: close the batch to newcomers and commit it, chunk by chunk; every
+        saver is settled (its result or its error) before this returns. Re-raises the first
+        error afterwards, so the store records a failed write (/healthz)."""
+        with self._lock:
+            batch.taken = True
+            if self._open is batch:
+                self._open = None
+        first_error: BaseException | None = None
+        for chunk in _chunks(batch.waiters):
+            try:
+                fresh = _insert(conn, [row for w in chunk for row in w.rows])
+            except Exception as exc:
+                if len(chunk) == 1 or is_storage_fault(exc):
+                    for waiter in chunk:
+                        _settle(waiter.future, error=exc)
+                    first_error = first_error or exc
+                    continue
+                # One saver's rows the database refuses must not fail the others' updates:
+                # each saver on its own statement.
+                for waiter in chunk:
+                    try:
+                        _settle(waiter.future, _insert(conn, waiter.rows))
+                    except Exception as own:
+                        _settle(waiter.future, error=own)
+                        first_error = first_error or own
+                continue
+            start = 0
+            for waiter in chunk:
+                _settle(waiter.future, fresh[start : start + len(waiter.rows)])
+                start += len(waiter.rows)
+        if first_error is not None:
+            raise first_error
 
     async def mark_processed(self, update_id: int, failure: str | None = None) -> None:
         """Close the update; `failure` says why it could not be handled (None: it was).
