@@ -16,7 +16,7 @@ from imagebot.clock import iso, parse_iso, utcnow
 from imagebot.errors import StoreError
 from imagebot.models import Job, JobKind, JobStatus, NewJob, Phase
 from imagebot.policy import ALLOW, Decision, Reason
-from imagebot.store.db import URGENT, Conn, Database
+from imagebot.store.db import NORMAL, URGENT, Conn, Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobFilter, JobStore
 from imagebot.store.ledger import Ledger, NotEnoughCredits, reserve_in
@@ -118,15 +118,18 @@ async def test_failed_and_canceled_jobs_give_units_back(db: Database) -> None:
     assert counts[JobKind.EDIT] == 0
 
 
-async def hold_writer(db: Database) -> tuple[asyncio.Task[object], threading.Event]:
-    """Occupy the writer with one job until the returned event is set (bounded: 10 s)."""
+async def hold_writer(
+    db: Database, priority: int = NORMAL
+) -> tuple[asyncio.Task[object], threading.Event]:
+    """Occupy the writer (of `priority`'s lane) with one job until the returned event is set
+    (bounded: 10 s)."""
     started, release = threading.Event(), threading.Event()
 
     def hold(conn: object) -> bool:
         started.set()
         return release.wait(10)
 
-    task: asyncio.Task[object] = asyncio.create_task(db.run(hold))
+    task: asyncio.Task[object] = asyncio.create_task(db.run(hold, priority=priority))
     await wait_until(started.is_set)
     return task, release
 
@@ -347,6 +350,93 @@ async def test_duplicate_updates_are_saved_once(db: Database) -> None:
         False,
         True,
     ]
+
+
+async def test_saves_waiting_together_are_each_committed_and_told_their_own(
+    db: Database,
+) -> None:
+    """Saves that queue up while the writer is busy (from the main loop and from a second
+    thread's loop, as the webhook's) are all committed, and each caller learns which of its
+    updates are new, even when two of them carry the same update while it waits."""
+    inbox = Inbox(db)
+    assert await inbox.save([{"update_id": 1, "message": {}}]) == [True]
+    blocker, release = await hold_writer(db, URGENT)
+    here = [
+        asyncio.create_task(inbox.save([{"update_id": n, "message": {"n": n}}]))
+        for n in range(1, 31)
+    ]
+    here.append(asyncio.create_task(inbox.save([{"update_id": 20, "message": {}}])))
+    batch = [{"update_id": n, "message": {}} for n in range(31, 36)]
+    here.append(asyncio.create_task(inbox.save(batch)))
+    elsewhere: list[list[bool]] = []
+    failed: list[BaseException] = []
+
+    def webhook_thread() -> None:
+        async def saves() -> None:
+            results = await asyncio.gather(
+                *(inbox.save([{"update_id": n, "message": {}}]) for n in range(25, 45))
+            )
+            elsewhere.extend(results)
+
+        try:
+            asyncio.run(saves())
+        except BaseException as exc:  # reported to the test below
+            failed.append(exc)
+
+    thread = threading.Thread(target=webhook_thread)
+    thread.start()
+    await asyncio.sleep(0.2)  # every save is queued behind the held writer by now
+    release.set()
+    await blocker
+    results = await asyncio.gather(*here)
+    await asyncio.to_thread(thread.join, 10)
+    assert not failed and len(elsewhere) == 20
+    told_new: dict[int, int] = {}
+    for ids, result in (
+        *((range(n, n + 1), results[n - 1]) for n in range(1, 31)),
+        (range(20, 21), results[30]),
+        (range(31, 36), results[31]),
+        *((range(n, n + 1), elsewhere[n - 25]) for n in range(25, 45)),
+    ):
+        assert len(result) == len(ids)
+        for update_id, is_new in zip(ids, result, strict=True):
+            told_new[update_id] = told_new.get(update_id, 0) + int(is_new)
+    assert told_new == {n: 0 if n == 1 else 1 for n in range(1, 45)}
+    rows = await db.fetchall("SELECT update_id, payload FROM inbox ORDER BY update_id")
+    assert [row["update_id"] for row in rows] == list(range(1, 45))
+    assert await inbox.counts() == {"total": 44, "pending": 44}
+
+
+async def test_an_update_the_database_refuses_fails_only_its_own_save(db: Database) -> None:
+    """A body PostgreSQL cannot store (a NUL character in its text) fails its own save only;
+    the saves committed together with it are stored and told so."""
+    if db.dialect != "postgresql":
+        pytest.skip("SQLite stores any text")
+    from psycopg.errors import UntranslatableCharacter
+
+    inbox = Inbox(db)
+    blocker, release = await hold_writer(db, URGENT)
+    good = [asyncio.create_task(inbox.save([{"update_id": n, "message": {}}])) for n in (1, 2, 3)]
+    bad = asyncio.create_task(inbox.save([{"update_id": 4, "message": {"text": "a\x00b"}}]))
+    more = asyncio.create_task(inbox.save([{"update_id": 5, "message": {}}]))
+    await asyncio.sleep(0.1)
+    release.set()
+    await blocker
+    assert await asyncio.gather(*good, more) == [[True], [True], [True], [True]]
+    with pytest.raises(UntranslatableCharacter):
+        await bad
+    rows = await db.fetchall("SELECT update_id FROM inbox ORDER BY update_id")
+    assert [row["update_id"] for row in rows] == [1, 2, 3, 5]
+    assert db.writes.ok or await db.probe_write()  # not a storage fault: writes go on
+
+
+async def test_a_save_on_a_closed_store_fails_instead_of_waiting(db: Database) -> None:
+    """Saving after the store closed raises at once (the webhook answers 500 and Telegram
+    sends the update again) instead of waiting forever for a writer that is gone."""
+    inbox = Inbox(db)
+    await db.close()
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(inbox.save([{"update_id": 1, "message": {}}]), 10)
 
 
 async def test_write_probe_and_health(db: Database) -> None:
