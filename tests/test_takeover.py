@@ -198,7 +198,7 @@ async def test_frozen_process_wakes_and_sends_nothing_for_a_taken_job(
         lambda: any(zombie.log_events(event) for event in ("runs_dropped", "job_left_running")),
         within=10,
     )
-    assert zombie.running and await zombie.healthy()
+    assert zombie.running  # it carries on as a fresh node
     assert chat_snapshot(telegram) == before_chat
     assert dict(jobs(pg_url)[0]) == before_row
     assert running_on(before_row["owner"], [survivor]) is survivor
