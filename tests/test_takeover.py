@@ -203,3 +203,41 @@ async def test_frozen_process_wakes_and_sends_nothing_for_a_taken_job(
     assert dict(jobs(pg_url)[0]) == before_row
     assert running_on(before_row["owner"], [survivor]) is survivor
     assert len(replicate.creates) == 1 and len(telegram.photos(CHAT)) == 1
+
+
+async def test_cancel_from_another_process_stops_the_owner(
+    make_settings: SettingsFactory,
+    telegram: FakeTelegram,
+    replicate: FakeReplicate,
+    pg_url: str,
+) -> None:
+    """A cancel handled by the process that does not run the job ends it at once (the vendor
+    is told, the quota unit returns); the process running it stops, and its status line says
+    canceled and is never edited back to "working"."""
+    replicate.latency_s = 60
+    settings = make_settings(
+        storage={"database": pg_url},
+        cluster=CLUSTER,
+        delivery=FAST_TEND,
+        runner={"max_running": 1},
+    )
+    async with running(settings) as first, running(settings) as second:
+        telegram.push_update(updates.command("/generate a very slow picture"))
+        await wait_rows(pg_url, lambda r: bool(r) and r[0]["phase"] == "submitted", within=20)
+        (row,) = jobs(pg_url)
+        apps = {app.services.cluster.node_id: app for app in (first, second)}
+        owner = apps[row["owner"]]
+        (other,) = [app for node, app in apps.items() if node != row["owner"]]
+        await wait_until(lambda: owner.services.runner.running_count == 1)
+        outcome = await other.services.runner.cancel(row["id"], user_id=row["user_id"])
+        assert outcome.name == "CANCELED"
+        # the owner's run stops (its next write is refused, or its tend finds the job gone)
+        await wait_until(lambda: owner.services.runner.running_count == 0, within=15)
+        (row,) = jobs(pg_url)
+        status = next(
+            m for m in telegram.messages(CHAT) if m.message_id == row["status_message_id"]
+        )
+        assert status.text is not None and status.text.startswith("Canceled (job 1)")
+        assert (row["status"], row["error_code"]) == ("canceled", "canceled")
+        assert len(replicate.cancels) >= 1 and replicate.last_prediction.canceled
+        assert len(replicate.creates) == 1 and telegram.photos(CHAT) == []
