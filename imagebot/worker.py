@@ -491,8 +491,10 @@ class JobRunner:
             await self._stop_run(job_id, "lost")
 
     async def drop_all(self) -> None:
-        """This process was declared dead (Cluster.on_lost): its jobs' tokens have moved on
-        and others may run them. Stop every run at once, writing nothing."""
+        """This process was declared dead (Cluster.on_lost): others may run its jobs now.
+        Stop every run at once, writing nothing for them; then the jobs still recorded as
+        this node's (nobody reaped them yet: e.g. the database itself was away) lose their
+        owner, so that they are adopted afresh rather than left running nowhere."""
         runs = list(self._runs.values())
         for run in runs:
             run.cancel_reason = "lost"
@@ -500,10 +502,18 @@ class JobRunner:
             if run.critical is not None:
                 # a send or submit in flight finishes; its record is refused (the fence)
                 run.critical.add_done_callback(_consume)
-        self._suspended.clear()
-        self._unreleased.clear()
+        self._suspended.clear()  # (their jobs are disowned below; held ones stay to release)
         if runs:
             log.warning("runs_dropped", job_ids=sorted(r.job.id for r in runs))
+        try:
+            disowned = await self.store.disown_running()
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            log.warning("disown_failed", error=str(exc))
+            return
+        if disowned:
+            log.warning("jobs_disowned", job_ids=disowned)
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop taking jobs; let critical sections finish; leave the rest resumable."""

@@ -182,6 +182,29 @@ class JobStore:
             (job_id,),
         )
 
+    async def disown_running(self) -> list[int]:
+        """This node's running jobs lose their owner (token +1): it was declared dead and
+        dropped their runs; those nobody took over yet are adopted afresh (by any node, this
+        one included). Jobs another node took over already are not touched."""
+        node = self.node_id
+
+        def disown(conn: Conn) -> list[int]:
+            ids = [
+                int(row["id"])
+                for row in conn.execute(
+                    "SELECT id FROM jobs WHERE status = 'running' AND owner = ? ORDER BY id",
+                    (node,),
+                )
+            ]
+            conn.execute(
+                "UPDATE jobs SET owner = NULL, lease_token = lease_token + 1, updated_at = ?"
+                " WHERE status = 'running' AND owner = ?",
+                (iso(), node),
+            )
+            return ids
+
+        return await self.db.write(disown)
+
     async def hand_back(self) -> list[int]:
         """A clean stop of this node: its running jobs lose their owner (token +1, so nothing
         it might still write lands) and another live process, or this one after its restart,
