@@ -150,7 +150,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     )
     cluster = Cluster(settings, db)
     inbox = Inbox(db, cluster.node_id)
-    store = JobStore(db)
+    store = JobStore(db, cluster.node_id)
     ledger = Ledger(db)
     tg = settings.telegram
     timeout = tg.request_timeout_s
@@ -228,7 +228,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         load_input=load_input,
         hints=hints,
     )
-    runner = JobRunner(pipeline=pipeline, store=store, metrics=metrics)
+    runner = JobRunner(pipeline=pipeline, store=store, metrics=metrics, cluster=cluster)
     assert application.job_queue is not None, "python-telegram-bot[job-queue] is required"
     runner.attach(application.job_queue)
     state = OpsState(heartbeat=Heartbeat())

@@ -70,7 +70,15 @@ CANCEL_TIMEOUT_S = 10.0
 
 
 class JobGone(Exception):
-    """The row left `running` under us (canceled, swept): stop quietly."""
+    """The job is no longer this process's to run: its row left `running` (canceled, swept)
+    or another process took it over (its owner or lease token moved on). Stop quietly, with
+    no further side effect."""
+
+
+class Untrusted(JobGone):
+    """This process's heartbeat is too old for it to be sure it still owns its jobs (it may
+    have been declared dead: see Cluster.trusted): stop before any vendor call or send; the
+    runner resumes the job once a heartbeat succeeds again (or drops it if it was taken)."""
 
 
 class Pipeline:
@@ -108,6 +116,9 @@ class Pipeline:
         )
         # Called first in `settle` (every final status passes there): credits settle a job.
         self.on_final: Callable[[Job], Awaitable[None]] | None = None
+        # Whether this process may start side effects for its jobs now (Cluster.trusted:
+        # its heartbeat is recent enough that nobody can have taken its jobs over).
+        self.trusted: Callable[[], bool] = lambda: True
         self._settling: set[int] = set()  # jobs whose chat is being tidied right now
 
     def _retrying(
@@ -127,11 +138,17 @@ class Pipeline:
         )
 
     async def set(self, job: Job, **values: Any) -> None:
-        """Write columns of a running job (and mirror them on `job`); JobGone if it left."""
-        if not await self.store.update(job.id, expect=_RUNNING, **values):
+        """Write columns of a running job (and mirror them on `job`), fenced by its owner and
+        lease token; JobGone if it left running or is no longer ours."""
+        if not await self.store.update(job.id, expect=_RUNNING, fence=job, **values):
             raise JobGone
         for key, value in values.items():
             setattr(job, key, value)
+
+    def check_trusted(self) -> None:
+        """Untrusted unless this process may start a side effect (a vendor create, a send)."""
+        if not self.trusted():
+            raise Untrusted
 
     async def advance(self, job: Job, critical: Critical) -> None:
         """Take a running job from the phase its row records to its ending (see `end`).
@@ -194,6 +211,7 @@ class Pipeline:
     async def _submit_once(
         self, job: Job, provider: ImageProvider, request: ProviderRequest
     ) -> None:
+        self.check_trusted()
         await self.set(job, phase=Phase.SUBMITTING, attempts=job.attempts + 1)
         self.metrics.provider_calls.labels(provider.name, "submit").inc()
         breaker = self.breakers.get(provider.name)
@@ -209,9 +227,16 @@ class Pipeline:
                 await self.set(job, phase=Phase.NEW)  # the vendor said no: nothing exists there
             raise
         breaker.succeeded(job.id)
-        await self.set(
-            job, phase=Phase.SUBMITTED, provider_request_id=request_id, submitted_at=iso()
-        )
+        try:
+            await self.set(
+                job, phase=Phase.SUBMITTED, provider_request_id=request_id, submitted_at=iso()
+            )
+        except JobGone:
+            # Canceled (or taken over) while the create was in flight: nobody else knows
+            # this request, so stop it at the vendor rather than let it run (and bill).
+            log.info("submitted_for_a_gone_job", request_id=request_id)
+            await self.cancel_at_vendor(replace(job, provider_request_id=request_id))
+            raise
         log.info("provider_submitted", request_id=request_id, attempt=job.attempts)
 
     async def _request_for(self, job: Job) -> ProviderRequest:
@@ -399,6 +424,7 @@ class Pipeline:
             log.warning("delivery_repeated", delivery_attempt=job.delivery_attempts)
         await self.set(job, phase=Phase.DELIVERING)
         self.progress.stop(job.id)
+        self.check_trusted()
         sent: Sent | None = None
         # A parked result gets one try per turn: its backoff is between turns (see park).
         async for attempt in self._retrying(1 if job.delivery_attempts else None):
@@ -482,6 +508,7 @@ class Pipeline:
         sent: Sent | None = None,
         images: int = 0,
         by: str = "user",
+        fenced: bool = True,
     ) -> bool:
         """The one way a job ends (succeeded, failed, canceled): write the final row once,
         count `jobs_finished`, log the outcome, then tidy the chat (`settle`).
@@ -490,7 +517,8 @@ class Pipeline:
         the tidy-up is finished later by `settle_due`. Returns False, doing nothing, when the
         job was final already (another ending got there first: a cancel, the sweep).
         `sent`: the delivered result (succeeded); `error_code`/`error`: why it failed; `by`:
-        who canceled it.
+        who canceled it; `fenced=False`: a cancel or the sweep, which end the job whichever
+        process runs it (the final write moves its lease token on, so that process stops).
         """
         values: dict[str, Any] = dict(_NOT_WAITING)  # a notice waits on its own clock
         if sent is not None:
@@ -501,7 +529,12 @@ class Pipeline:
         # Shielded: an ending that was decided is recorded even if our caller is canceled.
         finished = await asyncio.shield(
             self.store.finish(
-                job.id, status, error_code=error_code, phase=Phase.SETTLING, **values
+                job.id,
+                status,
+                error_code=error_code,
+                phase=Phase.SETTLING,
+                fence=job if fenced else None,
+                **values,
             )
         )
         if not finished:
@@ -538,13 +571,17 @@ class Pipeline:
             )
         else:
             log.info("job_canceled", job_id=job.id, outcome="canceled", by=by)
+            if not job.provider_request_id:
+                # Another process may have saved the request id since `job` was read.
+                current = await self.store.get(job.id)
+                job.provider_request_id = current.provider_request_id if current else None
             await self.cancel_at_vendor(job)
         await self.settle(job)
         return True
 
-    async def fail(self, job: Job, code: str, message: str) -> None:
+    async def fail(self, job: Job, code: str, message: str, *, fenced: bool = True) -> None:
         """End the job `failed` and tell the user; its quota unit returns (see `end`)."""
-        await self.end(job, JobStatus.FAILED, error_code=code, error=message)
+        await self.end(job, JobStatus.FAILED, error_code=code, error=message, fenced=fenced)
 
     async def settle(self, job: Job) -> None:
         """After a final status: tidy the chat (remove the status line, or turn it into the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from aiolimiter import AsyncLimiter
 
@@ -18,6 +19,7 @@ from imagebot.delivery import Delivery, cancel_keyboard
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.models import Job
+from imagebot.store.db import is_storage_fault
 from imagebot.store.jobs import JobStore
 
 log = get_logger(__name__)
@@ -37,6 +39,8 @@ class Progress:
         self._last_action: dict[int, float] = {}
         self._shown_position: dict[int, int] = {}
         self._tickers: dict[int, asyncio.Task[None]] = {}
+        # Whether this process may send for its jobs now (Cluster.trusted; set by the app).
+        self.trusted: Callable[[], bool] = lambda: True
 
     def _interval(self, job: Job) -> float:
         if job.chat_type == "private":
@@ -128,6 +132,8 @@ class Progress:
         started = time.monotonic()
         last_shown = -1
         while True:
+            if not self.trusted():
+                return  # this process may have been declared dead: its jobs may be another's
             now = time.monotonic()
             due = (
                 now - self._last_action.get(job.chat_id, 0) >= self.settings.chat_action_interval_s
@@ -143,10 +149,22 @@ class Progress:
             elapsed = int(now - started)
             if elapsed >= 2 and elapsed != last_shown and self._may_edit(job):
                 last_shown = elapsed
+                if job.owner is not None and not await self._still_ours(job):
+                    # Canceled, swept or taken over by another process: its status line is
+                    # theirs now (a "canceled" there must not turn back into "working").
+                    return
                 with texts.speaking(job.language):
                     text = texts.status_working(job.kind, job.id, elapsed)
                 await self._edit(job, text)
             await asyncio.sleep(1.0)
+
+    async def _still_ours(self, job: Job) -> bool:
+        try:
+            return await self.store.owns(job)
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            return False  # nothing can be checked: skip this edit
 
     async def done(self, job: Job) -> bool:
         """The result arrived: remove the status message. False when Telegram could not take

@@ -1,9 +1,15 @@
-"""JobRunner: claims queued jobs in FIFO order under `runner.max_running`, runs each on PTB's
-JobQueue through the Pipeline, and resumes whatever a restart interrupted.
+"""JobRunner: claims queued jobs in FIFO order under `runner.max_running` (a cap across every
+process on the database), runs each on PTB's JobQueue through the Pipeline, and adopts the
+running jobs a dead or stopped process left, resuming each by phase.
 
-It also owns a job's lifecycle around the pipeline: the user's cancel, the sweep of jobs past
-their deadline, recovery at start-up, and the shutdown that lets critical sections (a submit
-in flight, a send and its record) finish while everything else stays resumable.
+It also owns a job's lifecycle around the pipeline: the user's cancel and the sweep (which end
+a job whichever process runs it), adoption at start-up, dropping the runs this process no
+longer owns (taken over, or ended elsewhere), and the shutdown that lets critical sections (a
+submit in flight, a send and its record) finish and hands the rest back for adoption.
+
+Several processes (issue 16): every write for a running job carries its owner and lease
+token (see JobStore.update `fence`), so a process whose job was taken over writes nothing
+more for it; side effects wait while the process is not `trusted` (Cluster.trusted).
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from telegram.ext import CallbackContext, JobQueue
 
 from imagebot import texts
 from imagebot.clock import iso, parse_iso, utcnow
+from imagebot.cluster import MAINTENANCE, Cluster
 from imagebot.errors import DeliveryError, ExternalError
 from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
 from imagebot.models import CancelOutcome, Job, JobStatus, Phase
-from imagebot.pipeline import CANCEL_TIMEOUT_S, JobGone, Pipeline
+from imagebot.pipeline import CANCEL_TIMEOUT_S, JobGone, Pipeline, Untrusted
 from imagebot.store.db import is_storage_fault
-from imagebot.store.jobs import JobStore
+from imagebot.store.jobs import Claimed, JobStore
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -43,11 +50,20 @@ class _Run:
 class JobRunner:
     """Schedules, runs, cancels and recovers jobs."""
 
-    def __init__(self, *, pipeline: Pipeline, store: JobStore, metrics: Metrics) -> None:
+    def __init__(
+        self, *, pipeline: Pipeline, store: JobStore, metrics: Metrics, cluster: Cluster
+    ) -> None:
         self.pipeline = pipeline
         self.store = store
         self.metrics = metrics
+        self.cluster = cluster
         self.settings = pipeline.settings
+        # A process without the worker role claims nothing (its handlers still create jobs).
+        self.worker = cluster.has_role("worker")
+        # No vendor call and no send while this process may have been declared dead.
+        pipeline.trusted = lambda: cluster.trusted
+        pipeline.progress.trusted = lambda: cluster.trusted
+        cluster.on_lost(self.drop_all)
         self._launch: Callable[[int], object] | None = None
         self._scheduled: set[int] = set()  # jobs holding a provider slot
         # jobs whose images are made, being offered to Telegram again: no slot held
@@ -65,6 +81,7 @@ class JobRunner:
         self._pump_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self._started = 0  # runs launched (recover reports how many it started)
         # Read at scrape time, so the gauge is never behind the runner.
         metrics.jobs_running.set_function(lambda: len(self._scheduled))
 
@@ -94,14 +111,36 @@ class JobRunner:
     def running_count(self) -> int:
         return len(self._scheduled)
 
-    def has_free_slot(self) -> bool:
-        """A job created now would start at once (nothing waits ahead of it for a slot)."""
-        return not self._stopping and len(self._scheduled) < self.settings.runner.max_running
+    async def has_free_slot(self) -> bool:
+        """A job created now would start at once: fewer than `runner.max_running` jobs hold a
+        provider slot. On a shared database that is the cluster-wide count (one indexed
+        count query); on SQLite (one process) this runner's own."""
+        if self._stopping:
+            return False
+        cap = self.settings.runner.max_running
+        if self.store.db.shared:
+            try:
+                return await self.store.slots_busy() < cap
+            except Exception as exc:
+                if not is_storage_fault(exc):
+                    raise
+        return len(self._scheduled) < cap
 
     async def submit(self, job_id: int) -> bool:
-        """A job was created: start it if a slot is free. True if it started."""
+        """A job was created: start it if a slot is free. True if it started (here, or in
+        another process that claimed it first)."""
         await self.pump()
-        return job_id in self._scheduled
+        if job_id in self._scheduled:
+            return True
+        if not self.store.db.shared:
+            return False
+        try:
+            job = await self.store.get(job_id)
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            return False
+        return job is not None and job.status is not JobStatus.QUEUED
 
     async def release(self, job_id: int) -> None:
         """The handler that created job `job_id` (held) is done with it: the runner may claim
@@ -115,8 +154,9 @@ class JobRunner:
             log.warning("job_release_deferred", job_id=job_id, error=str(exc))
 
     async def pump(self) -> None:
-        """Release deferred holds and resume suspended jobs, then claim the oldest queued
-        jobs into free slots."""
+        """Release deferred holds and resume suspended jobs, then adopt ownerless running
+        jobs and claim the oldest queued ones, under the cluster-wide cap (see
+        JobStore.claim_next). Runs at every job's end, every `tend`, and when a job is made."""
         if self._stopping:
             return
         async with self._pump_lock:
@@ -124,15 +164,50 @@ class JobRunner:
                 for job_id in sorted(self._unreleased):
                     await self.store.release(job_id)
                     self._unreleased.discard(job_id)
+                if not self.worker or not self.cluster.trusted:
+                    return
                 if self._suspended and self.store.db.writes.ok:
                     await self._resume_suspended()
-                free = self.settings.runner.max_running - len(self._scheduled)
-                for job in await self.store.claim_next(free, self.pipeline.timeouts):
-                    self._schedule(job)
+                claimed = await self.store.claim_next(
+                    self.settings.runner.max_running,
+                    self.pipeline.timeouts,
+                    lease_s=self.cluster.config.lease_s,
+                )
+                self._take(claimed)
             except Exception as exc:
                 if not is_storage_fault(exc):
                     raise
                 log.warning("pump_store_fault", error=str(exc))
+
+    def _take(self, claimed: Claimed, *, slot: bool = True) -> None:
+        """Start what a claim handed over; a job taken over from dead processes more than
+        `cluster.max_rescues` times fails instead (it may be what killed them)."""
+        for job in claimed:
+            if job.id in claimed.adopted:
+                log.warning(
+                    "job_adopted",
+                    job_id=job.id,
+                    phase=job.phase.value,
+                    rescues=job.rescues,
+                    slot=slot,
+                )
+                if job.rescues > self.cluster.config.max_rescues:
+                    self._in_background(self._give_up(job))
+                    continue
+            self._schedule(job, slot=slot)
+
+    async def _give_up(self, job: Job) -> None:
+        try:
+            await self.pipeline.cancel_at_vendor(job)
+            await self.pipeline.fail(
+                job,
+                "rescued_too_often",
+                f"taken over from stopped processes {job.rescues} times",
+            )
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            log.warning("rescue_give_up_store_fault", job_id=job.id, error=str(exc))
 
     async def _resume_suspended(self) -> None:
         """Put jobs a storage fault stopped back into slots, ahead of the queue; the fault
@@ -145,19 +220,23 @@ class JobRunner:
             job = await self.store.get(job_id)
             if job is None or job.status is not JobStatus.RUNNING:
                 continue
+            if job.owner != self.store.node_id:
+                continue  # taken over meanwhile (this process was silent too long)
             if job.id in self._scheduled or job.id in self._slotless:
                 continue
             if job.phase in (Phase.FETCHED, Phase.DELIVERING):
                 continue
             timeout = self.pipeline.timeouts[job.kind]
             fresh = iso(utcnow() + timedelta(seconds=timeout))
-            await self.store.update(job.id, deadline_at=fresh)
+            if not await self.store.update(job.id, fence=job, deadline_at=fresh):
+                continue
             job.deadline_at = fresh
             log.info("job_resumed", job_id=job.id, phase=job.phase.value)
             self._schedule(job)
 
     def _schedule(self, job: Job, *, slot: bool = True) -> None:
         assert self._launch is not None, "attach() the JobQueue first"
+        self._started += 1
         (self._scheduled if slot else self._slotless).add(job.id)
         self._launch(job.id)
 
@@ -194,6 +273,11 @@ class JobRunner:
     async def _run(self, job_id: int, task: asyncio.Task[Any]) -> None:
         try:
             await self._run_job(job_id, task)
+        except Untrusted:
+            self._suspended.add(job_id)
+            log.warning("job_paused_untrusted", job_id=job_id)
+        except JobGone:  # (from a park or a failure notice after the job was taken)
+            log.info("job_left_running", job_id=job_id)
         except Exception as exc:
             if not is_storage_fault(exc):
                 raise
@@ -206,6 +290,11 @@ class JobRunner:
         job = await self.store.get(job_id)
         if job is None or job.status.is_final:
             return
+        if job.owner != self.store.node_id:
+            log.info("job_not_ours", job_id=job_id, owner=job.owner)
+            return  # ended here but taken over (or handed on) before this run began
+        if not self.cluster.trusted:
+            raise Untrusted  # resumed once a heartbeat succeeds again
         if self._stopping:
             # Shutdown began before this run was registered, so it was not told to stop and
             # the clients it would use are about to close: leave the row for the next start.
@@ -241,6 +330,8 @@ class JobRunner:
         try:
             await self.pipeline.advance(job, critical)
             self._telegram_failing = False
+        except Untrusted:
+            raise
         except JobGone:
             log.info("job_left_running")
         except DeliveryError as exc:
@@ -297,7 +388,11 @@ class JobRunner:
             return CancelOutcome.FINISHED
         if job.phase in (Phase.FETCHED, Phase.DELIVERING):
             return CancelOutcome.TOO_LATE
-        if not await self.pipeline.end(job, JobStatus.CANCELED, error_code="canceled"):
+        # Whichever process runs the job: the final write moves its lease token on, so that
+        # process's next write is refused and it stops (its status line edits too).
+        if not await self.pipeline.end(
+            job, JobStatus.CANCELED, error_code="canceled", fenced=False
+        ):
             return CancelOutcome.FINISHED
         self._in_background(self.pump())
         return CancelOutcome.CANCELED
@@ -330,32 +425,22 @@ class JobRunner:
                 continue
             await self.pipeline.cancel_at_vendor(fresh)
             structlog.contextvars.bind_contextvars(job_id=job.id, chat_id=job.chat_id)
-            await self.pipeline.fail(fresh, "timeout", "still running after its deadline (sweep)")
+            await self.pipeline.fail(
+                fresh, "timeout", "still running after its deadline (sweep)", fenced=False
+            )
             structlog.contextvars.clear_contextvars()
             self._scheduled.discard(job.id)
         await self.pump()
 
     async def recover(self) -> int:
-        """At start-up: take up every running job again, settle endings a crash cut short,
-        then fill free slots from the queue. Jobs whose images are made are offered to
-        Telegram by `tend`, without a slot, when their next try is due."""
-        # A job is created held until its handler has sent the status message (see
-        # JobStore.create): no handler of the last process is still running.
-        await self.store.release_all()
-        running = await self.store.by_status(JobStatus.RUNNING)
-        for job in running:
-            if job.phase in (Phase.FETCHED, Phase.DELIVERING):
-                continue
-            if job.phase is not Phase.SUBMITTED:
-                # Not yet at the vendor (or already back): the wait starts over.
-                timeout = self.pipeline.timeouts[job.kind]
-                fresh = iso(utcnow() + timedelta(seconds=timeout))
-                await self.store.update(job.id, deadline_at=fresh)
-            self._schedule(job)
-        if running:
-            log.info("jobs_recovered", count=len(running), job_ids=[j.id for j in running])
+        """At start-up, once the cluster has reaped what dead processes left (on SQLite: every
+        job of this process's last run): adopt the ownerless running jobs, resumed by phase
+        (submitted: polled by the saved id; mid-submit: `submit_unknown`, never a second
+        create), then fill free slots from the queue. Jobs whose images are made are offered
+        to Telegram by `tend`, without a slot. Returns the number of jobs started."""
+        before = self._started
         await self.tend()
-        return len(running)
+        return self._started - before
 
     async def tend(self) -> None:
         """Periodic (delivery.check_interval_s): check the database takes writes when in
@@ -378,17 +463,57 @@ class JobRunner:
             log.info("store_writes_recovered", suspended=len(self._suspended))
             self._writes_were_ok = True
         now = utcnow()
-        async with self._pump_lock:
-            for job in await self.store.deliveries_due(now):
-                if job.id in self._scheduled or job.id in self._slotless:
-                    continue
-                if self._telegram_failing and self._slotless:
-                    break  # while Telegram refuses, one parked result at a time probes it
-                self._suspended.discard(job.id)
-                self._schedule(job, slot=False)
-        for job in await self.store.unsettled(due_by=now):
-            self._in_background(self.pipeline.settle_due(job.id))
+        if self.worker and self.cluster.trusted:
+            async with self._pump_lock:
+                due = await self.store.deliveries_due(now)  # own and ownerless ones
+                for job in due:
+                    if job.id in self._scheduled or job.id in self._slotless:
+                        continue
+                    if self._telegram_failing and self._slotless:
+                        break  # while Telegram refuses, one parked result at a time probes it
+                    self._suspended.discard(job.id)
+                    one = Claimed([job])
+                    one.adopted = due.adopted & {job.id}
+                    self._take(one, slot=False)
+        if self.cluster.holds(MAINTENANCE):
+            # Chat tidy-ups a stopped run left: one process (the maintenance leader) sends them.
+            for job in await self.store.unsettled(due_by=now):
+                self._in_background(self.pipeline.settle_due(job.id))
+        await self._drop_lost()
         await self.pump()
+
+    async def _drop_lost(self) -> None:
+        """Stop the runs of jobs this process no longer owns: canceled or swept by another
+        process, or taken over after this one was silent too long (no write, no send)."""
+        runs = [run.job for run in self._runs.values() if not run.job.status.is_final]
+        for job_id in await self.store.not_owned(runs):
+            log.warning("job_run_dropped", job_id=job_id, reason="no_longer_ours")
+            await self._stop_run(job_id, "lost")
+
+    async def drop_all(self) -> None:
+        """This process was declared dead (Cluster.on_lost): others may run its jobs now.
+        Stop every run at once, writing nothing for them; then the jobs still recorded as
+        this node's (nobody reaped them yet: e.g. the database itself was away) lose their
+        owner, so that they are adopted afresh rather than left running nowhere."""
+        runs = list(self._runs.values())
+        for run in runs:
+            run.cancel_reason = "lost"
+            run.task.cancel()
+            if run.critical is not None:
+                # a send or submit in flight finishes; its record is refused (the fence)
+                run.critical.add_done_callback(_consume)
+        self._suspended.clear()  # (their jobs are disowned below; held ones stay to release)
+        if runs:
+            log.warning("runs_dropped", job_ids=sorted(r.job.id for r in runs))
+        try:
+            disowned = await self.store.disown_running()
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            log.warning("disown_failed", error=str(exc))
+            return
+        if disowned:
+            log.warning("jobs_disowned", job_ids=disowned)
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop taking jobs; let critical sections finish; leave the rest resumable."""
@@ -410,4 +535,19 @@ class JobRunner:
         for task in list(self._background):
             task.cancel()
         await self.pipeline.progress.aclose()
-        log.info("runner_stopped", suspended=len(runs))
+        # What this process ran goes back at once (owner cleared, token moved on): another
+        # live process, or this one after its restart, adopts it without waiting for a lease.
+        try:
+            handed = await self.store.hand_back()
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            handed = []
+            log.warning("hand_back_failed", error=str(exc))
+        log.info("runner_stopped", suspended=len(runs), handed_back=handed)
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Retrieve a dropped task's outcome (its failure was expected: it is not ours now)."""
+    if not task.cancelled():
+        task.exception()

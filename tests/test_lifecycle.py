@@ -70,7 +70,7 @@ class Rig:
     async def running_job(self, prompt: str = "a red fox", **row: Any) -> Job:
         """A job claimed by the runner (status running), its row then set to `row`."""
         job = await self.new_job(prompt)
-        (claimed,) = await self.store.claim_next(1, self.pipeline.timeouts)
+        (claimed,) = await self.store.claim_next(2, self.pipeline.timeouts)
         assert claimed.id == job.id
         if row:
             await self.store.update(job.id, **row)
@@ -103,11 +103,13 @@ async def rig(make_settings: SettingsFactory) -> AsyncIterator[Rig]:
     await app.services.db.open()
     await migrate(app.services.db)
     await app.application.initialize()
+    await app.services.cluster.start()  # the runner's jobs are owned by this node
     rig = Rig(app)
     app.services.runner.attach_launcher(rig.launched.append)
     try:
         yield rig
     finally:
+        await app.services.cluster.stop()
         await app.services.progress.aclose()
         await app.application.shutdown()
         for provider in {id(p): p for p in app.providers.values()}.values():
@@ -260,7 +262,8 @@ async def test_failure_notice_waits_in_settling_and_is_retried(
 
 async def test_held_job_is_not_claimed_until_released(rig: Rig) -> None:
     """A job its handler still holds (status message not saved yet) is skipped by the claim;
-    once released it starts; a restart's `recover` releases holds a dead handler left."""
+    once released it starts; a hold whose process died is released when that process is
+    reaped, and the job then starts."""
     held = await rig.new_job("held", hold_s=60)
     other = await rig.new_job("other")
     await rig.runner.pump()
@@ -274,6 +277,10 @@ async def test_held_job_is_not_claimed_until_released(rig: Rig) -> None:
     orphan = await rig.new_job("orphan", hold_s=60)
     await rig.runner.pump()
     assert orphan.id not in rig.launched
+    await rig.app.services.db.execute_write(  # as if a process that has died created it
+        "UPDATE jobs SET owner = 'dead-node' WHERE id = ?", (orphan.id,)
+    )
+    await rig.app.services.cluster.reap()
     await rig.runner.recover()
     assert orphan.id in rig.launched
 

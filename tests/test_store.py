@@ -16,6 +16,7 @@ from imagebot.clock import iso, parse_iso, utcnow
 from imagebot.errors import StoreError
 from imagebot.models import Job, JobKind, JobStatus, NewJob, Phase
 from imagebot.policy import ALLOW, Decision, Reason
+from imagebot.store.cluster import ClusterStore
 from imagebot.store.db import NORMAL, URGENT, Conn, Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobFilter, JobStore
@@ -79,16 +80,18 @@ async def test_job_and_processed_mark_commit_together(db: Database) -> None:
 
 
 async def test_claims_are_fifo_and_exclusive(db: Database) -> None:
-    """Concurrent claims never hand out the same job, and the oldest goes first."""
+    """Concurrent claims never hand out the same job, the oldest go first, and no more than
+    the cap run; a finished job frees its slot for the next in line."""
     store = JobStore(db)
     for update_id in range(20, 30):
         await store.create(new_job(update_id), lambda c: ALLOW)
     batches = await asyncio.gather(*(store.claim_next(3, TIMEOUTS) for _ in range(4)))
     claimed = [job.id for batch in batches for job in batch]
-    assert sorted(claimed) == list(range(1, 11))
-    assert len(claimed) == len(set(claimed))
-    assert [j.id for j in batches[0]] == [1, 2, 3]
-    assert all(j.deadline_at for batch in batches for j in batch)
+    assert sorted(claimed) == [1, 2, 3]
+    assert all(j.deadline_at and j.owner == "local" for batch in batches for j in batch)
+    await store.finish(2, JobStatus.SUCCEEDED)
+    assert [j.id for j in await store.claim_next(3, TIMEOUTS)] == [4]
+    assert await store.claim_next(3, TIMEOUTS) == []
 
 
 async def test_final_status_is_written_once(db: Database) -> None:
@@ -286,7 +289,7 @@ async def test_claims_across_two_stores_never_share_a_job(target: str) -> None:
         for update_id in range(3000, 3030):
             await JobStore(stores[0]).create(new_job(update_id), lambda c: ALLOW)
         batches = await asyncio.gather(
-            *(JobStore(stores[n % 2]).claim_next(4, TIMEOUTS) for n in range(10))
+            *(JobStore(stores[n % 2], f"node-{n}").claim_next(30, TIMEOUTS) for n in range(10))
         )
     finally:
         for store_db in stores:
@@ -444,3 +447,178 @@ async def test_write_probe_and_health(db: Database) -> None:
     assert await db.probe_write()
     assert await db.is_healthy()
     assert db.writes.ok
+
+
+# -- several processes on one database (issue 16) ---------------------------------------------
+
+
+async def open_stores(target: str, count: int) -> list[Database]:
+    """`count` Database objects on one store (as `count` processes would have)."""
+    stores = [Database(target) for _ in range(count)]
+    for store_db in stores:
+        await store_db.open()
+    await migrate(stores[0])
+    return stores
+
+
+async def test_racing_claimers_never_pass_the_cap(target: str) -> None:
+    """Twelve claims from three stores (three processes) racing for a cap of 2 hand out
+    exactly jobs 1 and 2; after one ends, a second race hands out exactly job 3."""
+    stores = await open_stores(target, 3)
+    try:
+        for update_id in range(4000, 4020):
+            await JobStore(stores[0]).create(new_job(update_id), lambda c: ALLOW)
+        claimers = [JobStore(stores[n % 3], f"node-{n % 3}") for n in range(12)]
+        batches = await asyncio.gather(*(c.claim_next(2, TIMEOUTS) for c in claimers))
+        assert sorted(j.id for b in batches for j in b) == [1, 2]
+        await claimers[0].finish(1, JobStatus.SUCCEEDED)
+        batches = await asyncio.gather(*(c.claim_next(2, TIMEOUTS) for c in claimers))
+        assert [j.id for b in batches for j in b] == [3]
+        (row,) = query(target, "SELECT count(*) AS n FROM jobs WHERE status = 'running'", ())
+        assert row["n"] == 2
+    finally:
+        for store_db in stores:
+            await store_db.close()
+
+
+async def test_claim_churn_never_passes_the_cap(target: str) -> None:
+    """Three claimers each claim, run for a moment and finish, concurrently, 30 jobs under a
+    cap of 4: a watcher sampling the store never sees more than 4 running, and every job
+    ends exactly once."""
+    stores = await open_stores(target, 4)
+    cap, seen, done = 4, [0], asyncio.Event()
+    try:
+        for update_id in range(5000, 5030):
+            await JobStore(stores[0]).create(new_job(update_id), lambda c: ALLOW)
+
+        async def worker(n: int) -> list[int]:
+            store, mine, ran = JobStore(stores[n], f"node-{n}"), [], []
+            for _ in range(400):  # bounded
+                mine.extend(await store.claim_next(cap, TIMEOUTS))
+                if not mine:
+                    if not await store.by_status(JobStatus.QUEUED):
+                        return ran
+                    await asyncio.sleep(0.005)
+                    continue
+                await asyncio.sleep(0.01)
+                job = mine.pop(0)
+                assert await store.finish(job.id, JobStatus.SUCCEEDED, fence=job)
+                ran.append(job.id)
+            return ran
+
+        async def watch() -> None:
+            store = JobStore(stores[3])
+            while not done.is_set():
+                seen[0] = max(seen[0], await store.slots_busy())
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        ran = await asyncio.gather(*(worker(n) for n in range(3)))
+        done.set()
+        await watcher
+    finally:
+        for store_db in stores:
+            await store_db.close()
+    ids = [job_id for part in ran for job_id in part]
+    assert sorted(ids) == list(range(1, 31))
+    assert 0 < seen[0] <= cap
+    assert all(part for part in ran)  # the work spread over the three
+
+
+async def test_ownerless_running_jobs_are_adopted_before_the_queue(target: str) -> None:
+    """A running job whose process died (owner cleared, token moved on) is taken by the next
+    claim before any queued job, with a new owner and token; it still counted toward the cap,
+    so no queued job starts while the cap is full."""
+    stores = await open_stores(target, 2)
+    try:
+        a, b = JobStore(stores[0], "node-a"), JobStore(stores[1], "node-b")
+        for update_id in range(6000, 6004):
+            await a.create(new_job(update_id), lambda c: ALLOW)
+        first, second = await a.claim_next(2, TIMEOUTS)
+        await a.update(second.id, fence=second, phase=Phase.SUBMITTED, provider_request_id="p2")
+        await stores[0].execute_write(  # what the cluster's reap does to a dead node's jobs
+            "UPDATE jobs SET owner = NULL, lease_token = lease_token + 1, rescues = rescues + 1"
+            " WHERE id = ?",
+            (second.id,),
+        )
+        claimed = await b.claim_next(2, TIMEOUTS)
+        assert [j.id for j in claimed] == [second.id] and claimed.adopted == {second.id}
+        (adopted,) = claimed
+        assert (adopted.owner, adopted.lease_token, adopted.rescues) == ("node-b", 3, 1)
+        assert adopted.phase is Phase.SUBMITTED and adopted.provider_request_id == "p2"
+        assert adopted.deadline_at == second.deadline_at  # at the vendor: its deadline holds
+        await a.finish(first.id, JobStatus.SUCCEEDED, fence=first)
+        assert [j.id for j in await b.claim_next(2, TIMEOUTS)] == [3]
+    finally:
+        for store_db in stores:
+            await store_db.close()
+
+
+async def test_fair_share_spreads_claims_over_live_workers(target: str) -> None:
+    """With two live worker processes and a cap of 4, one claim takes only its share (2) and
+    leaves the rest for the other process."""
+    stores = await open_stores(target, 2)
+    try:
+        nodes = ClusterStore(stores[0])
+        for node in ("node-a", "node-b"):
+            await nodes.register(node, host="h", pid=1, roles=["worker"], ops_port=None)
+        await nodes.register("node-i", host="h", pid=2, roles=["intake"], ops_port=None)
+        a, b = JobStore(stores[0], "node-a"), JobStore(stores[1], "node-b")
+        for update_id in range(7000, 7006):
+            await a.create(new_job(update_id), lambda c: ALLOW)
+        assert [j.id for j in await a.claim_next(4, TIMEOUTS)] == [1, 2]
+        assert await a.claim_next(4, TIMEOUTS) == []
+        assert [j.id for j in await b.claim_next(4, TIMEOUTS)] == [3, 4]
+    finally:
+        for store_db in stores:
+            await store_db.close()
+
+
+async def test_fenced_writes_are_refused_once_the_job_moved_on(db: Database) -> None:
+    """A runner's writes carry owner + lease token: after the job is taken over (token bump)
+    or canceled elsewhere (the final write bumps it too), they change nothing."""
+    a, b = JobStore(db, "node-a"), JobStore(db, "node-b")
+    for update_id in (8000, 8001):
+        await a.create(new_job(update_id), lambda c: ALLOW)
+    first, second = await a.claim_next(2, TIMEOUTS)
+    assert first.lease_token == 1
+    assert await a.update(first.id, expect=[JobStatus.RUNNING], fence=first, attempts=1)
+    await db.execute_write(
+        "UPDATE jobs SET owner = NULL, lease_token = lease_token + 1 WHERE id = ?", (first.id,)
+    )
+    assert not await a.update(first.id, fence=first, attempts=5, provider_request_id="late")
+    assert not await a.finish(first.id, JobStatus.SUCCEEDED, fence=first)
+    assert not await a.owns(first) and await a.not_owned([first, second]) == [first.id]
+    (adopted,) = await b.claim_next(2, TIMEOUTS)
+    assert adopted.id == first.id and await b.owns(adopted)
+    row = await b.get(first.id)
+    assert row is not None and (row.attempts, row.provider_request_id) == (1, None)
+    # a cancel by another process: unfenced, and the owner's writes stop landing
+    assert await b.finish(second.id, JobStatus.CANCELED, error_code="canceled")
+    assert not await a.update(second.id, fence=second, attempts=2)
+    assert await a.not_owned([second]) == [second.id]
+
+
+async def test_hand_back_and_deliveries_due_respect_owners(db: Database, target: str) -> None:
+    """A clean stop hands a node's running jobs back (ownerless, token +1) and releases its
+    held jobs; `deliveries_due` adopts ownerless made results but leaves another live
+    process's own."""
+    a, b = JobStore(db, "node-a"), JobStore(db, "node-b")
+    for update_id in (9000, 9001, 9002):
+        await a.create(new_job(update_id), lambda c: ALLOW)
+    held = await a.create(new_job(9003), lambda c: ALLOW, hold_s=600)
+    assert held[1] is not None and held[1].owner == "node-a"
+    one, two = await a.claim_next(2, TIMEOUTS)
+    (three,) = await b.claim_next(3, TIMEOUTS)
+    for job, store in ((one, a), (two, a), (three, b)):
+        assert await store.update(job.id, fence=job, phase=Phase.FETCHED)
+    assert await a.hand_back() == [one.id, two.id]
+    rows = {j.id: j for j in await a.by_status(JobStatus.RUNNING, JobStatus.QUEUED)}
+    assert rows[one.id].owner is None and rows[one.id].lease_token == one.lease_token + 1
+    assert rows[held[1].id].owner is None
+    (row,) = query(target, "SELECT held_until FROM jobs WHERE id = ?", (held[1].id,))
+    assert row["held_until"] is None
+    due = await b.deliveries_due(utcnow())
+    assert [j.id for j in due] == [one.id, two.id, three.id]
+    assert due.adopted == {one.id, two.id} and all(j.owner == "node-b" for j in due)
+    assert list(await a.deliveries_due(utcnow())) == []

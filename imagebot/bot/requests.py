@@ -308,7 +308,7 @@ async def request_job(
             return job
         # When every slot is taken, the first answer is the place in line (not "Generating…"
         # edited a moment later). If Telegram refuses it now, the worker sends it at the start.
-        if not services.runner.has_free_slot():
+        if not await services.runner.has_free_slot():
             position = await services.store.queue_position(job.id)
         job = await services.progress.ensure_status(job, queued_at=position)
         arrived = services.intake.received_at(update.update_id)

@@ -64,11 +64,28 @@ class JobFilter:
     limit: int = 50
 
 
-class JobStore:
-    """All reads and writes of the jobs table."""
+# Phases in which a running job holds a provider slot (counted against runner.max_running);
+# a job whose images are made (fetched, delivering) waits for Telegram without one.
+SLOT_PHASES = "('new', 'submitting', 'submitted')"
 
-    def __init__(self, db: Database) -> None:
+
+class Claimed(list[Job]):
+    """Jobs one claim handed to this node (oldest first); `adopted`: the ids among them that
+    were running already (ownerless: their process died or stopped) rather than queued."""
+
+    adopted: frozenset[int] = frozenset()
+
+
+class JobStore:
+    """All reads and writes of the jobs table.
+
+    `node_id`: the process this store writes for (its cluster node id): jobs it creates and
+    claims are owned by it, and its writes for a running job are fenced by owner and token.
+    """
+
+    def __init__(self, db: Database, node_id: str = "local") -> None:
         self.db = db
+        self.node_id = node_id
 
     async def create(
         self,
@@ -110,8 +127,8 @@ class JobStore:
                 " command_message_id, prompt, input_file_id, input_file_size, input_width,"
                 " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
                 " updated_at, style_id, model, prompt_suffix, shape, images_asked, input_file_ids,"
-                " source_index, held_until, language) VALUES (?, 'queued', 'new',"
-                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " source_index, held_until, language, owner) VALUES (?, 'queued', 'new',"
+                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.kind.value,
                     new.update_id,
@@ -139,6 +156,8 @@ class JobStore:
                     new.source_index,
                     held_until,
                     new.language,
+                    # the creating process: its hold is released if it dies (ClusterStore.reap)
+                    self.node_id,
                 ),
             )
             if after_insert is not None:
@@ -163,11 +182,58 @@ class JobStore:
             (job_id,),
         )
 
-    async def release_all(self) -> int:
-        """Release every held job (at start-up: the handlers that held them are gone)."""
-        return await self.db.execute_write(
-            "UPDATE jobs SET held_until = NULL WHERE held_until IS NOT NULL"
-        )
+    async def disown_running(self) -> list[int]:
+        """This node's running jobs lose their owner (token +1): it was declared dead and
+        dropped their runs; those nobody took over yet are adopted afresh (by any node, this
+        one included). Jobs another node took over already are not touched."""
+        node = self.node_id
+
+        def disown(conn: Conn) -> list[int]:
+            ids = [
+                int(row["id"])
+                for row in conn.execute(
+                    "SELECT id FROM jobs WHERE status = 'running' AND owner = ? ORDER BY id",
+                    (node,),
+                )
+            ]
+            conn.execute(
+                "UPDATE jobs SET owner = NULL, lease_token = lease_token + 1, updated_at = ?"
+                " WHERE status = 'running' AND owner = ?",
+                (iso(), node),
+            )
+            return ids
+
+        return await self.db.write(disown)
+
+    async def hand_back(self) -> list[int]:
+        """A clean stop of this node: its running jobs lose their owner (token +1, so nothing
+        it might still write lands) and another live process, or this one after its restart,
+        adopts them at once; the jobs its handlers still held are released. Returns the ids
+        of the running jobs handed back."""
+        node = self.node_id
+        stamp = iso()
+
+        def hand_back(conn: Conn) -> list[int]:
+            ids = [
+                int(row["id"])
+                for row in conn.execute(
+                    "SELECT id FROM jobs WHERE status = 'running' AND owner = ? ORDER BY id",
+                    (node,),
+                )
+            ]
+            conn.execute(
+                "UPDATE jobs SET owner = NULL, lease_token = lease_token + 1, updated_at = ?"
+                " WHERE status = 'running' AND owner = ?",
+                (stamp, node),
+            )
+            conn.execute(
+                "UPDATE jobs SET held_until = NULL, owner = NULL"
+                " WHERE status = 'queued' AND owner = ? AND held_until IS NOT NULL",
+                (node,),
+            )
+            return ids
+
+        return await self.db.write(hand_back)
 
     async def get(self, job_id: int) -> Job | None:
         row = await self.db.fetchone("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -209,56 +275,169 @@ class JobStore:
         return [_row_to_job(row) for row in rows]
 
     async def update(
-        self, job_id: int, *, expect: Sequence[JobStatus] | None = None, **values: Any
+        self,
+        job_id: int,
+        *,
+        expect: Sequence[JobStatus] | None = None,
+        fence: Job | None = None,
+        bump: bool = False,
+        **values: Any,
     ) -> bool:
-        """Set columns of one job; with `expect`, only if its status is one of those."""
+        """Set columns of one job; with `expect`, only if its status is one of those; with
+        `fence`, only while the row's owner and lease token are still those of `fence` (the
+        job object its runner holds): False once another process took the job over. `bump`
+        moves the lease token on, so the writes of whoever held it before match nothing."""
         unknown = set(values) - _WRITABLE
         if unknown:
             raise ValueError(f"not writable: {sorted(unknown)}")
         values["updated_at"] = iso()
         assignments = ", ".join(f"{key} = ?" for key in values)
+        if bump:
+            assignments += ", lease_token = lease_token + 1"
         params = [_encode(key, value) for key, value in values.items()]
         sql = f"UPDATE jobs SET {assignments} WHERE id = ?"  # noqa: S608 - keys checked above
         params.append(job_id)
         if expect:
             sql += f" AND status IN ({', '.join('?' for _ in expect)})"
             params.extend(status.value for status in expect)
+        if fence is not None:
+            sql += " AND owner = ? AND lease_token = ?"
+            params.extend((fence.owner, fence.lease_token))
         return await self.db.execute_write(sql, params) == 1
 
-    async def claim_next(self, slots: int, timeouts: dict[JobKind, float]) -> list[Job]:
-        """Move up to `slots` of the oldest queued jobs to running (FIFO by id), skipping
-        jobs still held by the handler that created them (see `create(hold_s=)`)."""
-        if slots <= 0:
+    async def owns(self, job: Job) -> bool:
+        """The job is still running under `job`'s owner and lease token (nobody took it)."""
+        row = await self.db.fetchone(
+            "SELECT 1 AS one FROM jobs WHERE id = ? AND status = 'running' AND owner = ?"
+            " AND lease_token = ?",
+            (job.id, job.owner, job.lease_token),
+        )
+        return row is not None
+
+    async def not_owned(self, jobs: Sequence[Job]) -> list[int]:
+        """The ids among `jobs` (as their runner holds them) that are no longer running under
+        the same owner and lease token: ended, canceled or swept elsewhere, or taken over."""
+        if not jobs:
             return []
+        marks = ", ".join("?" for _ in jobs)
+        rows = await self.db.fetchall(
+            "SELECT id, status, owner, lease_token FROM jobs"  # noqa: S608 - placeholders only
+            f" WHERE id IN ({marks})",
+            [job.id for job in jobs],
+        )
+        current = {int(row["id"]): row for row in rows}
+        lost = []
+        for job in jobs:
+            row = current.get(job.id)
+            if (
+                row is None
+                or row["status"] != "running"
+                or row["owner"] != job.owner
+                or int(row["lease_token"]) != job.lease_token
+            ):
+                lost.append(job.id)
+        return lost
+
+    async def slots_busy(self) -> int:
+        """Running jobs holding a provider slot, across every process on the database."""
+        row = await self.db.fetchone(
+            "SELECT count(*) AS n FROM jobs"  # noqa: S608 - a constant
+            f" WHERE status = 'running' AND phase IN {SLOT_PHASES}"
+        )
+        return int(row["n"]) if row else 0
+
+    async def claim_next(
+        self, cap: int, timeouts: dict[JobKind, float], *, lease_s: float = 30.0
+    ) -> Claimed:
+        """Give this node jobs to run, under `cap` slot-holding running jobs across every
+        process on the database (runner.max_running), in one transaction that claimers take
+        one at a time (the `jobs:claim` lock: the count it reads stays true until it commits).
+
+        First the ownerless running jobs (their process died or stopped: they count toward
+        the cap already), then the oldest queued jobs (FIFO by id), skipping jobs still held
+        by the handler that created them (see `create(hold_s=)`), up to the free slots and
+        this node's fair share: ceil(cap / live worker nodes) minus what it runs already.
+        Each gets `owner = this node, lease_token + 1`. Adopted jobs not yet at the vendor
+        (phase new or submitting) get a fresh deadline; submitted ones keep theirs.
+        """
+        node = self.node_id
+        claimed = Claimed()
+        if cap <= 0:
+            return claimed
         now = utcnow()
         stamp = iso(now)
         deadlines = {kind: iso(now + timedelta(seconds=s)) for kind, s in timeouts.items()}
+        workers_sql = (
+            "SELECT count(*) AS n FROM nodes WHERE roles LIKE '%worker%'"  # noqa: S608 - our own expression
+            f" AND heartbeat_at > {self.db.clock_sql(-lease_s)}"
+        )
 
-        def claim(conn: Conn) -> list[Row]:
-            ids = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT id FROM jobs WHERE status = 'queued'"  # noqa: S608 - the dialect's fixed clause
-                    " AND (held_until IS NULL OR held_until <= ?) ORDER BY id LIMIT ?"
-                    + self.db.for_update,
-                    (stamp, slots),
+        def claim(conn: Conn) -> tuple[list[Row], list[int]]:
+            self.db.lock(conn, "jobs:claim")
+            row = conn.execute(
+                "SELECT count(*) AS busy, sum(CASE WHEN owner = ? THEN 1 ELSE 0 END) AS mine"  # noqa: S608 - a constant
+                f" FROM jobs WHERE status = 'running' AND phase IN {SLOT_PHASES}",
+                (node,),
+            ).fetchone()
+            busy, mine = int(row["busy"]), int(row["mine"] or 0)
+            workers = max(1, int(conn.execute(workers_sql).fetchone()["n"]))
+            share = -(-cap // workers) - mine
+            if share <= 0:
+                return [], []
+            adopted = [
+                int(r[0])
+                for r in conn.execute(
+                    "SELECT id FROM jobs WHERE status = 'running' AND owner IS NULL"  # noqa: S608 - a constant
+                    f" AND phase IN {SLOT_PHASES} ORDER BY id LIMIT ?" + self.db.for_update,
+                    (share,),
                 )
             ]
-            if not ids:
-                return []
-            marks = ", ".join("?" for _ in ids)
+            take = min(share - len(adopted), cap - busy)
+            queued = (
+                [
+                    int(r[0])
+                    for r in conn.execute(
+                        "SELECT id FROM jobs WHERE status = 'queued'"  # noqa: S608 - the dialect's fixed clause
+                        " AND (held_until IS NULL OR held_until <= ?) ORDER BY id LIMIT ?"
+                        + self.db.for_update,
+                        (stamp, take),
+                    )
+                ]
+                if take > 0
+                else []
+            )
             for kind, deadline in deadlines.items():
-                conn.execute(
-                    "UPDATE jobs SET status = 'running', started_at = ?, updated_at = ?,"  # noqa: S608 - placeholders only
-                    f" deadline_at = ? WHERE kind = ? AND id IN ({marks})",
-                    (stamp, stamp, deadline, kind.value, *ids),
-                )
-            return conn.execute(
+                if adopted:
+                    marks = ", ".join("?" for _ in adopted)
+                    conn.execute(
+                        "UPDATE jobs SET owner = ?, lease_token = lease_token + 1,"  # noqa: S608 - placeholders only
+                        " updated_at = ?, deadline_at = CASE WHEN phase = 'submitted'"
+                        " THEN deadline_at ELSE ? END"
+                        f" WHERE kind = ? AND owner IS NULL AND id IN ({marks})",
+                        (node, stamp, deadline, kind.value, *adopted),
+                    )
+                if queued:
+                    marks = ", ".join("?" for _ in queued)
+                    conn.execute(
+                        "UPDATE jobs SET status = 'running', owner = ?,"  # noqa: S608 - placeholders only
+                        " lease_token = lease_token + 1, started_at = ?, updated_at = ?,"
+                        f" deadline_at = ? WHERE kind = ? AND id IN ({marks})",
+                        (node, stamp, stamp, deadline, kind.value, *queued),
+                    )
+            ids = adopted + queued
+            if not ids:
+                return [], []
+            marks = ", ".join("?" for _ in ids)
+            rows = conn.execute(
                 f"SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY id",  # noqa: S608
                 ids,
             ).fetchall()
+            return rows, adopted
 
-        return [_row_to_job(row) for row in await self.db.write(claim)]
+        rows, adopted = await self.db.write(claim)
+        claimed.extend(_row_to_job(row) for row in rows)
+        claimed.adopted = frozenset(adopted)
+        return claimed
 
     async def finish(
         self,
@@ -268,16 +447,22 @@ class JobStore:
         error_code: str | None = None,
         error_message: str | None = None,
         phase: Phase = Phase.DONE,
+        fence: Job | None = None,
         **values: Any,
     ) -> bool:
-        """Write a final status once; False if the job was already final.
+        """Write a final status once; False if the job was already final (or, with `fence`,
+        no longer the fencing runner's).
 
-        `phase=SETTLING` records that the chat still has to be tidied (see `unsettled`).
+        `phase=SETTLING` records that the chat still has to be tidied (see `unsettled`). The
+        lease token moves on, so a process still running the job (a cancel or the sweep
+        ended it from another one) finds every further write refused and stops.
         """
         assert status in FINAL_STATUSES
         return await self.update(
             job_id,
             expect=(JobStatus.QUEUED, JobStatus.RUNNING),
+            fence=fence,
+            bump=True,
             status=status,
             phase=phase,
             error_code=error_code,
@@ -301,15 +486,44 @@ class JobStore:
         rows = await self.db.fetchall(sql + " ORDER BY id", params)
         return [_row_to_job(row) for row in rows]
 
-    async def deliveries_due(self, now: datetime) -> list[Job]:
+    async def deliveries_due(self, now: datetime) -> Claimed:
         """Running jobs whose images are made (phase fetched or delivering) and whose next
-        delivery try is due: parked ones, and any a restart or a storage fault left."""
-        rows = await self.db.fetchall(
-            "SELECT * FROM jobs WHERE status = 'running' AND phase IN ('fetched', 'delivering')"
-            " AND (deliver_after IS NULL OR deliver_after <= ?) ORDER BY id",
-            (iso(now),),
-        )
-        return [_row_to_job(row) for row in rows]
+        delivery try is due, among this node's own and the ownerless ones (their process
+        died or stopped: adopted here, owner = this node, lease token + 1): parked ones, and
+        any a restart or a storage fault left. Other live processes' jobs are theirs."""
+        node = self.node_id
+        stamp = iso(now)
+
+        def due(conn: Conn) -> tuple[list[Row], list[int]]:
+            found = conn.execute(
+                "SELECT id, owner FROM jobs WHERE status = 'running'"  # noqa: S608 - the dialect's fixed clause
+                " AND phase IN ('fetched', 'delivering')"
+                " AND (deliver_after IS NULL OR deliver_after <= ?)"
+                " AND (owner IS NULL OR owner = ?) ORDER BY id" + self.db.for_update,
+                (stamp, node),
+            ).fetchall()
+            if not found:
+                return [], []
+            orphans = [int(row["id"]) for row in found if row["owner"] is None]
+            if orphans:
+                marks = ", ".join("?" for _ in orphans)
+                conn.execute(
+                    "UPDATE jobs SET owner = ?, lease_token = lease_token + 1, updated_at = ?"  # noqa: S608 - placeholders only
+                    f" WHERE owner IS NULL AND id IN ({marks})",
+                    (node, iso(), *orphans),
+                )
+            ids = [int(row["id"]) for row in found]
+            marks = ", ".join("?" for _ in ids)
+            rows = conn.execute(
+                f"SELECT * FROM jobs WHERE id IN ({marks}) ORDER BY id",  # noqa: S608
+                ids,
+            ).fetchall()
+            return rows, orphans
+
+        rows, adopted = await self.db.write(due)
+        claimed = Claimed(_row_to_job(row) for row in rows)
+        claimed.adopted = frozenset(adopted)
+        return claimed
 
     async def waiting_counts(self) -> dict[str, int]:
         """Results (`deliveries`) and chat notices (`notices`) waiting for Telegram."""

@@ -219,6 +219,19 @@ class FakeReplicate(FileHost):
     def lists(self) -> list[Call]:
         return self.calls_of("list")
 
+    def max_open(self) -> int:
+        """The most predictions open at one moment so far (created, not yet final): what a
+        global cap on running jobs must keep at or under the cap."""
+        edges = sorted(
+            [(p.created, 1) for p in self.predictions.values()]
+            + [(p.completed_at_ts, -1) for p in self.predictions.values()]
+        )  # at equal times a close (-1) sorts before an open (+1)
+        most = now = 0
+        for _, step in edges:
+            now += step
+            most = max(most, now)
+        return most
+
     # -- handlers --------------------------------------------------------------------------
 
     def _authorized(self, request: web.Request) -> bool:
