@@ -65,6 +65,9 @@ class JobRunner:
         self._pump_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        # Called when a job may have become claimable for other processes (released, a slot
+        # freed); app.py makes it a NOTIFY (issue 16). This process pumps by itself.
+        self.on_claimable: Callable[[], None] = lambda: None
         # Read at scrape time, so the gauge is never behind the runner.
         metrics.jobs_running.set_function(lambda: len(self._scheduled))
 
@@ -94,6 +97,10 @@ class JobRunner:
     def running_count(self) -> int:
         return len(self._scheduled)
 
+    def runs(self, job_id: int) -> bool:
+        """This process runs job `job_id` now (thread-safe: a set lookup)."""
+        return job_id in self._runs or job_id in self._scheduled
+
     def has_free_slot(self) -> bool:
         """A job created now would start at once (nothing waits ahead of it for a slot)."""
         return not self._stopping and len(self._scheduled) < self.settings.runner.max_running
@@ -113,6 +120,8 @@ class JobRunner:
                 raise
             self._unreleased.add(job_id)
             log.warning("job_release_deferred", job_id=job_id, error=str(exc))
+        else:
+            self.on_claimable()
 
     async def pump(self) -> None:
         """Release deferred holds and resume suspended jobs, then claim the oldest queued
@@ -124,6 +133,7 @@ class JobRunner:
                 for job_id in sorted(self._unreleased):
                     await self.store.release(job_id)
                     self._unreleased.discard(job_id)
+                    self.on_claimable()
                 if self._suspended and self.store.db.writes.ok:
                     await self._resume_suspended()
                 free = self.settings.runner.max_running - len(self._scheduled)
@@ -190,6 +200,7 @@ class JobRunner:
             structlog.contextvars.clear_contextvars()
             if not self._stopping:
                 self._in_background(self.pump())
+                self.on_claimable()
 
     async def _run(self, job_id: int, task: asyncio.Task[Any]) -> None:
         try:
