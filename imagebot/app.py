@@ -288,7 +288,8 @@ def _wire_wakeups(services: Services) -> None:
     notifier, runner, hints = services.notifier, services.runner, services.runner.pipeline.hints
     pump = Coalesced(runner.pump)
     runner.on_claimable = lambda: notifier.notify(JOBS, here=False)
-    if services.cluster.has_role("worker"):
+    runner.claims = services.cluster.has_role("worker")
+    if runner.claims:
         notifier.subscribe(JOBS, pump.trigger)
     hints.route_to(runner.runs, lambda job_id: notifier.notify(HINT, str(job_id)))
 
@@ -303,7 +304,7 @@ def _wire_wakeups(services: Services) -> None:
             hints.missed()  # jobs poll at the vendor's interval until hints come again
             return
         hints.wake_all()
-        if services.cluster.has_role("worker"):
+        if runner.claims:
             pump.trigger()
 
     notifier.on_listening(listening)

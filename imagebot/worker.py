@@ -68,6 +68,8 @@ class JobRunner:
         # Called when a job may have become claimable for other processes (released, a slot
         # freed); app.py makes it a NOTIFY (issue 16). This process pumps by itself.
         self.on_claimable: Callable[[], None] = lambda: None
+        # False: this process takes no jobs from the queue (it lacks the `worker` role)
+        self.claims = True
         # Read at scrape time, so the gauge is never behind the runner.
         metrics.jobs_running.set_function(lambda: len(self._scheduled))
 
@@ -137,6 +139,7 @@ class JobRunner:
                 if self._suspended and self.store.db.writes.ok:
                     await self._resume_suspended()
                 free = self.settings.runner.max_running - len(self._scheduled)
+                free = free if self.claims else 0
                 for job in await self.store.claim_next(free, self.pipeline.timeouts):
                     self._schedule(job)
             except Exception as exc:
