@@ -45,6 +45,7 @@ from imagebot.metrics import Metrics
 from imagebot.models import ImageFile, Job, JobKind
 from imagebot.netguard import AddressGuard, Resolver, system_resolver
 from imagebot.network import Network
+from imagebot.notify import HINT, JOBS, Coalesced, notifier_for
 from imagebot.ops_server import OpsServer, OpsState
 from imagebot.pipeline import Pipeline
 from imagebot.policy import Policy
@@ -269,12 +270,44 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         credits=credits,
         stars=stars,
         control=Control(AccessStore(db), policy),
+        notifier=notifier_for(db),
     )
+    _wire_wakeups(services)
     application.bot_data[SERVICES_KEY] = services
     register(application, services)
     app = App(services, application, OpsServer(services, state), state, providers, fetcher)
     app_ref.append(app)
     return app
+
+
+def _wire_wakeups(services: Services) -> None:
+    """Cross-process wake-ups (issue 16): a job made claimable anywhere pumps every worker's
+    runner; a completion hint reaches the process running its job. While the listener is
+    away, jobs poll at the vendor's interval and the periodic tend pumps; when it is back,
+    every waiting job polls once and the runner pumps (what was missed is looked at)."""
+    notifier, runner, hints = services.notifier, services.runner, services.runner.pipeline.hints
+    pump = Coalesced(runner.pump)
+    runner.on_claimable = lambda: notifier.notify(JOBS, here=False)
+    if runner.worker:
+        notifier.subscribe(JOBS, pump.trigger)
+    hints.route_to(runner.runs, lambda job_id: notifier.notify(HINT, str(job_id)))
+
+    def hinted(payload: str) -> None:
+        if payload.isdigit():
+            hints.passed_on(int(payload))
+
+    notifier.subscribe(HINT, hinted)
+
+    def listening(up: bool) -> None:
+        if not up:
+            hints.missed()  # jobs poll at the vendor's interval until hints come again
+            return
+        hints.wake_all()
+        if runner.worker:
+            pump.trigger()
+
+    notifier.on_listening(listening)
+    services.metrics.notify_listening.set_function(lambda: int(notifier.listening))
 
 
 def _credits(
@@ -451,6 +484,7 @@ async def _cluster_chores(services: Services) -> None:
     if cluster.holds(MAINTENANCE):
         reaped = await cluster.reap()
         if reaped.jobs_freed or reaped.holds_released:
+            services.notifier.notify(JOBS, here=False)  # every worker may adopt them
             await services.runner.pump()
     if cluster.has_role("intake") and cluster.trusted:
         adopted = await cluster.adopt_updates()
@@ -503,6 +537,7 @@ async def run(app: App) -> int:
         assert services.control is not None
         await services.control.load()  # allowlist and pause before any update is handled
         app.state.heartbeat.start()
+        await services.notifier.start()
         await app.ops.start()
         await services.cluster.start(app.ops.port)
         log.info(
@@ -540,6 +575,7 @@ async def run(app: App) -> int:
             await services.intake.stop()
             await services.runner.shutdown(SHUTDOWN_GRACE_S)
             await services.cluster.stop()
+            services.notifier.notify(JOBS, here=False)  # jobs handed back: peers adopt them
             if app.application.running:
                 await app.application.stop()
             await app.application.shutdown()
@@ -554,6 +590,7 @@ async def run(app: App) -> int:
         await app.fetcher.aclose()
         await app.state.heartbeat.stop()
         await services.cluster.stop()  # (done already unless start-up was cut short)
+        await services.notifier.stop()
         await services.db.close()
         log.info("stopped", exit_code=app.exit_code)
     return app.exit_code

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 _MAX_EARLY = 10_000  # hints for jobs not (yet) waiting, kept until a job starts waiting
@@ -30,6 +30,10 @@ class CompletionHints:
         self._waiting: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_hint: float | None = None  # loop time of the last hint that woke a wait
+        # Several processes (issue 16): whether this one runs a job, and how a hint for a
+        # job it does not run reaches the others (see `route_to`).
+        self._runs_here: Callable[[int], bool] | None = None
+        self._forward: Callable[[int], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -64,6 +68,33 @@ class CompletionHints:
 
     def verify(self, job_id: int, token: str) -> bool:
         return hmac.compare_digest(self.token(job_id), token)
+
+    def route_to(self, runs_here: Callable[[int], bool], forward: Callable[[int], None]) -> None:
+        """Hints arriving here for a job this process does not run (`runs_here(job_id)` is
+        False) go to `forward(job_id)`, which tells the other processes (thread-safe both)."""
+        self._runs_here = runs_here
+        self._forward = forward
+
+    def received(self, job_id: int) -> None:
+        """A verified hint came in (on any thread): wake the job here if it runs here, else
+        pass it on to the process that does."""
+        if self._forward is None or self._runs_here is None or self._runs_here(job_id):
+            self.notify(job_id)
+        else:
+            self._forward(job_id)
+
+    def passed_on(self, job_id: int) -> None:
+        """Another process received a hint for job `job_id`: wake it if it runs here."""
+        if self._runs_here is None or self._runs_here(job_id):
+            self.notify(job_id)
+
+    def wake_all(self) -> None:
+        """Every waiting job polls once now (hints may have been missed: the listener was
+        away). Not counted as a hint arriving. Called on the loop."""
+        for job_id in self._waiting:
+            event = self._events.get(job_id)
+            if event is not None:
+                event.set()
 
     def notify(self, job_id: int) -> None:
         """Wake the job's wait (thread-safe). A hint that comes before the wait is kept."""

@@ -494,7 +494,7 @@ class Intake:
             log.warning("completion_hint_forbidden", remote=request.remote)
             return web.Response(status=403)
         self.metrics.completion_hints.labels("accepted").inc()
-        self.hints.notify(int(raw_id))
+        self.hints.received(int(raw_id))  # here, or passed on to the process running it
         return web.Response(status=204)
 
     # -- polling ---------------------------------------------------------------------------

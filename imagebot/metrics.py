@@ -201,6 +201,11 @@ class Metrics:
             "1 when the last write reached the database, 0 while writes fail (disk full, I/O)",
             registry=r,
         )
+        self.notify_listening = Gauge(
+            "imagebot_notify_listening",
+            "1 while other processes' wake-ups reach this one (LISTEN), 0 while it only polls",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

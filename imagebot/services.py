@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from imagebot.cluster import Cluster
 from imagebot.config import Settings
@@ -11,6 +11,7 @@ from imagebot.credits import Credits
 from imagebot.delivery import Delivery
 from imagebot.intake import Intake
 from imagebot.metrics import Metrics
+from imagebot.notify import Notifier
 from imagebot.policy import Policy
 from imagebot.progress import Progress
 from imagebot.results import ResultFiles
@@ -48,3 +49,5 @@ class Services:
     credits: Credits | None = None  # credits.enabled: prices, reservations (issue 18)
     stars: Stars | None = None  # credits.enabled: invoices, payments, refunds
     control: Control | None = None  # allowlist in the database, invites, pause (issue 19)
+    # wake-ups across processes: LISTEN/NOTIFY on PostgreSQL, local calls on SQLite
+    notifier: Notifier = field(default_factory=Notifier)

@@ -82,6 +82,9 @@ class JobRunner:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._started = 0  # runs launched (recover reports how many it started)
+        # Called when a job may have become claimable for other processes (released, a slot
+        # freed); app.py makes it a NOTIFY (issue 16). This process pumps by itself.
+        self.on_claimable: Callable[[], None] = lambda: None
         # Read at scrape time, so the gauge is never behind the runner.
         metrics.jobs_running.set_function(lambda: len(self._scheduled))
 
@@ -110,6 +113,10 @@ class JobRunner:
     @property
     def running_count(self) -> int:
         return len(self._scheduled)
+
+    def runs(self, job_id: int) -> bool:
+        """This process runs job `job_id` now (thread-safe: a set lookup)."""
+        return job_id in self._runs or job_id in self._scheduled
 
     async def has_free_slot(self) -> bool:
         """A job created now would start at once: fewer than `runner.max_running` jobs hold a
@@ -152,6 +159,8 @@ class JobRunner:
                 raise
             self._unreleased.add(job_id)
             log.warning("job_release_deferred", job_id=job_id, error=str(exc))
+        else:
+            self.on_claimable()
 
     async def pump(self) -> None:
         """Release deferred holds and resume suspended jobs, then adopt ownerless running
@@ -164,6 +173,7 @@ class JobRunner:
                 for job_id in sorted(self._unreleased):
                     await self.store.release(job_id)
                     self._unreleased.discard(job_id)
+                    self.on_claimable()
                 if not self.worker or not self.cluster.trusted:
                     return
                 if self._suspended and self.store.db.writes.ok:
@@ -269,6 +279,7 @@ class JobRunner:
             structlog.contextvars.clear_contextvars()
             if not self._stopping:
                 self._in_background(self.pump())
+                self.on_claimable()
 
     async def _run(self, job_id: int, task: asyncio.Task[Any]) -> None:
         try:
