@@ -10,11 +10,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import updates
 from tests.conftest import WEBHOOK_SECRET, SettingsFactory, running
-from tests.crash_harness import WEBHOOK_PATH, Daemon, environment, query, run_imagebot
+from tests.crash_harness import (
+    WEBHOOK_PATH,
+    Daemon,
+    MakeDaemon,
+    environment,
+    query,
+    run_imagebot,
+)
 from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
@@ -269,3 +277,16 @@ async def test_healthz_and_metrics_of_two_processes(
     job = listing["jobs"][0]
     assert job["rescues"] == 0 and "owner" in job
     assert one["id"] == job["id"] and one["rescues"] == 0 and "owner" in one
+
+
+@pytest.mark.sqlite_only(reason="one process per SQLite file: every other node is a dead run")
+async def test_sqlite_restart_after_kill_takes_the_leases_at_once(daemon: MakeDaemon) -> None:
+    """On SQLite a restart after kill -9 holds the poller and maintenance leases before it is
+    ready (the dead run's leases are let go, not waited out) and polls again."""
+    bot = daemon(mode="polling")
+    await bot.start()
+    await bot.kill()
+    await bot.start()
+    taken = [e["lease"] for e in bot.log_events("lease_taken")]
+    await wait_until(lambda: len(bot.log_events("polling_started")) == 2, within=10)
+    assert sorted(taken) == ["maintenance", "maintenance", "poller", "poller"]

@@ -59,8 +59,14 @@ class ClusterStore:
         )
 
     async def forget_others(self, node_id: str) -> int:
-        """Declare every other node dead (a database only this process can open: SQLite)."""
-        return await self.db.execute_write("DELETE FROM nodes WHERE id != ?", (node_id,))
+        """Declare every other node dead (a database only this process can open: SQLite),
+        and let go of their leases: a restart after kill -9 polls at once, not a lease later."""
+
+        def forget(conn: Conn) -> int:
+            conn.execute("DELETE FROM leases WHERE holder != ?", (node_id,))
+            return int(conn.execute("DELETE FROM nodes WHERE id != ?", (node_id,)).rowcount)
+
+        return await self.db.write(forget)
 
     async def heartbeat(self, node_id: str, lease_s: float) -> bool:
         """Renew this node's heartbeat; False when it was silent past the lease (the others
