@@ -636,14 +636,16 @@ class Intake:
         confirmed, what it fetched but never saved is asked for again."""
         offset: int | None = None
         backoff = 1.0
-        webhook_deleted = False
+        webhook_deleted = resumed = False
         while self.running and self._holds(POLLER):
             try:
                 if not webhook_deleted:
                     await self.application.bot.delete_webhook(drop_pending_updates=False)
                     webhook_deleted = True
+                if not resumed:
                     newest = await self.inbox.newest_update_id()
                     offset = newest + 1 if newest is not None else None
+                    resumed = True
                 fetch = asyncio.get_running_loop().create_task(self._fetch_batch(offset))
                 self._fetch = fetch
                 try:
