@@ -241,6 +241,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         settings,
         hints=hints,
         on_fatal=lambda why: app_ref[0].request_stop(why, exit_code=2),
+        cluster=cluster,
     )
     policy = Policy(settings)
     credits, stars = _credits(
@@ -544,6 +545,8 @@ async def run(app: App) -> int:
             "starting",
             mode=settings.telegram.mode,
             ops=f"{settings.ops.listen}:{app.ops.port}",
+            node=services.cluster.node_id,
+            roles=sorted(services.cluster.roles),
             migrations_applied=applied,
             generate_provider=settings.generate.provider,
             edit_provider=settings.edit.provider,
@@ -557,7 +560,8 @@ async def run(app: App) -> int:
             # What processes that died left (on SQLite: the last run of this one).
             await services.cluster.reap()
             await services.runner.recover()
-            await services.intake.replay(await services.cluster.adopt_updates())
+            if services.cluster.has_role("intake"):  # handlers run on intake processes only
+                await services.intake.replay(await services.cluster.adopt_updates())
             freeze_startup_objects()
             try:
                 await services.intake.start()

@@ -17,6 +17,7 @@ saved update PTB cannot parse, or whose handler raises, is closed in the inbox w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import re
@@ -31,6 +32,7 @@ from telegram import Update
 from telegram.error import Conflict, InvalidToken, NetworkError, TelegramError, TimedOut
 from telegram.ext import Application, BaseUpdateProcessor, CallbackContext
 
+from imagebot.cluster import MAINTENANCE, POLLER, Cluster
 from imagebot.config import Settings
 from imagebot.hints import ROUTE_SUFFIX, CompletionHints
 from imagebot.logs import get_logger
@@ -247,8 +249,13 @@ class Intake:
         settings: Settings,
         hints: CompletionHints,
         on_fatal: Callable[[str], None] | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.application = application
+        # this process among others on the database: its roles and leases decide whether it
+        # listens (intake), polls (the poller lease) and sets the webhook (maintenance lease);
+        # None: a process alone, doing all of it
+        self.cluster = cluster
         self.inbox = inbox
         self.metrics = metrics
         self.settings = settings
@@ -258,6 +265,11 @@ class Intake:
         self.webhook_port: int | None = None
         self._received: dict[int, float] = {}
         self._poll_task: asyncio.Task[None] | None = None
+        self._fetch: asyncio.Task[list[dict[str, Any]]] | None = None  # a getUpdates in flight
+        self._lease_changed = asyncio.Event()
+        self._webhook_set = False  # setWebhook done while this process holds maintenance
+        self._webhook_lock = asyncio.Lock()
+        self._webhook_task: asyncio.Task[None] | None = None
         self._web: ThreadedSite | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Update kinds answered at once, beside the Application and its per-chat processor
@@ -411,22 +423,96 @@ class Intake:
             log.info("updates_replayed", count=queued, closed=len(saved) - queued)
         return queued
 
+    @property
+    def takes_updates(self) -> bool:
+        """This process has the intake role: it listens for webhooks and hints, or may poll."""
+        return self.cluster is None or self.cluster.has_role("intake")
+
+    def _holds(self, lease: str) -> bool:
+        return self.cluster is None or self.cluster.holds(lease)
+
     async def start(self) -> None:
+        """Listen (intake role), set the webhook (the maintenance lease's holder: once per
+        cluster), or poll whenever this process holds the poller lease."""
         self._loop = asyncio.get_running_loop()
         self.hints.bind(self._loop)
         self.running = True
         if self.mode == "webhook":
-            await self._start_webhook()
-        else:
-            await self.application.bot.delete_webhook(drop_pending_updates=False)
+            if self.takes_updates:
+                await self._start_webhook()
+            # At start a failed setWebhook stops start-up, as for a single process.
+            await self._publish_webhook()
+        elif self.takes_updates:
             self._poll_task = asyncio.get_running_loop().create_task(
                 self._poll_loop(), name="telegram-polling"
             )
-        log.info("intake_started", mode=self.mode)
+        if self.cluster is not None:
+            self.cluster.on_lease(self._on_lease)
+            self.cluster.on_tick(self._on_tick)
+        log.info(
+            "intake_started",
+            mode=self.mode,
+            node=self.cluster.node_id if self.cluster is not None else None,
+            takes_updates=self.takes_updates,
+            webhook_port=self.webhook_port,
+            # polling: only while it holds the poller lease; webhook: only its leader sets it
+            sets_webhook=self.mode == "webhook" and self._holds(MAINTENANCE),
+            polls=self.mode == "polling" and self.takes_updates,
+        )
+
+    async def _on_lease(self, name: str, held: bool) -> None:
+        """Called by the heartbeat when this process gains or loses a lease."""
+        if name == MAINTENANCE and not held:
+            self._webhook_set = False  # whoever holds it next sets the webhook again
+        if name == POLLER:
+            self._lease_changed.set()
+            if not held and self._fetch is not None:
+                self._fetch.cancel()  # lost: no batch from this process is taken any more
+
+    async def _on_tick(self) -> None:
+        """After each heartbeat: a new maintenance leader sets the webhook (in the background:
+        a slow Telegram must not hold up the heartbeat)."""
+        if (
+            self.mode == "webhook"
+            and self.running
+            and not self._webhook_set
+            and self._holds(MAINTENANCE)
+            and (self._webhook_task is None or self._webhook_task.done())
+        ):
+            self._webhook_task = asyncio.get_running_loop().create_task(
+                self._publish_webhook_logged(), name="set-webhook"
+            )
+
+    async def _publish_webhook_logged(self) -> None:
+        try:
+            await self._publish_webhook()
+        except TelegramError as exc:
+            log.warning("webhook_set_failed", error=str(exc), retry="next heartbeat")
+
+    async def _publish_webhook(self) -> None:
+        """setWebhook, by the maintenance lease's holder only, once while it holds the lease
+        (every intake process listens; Telegram needs to be told the public URL once)."""
+        async with self._webhook_lock:
+            if self._webhook_set or not self._holds(MAINTENANCE):
+                return
+            hook = self.settings.webhook
+            await self.application.bot.set_webhook(
+                url=hook.url,
+                secret_token=self._secret.decode(),
+                allowed_updates=ALLOWED_UPDATES,
+                max_connections=hook.max_connections,
+                drop_pending_updates=False,
+            )
+            self._webhook_set = True
+            log.info("webhook_set", listen=hook.listen, port=self.webhook_port, path=hook.path)
 
     async def stop(self) -> None:
         """Stop taking updates: cancel the long poll, close the webhook listener."""
         self.running = False
+        if self._webhook_task is not None:
+            self._webhook_task.cancel()
+            await asyncio.gather(self._webhook_task, return_exceptions=True)
+            self._webhook_task = None
         if self._poll_task is not None:
             self._poll_task.cancel()
             await asyncio.gather(self._poll_task, return_exceptions=True)
@@ -451,14 +537,6 @@ class Intake:
         self.webhook_port = self._web.port
         # the bound port (webhook.port may be 0: the OS picks), before Telegram is told the URL
         log.info("webhook_listening", listen=hook.listen, port=self.webhook_port, path=hook.path)
-        await self.application.bot.set_webhook(
-            url=hook.url,
-            secret_token=self._secret.decode(),
-            allowed_updates=ALLOWED_UPDATES,
-            max_connections=hook.max_connections,
-            drop_pending_updates=False,
-        )
-        log.info("webhook_set", listen=hook.listen, port=self.webhook_port, path=hook.path)
 
     async def _webhook(self, request: web.Request) -> web.Response:
         started = time.monotonic()
@@ -511,28 +589,74 @@ class Intake:
         ]
 
     async def _poll_loop(self) -> None:
+        """Poll while this process holds the poller lease (one process of the cluster at a
+        time: Telegram has one getUpdates consumer per bot), and wait for it otherwise."""
+        while self.running:
+            if not self._holds(POLLER):
+                await self._wait_for_lease()
+                continue
+            node = self.cluster.node_id if self.cluster is not None else None
+            log.info("polling_started", node=node)
+            if not await self._poll():
+                return  # fatal (the token was rejected): the bot is stopping
+            if self.running:
+                log.info("polling_stopped", node=node, reason="poller_lease_lost")
+
+    async def _wait_for_lease(self) -> None:
+        """Until the lease may have changed hands (a heartbeat's news, or a bounded wait)."""
+        self._lease_changed.clear()
+        wait = self.cluster.config.heartbeat_s if self.cluster is not None else 1.0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._lease_changed.wait(), wait)
+
+    async def _fetch_batch(self, offset: int | None) -> list[dict[str, Any]]:
+        """One getUpdates: the pending batch as raw dicts."""
         bot = self.application.bot
         timeout = self.settings.telegram.poll_timeout_s
+        try:
+            updates = await bot.get_updates(
+                offset=offset,
+                timeout=timedelta(seconds=timeout),
+                allowed_updates=ALLOWED_UPDATES,
+                read_timeout=timeout + 10,
+            )
+        except (TelegramError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            # PTB parses the whole batch and one body it rejects fails it all: take the
+            # batch raw, so that update is saved and closed instead of asked for forever.
+            log.warning("polling_batch_unparseable", error_type=type(exc).__name__)
+            return await self._raw_updates(offset)
+        return [json.loads(u.to_json()) for u in updates]
+
+    async def _poll(self) -> bool:
+        """getUpdates until the poller lease is lost (checked before every call; losing it
+        also cuts the call in flight) or the bot stops. The first offset follows the newest
+        update the inbox holds: what an earlier poller (this process or a dead one) saved is
+        confirmed, what it fetched but never saved is asked for again."""
         offset: int | None = None
         backoff = 1.0
-        while self.running:
+        webhook_deleted = resumed = False
+        while self.running and self._holds(POLLER):
             try:
+                if not webhook_deleted:
+                    await self.application.bot.delete_webhook(drop_pending_updates=False)
+                    webhook_deleted = True
+                if not resumed:
+                    newest = await self.inbox.newest_update_id()
+                    offset = newest + 1 if newest is not None else None
+                    resumed = True
+                fetch = asyncio.get_running_loop().create_task(self._fetch_batch(offset))
+                self._fetch = fetch
                 try:
-                    updates = await bot.get_updates(
-                        offset=offset,
-                        timeout=timedelta(seconds=timeout),
-                        allowed_updates=ALLOWED_UPDATES,
-                        read_timeout=timeout + 10,
-                    )
-                except (TelegramError, asyncio.CancelledError):
-                    raise
-                except Exception as exc:
-                    # PTB parses the whole batch and one body it rejects fails it all: take the
-                    # batch raw, so that update is saved and closed instead of asked for forever.
-                    log.warning("polling_batch_unparseable", error_type=type(exc).__name__)
-                    payloads = await self._raw_updates(offset)
-                else:
-                    payloads = [json.loads(u.to_json()) for u in updates]
+                    await asyncio.wait({fetch})
+                finally:
+                    self._fetch = None
+                    if not fetch.done():
+                        fetch.cancel()
+                if fetch.cancelled():
+                    return True  # the lease was lost mid-call: that batch is the next poller's
+                payloads = fetch.result()
                 if payloads:
                     # Committed before the next getUpdates, whose offset confirms them.
                     await self.accept(payloads)
@@ -546,7 +670,7 @@ class Intake:
                 log.error("telegram_token_rejected", setting="TELEGRAM_BOT_TOKEN")  # noqa: TRY400 - no trace
                 if self.on_fatal:
                     self.on_fatal("Telegram rejected TELEGRAM_BOT_TOKEN")
-                return
+                return False
             except (Conflict, NetworkError, TelegramError) as exc:
                 log.warning("polling_error", error=str(exc), retry_in_s=backoff)
                 await asyncio.sleep(backoff)
@@ -555,3 +679,4 @@ class Intake:
                 log.exception("polling_save_failed", retry_in_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        return True

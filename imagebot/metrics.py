@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -15,6 +16,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 # No `*_created` timestamp series next to every counter: noise on a small bot's page.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus-client
@@ -35,6 +38,25 @@ class _ProcessCollector(ProcessCollector):
         except OSError:
             btime = None
         return btime or time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class ClusterGauges(Collector):
+    """Gauges read from the database, the same whichever process is asked (queued jobs,
+    deliveries waiting, live nodes): exported by the maintenance lease's holder only, so a
+    sum over every process's series counts each once. `exported` is set at each scrape."""
+
+    def __init__(self, gauges: Iterable[Gauge]) -> None:
+        self.gauges = list(gauges)
+        self.exported = True  # a process alone (SQLite) always holds the lease
+
+    def describe(self) -> Iterable[Metric]:
+        for gauge in self.gauges:
+            yield from gauge.describe()
+
+    def collect(self) -> Iterable[Metric]:
+        if self.exported:
+            for gauge in self.gauges:
+                yield from gauge.collect()
 
 
 class Metrics:
@@ -128,7 +150,10 @@ class Metrics:
         self.jobs_running = Gauge(
             "imagebot_jobs_running", "Jobs talking to a provider", registry=r
         )
-        self.jobs_queued = Gauge("imagebot_jobs_queued", "Jobs waiting for a slot", registry=r)
+        # cluster-wide (read from the database): registered below through ClusterGauges
+        self.jobs_queued = Gauge(
+            "imagebot_jobs_queued", "Jobs waiting for a slot (whole cluster)", registry=None
+        )
         self.cost_usd = Counter(
             "imagebot_estimated_cost_usd",
             "Estimated spend of succeeded jobs, by provider",
@@ -189,12 +214,12 @@ class Metrics:
         self.deliveries_waiting = Gauge(
             "imagebot_deliveries_waiting",
             "Made results waiting for Telegram to take them (an outage), holding no slot",
-            registry=r,
+            registry=None,
         )
         self.notices_waiting = Gauge(
             "imagebot_notices_waiting",
             "Status-line removals and failure/cancel notices waiting for Telegram",
-            registry=r,
+            registry=None,
         )
         self.database_writes_ok = Gauge(
             "imagebot_database_writes_ok",
@@ -206,6 +231,40 @@ class Metrics:
             "1 while other processes' wake-ups reach this one (LISTEN), 0 while it only polls",
             registry=r,
         )
+
+        # Several processes on one database (issue 16). Per process: what it is and which
+        # leases it holds (summed over processes: 1 per lease, 0 = nobody holds it).
+        self.node_info = Gauge(
+            "imagebot_node_info",
+            "This process: its node id and roles",
+            ["node", "roles"],
+            registry=r,
+        )
+        self.leases_held = Gauge(
+            "imagebot_leases_held",
+            "1 while this process holds the lease (maintenance, poller)",
+            ["lease"],
+            registry=r,
+        )
+        # Once per cluster (the maintenance lease's holder): absent everywhere = no leader.
+        self.cluster_nodes = Gauge(
+            "imagebot_cluster_nodes", "Live processes on the database", registry=None
+        )
+        self.cluster_jobs_running = Gauge(
+            "imagebot_cluster_jobs_running",
+            "Running jobs of every process (the whole cluster, slot holders or not)",
+            registry=None,
+        )
+        self.cluster_gauges = ClusterGauges(
+            [
+                self.jobs_queued,
+                self.deliveries_waiting,
+                self.notices_waiting,
+                self.cluster_nodes,
+                self.cluster_jobs_running,
+            ]
+        )
+        r.register(self.cluster_gauges)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from imagebot import __version__
-from imagebot.clock import iso
+from imagebot.clock import iso, parse_iso
+from imagebot.cluster import MAINTENANCE
 from imagebot.health import Heartbeat
 from imagebot.logs import Redactor
 from imagebot.metrics import CONTENT_TYPE
@@ -119,7 +120,48 @@ async def healthz(request: web.Request) -> web.Response:
         waiting = await services.store.waiting_counts()
         # made results (and failure/cancel notices) waiting for Telegram to take them
         body.update(deliveries_waiting=waiting["deliveries"], notices_waiting=waiting["notices"])
+    body["node"] = _node(services)
+    if database:
+        with contextlib.suppress(*STORE_READ_ERRORS):
+            body["peers"], body["lease_holders"] = await _peers(services)
     return web.json_response(body, status=200 if ready else 503)
+
+
+def _node(services: Services) -> dict[str, Any]:
+    """This process among the others: its id, roles and the leases it holds now."""
+    cluster = services.cluster
+    return {
+        "id": cluster.node_id,
+        "roles": sorted(cluster.roles),
+        "leases": [name for name in cluster.leases_wanted() if cluster.holds(name)],
+        # False while its heartbeat is overdue: it starts no vendor call and no send
+        "trusted": cluster.trusted,
+    }
+
+
+async def _peers(services: Services) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The live processes on the database (this one included) with their heartbeat's age by
+    the database's clock, and which process holds each lease."""
+    cluster = services.cluster
+    peers = await cluster.peers()
+    row = await services.db.fetchone(f"SELECT {services.db.clock_sql()} AS now")
+    now = parse_iso(str(row["now"])) if row is not None else None
+    listed = []
+    for peer in peers:
+        age = (now - parse_iso(peer.heartbeat_at)).total_seconds() if now is not None else None
+        listed.append(
+            {
+                "id": peer.id,
+                "host": peer.host,
+                "pid": peer.pid,
+                "roles": list(peer.roles),
+                "ops_port": peer.ops_port,
+                "started_at": peer.started_at,
+                "heartbeat_age_s": round(max(age, 0.0), 1) if age is not None else None,
+                "self": peer.id == cluster.node_id,
+            }
+        )
+    return listed, await cluster.store.holders()
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -202,13 +244,25 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    # Read at scrape time: one query per scrape instead of one per job event.
-    with contextlib.suppress(*STORE_READ_ERRORS):
-        services.metrics.jobs_queued.set((await services.store.counts())["queued"])
-    with contextlib.suppress(*STORE_READ_ERRORS):
-        waiting = await services.store.waiting_counts()
-        services.metrics.deliveries_waiting.set(waiting["deliveries"])
-        services.metrics.notices_waiting.set(waiting["notices"])
+    cluster, gauges = services.cluster, services.metrics
+    gauges.node_info.labels(cluster.node_id, ",".join(sorted(cluster.roles))).set(1)
+    for lease in cluster.leases_wanted():
+        gauges.leases_held.labels(lease).set(1 if cluster.holds(lease) else 0)
+    # Cluster-wide gauges (the database's numbers) come from the maintenance lease's holder
+    # only: a sum over processes counts them once. Read at scrape time: one query per scrape.
+    leader = cluster.holds(MAINTENANCE)
+    gauges.cluster_gauges.exported = leader
+    if leader:
+        with contextlib.suppress(*STORE_READ_ERRORS):
+            counts = await services.store.counts()
+            gauges.jobs_queued.set(counts["queued"])
+            gauges.cluster_jobs_running.set(counts["running"])
+        with contextlib.suppress(*STORE_READ_ERRORS):
+            waiting = await services.store.waiting_counts()
+            gauges.deliveries_waiting.set(waiting["deliveries"])
+            gauges.notices_waiting.set(waiting["notices"])
+        with contextlib.suppress(*STORE_READ_ERRORS):
+            gauges.cluster_nodes.set(len(await cluster.peers()))
     services.metrics.database_writes_ok.set(1 if services.db.writes.ok else 0)
     body = services.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -253,6 +253,11 @@ class Inbox:
             (iso(), failure, update_id),
         )
 
+    async def newest_update_id(self) -> int | None:
+        """The highest update_id saved: a new poller asks Telegram for the ones after it."""
+        row = await self.db.fetchone("SELECT max(update_id) AS newest FROM inbox")
+        return int(row["newest"]) if row is not None and row["newest"] is not None else None
+
     async def unprocessed(self, update_ids: Sequence[int] | None = None) -> list[SavedUpdate]:
         """Updates saved but not processed (of `update_ids` only, when given), in order."""
         sql = "SELECT update_id, payload FROM inbox WHERE processed_at IS NULL"

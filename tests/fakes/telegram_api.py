@@ -415,6 +415,11 @@ class FakeTelegram(FakeServer):
         # (update_id, HTTP status or 0 for a connection error, seconds) for every attempt
         self.webhook_deliveries: list[tuple[int, int, float]] = []
         self.flood_429s = 0
+        # getUpdates calls being answered now, the most at once, and the 409s one poll
+        # superseding another cost (two pollers of one bot: what Telegram refuses)
+        self.get_updates_in_flight = 0
+        self.get_updates_max_in_flight = 0
+        self.poll_conflicts = 0
         self._chat_actions: dict[int, list[tuple[str, float]]] = {}
         self._chat_info: dict[int, dict[str, Any]] = {}
         self._by_id: dict[tuple[int, int], SentMessage] = {}
@@ -453,7 +458,7 @@ class FakeTelegram(FakeServer):
     def _method_table(self) -> dict[str, MethodHandler]:
         return {
             "getMe": self._get_me,
-            "getUpdates": self._get_updates,
+            "getUpdates": self._get_updates_counted,
             "setWebhook": self._set_webhook,
             "deleteWebhook": self._delete_webhook,
             "getWebhookInfo": self._get_webhook_info,
@@ -1083,6 +1088,21 @@ class FakeTelegram(FakeServer):
             "can_connect_to_business": False,
             "has_main_web_app": False,
         }
+
+    async def _get_updates_counted(self, params: dict[str, Any]) -> Any:
+        """getUpdates, counting the calls in flight at once and the polls superseded."""
+        self.get_updates_in_flight += 1
+        self.get_updates_max_in_flight = max(
+            self.get_updates_max_in_flight, self.get_updates_in_flight
+        )
+        try:
+            return await self._get_updates(params)
+        except TelegramApiError as exc:
+            if exc.code == 409 and str(exc) == POLL_CONFLICT:
+                self.poll_conflicts += 1
+            raise
+        finally:
+            self.get_updates_in_flight -= 1
 
     async def _get_updates(self, params: dict[str, Any]) -> Any:
         if self.webhook is not None:
