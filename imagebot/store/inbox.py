@@ -48,6 +48,22 @@ def update_kind(payload: dict[str, Any]) -> str:
     return "other" if len(payload) > 1 else "unknown"
 
 
+def chat_key(payload: dict[str, Any]) -> int | None:
+    """The chat whose order a raw update keeps: what PTB's `Update.effective_chat` names
+    (`<kind>.chat`, or the message of a callback query), as intake's `_chat_key` computes it
+    from the parsed update; None when there is none or its id is not an integer."""
+    kind = update_kind(payload)
+    body = payload.get(kind)
+    if not isinstance(body, dict):
+        return None
+    chat = body.get("chat")
+    if chat is None and kind == "callback_query":
+        message = body.get("message")
+        chat = message.get("chat") if isinstance(message, dict) else None
+    chat_id = chat.get("id") if isinstance(chat, dict) else None
+    return chat_id if type(chat_id) is int else None
+
+
 def failure_text(reason: str, error: BaseException | None = None) -> str:
     """What the inbox's `failure` column says: the reason, the error's type and message."""
     if error is None:
@@ -77,6 +93,7 @@ class Inbox:
                 update_kind(payload),
                 now,
                 json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+                chat_key(payload),
             )
             for payload in payloads
         ]
@@ -84,7 +101,8 @@ class Inbox:
         def insert(conn: Conn) -> list[bool]:
             return [
                 conn.execute(
-                    "INSERT INTO inbox (update_id, kind, received_at, payload) VALUES (?, ?, ?, ?)"
+                    "INSERT INTO inbox (update_id, kind, received_at, payload, chat_key)"
+                    " VALUES (?, ?, ?, ?, ?)"
                     " ON CONFLICT (update_id) DO NOTHING",
                     row,
                 ).rowcount
@@ -112,6 +130,16 @@ class Inbox:
             " WHERE update_id = ?",
             (iso(), failure, update_id),
         )
+
+    async def earlier_pending(self, chat_key: int, update_id: int) -> int | None:
+        """The earliest update of this chat before `update_id` that is saved but not yet
+        processed (another process still runs it, or a dead one left it); None if none."""
+        row = await self.db.fetchone(
+            "SELECT update_id FROM inbox WHERE chat_key = ? AND processed_at IS NULL"
+            " AND update_id < ? ORDER BY update_id LIMIT 1",
+            (chat_key, update_id),
+        )
+        return int(row["update_id"]) if row is not None else None
 
     async def unprocessed(self) -> list[SavedUpdate]:
         rows = await self.db.fetchall(
