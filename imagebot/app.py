@@ -183,7 +183,9 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         )
         .rate_limiter(TelegramRateLimiter(tg, on_flood_wait=lambda _: metrics.telegram_429.inc()))
         .context_types(ContextTypes(context=BotContext))
-        .concurrent_updates(PerChatUpdateProcessor(inbox))
+        .concurrent_updates(
+            PerChatUpdateProcessor(inbox, order_wait_s=settings.cluster.chat_order_wait_s)
+        )
         .build()
     )
     guard = AddressGuard(

@@ -528,6 +528,15 @@ class NetworkSettings(Section):
         return value
 
 
+class ClusterSettings(Section):
+    """Several processes on one PostgreSQL database (issue 16)."""
+
+    # A chat's update waits at most this long for the chat's earlier update that another
+    # process still runs (or a dead one left: it is replayed after the node lease, 30 s),
+    # then runs anyway (log: chat_order_wait_gave_up). Unused on SQLite (one process).
+    chat_order_wait_s: float = Field(60, gt=0, le=3600)
+
+
 class Settings(BaseSettings):
     """All of imagebot's settings; secrets come from their own environment variables."""
 
@@ -557,6 +566,7 @@ class Settings(BaseSettings):
     upscale: UpscaleSettings = UpscaleSettings()
     styles: list[StyleSettings] = []  # [[styles]]: the first is the default; none = one look
     network: NetworkSettings = NetworkSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     telegram_bot_token: SecretStr | None = Field(None, validation_alias="TELEGRAM_BOT_TOKEN")
     replicate_api_token: SecretStr | None = Field(None, validation_alias="REPLICATE_API_TOKEN")
