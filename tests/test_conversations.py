@@ -27,6 +27,7 @@ from tests.fakes.telegram_api import FakeTelegram
 from tests.support import photo_upd
 
 CHAT = updates.DEFAULT_CHAT_ID
+FAST_LEASE = {"heartbeat_s": 0.3, "lease_s": 1.0}
 
 
 def make_daemon(
@@ -247,7 +248,9 @@ async def test_kill_9_while_the_photo_is_handled_replays_it(
     neither the conversation nor the inbox moved on, so the restart replays the photo, asks
     for the instruction, and the instruction makes one edit of that photo."""
     file_id = telegram.add_file(make_image(64, 48))
-    bot = daemon()
+    # on PostgreSQL the restart is a new node: the killed one's updates are replayed once
+    # its lease lapses (short here)
+    bot = daemon(cluster=FAST_LEASE)
     await bot.start()
     await post(bot, telegram, updates.command("/edit"))
     await said(telegram, texts.EDIT_ASK_PHOTO)
@@ -292,3 +295,26 @@ def test_saved_chat_key_is_the_processors() -> None:
         expected = _chat_key(parsed) if parsed is not None else None
         assert chat_key(payload) == expected, payload
     assert chat_key(updates.command("/edit")) == CHAT
+
+
+async def test_timeout_left_by_a_killed_process_is_still_told(
+    daemon: Any, telegram: FakeTelegram, fal: FakeFal, store_target: str
+) -> None:
+    """A conversation whose process was killed (its timer gone with it) still times out: after
+    the restart the periodic pass tells the user once, and the next text is no instruction."""
+    bot = daemon(edit={"conversation_timeout_s": 1})
+    await bot.start()
+    await post(bot, telegram, updates.command("/edit"))
+    await said(telegram, texts.EDIT_ASK_PHOTO)
+    await wait_until(lambda: len(conversation_rows(bot.db_path)) == 1, within=10)
+    await bot.kill()
+    await bot.start()
+    await said(telegram, texts.EDIT_TIMED_OUT)
+    assert conversation_rows(bot.db_path) == []
+    later = updates.text_message("make it blue")
+    await post(bot, telegram, later)
+    await wait_until(lambda: processed(bot.db_path, later), within=10)
+    assert bot.jobs() == []
+    assert telegram.texts(CHAT).count(texts.EDIT_TIMED_OUT) == 1
+    (notice,) = [m for m in telegram.messages(CHAT) if m.text == texts.EDIT_TIMED_OUT]
+    assert notice.reply_to_message_id is not None  # it quotes the /edit, as before
