@@ -327,7 +327,10 @@ def _may_be_waited_for(update: Update) -> bool:
         return False
     if not filters.COMMAND.check_update(update):
         return True
-    word = (message.text or "").split(maxsplit=1)[0].split("@", 1)[0]
+    text = message.text
+    if not isinstance(text, str) or not text.strip():
+        return False  # a malformed body: the handlers that parse it report it
+    word = text.split(maxsplit=1)[0].split("@", 1)[0]
     return word.lower() == "/cancel"
 
 
