@@ -20,7 +20,7 @@ from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application, ContextTypes
 
 from imagebot import texts
-from imagebot.bot import albums
+from imagebot.bot import albums, edit
 from imagebot.bot.context import SERVICES_KEY, BotContext
 from imagebot.bot.handlers import register
 from imagebot.bot.menus import build_menus, publish
@@ -61,6 +61,7 @@ from imagebot.services import Services
 from imagebot.stars import Stars
 from imagebot.store.access import AccessStore
 from imagebot.store.albums import AlbumStore
+from imagebot.store.conversations import ConversationStore
 from imagebot.store.db import STORE_READ_ERRORS, connect_store
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
@@ -185,7 +186,9 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         )
         .rate_limiter(TelegramRateLimiter(tg, on_flood_wait=lambda _: metrics.telegram_429.inc()))
         .context_types(ContextTypes(context=BotContext))
-        .concurrent_updates(PerChatUpdateProcessor(inbox))
+        .concurrent_updates(
+            PerChatUpdateProcessor(inbox, order_wait_s=settings.cluster.chat_order_wait_s)
+        )
         .build()
     )
     guard = AddressGuard(
@@ -260,6 +263,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         prefs=PrefStore(db),
         stats=Stats(db),
         albums=AlbumStore(db),
+        conversations=ConversationStore(db),
         policy=policy,
         runner=runner,
         delivery=delivery,
@@ -474,6 +478,8 @@ def _schedule_maintenance(app: App) -> None:
     job_queue.run_repeating(prune, interval, first=min(60.0, interval), name="prune")
     # Albums captioned /edit, including those a restart interrupted (issue 17).
     albums.schedule(app.application)
+    # /edit conversations that timed out while no timer was left to say so (issue 16).
+    edit.schedule(app.application)
     cluster.on_tick(lambda: _cluster_chores(services))
 
 

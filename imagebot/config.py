@@ -202,6 +202,10 @@ class ClusterSettings(Section):
     lease_s: float = Field(30.0, gt=0, le=3600)
     # a job taken over from dead processes this many times fails (it may be what kills them)
     max_rescues: int = Field(3, ge=1, le=100)
+    # A chat's update waits at most this long for the chat's earlier update that another
+    # process still runs (or a dead one left: replayed once its lease lapses), then runs
+    # anyway (log: chat_order_wait_gave_up). Unused on SQLite (one process).
+    chat_order_wait_s: float = Field(60, gt=0, le=3600)
 
     @field_validator("roles")
     @classmethod

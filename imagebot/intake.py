@@ -50,6 +50,8 @@ _MAX_TRACKED = 10_000
 # PTB's own bound on concurrent updates, out of reach on purpose (PerChatUpdateProcessor).
 _PTB_UNBOUNDED = 2**31 - 1
 MAX_BODY_BYTES = 2 * 1024 * 1024
+# A chat's update waiting for the chat's earlier one on another process: poll delays.
+_ORDER_POLL_FIRST_S, _ORDER_POLL_MAX_S = 0.05, 1.0
 # Telegram's updates nest a dozen levels at most (a reply inside a callback's message, ...).
 MAX_JSON_DEPTH = 64
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -161,11 +163,24 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
     out of reach, and the real one (`max_concurrent_updates`) is taken only once an update's
     turn in its chat has come: a chat holds at most one slot whatever its backlog. Updates
     without a chat (inline and pre-checkout queries, ...) need no order and only take a slot.
+
+    On a database several processes share (PostgreSQL), a chat's updates may reach different
+    processes (a load balancer): before its turn, an update also waits, holding no slot, until
+    no earlier update of its chat is unprocessed in the inbox (`_wait_for_earlier`).
     """
 
-    def __init__(self, inbox: Inbox, max_concurrent_updates: int = 256) -> None:
+    def __init__(
+        self, inbox: Inbox, max_concurrent_updates: int = 256, *, order_wait_s: float = 60.0
+    ) -> None:
         super().__init__(_PTB_UNBOUNDED)
         self.inbox = inbox
+        # A database several processes share (PostgreSQL): a chat's updates may reach
+        # different processes, so each first waits for the chat's earlier unprocessed ones
+        # (at most `order_wait_s`). SQLite serves one process: no query, as before.
+        self.shared = inbox.db.dialect != "sqlite"
+        self.order_wait_s = order_wait_s
+        # chat key -> set when an update of that chat finished here (or on `wake`)
+        self._finished: dict[int, asyncio.Event] = {}
         self.metrics: Metrics | None = None  # set by Intake
         # set by Intake: handles an update whose handler met a storage fault (the database
         # away or its disk full): it stays open in the inbox and is run again later
@@ -182,17 +197,79 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
             async with self._slots:
                 await self._run(update, coroutine)
             return
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
         try:
-            async with lock, self._slots:
-                await self._run(update, coroutine)
+            if self.shared and isinstance(update, Update):
+                await self._wait_for_earlier(key, update.update_id)
+            lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+            try:
+                async with lock, self._slots:
+                    await self._run(update, coroutine)
+            finally:
+                lock, users = self._locks[key]
+                if users <= 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
         finally:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            finished = self._finished.pop(key, None)
+            if finished is not None:
+                finished.set()
+
+    async def _wait_for_earlier(self, key: int, update_id: int) -> None:
+        """Wait (holding no slot) until no earlier update of this chat is unprocessed in the
+        inbox: another process still runs it, or a dead one left it (the leader replays it
+        after the node lease). Polls 50 ms doubling to 1 s, woken early when an update of the
+        chat finishes here or on `wake`; gives up after `order_wait_s` and runs anyway."""
+        started = time.monotonic()
+        delay = _ORDER_POLL_FIRST_S
+        waited_for: int | None = None
+        while True:
+            # taken before the query: a finish between the query and the wait is not missed
+            finished = self._finished.setdefault(key, asyncio.Event())
+            try:
+                earlier = await self.inbox.earlier_pending(key, update_id)
+            except Exception as exc:  # the handlers will meet the fault themselves
+                log.warning("chat_order_check_failed", update_id=update_id, error=str(exc))
+                return
+            waited_s = time.monotonic() - started
+            if earlier is None:
+                if waited_for is not None:
+                    log.info(
+                        "chat_order_waited",
+                        update_id=update_id,
+                        waited_for=waited_for,
+                        waited_s=round(waited_s, 3),
+                    )
+                return
+            if waited_for is None:
+                log.info("chat_order_waiting", update_id=update_id, waiting_for=earlier)
+            waited_for = earlier
+            if waited_s >= self.order_wait_s:
+                log.warning(
+                    "chat_order_wait_gave_up",
+                    update_id=update_id,
+                    waited_for=earlier,
+                    chat_id=key,
+                    waited_s=round(waited_s, 3),
+                )
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), min(delay, self.order_wait_s - waited_s))
+            delay = min(delay * 2, _ORDER_POLL_MAX_S)
+
+    def wake(self, chat_key: int | None = None) -> None:
+        """An update was processed somewhere (e.g. a NOTIFY on `imagebot_inbox` from another
+        process): updates waiting for that chat (None: for any chat) look again now. Call it
+        on the event loop's thread."""
+        if chat_key is None:
+            waiting, self._finished = self._finished, {}
+            for event in waiting.values():
+                event.set()
+            return
+        finished = self._finished.pop(chat_key, None)
+        if finished is not None:
+            finished.set()
 
     async def _run(self, update: object, coroutine: Awaitable[Any]) -> None:
         update_id = update.update_id if isinstance(update, Update) else None

@@ -17,6 +17,7 @@ from imagebot.progress import Progress
 from imagebot.results import ResultFiles
 from imagebot.stars import Stars
 from imagebot.store.albums import AlbumStore
+from imagebot.store.conversations import ConversationStore
 from imagebot.store.db import Database
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
@@ -38,6 +39,7 @@ class Services:
     prefs: PrefStore  # /style and /settings choices, remix prompts
     stats: Stats  # the admins' /stats
     albums: AlbumStore  # parts of albums captioned /edit, until they go quiet
+    conversations: ConversationStore  # /edit conversations waiting for their next message
     policy: Policy
     runner: JobRunner
     delivery: Delivery

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from telegram.ext import Application, CallbackContext, ExtBot
@@ -27,6 +28,9 @@ class BotContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], d
     button_press: Press | None = None
     # a /style or /settings choice press the gate accepted (its presser owns the buttons)
     choice_press: ChoicePress | None = None
+    # run inside the transaction that creates this update's job (the /edit conversation
+    # ends there: bot/edit.py), with the write connection
+    also_in_job_transaction: Callable[[Any], object] | None = None
 
     @property
     def services(self) -> Services:

@@ -184,7 +184,8 @@ def register(application: Application[Any, Any, Any, Any, Any, Any], services: S
     application.add_handler(callbacks.gate_handler(), group=-1)
     # Album parts first: an album captioned /edit is one edit, not one per photo (issue 17).
     application.add_handler(albums.handler())
-    application.add_handler(edit.conversation(services.settings.edit.conversation_timeout_s))
+    # /edit's conversation (its state in the database; its loader runs ahead of every group)
+    edit.register(application, services.settings.edit.conversation_timeout_s)
     application.add_handler(CommandHandler("start", start, filters=new_messages))
     application.add_handler(CommandHandler("help", help_command, filters=new_messages))
     application.add_handler(CommandHandler("generate", generate, filters=new_messages))

@@ -7,9 +7,9 @@ every guard applies the same way whatever the entry.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from telegram import Chat, InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
 
@@ -19,11 +19,12 @@ from imagebot.breaker import CIRCUIT_OPEN
 from imagebot.choices import Choices
 from imagebot.clock import utcnow
 from imagebot.config import CreditPack
-from imagebot.credits import Paid
+from imagebot.credits import Credits, Paid
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.models import Job, JobKind, NewJob
 from imagebot.policy import Decision, Reason
+from imagebot.store.db import Conn
 from imagebot.store.ledger import NotEnoughCredits
 
 if TYPE_CHECKING:
@@ -187,6 +188,25 @@ def _operation(
     return op.provider, dict(op.params)
 
 
+def _after_insert(
+    context: BotContext, credits: Credits | None, user_id: int
+) -> Callable[[Conn, int, Any], None] | None:
+    """What runs in the job's own transaction: the credit reservation (credits on) and
+    whatever the handler asked for (`context.also_in_job_transaction`)."""
+    also = context.also_in_job_transaction
+    paying = credits if credits is not None and credits.enabled else None
+    if paying is None and also is None:
+        return None
+
+    def after(conn: Conn, job_id: int, decision: Any) -> None:
+        if paying is not None:
+            paying.after_insert(conn, job_id, user_id, decision)
+        if also is not None:
+            also(conn)
+
+    return after
+
+
 async def _create(update: Update, context: BotContext, new: NewJob) -> Job | None:
     """Create the job, held (see `JobStore.create`), if the caps or the credits allow it;
     otherwise tell the user why not."""
@@ -202,13 +222,7 @@ async def _create(update: Update, context: BotContext, new: NewJob) -> Job | Non
                 else services.policy.decide(user_id, kind, counters, now, images)
             ),
             with_spend=services.settings.limits.daily_spend_usd > 0,
-            after_insert=(
-                lambda conn, job_id, decision: credits.after_insert(
-                    conn, job_id, user_id, decision
-                )
-            )
-            if credits is not None and credits.enabled
-            else None,
+            after_insert=_after_insert(context, credits, user_id),
             hold_s=HANDLER_HOLD_S,
         )
     except NotEnoughCredits as short:

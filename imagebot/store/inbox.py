@@ -45,7 +45,7 @@ _MAX_FAILURE_CHARS = 300
 # Rows per INSERT of a group commit (5 parameters each: far below either database's limit).
 # A single save with more rows (a polling batch is at most 100) still gets one statement.
 MAX_BATCH_ROWS = 200
-_COLUMNS = ("update_id", "kind", "received_at", "payload", "received_by")
+_COLUMNS = ("update_id", "kind", "received_at", "payload", "received_by", "chat_key")
 _Row = tuple[Any, ...]
 
 
@@ -54,6 +54,22 @@ def update_kind(payload: dict[str, Any]) -> str:
         if kind in payload:
             return kind
     return "other" if len(payload) > 1 else "unknown"
+
+
+def chat_key(payload: dict[str, Any]) -> int | None:
+    """The chat whose order a raw update keeps: what PTB's `Update.effective_chat` names
+    (`<kind>.chat`, or the message of a callback query), as intake's `_chat_key` computes it
+    from the parsed update; None when there is none or its id is not an integer."""
+    kind = update_kind(payload)
+    body = payload.get(kind)
+    if not isinstance(body, dict):
+        return None
+    chat = body.get("chat")
+    if chat is None and kind == "callback_query":
+        message = body.get("message")
+        chat = message.get("chat") if isinstance(message, dict) else None
+    chat_id = chat.get("id") if isinstance(chat, dict) else None
+    return chat_id if type(chat_id) is int else None
 
 
 def failure_text(reason: str, error: BaseException | None = None) -> str:
@@ -172,6 +188,7 @@ class Inbox:
                 now,
                 json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
                 self.node_id,
+                chat_key(payload),
             )
             for payload in payloads
         ]
@@ -257,6 +274,16 @@ class Inbox:
         """The highest update_id saved: a new poller asks Telegram for the ones after it."""
         row = await self.db.fetchone("SELECT max(update_id) AS newest FROM inbox")
         return int(row["newest"]) if row is not None and row["newest"] is not None else None
+
+    async def earlier_pending(self, chat_key: int, update_id: int) -> int | None:
+        """The earliest update of this chat before `update_id` that is saved but not yet
+        processed (another process still runs it, or a dead one left it); None if none."""
+        row = await self.db.fetchone(
+            "SELECT update_id FROM inbox WHERE chat_key = ? AND processed_at IS NULL"
+            " AND update_id < ? ORDER BY update_id LIMIT 1",
+            (chat_key, update_id),
+        )
+        return int(row["update_id"]) if row is not None else None
 
     async def unprocessed(self, update_ids: Sequence[int] | None = None) -> list[SavedUpdate]:
         """Updates saved but not processed (of `update_ids` only, when given), in order."""
