@@ -12,7 +12,7 @@ from imagebot.intake import Intake
 from imagebot.metrics import Metrics
 from imagebot.policy import Policy
 from imagebot.progress import Progress
-from imagebot.results import ResultFiles
+from imagebot.results import ResultStore
 from imagebot.stars import Stars
 from imagebot.store.albums import AlbumStore
 from imagebot.store.db import Database
@@ -41,7 +41,7 @@ class Services:
     delivery: Delivery
     progress: Progress
     metrics: Metrics
-    results: ResultFiles
+    results: ResultStore
     intake: Intake
     credits: Credits | None = None  # credits.enabled: prices, reservations (issue 18)
     stars: Stars | None = None  # credits.enabled: invoices, payments, refunds
