@@ -178,16 +178,17 @@ class ResultBlobs(ResultStore):
                 rows,
             )
 
-        await self.db.write(write)
+        await self.db.write_aside(write)
         return names
 
     async def load_one(self, name: str) -> ImageFile:
         key = parse_name(name)
         if key is None:
             raise MediaExpired(f"result {name!r} is not a result name")
-        row = await self.db.fetchone(
+        found = await self.db.fetchall_binary(
             "SELECT mime, data FROM result_blobs WHERE job_id = ? AND n = ?", key
         )
+        row = found[0] if found else None
         if row is None:
             if self.legacy is not None:  # kept on this host's disk before the switch?
                 return await self.legacy.load_one(name)
@@ -207,16 +208,19 @@ class ResultBlobs(ResultStore):
                 ).rowcount
             return removed
 
-        removed = await self.db.write(delete)
+        removed = await self.db.write_aside(delete)
         if self.legacy is not None:
             removed += await self.legacy.remove(names)
         return removed
 
     async def remove_older_than(self, days: float) -> int:
         cutoff = iso(utcnow() - timedelta(days=days))
-        removed = await self.db.execute_write(
-            "DELETE FROM result_blobs WHERE created_at < ?", (cutoff,)
-        )
+
+        def delete(conn: Conn) -> int:
+            sql = "DELETE FROM result_blobs WHERE created_at < ?"
+            return conn.execute(sql, (cutoff,)).rowcount
+
+        removed = await self.db.write_aside(delete)
         if self.legacy is not None:
             removed += await self.legacy.remove_older_than(days)
         return removed
