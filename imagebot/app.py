@@ -54,7 +54,7 @@ from imagebot.providers.fal import FalProvider
 from imagebot.providers.local import LocalProvider
 from imagebot.providers.replicate import ReplicateProvider
 from imagebot.ratelimit import TelegramRateLimiter
-from imagebot.results import make_result_store
+from imagebot.results import ResultFiles, make_result_store
 from imagebot.runtime import freeze_startup_objects, thaw_startup_objects
 from imagebot.services import Services
 from imagebot.stars import Stars
@@ -427,6 +427,9 @@ def _schedule_maintenance(app: App) -> None:
         unbind_all()
         if cluster.holds(MAINTENANCE):
             await _prune(services)
+        else:  # this host's own result files (a disk store, or kept before the database one)
+            days = settings.storage.results_retention_days
+            await ResultFiles(settings.storage.results_dir).remove_older_than(days)
 
     job_queue.run_repeating(sweep, settings.runner.sweep_interval_s, name="sweep")
 

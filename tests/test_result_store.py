@@ -169,9 +169,11 @@ async def test_resumed_after_kill_delivers_from_the_store(
     restarted one) delivers that very image without asking the vendor again."""
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-    first = Daemon(tmp_path / "a", telegram, replicate, fal, database=store_target)
+    # a short lease: the second process may wait for the first's to lapse before taking over
+    lease = {"heartbeat_s": 0.5, "lease_s": 2.0}
+    first = Daemon(tmp_path / "a", telegram, replicate, fal, database=store_target, cluster=lease)
     second = (
-        Daemon(tmp_path / "b", telegram, replicate, fal, database=store_target)
+        Daemon(tmp_path / "b", telegram, replicate, fal, database=store_target, cluster=lease)
         if is_pg(store_target)
         else first
     )
@@ -296,3 +298,23 @@ def _tiny_png() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(out, "PNG")
     return out.getvalue()
+
+
+async def test_a_process_without_the_maintenance_lease_prunes_its_own_files(
+    bot, tmp_path: Path
+) -> None:
+    """A process that is not the maintenance leader (here: no maintenance role) still removes
+    result files on its own disk older than results_retention_days, and keeps recent ones."""
+    results = tmp_path / "results"
+    results.mkdir()
+    old, recent = results / "7-0.png", results / "8-0.png"
+    old.write_bytes(_tiny_png())
+    recent.write_bytes(_tiny_png())
+    stamp = (utcnow() - timedelta(days=8)).timestamp()
+    os.utime(old, (stamp, stamp))
+    async with bot(
+        cluster={"roles": ["intake", "worker"]},
+        storage={"prune_interval_s": 0.2, "results_dir": str(results)},
+    ):
+        await wait_until(lambda: not old.exists())
+    assert files_in(results) == ["8-0.png"]
