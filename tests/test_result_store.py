@@ -36,6 +36,7 @@ from tests.support import answer, press
 
 CHAT = updates.DEFAULT_CHAT_ID
 GONE = "The original file isn't kept any more."
+BLOB_ROW = b"\x89PNG\r\n\x1a\n a result kept as a row"
 
 
 def shared_store(store_target: str) -> str:
@@ -220,17 +221,23 @@ def test_results_store_is_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 async def _sqlite_jobs_naming_results(source: Path) -> None:
-    """A SQLite store with two finished jobs whose rows name result files 1-0.png, 2-0.png."""
+    """A SQLite store with three finished jobs whose rows name results 1-0.png … 3-0.png, and
+    job 3's image kept as a result_blobs row (results_store "database" on SQLite)."""
     db = Database(source)
     await db.open()
     try:
         await migrate(db)
         store = JobStore(db)
-        for n in range(2):
+        for n in range(3):
             new = NewJob(JobKind.GENERATE, 100 + n, CHAT, CHAT, "private", f"p{n}", "local", {}, 0)
             _, job = await store.create(new, lambda conn: ALLOW)
             assert job is not None
             await store.update(job.id, result_paths=[f"{job.id}-0.png"], phase=Phase.DONE)
+        await db.execute_write(
+            "INSERT INTO result_blobs (job_id, n, mime, size_bytes, data, created_at)"
+            " VALUES (3, 0, 'image/png', ?, ?, ?)",
+            (len(BLOB_ROW), BLOB_ROW, iso()),
+        )
     finally:
         await db.close()
 
@@ -249,8 +256,9 @@ def test_migrate_store_copies_result_files_into_rows(
     tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """migrate-store copies the result files a SQLite bot kept (results/ beside the database)
-    into result_blobs with their bytes and file times, says how many and how many were already
-    gone, and its row-count check still holds."""
+    into result_blobs with their bytes and file times, and SQLite's own result_blobs rows as
+    they are; it says how many files and how many were already gone, and its row-count check
+    still holds."""
     data = _tiny_png()
     source = tmp_path / "imagebot.db"
     _sqlite_bot_with_results(source, tmp_path / "results", {"1-0.png": data})
@@ -258,18 +266,14 @@ def test_migrate_store_copies_result_files_into_rows(
     out = capsys.readouterr().out
     assert "row counts verified" in out
     assert f"copied 1 result files from {tmp_path / 'results'} into result_blobs" in out
-    assert "(1 named by jobs were already gone)" in out
-    (row,) = query(
-        pg_url, "SELECT job_id, n, mime, size_bytes, data, created_at FROM result_blobs"
-    )
-    assert (row["job_id"], row["n"], row["mime"], row["size_bytes"]) == (
-        1,
-        0,
-        "image/png",
-        len(data),
-    )
-    assert bytes(row["data"]) == data
-    assert row["created_at"] < iso(utcnow() - timedelta(days=1))
+    assert "(1 named by jobs were already gone)" in out  # job 2's file
+    found = query(pg_url, "SELECT * FROM result_blobs ORDER BY job_id")
+    assert [(r["job_id"], r["n"], r["mime"], r["size_bytes"]) for r in found] == [
+        (1, 0, "image/png", len(data)),
+        (3, 0, "image/png", len(BLOB_ROW)),
+    ]
+    assert [bytes(r["data"]) for r in found] == [data, BLOB_ROW]
+    assert found[0]["created_at"] < iso(utcnow() - timedelta(days=1))
 
 
 def test_migrate_store_refuses_a_missing_results_dir(
