@@ -55,7 +55,7 @@ from imagebot.providers.fal import FalProvider
 from imagebot.providers.local import LocalProvider
 from imagebot.providers.replicate import ReplicateProvider
 from imagebot.ratelimit import TelegramRateLimiter
-from imagebot.results import ResultFiles
+from imagebot.results import ResultFiles, make_result_store
 from imagebot.runtime import freeze_startup_objects, thaw_startup_objects
 from imagebot.services import Services
 from imagebot.stars import Stars
@@ -205,7 +205,9 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     providers = _providers(settings, fetcher, network)
     delivery = Delivery(application.bot)
     progress = Progress(delivery, store, settings.progress)
-    results = ResultFiles(settings.storage.results_dir)
+    results = make_result_store(
+        settings.storage.results_in_database, db, settings.storage.results_dir
+    )
 
     async def load_input(job: Job) -> ImageFile:
         assert job.input_file_id is not None
@@ -463,6 +465,9 @@ def _schedule_maintenance(app: App) -> None:
         unbind_all()
         if cluster.holds(MAINTENANCE):
             await _prune(services)
+        else:  # this host's own result files (a disk store, or kept before the database one)
+            days = settings.storage.results_retention_days
+            await ResultFiles(settings.storage.results_dir).remove_older_than(days)
 
     job_queue.run_repeating(sweep, settings.runner.sweep_interval_s, name="sweep")
 
@@ -504,13 +509,15 @@ async def _prune(services: Services) -> None:
     storage = services.settings.storage
     inbox_rows = await services.inbox.prune(storage.inbox_retention_days)
     removed_jobs = await services.store.prune(storage.jobs_retention_days)
-    files = sum(services.results.remove(job.result_paths) for job in removed_jobs)
+    files = 0
+    for job in removed_jobs:
+        files += await services.results.remove(job.result_paths)
     for job in await services.store.with_results_older_than(storage.results_retention_days):
-        files += services.results.remove(job.result_paths)
+        files += await services.results.remove(job.result_paths)
         await services.store.update(job.id, result_paths=[])
-    files += await asyncio.to_thread(
-        services.results.remove_older_than, storage.results_retention_days
-    )
+    # also results no row names (a job failed after its results were kept) and, on disk,
+    # `.tmp` files of a write a crash cut short
+    files += await services.results.remove_older_than(storage.results_retention_days)
     if inbox_rows or removed_jobs or files:
         log.info("pruned", inbox_rows=inbox_rows, jobs=len(removed_jobs), files=files)
 
@@ -539,7 +546,8 @@ async def run(app: App) -> int:
     except StoreError as exc:  # the directory or file cannot be created, opened or written
         raise StartupError("storage.database", str(exc)) from exc
     try:
-        await _make_results_dir(settings.storage.results_dir)
+        if not settings.storage.results_in_database:
+            await _make_results_dir(settings.storage.results_dir)
         applied = await migrate(services.db)
         assert services.control is not None
         await services.control.load()  # allowlist and pause before any update is handled
@@ -554,6 +562,7 @@ async def run(app: App) -> int:
             node=services.cluster.node_id,
             roles=sorted(services.cluster.roles),
             migrations_applied=applied,
+            results_store=services.results.kind,
             generate_provider=settings.generate.provider,
             edit_provider=settings.edit.provider,
         )

@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--from", dest="copy_from", metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--to", dest="copy_to", metavar="URL", help=argparse.SUPPRESS)
+    # migrate-store: where the SQLite bot kept result files (default: results/ beside --from)
+    parser.add_argument(
+        "--results-dir", dest="copy_results", metavar="PATH", help=argparse.SUPPRESS
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--polling",
@@ -101,7 +105,7 @@ def _error(kind: str, exc: Exception) -> None:
     print(f"imagebot: {kind}: {' '.join(str(exc).split())}", file=sys.stderr)  # noqa: T201
 
 
-def _migrate_store(source: str | None, target: str | None) -> int:
+def _migrate_store(source: str | None, target: str | None, results: str | None = None) -> int:
     """Copy a SQLite store into an empty PostgreSQL database; say what was done."""
     from pathlib import Path
 
@@ -116,7 +120,7 @@ def _migrate_store(source: str | None, target: str | None) -> int:
     from imagebot.store.copy import copy_store
 
     try:
-        report = copy_store(Path(source), target)
+        report = copy_store(Path(source), target, Path(results) if results else None)
     except StoreError as exc:
         _error("migrate-store", exc)
         return 1
@@ -170,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"imagebot {__version__}")  # noqa: T201
         return 0
     if args.command == "migrate-store":
-        return _migrate_store(args.copy_from, args.copy_to)
+        return _migrate_store(args.copy_from, args.copy_to, args.copy_results)
     if args.command in ("users", "invite"):
         return _shell(parser, args)
     if args.args:

@@ -133,6 +133,10 @@ class StorageSettings(Section):
     jobs_retention_days: float = Field(30, gt=0)
     results_retention_days: float = Field(7, gt=0)
     prune_interval_s: float = Field(3600, gt=0)
+    # Where result images are kept for delivery and 📎 Original: "disk" (results_dir, one
+    # host), "database" (table result_blobs: every process on any host reads them), "auto"
+    # (disk on SQLite, database on PostgreSQL)
+    results_store: Literal["auto", "disk", "database"] = "auto"
 
     @field_validator("database", mode="before")
     @classmethod
@@ -154,6 +158,13 @@ class StorageSettings(Section):
     @property
     def is_postgresql(self) -> bool:
         return isinstance(self.database, str)
+
+    @property
+    def results_in_database(self) -> bool:
+        """True when result images go to the result_blobs table (see results_store)."""
+        if self.results_store == "auto":
+            return self.is_postgresql
+        return self.results_store == "database"
 
 
 class AccessSettings(Section):

@@ -50,7 +50,7 @@ from imagebot.models import (
 )
 from imagebot.progress import Progress
 from imagebot.providers.base import ImageProvider
-from imagebot.results import ResultFiles
+from imagebot.results import ResultStore
 from imagebot.retries import retrying
 from imagebot.store.jobs import JobStore
 
@@ -93,7 +93,7 @@ class Pipeline:
         delivery: Delivery,
         progress: Progress,
         metrics: Metrics,
-        results: ResultFiles,
+        results: ResultStore,
         load_input: Callable[[Job], Awaitable[ImageFile]],
         hints: CompletionHints,
     ) -> None:

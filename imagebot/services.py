@@ -14,7 +14,7 @@ from imagebot.metrics import Metrics
 from imagebot.notify import Notifier
 from imagebot.policy import Policy
 from imagebot.progress import Progress
-from imagebot.results import ResultFiles
+from imagebot.results import ResultStore
 from imagebot.stars import Stars
 from imagebot.store.albums import AlbumStore
 from imagebot.store.conversations import ConversationStore
@@ -45,7 +45,7 @@ class Services:
     delivery: Delivery
     progress: Progress
     metrics: Metrics
-    results: ResultFiles
+    results: ResultStore
     intake: Intake
     cluster: Cluster  # this process among the others on the database (issue 16)
     credits: Credits | None = None  # credits.enabled: prices, reservations (issue 18)

@@ -10,6 +10,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram, SentMessage
+from tests.storeview import execute
 from tests.support import answer, button_data, db_path, press, rows
 
 CHAT = updates.DEFAULT_CHAT_ID
@@ -174,8 +175,9 @@ async def test_original_gone_after_retention(
         telegram.push_update(updates.command("/generate ephemeral"))
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1)
         results_dir = app.services.settings.storage.results_dir
-        for path in results_dir.iterdir():
+        for path in results_dir.glob("*"):
             path.unlink()
+        execute(db_path(app), "DELETE FROM result_blobs")  # where PostgreSQL keeps them
         query = press(telegram, telegram.photos(CHAT)[0], "o:1:0")
         await wait_until(lambda: answer(telegram, query) is not None)
     assert answer(telegram, query)["text"] == "The original file isn't kept any more."

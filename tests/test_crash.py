@@ -306,7 +306,12 @@ async def test_kill_9_at_random_moments_loses_nothing_and_charges_nothing_twice(
         > 1
     ]
     kept = {name for r in jobs for name in json.loads(r["result_paths"])}
-    orphan_files = sorted(p.name for p in bot.results_dir.iterdir() if p.name not in kept)
+    orphan_files = sorted(p.name for p in bot.results_dir.glob("*") if p.name not in kept)
+    # results kept as result_blobs rows (PostgreSQL's default) that no job names
+    kept_keys = {name.split(".")[0] for name in kept}
+    blob_rows = query(bot.db_path, "SELECT job_id, n FROM result_blobs")
+    blob_keys = [f"{r['job_id']}-{r['n']}" for r in blob_rows]
+    orphan_files += [key for key in blob_keys if key not in kept_keys]
     figures = {
         "mode": mode,
         "seed": SEED,

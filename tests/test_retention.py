@@ -97,7 +97,7 @@ async def test_periodic_prune_drops_old_rows_and_files(
     one finished 10 days ago keeps its row but loses its files (7-day results retention),
     processed updates older than 8 days go while unprocessed and recent ones stay, a stray
     result file older than the retention goes, and PRAGMA integrity_check stays ok."""
-    async with bot(storage={"prune_interval_s": 0.2}) as app:
+    async with bot(storage={"prune_interval_s": 0.2, "results_store": "disk"}) as app:
         sent = await three_finished_jobs(app, telegram)
         results = Path(app.services.settings.storage.results_dir)
         files = {row["id"]: row["result_paths"] for row in rows(app, "SELECT * FROM jobs")}
@@ -132,7 +132,7 @@ async def test_periodic_prune_drops_old_rows_and_files(
 
 async def test_prune_once_with_nothing_old_changes_nothing(bot, telegram: FakeTelegram) -> None:
     """The prune on a database with only recent rows removes nothing (files included)."""
-    async with bot() as app:
+    async with bot(storage={"results_store": "disk"}) as app:
         await three_finished_jobs(app, telegram)
         before_jobs = rows(app, "SELECT * FROM jobs")
         before_inbox = rows(app, "SELECT * FROM inbox")

@@ -188,6 +188,17 @@ class Database(ABC):
     @abstractmethod
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]: ...
 
+    async def write_aside(self, fn: Callable[[Any], T]) -> T:
+        """`write(fn)` for a transaction of large rows (result images): PostgreSQL runs it on a
+        connection of its own, so job writes do not queue behind it; SQLite's one writer runs
+        it in its turn."""
+        return await self.write(fn)
+
+    async def fetchall_binary(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        """`fetchall` for rows with large binary columns (PostgreSQL sends them in binary: half
+        the bytes of hex text, and nothing to decode)."""
+        return await self.fetchall(sql, params)
+
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
         """The first row of a query that returns at most a few (by key, or an aggregate)."""
         rows = await self.fetchall(sql, params)

@@ -59,6 +59,7 @@ READ_WAIT_S = 2  # a read waits this long for a pooled connection while the serv
 # out broken after all, the read is tried once more on a fresh connection.
 CHECK_IDLE_S = 1.0
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.1, 2.0
+_ASIDE = NORMAL + 1  # the key of write_aside's lane (large rows: result images)
 _INSERT_RE = re.compile(r'^\s*INSERT\s+INTO\s+"?(\w+)"?', re.IGNORECASE)
 _CHANGES_RE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
 
@@ -339,7 +340,8 @@ class PostgresDatabase(Database):
                 f"cannot reach PostgreSQL at {self.address}: {_first_line(exc)}"
             ) from None
         await asyncio.to_thread(probe.close)
-        for priority, name in ((URGENT, "pg-writer-urgent"), (NORMAL, "pg-writer")):
+        lanes = ((URGENT, "pg-writer-urgent"), (NORMAL, "pg-writer"), (_ASIDE, "pg-writer-aside"))
+        for priority, name in lanes:
             self._lanes[priority] = _WriterThread(name)
             self._links[priority] = _Link(self.url, self.address)
         self._pool = ConnectionPool(
@@ -395,8 +397,9 @@ class PostgresDatabase(Database):
         return await self._submit(fn, priority, transaction=True)
 
     async def _submit(self, fn: Callable[[Any], T], priority: int, *, transaction: bool) -> T:
-        lane = self._lanes.get(URGENT if priority == URGENT else NORMAL)
-        link = self._links.get(URGENT if priority == URGENT else NORMAL)
+        key = priority if priority in (URGENT, _ASIDE) else NORMAL
+        lane = self._lanes.get(key)
+        link = self._links.get(key)
         if lane is None or link is None:
             raise StoreError("database is not open")
         health = self.writes
@@ -421,13 +424,24 @@ class PostgresDatabase(Database):
             return result
 
         # Shielded, as on SQLite: a write once submitted runs even if its awaiter is canceled.
-        return await asyncio.shield(asyncio.wrap_future(lane.submit(call, priority)))
+        return await asyncio.shield(asyncio.wrap_future(lane.submit(call, min(priority, NORMAL))))
+
+    async def write_aside(self, fn: Callable[[Any], T]) -> T:
+        """On a third writer connection: a 2 MB image takes tens of ms to commit, which job
+        writes (and a fence check behind them) should not wait for."""
+        return await self._submit(fn, _ASIDE, transaction=True)
 
     async def execute_write(self, sql: str, params: Iterable[Any] = ()) -> int:
         values = tuple(params)
         return await self.run(lambda conn: conn.execute(sql, values).rowcount)
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        return await self._fetchall(sql, params, binary=False)
+
+    async def fetchall_binary(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        return await self._fetchall(sql, params, binary=True)
+
+    async def _fetchall(self, sql: str, params: Iterable[Any], *, binary: bool) -> list[Row]:
         pool = self._pool
         if pool is None:
             raise StoreError("database is not open")
@@ -436,7 +450,7 @@ class PostgresDatabase(Database):
 
         def once() -> list[Row]:
             with pool.connection() as conn:
-                rows: list[Row] = conn.execute(text, values).fetchall()
+                rows: list[Row] = conn.cursor(binary=binary).execute(text, values).fetchall()
                 conn._imagebot_used_at = time.monotonic()
                 return rows
 
