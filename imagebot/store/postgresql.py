@@ -1,8 +1,9 @@
 """The PostgreSQL store (psycopg 3): same interface and rules as the SQLite one.
 
-Writes: two writer threads, each owning one connection: URGENT (updates saved before Telegram
-is answered, payments) and NORMAL (job writes), so the webhook never waits behind a job
-transaction, and job writes keep the order they were submitted in, as on SQLite. Each write
+Writes: three writer threads, each owning one connection: URGENT (updates saved before Telegram
+is answered, payments), NORMAL (job writes) and PACING (send-slot reservations, one per
+Telegram send), so the webhook never waits behind a job transaction or a burst of sends, and
+job writes keep the order they were submitted in, as on SQLite. Each write
 function runs whole inside BEGIN … COMMIT on its thread. Reads go through a small
 psycopg-pool (checked on checkout, so a restarted server costs no failed read).
 
@@ -41,6 +42,7 @@ from imagebot.clock import iso
 from imagebot.errors import StoreError
 from imagebot.store.db import (
     NORMAL,
+    PACING,
     URGENT,
     Database,
     Row,
@@ -334,7 +336,8 @@ class PostgresDatabase(Database):
                 f"cannot reach PostgreSQL at {self.address}: {_first_line(exc)}"
             ) from None
         await asyncio.to_thread(probe.close)
-        for priority, name in ((URGENT, "pg-writer-urgent"), (NORMAL, "pg-writer")):
+        lanes = ((URGENT, "pg-writer-urgent"), (NORMAL, "pg-writer"), (PACING, "pg-writer-pacing"))
+        for priority, name in lanes:
             self._lanes[priority] = _WriterThread(name)
             self._links[priority] = _Link(self.url, self.address)
         self._pool = ConnectionPool(
@@ -390,8 +393,9 @@ class PostgresDatabase(Database):
         return await self._submit(fn, priority, transaction=True)
 
     async def _submit(self, fn: Callable[[Any], T], priority: int, *, transaction: bool) -> T:
-        lane = self._lanes.get(URGENT if priority == URGENT else NORMAL)
-        link = self._links.get(URGENT if priority == URGENT else NORMAL)
+        which = priority if priority in (URGENT, PACING) else NORMAL
+        lane = self._lanes.get(which)
+        link = self._links.get(which)
         if lane is None or link is None:
             raise StoreError("database is not open")
         health = self.writes
@@ -452,3 +456,8 @@ class PostgresDatabase(Database):
 
     def lock(self, conn: Any, key: str) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))
+
+    instant_sql = "clock_timestamp()"
+
+    def plus_seconds_sql(self, expr: str, seconds: float) -> str:
+        return f"({expr} + interval '{float(seconds):.6f} seconds')"
