@@ -144,15 +144,22 @@ def _upscaler(
     return generate if isinstance(generate, LocalProvider) else LocalProvider()
 
 
-def _rate_limiter(settings: Settings, db: Database, metrics: Metrics) -> TelegramRateLimiter:
+def _rate_limiter(
+    settings: Settings, db: Database, metrics: Metrics, cluster: Cluster
+) -> TelegramRateLimiter:
     """Telegram's outgoing limits: in memory on SQLite (one process), in the database on
     PostgreSQL, where several processes share one bot token's limits."""
 
     def on_flood_wait(_: float) -> None:
         metrics.telegram_429.inc()
 
-    if db.dialect == "postgresql":
-        return SharedRateLimiter(settings.telegram, SendSlots(db), on_flood_wait)
+    async def live_processes() -> int:
+        return len(await cluster.peers())
+
+    if db.shared:
+        return SharedRateLimiter(
+            settings.telegram, SendSlots(db), on_flood_wait, peers=live_processes
+        )
     return TelegramRateLimiter(settings.telegram, on_flood_wait=on_flood_wait)
 
 
@@ -196,7 +203,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         .get_updates_request(
             AiohttpBotRequest(connection_pool_size=2, connector=network.aiohttp_connector)
         )
-        .rate_limiter(_rate_limiter(settings, db, metrics))
+        .rate_limiter(_rate_limiter(settings, db, metrics, cluster))
         .context_types(ContextTypes(context=BotContext))
         .concurrent_updates(PerChatUpdateProcessor(inbox))
         .build()

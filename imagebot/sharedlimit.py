@@ -14,8 +14,10 @@ process pauses. The same requests are limited as by the in-process TelegramRateL
   and answerCallbackQuery pass at once (pre-checkout answers have their own Bot, unlimited).
 
 When the database cannot be reached, a process paces itself in memory at its share of the
-overall rate (the overall rate divided by the processes it last knew of), logs that once,
-tries the database again after `RETRY_SHARED_S`, and logs once when it is back.
+overall rate (the overall rate divided by the live processes it last counted, every 30 s from
+the nodes table), logs that once, tries the database again after `RETRY_SHARED_S`, and logs
+once when it is back. The chat spacing stays per process then: two processes sending to one
+chat in that time may draw a 429, which is waited out and the message sent again.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from imagebot.config import TelegramSettings
@@ -41,6 +43,7 @@ log = get_logger(__name__)
 
 RETRY_SHARED_S = 5.0  # after a failed reservation, pace in memory this long before retrying
 PRUNE_EVERY_S = 600.0
+PEERS_EVERY_S = 30.0  # how often the number of live processes is read again
 _MAX_GATE_TRIES = 1000  # bounded: a chat kept busy by other processes this long goes anyway
 
 
@@ -53,7 +56,7 @@ class SharedRateLimiter(TelegramRateLimiter):
         slots: SendSlots,
         on_flood_wait: Callable[[float], None] | None = None,
         *,
-        peers: Callable[[], int] = lambda: 1,
+        peers: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         super().__init__(settings, on_flood_wait)
         self._slots = slots
@@ -61,7 +64,10 @@ class SharedRateLimiter(TelegramRateLimiter):
         self._global_step = 1 / self._rate
         self._progress_step = 1 / max(1.0, self._rate * _LOW_PRIORITY_SHARE)
         self._progress_lock = asyncio.Lock()
-        self._peers = peers
+        self._peers = peers  # how many processes are live now (they share the rate)
+        self._known_peers = 1
+        self._next_peers = 0.0
+        self._peers_task: asyncio.Task[None] | None = None
         self._local_until = 0.0  # monotonic: pace in memory until then (database away)
         self._local = False
         self._next_prune = time.monotonic() + PRUNE_EVERY_S
@@ -71,11 +77,13 @@ class SharedRateLimiter(TelegramRateLimiter):
         self.keep_timings = False
 
     async def shutdown(self) -> None:
-        task, self._prune_task = self._prune_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        tasks = (self._prune_task, self._peers_task)
+        self._prune_task = self._peers_task = None
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     def _gate(self, endpoint: str, chat_id: int | str | None) -> tuple[str, float] | None:
         if chat_id is not None and endpoint in SEND_METHODS:
@@ -125,7 +133,7 @@ class SharedRateLimiter(TelegramRateLimiter):
                 self._shared_again()
                 await asyncio.sleep(slot.wait_s)
                 if slot.reserved:
-                    self._maybe_prune()
+                    self._background()
                     return True
             # other processes kept this chat busy all along: go with the global slot alone
             slot = await self._slots.reserve(self._global_step)
@@ -142,7 +150,7 @@ class SharedRateLimiter(TelegramRateLimiter):
         if self._local:
             return
         self._local = True
-        peers = max(1, self._peers())
+        peers = self._known_peers
         rate = self._rate / peers
         self._set_overall_rate(rate)
         log.warning(
@@ -167,12 +175,28 @@ class SharedRateLimiter(TelegramRateLimiter):
             self._go_local(exc)
         await super()._flood_pause(wait)
 
-    def _maybe_prune(self) -> None:
+    def _background(self) -> None:
+        """While the database answers: now and then prune old rows and count the processes
+        (the share to keep to should it stop answering)."""
         now = time.monotonic()
-        if now < self._next_prune or (self._prune_task and not self._prune_task.done()):
-            return
-        self._next_prune = now + PRUNE_EVERY_S
-        self._prune_task = asyncio.create_task(self._prune(), name="send-slots-prune")
+        if now >= self._next_prune and (self._prune_task is None or self._prune_task.done()):
+            self._next_prune = now + PRUNE_EVERY_S
+            self._prune_task = asyncio.create_task(self._prune(), name="send-slots-prune")
+        if (
+            self._peers is not None
+            and now >= self._next_peers
+            and (self._peers_task is None or self._peers_task.done())
+        ):
+            self._next_peers = now + PEERS_EVERY_S
+            self._peers_task = asyncio.create_task(self._count_peers(), name="send-limit-peers")
+
+    async def _count_peers(self) -> None:
+        assert self._peers is not None
+        try:
+            self._known_peers = max(1, await self._peers())
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
 
     async def _prune(self) -> None:
         try:

@@ -8,6 +8,7 @@ which enforces the real flood limits with 429s.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -46,11 +47,16 @@ async def opened(target: str | Path) -> AsyncIterator[Database]:
 
 @asynccontextmanager
 async def sender(
-    telegram: FakeTelegram, db: Database, **limits: Any
+    telegram: FakeTelegram, db: Database, processes: int = 3
 ) -> AsyncIterator[tuple[ExtBot[None], SharedRateLimiter]]:
-    """One process's sending side: a PTB bot whose requests go through a shared limiter."""
-    settings = TelegramSettings(api_base_url=telegram.url, **{**LIMITS, **limits})
-    limiter = SharedRateLimiter(settings, SendSlots(db))
+    """One process's sending side: a PTB bot whose requests go through a shared limiter
+    (which counts `processes` live processes)."""
+    settings = TelegramSettings(api_base_url=telegram.url, **LIMITS)
+
+    async def peers() -> int:
+        return processes
+
+    limiter = SharedRateLimiter(settings, SendSlots(db), peers=peers)
     limiter.keep_timings = True
     bot: ExtBot[None] = ExtBot(
         BOT_TOKEN,
@@ -206,4 +212,6 @@ async def test_database_away_falls_back_to_pacing_in_memory(
     assert all(telegram.messages(6100 + k)[0].text == "back?" for k in range(n + 1))
     log = log_output.getvalue()
     assert log.count('"telegram_send_limit_local"') == 1
+    (local,) = [json.loads(line) for line in log.splitlines() if "send_limit_local" in line]
+    assert local["processes"] == 3 and local["rate_overall_per_s"] == 8.33  # 25/s shared by 3
     assert log.count('"telegram_send_limit_shared"') == 1

@@ -209,13 +209,10 @@ class Database(ABC):
         """Inside a write transaction: wait until no other transaction holds `key`, then hold
         it to the end of this one (read-then-write checks stay exact across processes)."""
 
-    #: SQL for the wall clock at this very moment, also inside a transaction (PostgreSQL's
-    #: now() is the transaction's start): a timestamp the store compares and stores
-    instant_sql: str = "CURRENT_TIMESTAMP"
-
     def plus_seconds_sql(self, expr: str, seconds: float) -> str:
-        """SQL for the timestamp `expr` plus `seconds` (negative: minus). `seconds` comes
-        from the code or settings, never from a user: it is written into the SQL."""
+        """SQL for the timestamp expression `expr` (a column, `clock_sql()`) plus `seconds`
+        (negative: minus). `seconds` comes from the code or settings, never from a user: it
+        is written into the SQL."""
         raise NotImplementedError
 
     async def probe_write(self) -> bool:

@@ -462,7 +462,5 @@ class PostgresDatabase(Database):
     def lock(self, conn: Any, key: str) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))
 
-    instant_sql = "clock_timestamp()"
-
     def plus_seconds_sql(self, expr: str, seconds: float) -> str:
         return f"({expr} + interval '{float(seconds):.6f} seconds')"

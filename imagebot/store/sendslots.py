@@ -3,7 +3,7 @@
 GCRA (the "generic cell rate algorithm"): each limited key has a row whose `tat`
 ("theoretical arrival time") is the earliest moment its next send may go. Reserving a slot
 moves tat to `greatest(tat, now) + step` and hands back the old value: the caller sleeps until
-then and sends. Every time is the database's clock at that very moment (`db.instant_sql`,
+then and sends. Every time is the database's clock at that very moment (`db.clock_sql()`,
 clock_timestamp() on PostgreSQL), never a process's: processes on several hosts agree.
 
 A send to a chat takes two keys, the chat's (or group's) `gate` first and then `global`
@@ -56,8 +56,8 @@ class SendSlots:
     def _take_sql(self, step_s: float) -> str:
         """The GCRA reservation of SCALE_OUT §5.4: one statement per key."""
         db = self.db
-        now = db.instant_sql
-        first = db.plus_seconds_sql(now, step_s)
+        now = db.clock_sql()
+        first = db.clock_sql(step_s)
         later = db.plus_seconds_sql(
             f"CASE WHEN send_slots.tat > {now} THEN send_slots.tat ELSE {now} END", step_s
         )
@@ -69,7 +69,7 @@ class SendSlots:
 
     def _gate_sql(self) -> str:
         """Lock the gate key's row (made free when new) and read its tat and the clock."""
-        now = self.db.instant_sql
+        now = self.db.clock_sql()
         return (
             f"INSERT INTO send_slots (key, tat) VALUES (?, {now})"  # noqa: S608 - the clock
             f" ON CONFLICT (key) DO UPDATE SET tat = send_slots.tat RETURNING tat, {now} AS now"
@@ -101,7 +101,7 @@ class SendSlots:
     async def pause(self, seconds: float) -> None:
         """Telegram said "retry after `seconds`": no process sends before then."""
         db = self.db
-        until = db.plus_seconds_sql(db.instant_sql, seconds)
+        until = db.clock_sql(seconds)
         sql = (
             f"INSERT INTO send_slots (key, tat) VALUES (?, {until})"  # noqa: S608 - the clock
             f" ON CONFLICT (key) DO UPDATE SET tat = CASE WHEN send_slots.tat > {until}"
@@ -112,6 +112,6 @@ class SendSlots:
     async def prune(self) -> int:
         """Delete rows of keys that have been free for a while; returns how many."""
         db = self.db
-        before = db.plus_seconds_sql(db.instant_sql, -PRUNE_AFTER_S)
+        before = db.clock_sql(-PRUNE_AFTER_S)
         sql = f"DELETE FROM send_slots WHERE tat < {before}"  # noqa: S608 - the clock
         return await db.write(lambda conn: conn.execute(sql).rowcount, priority=self.priority)

@@ -280,7 +280,5 @@ class SqliteDatabase(Database):
         # One hop to the reader thread (execute + fetch + close), not three.
         return list(await self.reader.execute_fetchall(sql, tuple(params)))
 
-    instant_sql = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
-
     def plus_seconds_sql(self, expr: str, seconds: float) -> str:
         return f"strftime('%Y-%m-%dT%H:%M:%fZ', {expr}, '{float(seconds):+.6f} seconds')"
