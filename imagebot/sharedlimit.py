@@ -5,9 +5,10 @@ themselves at the limit send three times too much. So on PostgreSQL every limite
 reserves its slot in the send_slots table (imagebot.store.sendslots: GCRA on the database
 clock) and sleeps until it, and a 429 pushes the shared `global` slot forward so that every
 process pauses. The same requests are limited as by the in-process TelegramRateLimiter:
-- a send to a chat (sendMessage, sendPhoto, …) takes the chat's slot (1/s, spaced from the
-  moment it is really sent) or the group's (20/min), then the global one; one process sends
-  to one chat one request at a time, in order;
+- a send to a chat (sendMessage, sendPhoto, …) takes the chat's slot (1/s) or the group's
+  (20/min), then the global one; the chat's next slot counts from the moment it was really
+  sent and again from Telegram's answer; one process sends to one chat one request at a
+  time, in order;
 - progress traffic (edits, chat actions, deletions) takes the `progress` slot (a share of
   the overall rate) before the global one, so results never wait behind it;
 - everything else limited takes the global slot; getUpdates, getMe, getFile, webhook calls
@@ -44,6 +45,7 @@ log = get_logger(__name__)
 RETRY_SHARED_S = 5.0  # after a failed reservation, pace in memory this long before retrying
 PRUNE_EVERY_S = 600.0
 PEERS_EVERY_S = 30.0  # how often the number of live processes is read again
+LATE_S = 0.02  # a send woken this much after its slot moves its chat's next slot on
 _MAX_GATE_TRIES = 1000  # bounded: a chat kept busy by other processes this long goes anyway
 
 
@@ -110,7 +112,10 @@ class SharedRateLimiter(TelegramRateLimiter):
             async with self._slot(chat_id).lock:  # this process: one send per chat at a time
                 if await self._reserve(gate):
                     await self._open.wait()
-                    return await callback(*args, **kwargs)
+                    try:
+                        return await callback(*args, **kwargs)
+                    finally:
+                        await self._hold_after(gate)
         else:
             lock = self._progress_lock if gate is not None else contextlib.nullcontext()
             async with lock:  # this process: one progress request asks at a time
@@ -131,8 +136,14 @@ class SharedRateLimiter(TelegramRateLimiter):
                 if self.keep_timings:
                     self.reservation_s.append(time.perf_counter() - started)
                 self._shared_again()
+                due = time.monotonic() + slot.wait_s
                 await asyncio.sleep(slot.wait_s)
                 if slot.reserved:
+                    late = time.monotonic() - due
+                    if gate is not None and late > LATE_S:
+                        # this send goes later than its slot (a busy event loop): the chat's
+                        # spacing counts from now, not from the slot
+                        await self._slots.hold(gate[0], gate[1])
                     self._background()
                     return True
             # other processes kept this chat busy all along: go with the global slot alone
@@ -144,6 +155,17 @@ class SharedRateLimiter(TelegramRateLimiter):
             return False
         await asyncio.sleep(slot.wait_s)
         return True
+
+    async def _hold_after(self, gate: tuple[str, float]) -> None:
+        """Telegram has answered: the chat's next send goes no sooner than a step from now.
+        (Telegram times a request when it arrives, which may be later than when it left:
+        an upload, a busy event loop on either side. Counting from the answer is safe.)"""
+        try:
+            await self._slots.hold(gate[0], gate[1])
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            self._go_local(exc)
 
     def _go_local(self, exc: BaseException) -> None:
         self._local_until = time.monotonic() + RETRY_SHARED_S

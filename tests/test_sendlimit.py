@@ -25,11 +25,14 @@ from imagebot.sharedlimit import SharedRateLimiter
 from imagebot.store.db import Database
 from imagebot.store.migrate import migrate
 from imagebot.store.sendslots import SendSlots
-from tests import storeview
-from tests.conftest import BOT_TOKEN
+from tests import storeview, updates
+from tests.conftest import BOT_TOKEN, WEBHOOK_SECRET
 from tests.fakes.base import wait_until
+from tests.fakes.fal_api import FakeFal
+from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
 from tests.pgcluster import start_cluster
+from tests.support import toml_dumps
 
 LIMITS = {"rate_overall_per_s": 25, "rate_per_chat_per_s": 1, "rate_group_per_min": 20}
 
@@ -215,3 +218,65 @@ async def test_database_away_falls_back_to_pacing_in_memory(
     (local,) = [json.loads(line) for line in log.splitlines() if "send_limit_local" in line]
     assert local["processes"] == 3 and local["rate_overall_per_s"] == 8.33  # 25/s shared by 3
     assert log.count('"telegram_send_limit_shared"') == 1
+
+
+@pytest.mark.timeout(120)
+async def test_three_daemons_deliver_everything_without_a_429(
+    telegram: FakeTelegram, replicate: FakeReplicate, fal: FakeFal, pg_url: str, tmp_path: Path
+) -> None:
+    """Three real imagebot processes on one PostgreSQL, updates POSTed round-robin to their
+    webhooks (20 chats asking twice, one chat asking six times), Telegram enforcing 30/s and
+    1/s per chat: every photo arrives and no 429 is ever answered."""
+    from tests.crash_harness import WEBHOOK_PATH, Daemon
+
+    telegram.enforce_flood(overall_per_s=30, per_chat_per_s=1)
+    replicate.latency_s = 0.1
+    daemons = []
+    for n in range(3):
+        (tmp_path / f"node{n}").mkdir()
+        daemon = Daemon(
+            tmp_path / f"node{n}",
+            telegram,
+            replicate,
+            fal,
+            database=pg_url,
+            progress={"edit_interval_s": 1, "queue_refresh_s": 5},
+        )
+        daemon.config["telegram"].update(LIMITS)  # ("telegram" is the fake's argument)
+        daemon.config_path.write_text(toml_dumps(daemon.config), encoding="utf-8")
+        daemons.append(daemon)
+    chats = [7000 + n for n in range(20)]
+    busy_chat = 7999
+    asks = [(chat, n) for n in range(2) for chat in chats] + [(busy_chat, n) for n in range(6)]
+    try:
+        await asyncio.gather(*(daemon.start() for daemon in daemons))
+        for i, (chat, n) in enumerate(asks):
+            port = daemons[i % 3].webhook_port
+            update = updates.command(f"/generate cat {n}", chat_id=chat, user_id=chat)
+            status, _ = await updates.post_webhook(
+                f"http://127.0.0.1:{port}{WEBHOOK_PATH}", update, secret=WEBHOOK_SECRET
+            )
+            assert status == 200
+        await wait_until(
+            lambda: (
+                all(len(telegram.photos(c)) >= 2 for c in chats)
+                and len(telegram.photos(busy_chat)) >= 6
+            ),
+            within=50,
+            interval=0.2,
+        )
+        jobs = daemons[0].jobs()
+        floods = [e for d in daemons for e in d.log_events("telegram_flood_wait")]
+    finally:
+        for daemon in daemons:
+            await daemon.close()
+    assert telegram.flood_429s == 0, floods
+    # Every job's photo arrived. (Jobs are asserted no further here: until result files are
+    # shared by every process, a job a second process resumed may end results_expired.)
+    assert len(jobs) == len(asks)
+    sends = [m.sent_at for c in [*chats, busy_chat] for m in telegram.messages(c, True)]
+    print(  # noqa: T201 - the figures for RELIABILITY.md
+        f"\n3 daemons: {len(jobs)} jobs, {len(sends)} messages, photos"
+        f" {sum(len(telegram.photos(c)) for c in [*chats, busy_chat])},"
+        f" busiest second {busiest_second(sends)}, 429s {telegram.flood_429s}"
+    )

@@ -98,6 +98,17 @@ class SendSlots:
 
         return await self.db.write(run, priority=self.priority)
 
+    async def hold(self, key: str, seconds: float) -> None:
+        """Keep `key` busy for `seconds` from now (a send that goes later than its slot)."""
+        until = self.db.clock_sql(seconds)
+        sql = (
+            f"UPDATE send_slots SET tat = CASE WHEN tat > {until}"  # noqa: S608 - the clock
+            f" THEN tat ELSE {until} END WHERE key = ?"
+        )
+        await self.db.write(
+            lambda conn: conn.execute(sql, (key,)).rowcount, priority=self.priority
+        )
+
     async def pause(self, seconds: float) -> None:
         """Telegram said "retry after `seconds`": no process sends before then."""
         db = self.db
