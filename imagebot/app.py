@@ -58,16 +58,18 @@ from imagebot.ratelimit import TelegramRateLimiter
 from imagebot.results import ResultFiles, make_result_store
 from imagebot.runtime import freeze_startup_objects, thaw_startup_objects
 from imagebot.services import Services
+from imagebot.sharedlimit import SharedRateLimiter
 from imagebot.stars import Stars
 from imagebot.store.access import AccessStore
 from imagebot.store.albums import AlbumStore
 from imagebot.store.conversations import ConversationStore
-from imagebot.store.db import STORE_READ_ERRORS, connect_store
+from imagebot.store.db import STORE_READ_ERRORS, Database, connect_store
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
 from imagebot.store.migrate import migrate
 from imagebot.store.prefs import PrefStore
+from imagebot.store.sendslots import SendSlots
 from imagebot.store.sqlite import StoreInUse
 from imagebot.store.stats import Stats
 from imagebot.store.usage import Usage
@@ -144,6 +146,25 @@ def _upscaler(
     return generate if isinstance(generate, LocalProvider) else LocalProvider()
 
 
+def _rate_limiter(
+    settings: Settings, db: Database, metrics: Metrics, cluster: Cluster
+) -> TelegramRateLimiter:
+    """Telegram's outgoing limits: in memory on SQLite (one process), in the database on
+    PostgreSQL, where several processes share one bot token's limits."""
+
+    def on_flood_wait(_: float) -> None:
+        metrics.telegram_429.inc()
+
+    async def live_processes() -> int:
+        return len(await cluster.peers())
+
+    if db.shared:
+        return SharedRateLimiter(
+            settings.telegram, SendSlots(db), on_flood_wait, peers=live_processes
+        )
+    return TelegramRateLimiter(settings.telegram, on_flood_wait=on_flood_wait)
+
+
 def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     """Wire every collaborator (no I/O happens here)."""
     metrics = Metrics()
@@ -184,7 +205,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         .get_updates_request(
             AiohttpBotRequest(connection_pool_size=2, connector=network.aiohttp_connector)
         )
-        .rate_limiter(TelegramRateLimiter(tg, on_flood_wait=lambda _: metrics.telegram_429.inc()))
+        .rate_limiter(_rate_limiter(settings, db, metrics, cluster))
         .context_types(ContextTypes(context=BotContext))
         .concurrent_updates(
             PerChatUpdateProcessor(inbox, order_wait_s=settings.cluster.chat_order_wait_s)

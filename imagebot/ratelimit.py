@@ -81,11 +81,7 @@ class TelegramRateLimiter(BaseRateLimiter[int]):
     def __init__(
         self, settings: TelegramSettings, on_flood_wait: Callable[[float], None] | None = None
     ) -> None:
-        rate = settings.rate_overall_per_s
-        burst = max(1, int(rate // 8))
-        self._overall = AsyncLimiter(burst, burst / rate)
-        low_rate = max(1.0, rate * _LOW_PRIORITY_SHARE)
-        self._low_priority = AsyncLimiter(1, 1 / low_rate)
+        self._set_overall_rate(settings.rate_overall_per_s)
         self._chat_period = 1 / settings.rate_per_chat_per_s + _SAFETY_S
         self._group_period = 60 / max(1.0, settings.rate_group_per_min - 1) + _SAFETY_S
         self._chats: dict[int | str, _ChatSlot] = {}
@@ -146,14 +142,26 @@ class TelegramRateLimiter(BaseRateLimiter[int]):
                     wait_s=round(wait, 2),
                     attempt=attempt + 1,
                 )
-                self._open.clear()
-                try:
-                    await asyncio.sleep(wait)
-                finally:
-                    self._open.set()
+                await self._flood_pause(wait)
             else:
                 return result
         raise AssertionError("unreachable")
+
+    async def _flood_pause(self, wait: float) -> None:
+        """Telegram said "retry after": every request of this limiter waits `wait` seconds."""
+        self._open.clear()
+        try:
+            await asyncio.sleep(wait)
+        finally:
+            self._open.set()
+
+    def _set_overall_rate(self, rate: float) -> None:
+        """Pace this process's requests at `rate` per second overall (and its share of it for
+        progress traffic)."""
+        burst = max(1, int(rate // 8))
+        self._overall = AsyncLimiter(burst, burst / rate)
+        low_rate = max(1.0, rate * _LOW_PRIORITY_SHARE)
+        self._low_priority = AsyncLimiter(1, 1 / low_rate)
 
     async def _send(
         self,

@@ -37,6 +37,9 @@ Row: TypeAlias = Any
 
 
 URGENT, NORMAL = 0, 1
+# Short writes that pace Telegram sends (send slots): on PostgreSQL they have a writer of
+# their own, so they neither wait behind job writes nor hold up the webhook's saves.
+PACING = -1
 
 
 class Cursor(Protocol):
@@ -217,6 +220,12 @@ class Database(ABC):
         """Inside a write transaction: wait until no other transaction holds `key`, then hold
         it to the end of this one (read-then-write checks stay exact across processes)."""
 
+    def plus_seconds_sql(self, expr: str, seconds: float) -> str:
+        """SQL for the timestamp expression `expr` (a column, `clock_sql()`) plus `seconds`
+        (negative: minus). `seconds` comes from the code or settings, never from a user: it
+        is written into the SQL."""
+        raise NotImplementedError
+
     async def probe_write(self) -> bool:
         """Rewrite the one-row write_probe table: does the database take writes now?"""
         try:
@@ -264,6 +273,7 @@ def connect_store(
 
 __all__ = [
     "NORMAL",
+    "PACING",
     "STORE_READ_ERRORS",
     "URGENT",
     "Conn",

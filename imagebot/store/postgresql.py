@@ -1,8 +1,9 @@
 """The PostgreSQL store (psycopg 3): same interface and rules as the SQLite one.
 
-Writes: two writer threads, each owning one connection: URGENT (updates saved before Telegram
-is answered, payments) and NORMAL (job writes), so the webhook never waits behind a job
-transaction, and job writes keep the order they were submitted in, as on SQLite. Each write
+Writes: four writer threads, each owning one connection: URGENT (updates saved before Telegram
+is answered, payments), NORMAL (job writes), PACING (send-slot reservations, one per
+Telegram send) and the aside lane (`write_aside`: result images, megabytes each), so the webhook never waits behind a job transaction or a burst of sends, and
+job writes keep the order they were submitted in, as on SQLite. Each write
 function runs whole inside BEGIN … COMMIT on its thread. Reads go through a small
 psycopg-pool (checked on checkout, so a restarted server costs no failed read).
 
@@ -41,6 +42,7 @@ from imagebot.clock import iso
 from imagebot.errors import StoreError
 from imagebot.store.db import (
     NORMAL,
+    PACING,
     URGENT,
     Database,
     Row,
@@ -340,7 +342,12 @@ class PostgresDatabase(Database):
                 f"cannot reach PostgreSQL at {self.address}: {_first_line(exc)}"
             ) from None
         await asyncio.to_thread(probe.close)
-        lanes = ((URGENT, "pg-writer-urgent"), (NORMAL, "pg-writer"), (_ASIDE, "pg-writer-aside"))
+        lanes = (
+            (URGENT, "pg-writer-urgent"),
+            (NORMAL, "pg-writer"),
+            (_ASIDE, "pg-writer-aside"),
+            (PACING, "pg-writer-pacing"),
+        )
         for priority, name in lanes:
             self._lanes[priority] = _WriterThread(name)
             self._links[priority] = _Link(self.url, self.address)
@@ -397,7 +404,7 @@ class PostgresDatabase(Database):
         return await self._submit(fn, priority, transaction=True)
 
     async def _submit(self, fn: Callable[[Any], T], priority: int, *, transaction: bool) -> T:
-        key = priority if priority in (URGENT, _ASIDE) else NORMAL
+        key = priority if priority in (URGENT, _ASIDE, PACING) else NORMAL
         lane = self._lanes.get(key)
         link = self._links.get(key)
         if lane is None or link is None:
@@ -471,3 +478,6 @@ class PostgresDatabase(Database):
 
     def lock(self, conn: Any, key: str) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))
+
+    def plus_seconds_sql(self, expr: str, seconds: float) -> str:
+        return f"({expr} + interval '{float(seconds):.6f} seconds')"

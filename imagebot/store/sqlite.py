@@ -279,3 +279,6 @@ class SqliteDatabase(Database):
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
         # One hop to the reader thread (execute + fetch + close), not three.
         return list(await self.reader.execute_fetchall(sql, tuple(params)))
+
+    def plus_seconds_sql(self, expr: str, seconds: float) -> str:
+        return f"strftime('%Y-%m-%dT%H:%M:%fZ', {expr}, '{float(seconds):+.6f} seconds')"
