@@ -219,6 +219,20 @@ class FakeReplicate(FileHost):
     def lists(self) -> list[Call]:
         return self.calls_of("list")
 
+    def open_predictions_peak(self) -> int:
+        """The most predictions open at one moment (created and not yet final, by the fake's
+        clock): what a cap on concurrent requests must keep at or below the cap."""
+        events: list[tuple[float, int]] = []
+        for prediction in self.predictions.values():
+            events.append((prediction.created, 1))
+            events.append((prediction.completed_at_ts, -1))
+        events.sort()  # at the same instant a close (-1) counts before an open (+1)
+        peak = current = 0
+        for _, step in events:
+            current += step
+            peak = max(peak, current)
+        return peak
+
     # -- handlers --------------------------------------------------------------------------
 
     def _authorized(self, request: web.Request) -> bool:
