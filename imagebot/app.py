@@ -25,6 +25,7 @@ from imagebot.bot.context import SERVICES_KEY, BotContext
 from imagebot.bot.handlers import register
 from imagebot.bot.menus import build_menus, publish
 from imagebot.botapi import AiohttpBotRequest
+from imagebot.cluster import MAINTENANCE, Cluster
 from imagebot.config import Settings
 from imagebot.control import Control
 from imagebot.credits import Credits
@@ -147,7 +148,8 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     db = connect_store(
         settings.storage.database, synchronous=settings.storage.synchronous, exclusive=True
     )
-    inbox = Inbox(db)
+    cluster = Cluster(settings, db)
+    inbox = Inbox(db, cluster.node_id)
     store = JobStore(db)
     ledger = Ledger(db)
     tg = settings.telegram
@@ -263,6 +265,7 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         metrics=metrics,
         results=results,
         intake=intake,
+        cluster=cluster,
         credits=credits,
         stars=stars,
         control=Control(AccessStore(db), policy),
@@ -330,6 +333,8 @@ async def _start_credits(app: App) -> None:
 
     async def reconcile(_: object) -> None:
         unbind_all()
+        if not services.cluster.holds(MAINTENANCE):
+            return  # the maintenance lease's holder reconciles for the cluster
         try:
             await credits.settle_leftovers()
             await stars.reconcile()
@@ -365,6 +370,8 @@ async def _start_control(app: App) -> None:
     )
     # Before updates are taken: no call at all when no list changed since the last start;
     # a Telegram failure is logged and the scope tried again at the next start.
+    if not services.cluster.holds(MAINTENANCE):
+        return  # the menus are the bot's, not the process's: its maintenance leader sets them
     try:
         # one menu per scope for every language, then one per scope and translated language
         languages = (None, *texts.menu_language_codes())
@@ -397,22 +404,27 @@ async def _initialize(app: App) -> None:
 def _schedule_maintenance(app: App) -> None:
     services = app.services
     settings = services.settings
+    cluster = services.cluster
     job_queue = app.application.job_queue
     assert job_queue is not None
 
     # APScheduler runs jobs in a copy of the context that last woke it (often a handler's), so
-    # each maintenance job drops inherited log fields (update_id, job_id, ...) first.
+    # each maintenance job drops inherited log fields (update_id, job_id, ...) first. Chores
+    # of the whole cluster run on the maintenance lease's holder only (one process of many).
     async def sweep(_: object) -> None:
         unbind_all()
-        await services.runner.sweep()
+        if cluster.holds(MAINTENANCE):
+            await services.runner.sweep()
 
     async def refresh_queue(_: object) -> None:
         unbind_all()
-        await services.progress.refresh_queue()
+        if cluster.holds(MAINTENANCE):
+            await services.progress.refresh_queue()
 
     async def prune(_: object) -> None:
         unbind_all()
-        await _prune(services)
+        if cluster.holds(MAINTENANCE):
+            await _prune(services)
 
     job_queue.run_repeating(sweep, settings.runner.sweep_interval_s, name="sweep")
 
@@ -428,6 +440,22 @@ def _schedule_maintenance(app: App) -> None:
     job_queue.run_repeating(prune, interval, first=min(60.0, interval), name="prune")
     # Albums captioned /edit, including those a restart interrupted (issue 17).
     albums.schedule(app.application)
+    cluster.on_tick(lambda: _cluster_chores(services))
+
+
+async def _cluster_chores(services: Services) -> None:
+    """After each heartbeat: the maintenance leader hands on dead processes' jobs; an intake
+    process takes over the updates a dead one saved but never handled, and replays them."""
+    cluster = services.cluster
+    unbind_all()
+    if cluster.holds(MAINTENANCE):
+        reaped = await cluster.reap()
+        if reaped.jobs_freed or reaped.holds_released:
+            await services.runner.pump()
+    if cluster.has_role("intake") and cluster.trusted:
+        adopted = await cluster.adopt_updates()
+        if adopted:
+            await services.intake.replay(adopted)
 
 
 async def _prune(services: Services) -> None:
@@ -476,6 +504,7 @@ async def run(app: App) -> int:
         await services.control.load()  # allowlist and pause before any update is handled
         app.state.heartbeat.start()
         await app.ops.start()
+        await services.cluster.start(app.ops.port)
         log.info(
             "starting",
             mode=settings.telegram.mode,
@@ -490,8 +519,10 @@ async def run(app: App) -> int:
             _schedule_maintenance(app)
             await _start_credits(app)
             await _start_control(app)
+            # What processes that died left (on SQLite: the last run of this one).
+            await services.cluster.reap()
             await services.runner.recover()
-            await services.intake.replay()
+            await services.intake.replay(await services.cluster.adopt_updates())
             freeze_startup_objects()
             try:
                 await services.intake.start()
@@ -508,6 +539,7 @@ async def run(app: App) -> int:
             log.info("stopping")
             await services.intake.stop()
             await services.runner.shutdown(SHUTDOWN_GRACE_S)
+            await services.cluster.stop()
             if app.application.running:
                 await app.application.stop()
             await app.application.shutdown()
@@ -521,6 +553,7 @@ async def run(app: App) -> int:
             await provider.aclose()
         await app.fetcher.aclose()
         await app.state.heartbeat.stop()
+        await services.cluster.stop()  # (done already unless start-up was cut short)
         await services.db.close()
         log.info("stopped", exit_code=app.exit_code)
     return app.exit_code

@@ -84,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
         help="log format (default: [logs] format, json unless a terminal)",
     )
     parser.add_argument(
+        "--roles",
+        metavar="ROLES",
+        help="what this process does, comma-separated: intake,worker,maintenance"
+        " (default: [cluster] roles, all three)",
+    )
+    parser.add_argument(
         "--check-config", action="store_true", help="same as the check-config command"
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -170,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.args:
         parser.error(f"unexpected argument: {args.args[0]}")
     try:
-        settings = load_settings(args.config, mode=args.mode)
+        roles = args.roles.split(",") if args.roles is not None else None
+        settings = load_settings(args.config, mode=args.mode, roles=roles)
     except ConfigError as exc:
         _error("configuration error", exc)
         return EXIT_CONFIG

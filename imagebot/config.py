@@ -187,6 +187,40 @@ class RunnerSettings(Section):
     circuit_cooldown_s: float = Field(30, gt=0, le=3600)
 
 
+ROLES = ("intake", "worker", "maintenance")
+
+
+class ClusterSettings(Section):
+    """Several processes on one PostgreSQL database (issue 16): what this process does, and
+    how fast a dead one's work is taken over."""
+
+    # intake: webhook + completion hints + handlers (and polling, when it holds the lease);
+    # worker: runs jobs; maintenance: may hold the cluster's maintenance lease
+    roles: list[str] = list(ROLES)
+    heartbeat_s: float = Field(5.0, gt=0, le=60)
+    # a process silent this long is dead: its jobs are taken over, its leases lapse
+    lease_s: float = Field(30.0, gt=0, le=3600)
+    # a job taken over from dead processes this many times fails (it may be what kills them)
+    max_rescues: int = Field(3, ge=1, le=100)
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, value: list[str]) -> list[str]:
+        roles = [role.strip() for role in value if role.strip()]
+        unknown = sorted(set(roles) - set(ROLES))
+        if unknown:
+            raise ValueError(f"unknown role(s) {', '.join(unknown)}; known: {', '.join(ROLES)}")
+        if not roles:
+            raise ValueError(f"name at least one of {', '.join(ROLES)}")
+        return [role for role in ROLES if role in roles]
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> ClusterSettings:
+        if self.heartbeat_s * 3 > self.lease_s:
+            raise _Problem("cluster.heartbeat_s", "must be at most a third of cluster.lease_s")
+        return self
+
+
 # Keys that moved: (old section, key) -> new section. The old name is still read (config.toml
 # and IMAGEBOT_<OLD>__<KEY>), and logged as deprecated.
 MOVED_KEYS: dict[tuple[str, str], str] = {
@@ -545,6 +579,7 @@ class Settings(BaseSettings):
     access: AccessSettings = AccessSettings()
     limits: LimitsSettings = LimitsSettings()
     runner: RunnerSettings = RunnerSettings()
+    cluster: ClusterSettings = ClusterSettings()
     generate: GenerateSettings = GenerateSettings()
     edit: EditSettings = EditSettings()
     replicate: ReplicateSettings = ReplicateSettings()
@@ -943,7 +978,11 @@ def _format_error(exc: ValidationError, renamed: Mapping[str, str] | None = None
 
 
 def load_settings(
-    config_path: str | Path | None = None, *, mode: str | None = None, secrets: bool = True
+    config_path: str | Path | None = None,
+    *,
+    mode: str | None = None,
+    secrets: bool = True,
+    roles: list[str] | None = None,
 ) -> Settings:
     """Read config.toml (or --config / IMAGEBOT_CONFIG) plus the environment; raise ConfigError.
 
@@ -952,7 +991,9 @@ def load_settings(
     config_file: dict[str, Any] = _read_toml(path) if path else {}
     _refuse_password_in_file(config_file)
     _default_paths(config_file)
-    command_line = {"telegram": {"mode": mode}} if mode else {}
+    command_line: dict[str, Any] = {"telegram": {"mode": mode}} if mode else {}
+    if roles is not None:  # --roles: this process only (the file is shared by all of them)
+        command_line["cluster"] = {"roles": roles}
     settings = Settings.from_layers(command_line=command_line, config_file=config_file)
     if secrets:
         settings.check_ready_to_serve()

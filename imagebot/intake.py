@@ -385,10 +385,11 @@ class Intake:
                 return
         log.error("update_left_for_next_start", update_id=update.update_id)
 
-    async def replay(self) -> int:
-        """Queue updates that were saved but not processed when the last run stopped; one that
-        cannot be parsed is closed with the reason, and the others are replayed regardless."""
-        saved = await self.inbox.unprocessed()
+    async def replay(self, update_ids: Sequence[int] | None = None) -> int:
+        """Queue updates that were saved but not processed by a process that stopped (all of
+        them, or `update_ids` only: those this process adopted); one that cannot be parsed is
+        closed with the reason, and the others are replayed regardless."""
+        saved = await self.inbox.unprocessed(update_ids)
         queued = 0
         for item in saved:
             if item.payload is not None and self._take_direct(item.payload):

@@ -109,6 +109,10 @@ class Job:
     deleted_by: int | None = None
     # schema 10: the catalog the job's texts are in (its requester's language); None: English
     language: str | None = None
+    # schema 11 (issue 16): the process running it, and the fence its writes carry
+    owner: str | None = None
+    lease_token: int = 0
+    rescues: int = 0
 
     @property
     def images_counted(self) -> int:

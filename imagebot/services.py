@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from imagebot.cluster import Cluster
 from imagebot.config import Settings
 from imagebot.control import Control
 from imagebot.credits import Credits
@@ -43,6 +44,7 @@ class Services:
     metrics: Metrics
     results: ResultFiles
     intake: Intake
+    cluster: Cluster  # this process among the others on the database (issue 16)
     credits: Credits | None = None  # credits.enabled: prices, reservations (issue 18)
     stars: Stars | None = None  # credits.enabled: invoices, payments, refunds
     control: Control | None = None  # allowlist in the database, invites, pause (issue 19)

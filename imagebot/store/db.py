@@ -12,7 +12,9 @@ PostgreSQL keeps them as timestamptz and jsonb and converts at the edge.
 
 Dialect differences the store modules need are hooks on the store: `lock(conn, key)`
 serializes read-then-write transactions across processes (a no-op on SQLite, whose
-BEGIN IMMEDIATE already does), `for_update` locks claimed rows (`FOR UPDATE SKIP LOCKED`).
+BEGIN IMMEDIATE already does), `for_update` locks claimed rows (`FOR UPDATE SKIP LOCKED`),
+`clock_sql(offset)` is the database's clock in SQL (leases and heartbeats), `shared` says
+whether several processes may use the database at once.
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ class Database(ABC):
         return super().__new__(cls)
 
     dialect: str
+    #: several processes may use this database at once (PostgreSQL; a SQLite file is locked)
+    shared: bool = False
     #: appended to a SELECT that picks rows to claim ("" where one writer serializes anyway)
     for_update: str = ""
     writes: WriteHealth
@@ -191,6 +195,12 @@ class Database(ABC):
 
     def forget_schema(self) -> None:  # noqa: B027 - a no-op hook by default
         """Called after migrations: forget anything cached about the schema."""
+
+    @abstractmethod
+    def clock_sql(self, offset_s: float = 0.0) -> str:
+        """An SQL expression for the database's clock plus `offset_s` seconds, comparable with
+        the timestamp columns. Leases, heartbeats and job fences use it, never a process's
+        clock: a process frozen for a minute wakes with the right time only there."""
 
     def lock(self, conn: Any, key: str) -> None:  # noqa: B027 - a no-op hook by default
         """Inside a write transaction: wait until no other transaction holds `key`, then hold

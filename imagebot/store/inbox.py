@@ -65,8 +65,9 @@ class SavedUpdate:
 class Inbox:
     """Dedupe on update_id and remember which updates still have to be processed."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, node_id: str | None = None) -> None:
         self.db = db
+        self.node_id = node_id  # recorded as received_by: whose handlers run the update
 
     async def save(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
         """Commit a batch of raw updates in one transaction; True where the update is new."""
@@ -77,6 +78,7 @@ class Inbox:
                 update_kind(payload),
                 now,
                 json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+                self.node_id,
             )
             for payload in payloads
         ]
@@ -84,8 +86,8 @@ class Inbox:
         def insert(conn: Conn) -> list[bool]:
             return [
                 conn.execute(
-                    "INSERT INTO inbox (update_id, kind, received_at, payload) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT (update_id) DO NOTHING",
+                    "INSERT INTO inbox (update_id, kind, received_at, payload, received_by)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (update_id) DO NOTHING",
                     row,
                 ).rowcount
                 == 1
@@ -113,10 +115,16 @@ class Inbox:
             (iso(), failure, update_id),
         )
 
-    async def unprocessed(self) -> list[SavedUpdate]:
-        rows = await self.db.fetchall(
-            "SELECT update_id, payload FROM inbox WHERE processed_at IS NULL ORDER BY update_id"
-        )
+    async def unprocessed(self, update_ids: Sequence[int] | None = None) -> list[SavedUpdate]:
+        """Updates saved but not processed (of `update_ids` only, when given), in order."""
+        sql = "SELECT update_id, payload FROM inbox WHERE processed_at IS NULL"
+        params: list[int] = []
+        if update_ids is not None:
+            if not update_ids:
+                return []
+            sql += f" AND update_id IN ({', '.join('?' for _ in update_ids)})"
+            params = list(update_ids)
+        rows = await self.db.fetchall(sql + " ORDER BY update_id", params)
         return [SavedUpdate(row["update_id"], _load(row["payload"])) for row in rows]
 
     async def get(self, update_id: int) -> dict[str, Any] | None:

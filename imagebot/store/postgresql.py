@@ -310,6 +310,11 @@ class PostgresDatabase(Database):
 
     dialect = "postgresql"
     for_update = " FOR UPDATE SKIP LOCKED"
+    shared = True
+
+    def clock_sql(self, offset_s: float = 0.0) -> str:
+        # clock_timestamp(), not now(): a long transaction must not see an old time
+        return f"(clock_timestamp() + make_interval(secs => {float(offset_s):.3f}))"
 
     def __init__(self, url: str, *, synchronous: str = "full") -> None:
         self.url = url

@@ -145,6 +145,10 @@ class SqliteDatabase(Database):
 
     dialect = "sqlite"
 
+    def clock_sql(self, offset_s: float = 0.0) -> str:
+        # the store's ISO text ("…T…sssZ"), so text comparison is time comparison
+        return f"strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '{float(offset_s):+.3f} seconds')"
+
     def __init__(
         self, path: str | Path, *, synchronous: str = "full", exclusive: bool = False
     ) -> None:
