@@ -38,7 +38,7 @@ from tests.fakes.base import wait_until
 from tests.fakes.fal_api import FakeFal
 from tests.fakes.replicate_api import FakeReplicate
 from tests.fakes.telegram_api import FakeTelegram
-from tests.support import deep_merge
+from tests.support import deep_merge, toml_dumps
 
 LEASE_S = 6.0  # cluster.lease_s in these tests: a dead node is noticed within seconds
 HEARTBEAT_S = 1.0
@@ -193,6 +193,7 @@ class Cluster:
         replicate: FakeReplicate,
         fal: FakeFal,
         database: str,
+        /,
         *,
         size: int = 3,
         mode: str = "webhook",
@@ -218,9 +219,11 @@ class Cluster:
         for n in range(size):
             node_dir = tmp_path / f"node{n}"
             node_dir.mkdir(parents=True, exist_ok=True)
-            self.daemons.append(
-                Daemon(node_dir, telegram, replicate, fal, mode=mode, database=database, **config)
-            )
+            daemon = Daemon(node_dir, telegram, replicate, fal, mode=mode, database=database)
+            # (not as keyword sections: "telegram", "replicate" and "fal" name the fakes there)
+            daemon.config = deep_merge(daemon.config, config)
+            daemon.config_path.write_text(toml_dumps(daemon.config), encoding="utf-8")
+            self.daemons.append(daemon)
 
     # -- processes -------------------------------------------------------------------------
 
@@ -344,7 +347,9 @@ class Cluster:
 
     def creates_by_prompt(self) -> dict[str, int]:
         """Vendor creates (Replicate) per prompt, refused and faulted ones included."""
-        return count_by(str(c.params.get("input", {}).get("prompt")) for c in self.replicate.creates)
+        return count_by(
+            str(c.params.get("input", {}).get("prompt")) for c in self.replicate.creates
+        )
 
     def photos_by_prompt(self, prompts: Sequence[str]) -> dict[str, int]:
         """Photo messages at Telegram whose caption names each prompt (duplicates counted)."""

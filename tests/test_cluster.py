@@ -212,7 +212,7 @@ async def test_frozen_process_wakes_as_a_zombie_that_does_nothing(
     assert victim is not None
     frozen_at = cl.freeze(victim)
     held = [r for r in cl.jobs() if cl.runner_of(r["id"]) == victim]
-    held_chats = {int(r["chat_id"]) for r in held}
+    held_chats = {str(r["chat_id"]) for r in held}
     held_ids = {r["id"] for r in held}
     # the other process finishes everything while the victim sleeps
     try:
@@ -241,7 +241,7 @@ async def test_frozen_process_wakes_as_a_zombie_that_does_nothing(
     late_sends = [
         c
         for c in telegram.calls
-        if c.op in SEND_METHODS and c.at > thawed_at and c.params.get("chat_id") in held_chats
+        if c.op in SEND_METHODS and c.at > thawed_at and str(c.params.get("chat_id")) in held_chats
     ]
     rows_after = {r["id"]: tuple(r) for r in cl.jobs() if r["id"] in held_ids}
     photos = cl.photos_by_prompt(list(sent.values()))
@@ -311,7 +311,10 @@ async def test_poller_dies_and_another_polls(
     check_jobs(cl, sent)
     after = [c.at for c in telegram.calls_of("getUpdates") if c.at > killed_at]
     failover_s = round(min(after) - killed_at, 2) if after else None
-    print(f"cluster poller: node{poller} killed (lease holder: {holder}); next getUpdates after {failover_s} s")  # noqa: T201, E501
+    print(  # noqa: T201
+        f"cluster poller: node{poller} killed (lease holder: {holder}); "
+        f"next getUpdates after {failover_s} s"
+    )
     assert failover_s is not None
     assert failover_s < TAKEOVER_PROMISE_S
 
@@ -353,7 +356,10 @@ async def test_hint_on_another_process_wakes_the_job(
         ) from None
     hinted = [a for a in cl.balancer.attempts if "/done/" in a.path and 200 <= a.status < 300]
     (job,) = cl.jobs()
-    print(f"cluster hint: job on node{runners.get(job['id'])}, hint answered by {[a.daemon for a in hinted]}")  # noqa: T201, E501
+    print(  # noqa: T201
+        f"cluster hint: job on node{runners.get(job['id'])}, "
+        f"hint answered by {[a.daemon for a in hinted]}"
+    )
     assert hinted, replicate.callbacks
     assert all(a.daemon != runners[job["id"]] for a in hinted)
     assert runners[job["id"]] is not None
