@@ -311,10 +311,17 @@ async def test_poller_dies_and_another_polls(
     check_jobs(cl, sent)
     after = [c.at for c in telegram.calls_of("getUpdates") if c.at > killed_at]
     failover_s = round(min(after) - killed_at, 2) if after else None
+    # two processes polling at once supersede each other's long polls (409 at the fake)
+    conflicts = [
+        (i, e["timestamp"])
+        for i, e in cl.logs("polling_error")
+        if "other getUpdates" in str(e.get("error"))
+    ]
     print(  # noqa: T201
         f"cluster poller: node{poller} killed (lease holder: {holder}); "
-        f"next getUpdates after {failover_s} s"
+        f"next getUpdates after {failover_s} s; concurrent-poll conflicts {len(conflicts)}"
     )
+    assert conflicts == [], "more than one process polled at a time"
     assert failover_s is not None
     assert failover_s < TAKEOVER_PROMISE_S
 
