@@ -19,6 +19,7 @@ from tests.fakes.telegram_api import FakeTelegram
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "imagebot.service"
+TEMPLATE = ROOT / "imagebot@.service"  # several processes on one host (README "Scaling out")
 README = ROOT / "README.md"
 STOCK_UNITS = Path("/usr/lib/systemd/system")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -30,10 +31,10 @@ needs_systemd_analyze = pytest.mark.skipif(
 )
 
 
-def directives() -> dict[str, list[str]]:
+def directives(unit: Path = UNIT) -> dict[str, list[str]]:
     """The unit's `Key=value` lines (keys may repeat, as SystemCallFilter= does)."""
     found: dict[str, list[str]] = {}
-    for raw in UNIT.read_text().splitlines():
+    for raw in unit.read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith(("#", ";", "[")):
             continue
@@ -59,6 +60,7 @@ def unit_root(tmp_path: Path) -> Path:
     shutil.copytree(STOCK_UNITS, root / STOCK_UNITS.relative_to("/"), symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
     shutil.copy(UNIT, root / "etc/systemd/system/imagebot.service")
+    shutil.copy(TEMPLATE, root / "etc/systemd/system/imagebot@.service")
     program = Path(directives()["ExecStart"][0].split()[0])
     stand_in = root / program.relative_to("/")
     stand_in.parent.mkdir(parents=True)
@@ -86,6 +88,32 @@ def test_systemd_analyze_verify_is_clean(unit_root: Path) -> None:
     result = analyze("verify", f"--root={unit_root}", "imagebot.service")
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "" and result.stdout.strip() == ""
+
+
+@needs_systemd_analyze
+def test_template_unit_verifies_clean(unit_root: Path) -> None:
+    """`systemd-analyze verify` accepts an instance of the template unit (imagebot@1.service)
+    without a warning."""
+    result = analyze("verify", f"--root={unit_root}", "imagebot@1.service")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "" and result.stdout.strip() == ""
+
+
+def test_template_is_hardened_like_the_single_unit() -> None:
+    """imagebot@.service carries every directive of imagebot.service with the same value,
+    except what makes instances differ: its name, its own ports file and state directory."""
+    single, template = directives(UNIT), directives(TEMPLATE)
+    differ = {"Description", "EnvironmentFile", "StateDirectory", "WorkingDirectory"}
+    for key, values in single.items():
+        if key not in differ:
+            assert template.get(key) == values, key
+    assert set(template) == set(single)
+    assert template["EnvironmentFile"] == [
+        "/etc/imagebot/imagebot.env",
+        "/etc/imagebot/instance-%i.env",
+    ]
+    assert template["StateDirectory"] == ["imagebot/%i"]
+    assert "%i" in template["Description"][0]
 
 
 @needs_systemd_analyze

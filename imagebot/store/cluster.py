@@ -58,9 +58,18 @@ class ClusterStore:
             (node_id, host, pid, ",".join(roles), ops_port),
         )
 
-    async def forget_others(self, node_id: str) -> int:
-        """Declare every other node dead (a database only this process can open: SQLite)."""
-        return await self.db.execute_write("DELETE FROM nodes WHERE id != ?", (node_id,))
+    async def forget_others(self, node_id: str) -> None:
+        """Declare every other node dead and its leases void (a database only this process can
+        open, SQLite: any other row is a run of this bot that ended, maybe by a crash)."""
+
+        def forget(conn: Conn) -> None:
+            conn.execute(
+                f"UPDATE leases SET expires_at = {self.db.clock_sql(-1)} WHERE holder != ?",  # noqa: S608 - our own expression
+                (node_id,),
+            )
+            conn.execute("DELETE FROM nodes WHERE id != ?", (node_id,))
+
+        await self.db.write(forget)
 
     async def heartbeat(self, node_id: str, lease_s: float) -> bool:
         """Renew this node's heartbeat; False when it was silent past the lease (the others
@@ -73,10 +82,13 @@ class ClusterStore:
         return changed == 1
 
     async def remove(self, node_id: str) -> None:
-        """A clean stop: the node's leases and its row go at once (no wait for the lease)."""
+        """A clean stop: the node's leases expire and its row goes (no wait for the lease)."""
 
         def remove(conn: Conn) -> None:
-            conn.execute("DELETE FROM leases WHERE holder = ?", (node_id,))
+            conn.execute(
+                f"UPDATE leases SET expires_at = {self.db.clock_sql(-1)} WHERE holder = ?",  # noqa: S608 - our own expression
+                (node_id,),
+            )
             conn.execute("DELETE FROM nodes WHERE id = ?", (node_id,))
 
         await self.db.write(remove)
@@ -124,8 +136,11 @@ class ClusterStore:
         return await self.db.write(acquire)
 
     async def resign(self, name: str, node_id: str) -> None:
+        """Give lease `name` up now (it expires; the row stays, so terms keep counting up)."""
         await self.db.execute_write(
-            "DELETE FROM leases WHERE name = ? AND holder = ?", (name, node_id)
+            f"UPDATE leases SET expires_at = {self.db.clock_sql(-1)}"  # noqa: S608 - our own expression
+            " WHERE name = ? AND holder = ?",
+            (name, node_id),
         )
 
     async def holders(self) -> dict[str, str]:
