@@ -46,6 +46,9 @@ class Spec:
     timeout_s: float = 10.0
     grace_s: float = 15.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # several processes: request i goes to urls[i % len(urls)] (a round-robin balancer's
+    # view); empty: every request goes to `url`
+    urls: list[str] = field(default_factory=list)
 
 
 def check_loopback(url: str) -> None:
@@ -84,7 +87,8 @@ def build_update(spec: Spec, i: int) -> dict[str, Any]:
 
 async def run(spec: Spec) -> dict[str, Any]:
     """Send the whole run; return per-request records and a summary."""
-    check_loopback(spec.url)
+    for url in (spec.url, *spec.urls):
+        check_loopback(url)
     if spec.count <= 0 or spec.rate <= 0:
         raise ValueError("count and rate must be positive")
     bodies = [
@@ -106,7 +110,8 @@ async def run(spec: Spec) -> dict[str, Any]:
             wall = time.time()
             status = 0
             try:
-                async with session.post(spec.url, data=body, headers=headers) as resp:
+                target = spec.urls[i % len(spec.urls)] if spec.urls else spec.url
+                async with session.post(target, data=body, headers=headers) as resp:
                     await resp.read()
                     status = resp.status
             except (aiohttp.ClientError, TimeoutError):

@@ -413,6 +413,8 @@ async def start_baseline(fakes: Fakes, workdir: Path) -> Bot:
 async def run_load(spec: Spec) -> dict[str, Any]:
     """Run bench/load.py in its own process and return its JSON result."""
     check_loopback(spec.url)
+    for url in spec.urls:
+        check_loopback(url)
     payload = json.dumps(dataclasses.asdict(spec))
     proc = await asyncio.create_subprocess_exec(
         PYTHON,

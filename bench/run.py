@@ -17,13 +17,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from bench import postgresql, scenarios
+from bench import cluster, postgresql, scenarios
 from bench.procs import Fakes
 from bench.scenarios import Context
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-REPORTS = ("ack", "added", "memory", "startup", "flood", "postgresql")
-RUN_LIMIT_S = 900  # a hard stop far above the expected ~4-5 minutes
+REPORTS = ("ack", "added", "memory", "startup", "flood", "postgresql", "cluster")
+RUN_LIMIT_S = 1500  # a hard stop far above the expected ~8-10 minutes
 
 Row = tuple[str, str, str, str, str]
 
@@ -386,6 +386,76 @@ def _postgresql_rows(pg: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _cluster_rows(fig: dict[str, Any]) -> list[Row]:
+    """Report 8: one value per set-up (SQLite x1 / PostgreSQL x1 / PostgreSQL x2)."""
+    setups = fig["setups"]
+    names = list(setups)
+    order = " / ".join(names)
+
+    def each(part: str, pick: Callable[[dict[str, Any]], Any]) -> str:
+        values = []
+        for name in names:
+            data = setups[name].get(part) or {}
+            values.append("failed" if "error" in data else _fmt(pick(data)))
+        return " / ".join(values)
+
+    def verdict(key: str) -> str:
+        target = fig["targets"][key]
+        met = target["met"]
+        return "not measured" if met is None else f"{_met(met)} ({_fmt(target['value'])})"
+
+    rate = "rate_200"
+    rows: list[Row] = [
+        ("8 set-ups", order, "", "", ""),
+        (
+            "8 jobs/s at saturation",
+            each("saturation", lambda d: d.get("jobs_per_s")),
+            f"whole run {each('saturation', lambda d: d.get('jobs_per_s_whole_run'))}",
+            "pg x2 >= 1.6x pg x1",
+            verdict("scale"),
+        ),
+        (
+            "  delivered / offered, duplicate creates / photos",
+            each("saturation", lambda d: f"{d.get('delivered')}/{d.get('offered')}"),
+            each(
+                "saturation",
+                lambda d: f"{d.get('duplicate_creates')}/{d.get('duplicate_photos')}",
+            ),
+            "",
+            "",
+        ),
+        (
+            "  CPU ms per job, bots + server",
+            each(
+                "saturation",
+                lambda d: f"{d.get('cpu_ms_per_job_bots')}+{d.get('cpu_ms_per_job_server')}",
+            ),
+            "",
+            "",
+            "",
+        ),
+        (
+            "8 update -> first reply @200/s p50/p99 ms",
+            each(rate, lambda d: _two(d.get("reply") or {})),
+            f"missing {each(rate, lambda d: (d.get('reply') or {}).get('missing'))}",
+            "pg x2 p99 < 1000",
+            verdict("reply_p99_ms_pg2"),
+        ),
+        (
+            "8 webhook ack @200/s p99 ms (errors)",
+            each(rate, lambda d: f"{(d.get('ack') or {}).get('p99_ms')}"),
+            each(rate, lambda d: (d.get("ack") or {}).get("errors")),
+            "",
+            "",
+        ),
+    ]
+    for name in names:
+        for part, data in setups[name].items():
+            if isinstance(data, dict) and "error" in data:
+                rows.append((f"  {name} {part} failed", data["error"][:80], "", "", ""))
+    return rows
+
+
 def table(results: dict[str, Any]) -> list[Row]:
     """The rows of the printed table (also stored in the JSON)."""
     reports = results["reports"]
@@ -398,6 +468,7 @@ def table(results: dict[str, Any]) -> list[Row]:
         "flood": _flood_rows,
         "profile": _profile_rows,
         "postgresql": _postgresql_rows,
+        "cluster": _cluster_rows,
     }
     for name, build in builders.items():
         if name in reports:
@@ -452,11 +523,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "startup": lambda: scenarios.report_startup(ctx),
         "profile": lambda: scenarios.report_profile(ctx, RESULTS_DIR),
         "postgresql": lambda: postgresql.report_postgresql(ctx),
+        "cluster": lambda: cluster.report_cluster(ctx),
     }
     try:
         # start-up last: it reports every start of the run as well as its own three (the
         # PostgreSQL report's starts come after it, so "every start" stays SQLite's)
-        last = ("startup", "postgresql", "profile")
+        last = ("startup", "postgresql", "cluster", "profile")
         for name in sorted(only, key=lambda n: last.index(n) + 1 if n in last else 0):
             t0 = time.monotonic()
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
