@@ -1,10 +1,11 @@
 """The PostgreSQL store (psycopg 3): same interface and rules as the SQLite one.
 
-Writes: four writer threads, each owning one connection: URGENT (updates saved before Telegram
-is answered, payments), NORMAL (job writes), PACING (send-slot reservations, one per
-Telegram send) and the aside lane (`write_aside`: result images, megabytes each), so the webhook never waits behind a job transaction or a burst of sends, and
-job writes keep the order they were submitted in, as on SQLite. Each write
-function runs whole inside BEGIN … COMMIT on its thread. Reads go through a small
+Writes: four writer threads, each owning one connection: URGENT (updates saved before
+Telegram is answered, payments), NORMAL (job writes), PACING (send-slot reservations, one
+per Telegram send) and the aside lane (`write_aside`: result images, megabytes each), so the
+webhook never waits behind a job transaction or a burst of sends, and job writes keep the
+order they were submitted in, as on SQLite. Each write function runs whole inside
+BEGIN … COMMIT on its thread. Reads go through a small
 psycopg-pool (checked on checkout, so a restarted server costs no failed read).
 
 The connection handed to write functions has sqlite3's shape, so the store modules' SQL is
