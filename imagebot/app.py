@@ -45,7 +45,7 @@ from imagebot.metrics import Metrics
 from imagebot.models import ImageFile, Job, JobKind
 from imagebot.netguard import AddressGuard, Resolver, system_resolver
 from imagebot.network import Network
-from imagebot.notify import HINT, JOBS, Coalesced, notifier_for
+from imagebot.notify import HINT, INBOX, JOBS, Coalesced, notifier_for
 from imagebot.ops_server import OpsServer, OpsState
 from imagebot.pipeline import Pipeline
 from imagebot.policy import Policy
@@ -326,11 +326,26 @@ def _wire_wakeups(services: Services) -> None:
 
     notifier.subscribe(HINT, hinted)
 
+    # Per-chat order across processes: an update waiting for an earlier one of its chat that
+    # another process runs looks again as soon as that one is processed (else it polls).
+    processor = services.intake.application.update_processor
+    if isinstance(processor, PerChatUpdateProcessor):
+        chats = processor
+        chats.on_finished = lambda key: notifier.notify(INBOX, str(key), here=False)
+
+        def chat_done(payload: str) -> None:
+            with contextlib.suppress(ValueError):
+                chats.wake(int(payload))
+
+        notifier.subscribe(INBOX, chat_done)
+
     def listening(up: bool) -> None:
         if not up:
             hints.missed()  # jobs poll at the vendor's interval until hints come again
             return
         hints.wake_all()
+        if isinstance(processor, PerChatUpdateProcessor):
+            processor.wake()  # inbox notices may have been missed: every waiting chat looks
         if runner.worker:
             pump.trigger()
 

@@ -181,6 +181,9 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
         self.order_wait_s = order_wait_s
         # chat key -> set when an update of that chat finished here (or on `wake`)
         self._finished: dict[int, asyncio.Event] = {}
+        # told each chat key whose update finished here (app.py: a NOTIFY on imagebot_inbox,
+        # so another process's update waiting for it looks again at once)
+        self.on_finished: Callable[[int], None] = lambda key: None
         self.metrics: Metrics | None = None  # set by Intake
         # set by Intake: handles an update whose handler met a storage fault (the database
         # away or its disk full): it stays open in the inbox and is run again later
@@ -215,6 +218,8 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
             finished = self._finished.pop(key, None)
             if finished is not None:
                 finished.set()
+            if self.shared:
+                self.on_finished(key)
 
     async def _wait_for_earlier(self, key: int, update_id: int) -> None:
         """Wait (holding no slot) until no earlier update of this chat is unprocessed in the

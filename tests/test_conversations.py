@@ -180,9 +180,10 @@ async def test_chat_order_gives_up_on_an_update_nobody_runs(
     fal: FakeFal,
     pg_url: str,
 ) -> None:
-    """An earlier update of the chat left unprocessed by a process that is gone holds the
-    chat's next update only for cluster.chat_order_wait_s; then it runs, and the operator sees
-    chat_order_wait_gave_up naming both updates."""
+    """An earlier update of the chat left unprocessed by a process that is stuck (alive by its
+    heartbeat, so nobody adopts the update) holds the chat's next update only for
+    cluster.chat_order_wait_s; then it runs, and the operator sees chat_order_wait_gave_up
+    naming both updates."""
     a = make_daemon(
         tmp_path, "a", telegram, replicate, fal, pg_url, cluster={"chat_order_wait_s": 1}
     )
@@ -194,10 +195,17 @@ async def test_chat_order_gives_up_on_an_update_nobody_runs(
             pg_url,
             [
                 (
-                    "INSERT INTO inbox (update_id, kind, received_at, payload, chat_key)"
-                    " VALUES (?, 'message', '2026-01-01T00:00:00.000Z', ?, ?)",
+                    "INSERT INTO nodes (id, host, pid, roles, started_at, heartbeat_at)"
+                    " VALUES ('stuck', 'elsewhere', 1, 'intake', '2026-01-01T00:00:00.000Z',"
+                    " '2999-01-01T00:00:00.000Z')",
+                    (),
+                ),
+                (
+                    "INSERT INTO inbox (update_id, kind, received_at, payload, chat_key,"
+                    " received_by) VALUES (?, 'message', '2026-01-01T00:00:00.000Z', ?, ?,"
+                    " 'stuck')",
                     (orphan["update_id"], payload, CHAT),
-                )
+                ),
             ],
         )
         later = updates.command("/edit")
