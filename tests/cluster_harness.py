@@ -362,5 +362,6 @@ class Cluster:
                     counts[prompt] += 1
         return counts
 
-    def open_predictions_peak(self) -> int:
+    def max_open(self) -> int:
+        """The most predictions open at the fake vendor at one moment so far."""
         return self.replicate.max_open()
