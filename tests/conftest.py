@@ -74,6 +74,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the database the bot runs on in the tests (default: $IMAGEBOT_TEST_STORE, "
         "else sqlite); postgresql starts a throw-away cluster",
     )
+    parser.addoption(
+        "--store-dependent-only",
+        action="store_true",
+        help="leave out the tests that ask for PostgreSQL themselves (pg_url, pg_cluster) and"
+        " so run the same whatever --store says: .ci/run's second pass, after a first pass ran"
+        " them",
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -100,6 +107,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if mark is not None:
                 reason = mark.kwargs.get("reason") or (mark.args[0] if mark.args else "")
                 item.add_marker(pytest.mark.skip(reason=f"SQLite only: {reason}"))
+    if config.getoption("--store-dependent-only"):
+        same_anyway = [item for item in items if _needs_postgresql(item, "sqlite")]
+        if same_anyway:
+            config.hook.pytest_deselected(items=same_anyway)
+            items[:] = [item for item in items if not _needs_postgresql(item, "sqlite")]
     if find_bin_dir() is not None:
         return
     store = config.getoption("--store")

@@ -476,8 +476,9 @@ def test_readme_states_the_two_commands_and_ci_runs_the_test_one() -> None:
     ]
     assert commands[0] == test
     second = ".venv/bin/pytest --store postgresql"
-    assert [line for line in commands if "pytest" in line][:2] == [test, second]
-    before = commands[: commands.index(second)]
+    second_line = next(line for line in commands if line.startswith(second))
+    assert [line for line in commands if "pytest" in line][:2] == [test, second_line]
+    before = commands[: commands.index(second_line)]
     assert any("apt-get install" in line and "postgresql" in line for line in before)
     assert "apt-get install -y postgresql" in quick_start
 

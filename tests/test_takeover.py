@@ -193,9 +193,11 @@ async def test_frozen_process_wakes_and_sends_nothing_for_a_taken_job(
     finally:
         zombie.proc.send_signal(signal.SIGCONT)
     await wait_until(lambda: bool(zombie.log_events("node_rejoined")), within=15)
-    # its job's run woke too: it stopped at its first (fenced) write or was dropped
+    # its job's run woke too: it paused as untrusted, stopped at its first (fenced) write,
+    # or was dropped (alone, or with the node's other runs)
+    stopped = ("runs_dropped", "job_run_dropped", "job_left_running", "job_paused_untrusted")
     await wait_until(
-        lambda: any(zombie.log_events(event) for event in ("runs_dropped", "job_left_running")),
+        lambda: any(zombie.log_events(event) for event in stopped),
         within=10,
     )
     assert zombie.running  # it carries on as a fresh node
