@@ -209,8 +209,10 @@ class ClusterSettings(Section):
     # worker: runs jobs; maintenance: may hold the cluster's maintenance lease
     roles: list[str] = list(ROLES)
     heartbeat_s: float = Field(5.0, gt=0, le=60)
-    # a process silent this long is dead: its jobs are taken over, its leases lapse
-    lease_s: float = Field(30.0, gt=0, le=3600)
+    # a process silent this long is dead: its jobs are taken over, its leases lapse. The
+    # others notice at their next heartbeat, so takeover comes within lease_s + heartbeat_s
+    # of the last beat: 30 s with the defaults.
+    lease_s: float = Field(25.0, gt=0, le=3600)
     # a job taken over from dead processes this many times fails (it may be what kills them)
     max_rescues: int = Field(3, ge=1, le=100)
     # A chat's update waits at most this long for the chat's earlier update that another

@@ -515,7 +515,8 @@ class Pipeline:
 
         The row is written with phase `settling` (the chat not tidied yet), so a crash before
         the tidy-up is finished later by `settle_due`. Returns False, doing nothing, when the
-        job was final already (another ending got there first: a cancel, the sweep).
+        job was final already (another ending got there first: a cancel, the sweep), or, for
+        an unfenced ending, its images were made meanwhile (its runner delivers them).
         `sent`: the delivered result (succeeded); `error_code`/`error`: why it failed; `by`:
         who canceled it; `fenced=False`: a cancel or the sweep, which end the job whichever
         process runs it (the final write moves its lease token on, so that process stops).
@@ -534,6 +535,9 @@ class Pipeline:
                 error_code=error_code,
                 phase=Phase.SETTLING,
                 fence=job if fenced else None,
+                # Ended from outside its run (a cancel, the sweep): not once its images are
+                # made, since its runner may be sending them this moment (another process).
+                not_phases=() if fenced else (Phase.FETCHED, Phase.DELIVERING),
                 **values,
             )
         )

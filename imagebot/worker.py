@@ -404,6 +404,11 @@ class JobRunner:
         if not await self.pipeline.end(
             job, JobStatus.CANCELED, error_code="canceled", fenced=False
         ):
+            # Final already, or its images were made meanwhile (on another process, maybe):
+            # the result is on its way.
+            latest = await self.store.get(job_id)
+            if latest is not None and latest.phase in (Phase.FETCHED, Phase.DELIVERING):
+                return CancelOutcome.TOO_LATE
             return CancelOutcome.FINISHED
         self._in_background(self.pump())
         return CancelOutcome.CANCELED

@@ -599,6 +599,25 @@ async def test_fenced_writes_are_refused_once_the_job_moved_on(db: Database) -> 
     assert await a.not_owned([second]) == [second.id]
 
 
+async def test_an_ending_from_outside_leaves_a_job_whose_images_are_made(db: Database) -> None:
+    """A cancel or sweep from another process (unfenced) is refused once the job's images are
+    made (its runner may be sending them), so the chat never gets the result and "Canceled"."""
+    store = JobStore(db, "node-a")
+    await store.create(new_job(8100), lambda c: ALLOW)
+    (job,) = await store.claim_next(1, TIMEOUTS)
+    assert await store.update(job.id, fence=job, phase=Phase.DELIVERING)
+    outside = (Phase.FETCHED, Phase.DELIVERING)
+    assert not await store.finish(
+        job.id, JobStatus.CANCELED, error_code="canceled", not_phases=outside
+    )
+    row = await store.get(job.id)
+    assert row is not None and (row.status, row.phase) == (JobStatus.RUNNING, Phase.DELIVERING)
+    assert await store.update(job.id, fence=job, phase=Phase.SUBMITTED)
+    assert await store.finish(
+        job.id, JobStatus.CANCELED, error_code="canceled", not_phases=outside
+    )
+
+
 async def test_hand_back_and_deliveries_due_respect_owners(db: Database, target: str) -> None:
     """A clean stop hands a node's running jobs back (ownerless, token +1) and releases its
     held jobs; `deliveries_due` adopts ownerless made results but leaves another live

@@ -281,12 +281,14 @@ class JobStore:
         expect: Sequence[JobStatus] | None = None,
         fence: Job | None = None,
         bump: bool = False,
+        not_phases: Sequence[Phase] = (),
         **values: Any,
     ) -> bool:
         """Set columns of one job; with `expect`, only if its status is one of those; with
         `fence`, only while the row's owner and lease token are still those of `fence` (the
         job object its runner holds): False once another process took the job over. `bump`
-        moves the lease token on, so the writes of whoever held it before match nothing."""
+        moves the lease token on, so the writes of whoever held it before match nothing.
+        `not_phases`: only while the row's phase is none of those."""
         unknown = set(values) - _WRITABLE
         if unknown:
             raise ValueError(f"not writable: {sorted(unknown)}")
@@ -303,6 +305,9 @@ class JobStore:
         if fence is not None:
             sql += " AND owner = ? AND lease_token = ?"
             params.extend((fence.owner, fence.lease_token))
+        if not_phases:
+            sql += f" AND phase NOT IN ({', '.join('?' for _ in not_phases)})"
+            params.extend(phase.value for phase in not_phases)
         return await self.db.execute_write(sql, params) == 1
 
     async def owns(self, job: Job) -> bool:
@@ -448,10 +453,11 @@ class JobStore:
         error_message: str | None = None,
         phase: Phase = Phase.DONE,
         fence: Job | None = None,
+        not_phases: Sequence[Phase] = (),
         **values: Any,
     ) -> bool:
         """Write a final status once; False if the job was already final (or, with `fence`,
-        no longer the fencing runner's).
+        no longer the fencing runner's; or, with `not_phases`, in one of those phases).
 
         `phase=SETTLING` records that the chat still has to be tidied (see `unsettled`). The
         lease token moves on, so a process still running the job (a cancel or the sweep
@@ -463,6 +469,7 @@ class JobStore:
             expect=(JobStatus.QUEUED, JobStatus.RUNNING),
             fence=fence,
             bump=True,
+            not_phases=not_phases,
             status=status,
             phase=phase,
             error_code=error_code,
