@@ -422,6 +422,14 @@ async def _start_credits(app: App) -> None:
     job_queue.run_once(reconcile, 0, name="stars-reconcile-startup")
     job_queue.run_repeating(reconcile, interval, name="stars-reconcile")
 
+    async def became_leader(name: str, held: bool) -> None:
+        # A process that takes the maintenance lease over (its holder died) reconciles at
+        # once: what the dead one left is not kept waiting for the next interval.
+        if name == MAINTENANCE and held and services.cluster.started:
+            job_queue.run_once(reconcile, 0, name="stars-reconcile-leader")
+
+    services.cluster.on_lease(became_leader)
+
 
 async def _start_control(app: App) -> None:
     """Re-read the database allowlist and pause every few seconds (the shell may change them

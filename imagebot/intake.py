@@ -201,13 +201,16 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
                 await self._run(update, coroutine)
             return
         try:
-            if self.shared and isinstance(update, Update):
-                await self._wait_for_earlier(key, update.update_id)
             lock, users = self._locks.get(key, (asyncio.Lock(), 0))
             self._locks[key] = (lock, users + 1)
             try:
-                async with lock, self._slots:
-                    await self._run(update, coroutine)
+                async with lock:
+                    # Only the chat's head here asks the database (holding no slot): a backlog
+                    # queued behind it in this process waits on the lock without a query.
+                    if self.shared and isinstance(update, Update):
+                        await self._wait_for_earlier(key, update.update_id)
+                    async with self._slots:
+                        await self._run(update, coroutine)
             finally:
                 lock, users = self._locks[key]
                 if users <= 1:

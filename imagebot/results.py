@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -31,18 +30,11 @@ from imagebot.errors import MediaExpired
 from imagebot.media import ACCEPTED_FORMATS
 from imagebot.models import ImageFile
 from imagebot.store.db import Conn, Database
-
-_NAME_RE = re.compile(r"([0-9]+)-([0-9]+)\.[A-Za-z0-9]+")
+from imagebot.store.resultnames import parse_name
 
 
 def result_names(job_id: int, images: Sequence[ImageFile]) -> list[str]:
     return [f"{job_id}-{n}.{img.extension}" for n, img in enumerate(images)]
-
-
-def parse_name(name: str) -> tuple[int, int] | None:
-    """(job id, n) of a result name `<job id>-<n>.<ext>`; None for anything else."""
-    match = _NAME_RE.fullmatch(Path(name).name)
-    return (int(match.group(1)), int(match.group(2))) if match else None
 
 
 def image_of(data: bytes, mime: str | None = None) -> ImageFile:

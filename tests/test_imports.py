@@ -37,7 +37,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
     "netguard": ("store", "worker", "pipeline", "app", "providers", "delivery"),
     "media": ("store", "worker", "pipeline", "app", "providers", "delivery"),
-    "results": ("store", "worker", "pipeline", "app", "providers", "delivery", "services"),
+    # results are kept in the database on PostgreSQL (result_blobs): results may use store
+    "results": ("worker", "pipeline", "app", "providers", "delivery", "services"),
     "breaker": ("store", "worker", "pipeline", "app", "providers", "delivery", "services"),
     "policy": ("worker", "pipeline", "app", "providers", "delivery", "media"),
     "delivery": ("store", "worker", "pipeline", "app", "providers", "policy", "services"),

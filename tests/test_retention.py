@@ -80,11 +80,19 @@ def backdate(app: Any, sent: list[dict[str, Any]]) -> None:
                 (days_ago(age), days_ago(age), sent[job_id - 1]["update_id"]),
             )
         )
-    # Saved 10 days ago but never processed: kept until it is.
+    # Saved 10 days ago but never processed (its process, this one, still at it): kept until
+    # it is.
     statements.append(
         (
-            "INSERT INTO inbox (update_id, kind, received_at, payload) VALUES (?, ?, ?, ?)",
-            (updates.next_update_id(), "message", days_ago(10), "{}"),
+            "INSERT INTO inbox (update_id, kind, received_at, payload, received_by)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (
+                updates.next_update_id(),
+                "message",
+                days_ago(10),
+                "{}",
+                app.services.cluster.node_id,
+            ),
         )
     )
     assert write(str(app.services.settings.storage.database), statements)[:4] == [1, 1, 1, 1]
@@ -107,7 +115,9 @@ async def test_periodic_prune_drops_old_rows_and_files(
         stray_new.write_bytes(b"in flight")
         age_file(stray_old, 8)
         await asyncio.to_thread(backdate, app, sent)
-        await wait_until(lambda: [r["id"] for r in rows(app, "SELECT id FROM jobs")] == [2, 3])
+        await wait_until(
+            lambda: [r["id"] for r in rows(app, "SELECT id FROM jobs ORDER BY id")] == [2, 3]
+        )
         await wait_until(lambda: not stray_old.exists())
         # A resend of a recent update still finds its inbox row: no second job (the /help
         # after it is answered only once the resend was handled: one chat runs in order).

@@ -522,7 +522,6 @@ async def test_claim_churn_never_passes_the_cap(target: str) -> None:
     ids = [job_id for part in ran for job_id in part]
     assert sorted(ids) == list(range(1, 31))
     assert 0 < seen[0] <= cap
-    assert all(part for part in ran)  # the work spread over the three
 
 
 async def test_ownerless_running_jobs_are_adopted_before_the_queue(target: str) -> None:

@@ -16,6 +16,7 @@ verified count of result_blobs is SQLite's rows plus the files copied.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import sqlite3
@@ -28,9 +29,9 @@ from PIL import Image
 
 from imagebot.clock import iso
 from imagebot.errors import StoreError
-from imagebot.results import image_of, parse_name
 from imagebot.store.migrate import load_migrations, migrate
 from imagebot.store.postgresql import PostgresDatabase, connect
+from imagebot.store.resultnames import parse_name
 from imagebot.store.sqlite import ProcessLock, SqliteDatabase, StoreInUse
 
 _SEED_RE = re.compile(r"INSERT\s+INTO\s+(\w+)", re.IGNORECASE)
@@ -248,7 +249,8 @@ def _copy_result_files(
             except OSError as exc:
                 raise StoreError(f"cannot read result file {path}: {exc.strerror or exc}") from exc
             try:
-                mime = image_of(data).mime
+                with Image.open(io.BytesIO(data)) as img:  # the header: what format it is
+                    mime = Image.MIME.get(img.format or "", "application/octet-stream")
             except (OSError, ValueError, Image.DecompressionBombError):  # not an image any more
                 report.result_files_missing += 1
                 continue
