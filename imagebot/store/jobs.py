@@ -51,6 +51,23 @@ def _encode(key: str, value: Any) -> Any:
     return value
 
 
+def _disown_running(conn: Conn, node: str, stamp: str) -> list[int]:
+    """Node `node`'s running jobs lose their owner and their fence token moves on (whatever
+    it might still write lands nowhere); their ids, for the log."""
+    ids = [
+        int(row["id"])
+        for row in conn.execute(
+            "SELECT id FROM jobs WHERE status = 'running' AND owner = ? ORDER BY id", (node,)
+        )
+    ]
+    conn.execute(
+        "UPDATE jobs SET owner = NULL, lease_token = lease_token + 1, updated_at = ?"
+        " WHERE status = 'running' AND owner = ?",
+        (stamp, node),
+    )
+    return ids
+
+
 @dataclass(frozen=True, slots=True)
 class JobFilter:
     """Filters of GET /jobs."""
@@ -186,24 +203,8 @@ class JobStore:
         """This node's running jobs lose their owner (token +1): it was declared dead and
         dropped their runs; those nobody took over yet are adopted afresh (by any node, this
         one included). Jobs another node took over already are not touched."""
-        node = self.node_id
-
-        def disown(conn: Conn) -> list[int]:
-            ids = [
-                int(row["id"])
-                for row in conn.execute(
-                    "SELECT id FROM jobs WHERE status = 'running' AND owner = ? ORDER BY id",
-                    (node,),
-                )
-            ]
-            conn.execute(
-                "UPDATE jobs SET owner = NULL, lease_token = lease_token + 1, updated_at = ?"
-                " WHERE status = 'running' AND owner = ?",
-                (iso(), node),
-            )
-            return ids
-
-        return await self.db.write(disown)
+        node, stamp = self.node_id, iso()
+        return await self.db.write(lambda conn: _disown_running(conn, node, stamp))
 
     async def hand_back(self) -> list[int]:
         """A clean stop of this node: its running jobs lose their owner (token +1, so nothing
@@ -214,18 +215,7 @@ class JobStore:
         stamp = iso()
 
         def hand_back(conn: Conn) -> list[int]:
-            ids = [
-                int(row["id"])
-                for row in conn.execute(
-                    "SELECT id FROM jobs WHERE status = 'running' AND owner = ? ORDER BY id",
-                    (node,),
-                )
-            ]
-            conn.execute(
-                "UPDATE jobs SET owner = NULL, lease_token = lease_token + 1, updated_at = ?"
-                " WHERE status = 'running' AND owner = ?",
-                (stamp, node),
-            )
+            ids = _disown_running(conn, node, stamp)
             conn.execute(
                 "UPDATE jobs SET held_until = NULL, owner = NULL"
                 " WHERE status = 'queued' AND owner = ? AND held_until IS NOT NULL",
