@@ -164,7 +164,8 @@ async def test_killed_mid_submit_ends_submit_unknown_elsewhere(
         lambda: any(t.startswith("Sorry, job 1 failed") for t in telegram.texts(CHAT)),
         within=10,
     )
-    assert len(replicate.creates) == 1
+    # the kill may come before or after the create reached the vendor: never a second one
+    assert len(replicate.creates) <= 1
     assert telegram.photos(CHAT) == []
 
 
