@@ -191,6 +191,8 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
         self.max_running = max_concurrent_updates
         self._slots = asyncio.Semaphore(max_concurrent_updates)
         self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+        # chat key -> update ids queued here for the chat's lock (see do_process_update)
+        self._queued: dict[int, set[int]] = {}
         # update_id -> the first error a handler raised on it (None: none so far)
         self._in_flight: dict[int, tuple[str, BaseException] | None] = {}
 
@@ -204,13 +206,34 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
             lock, users = self._locks.get(key, (asyncio.Lock(), 0))
             self._locks[key] = (lock, users + 1)
             try:
-                async with lock:
-                    # Only the chat's head here asks the database (holding no slot): a backlog
-                    # queued behind it in this process waits on the lock without a query.
-                    if self.shared and isinstance(update, Update):
-                        await self._wait_for_earlier(key, update.update_id)
-                    async with self._slots:
-                        await self._run(update, coroutine)
+                ran = False
+                while not ran:
+                    update_id = update.update_id if isinstance(update, Update) else None
+                    queued = self._queued.setdefault(key, set())
+                    if update_id is not None:
+                        queued.add(update_id)
+                        self.wake(key)  # a head waiting for this very update looks again
+                    try:
+                        async with lock:
+                            queued.discard(update_id)
+                            # Only the chat's head here asks the database (holding no slot): a
+                            # backlog queued behind it in this process waits on the lock
+                            # without a query. The head steps aside when the update it waits
+                            # for is queued here behind it (a replay, an adoption: a chat's
+                            # updates may reach a process out of order), and queues again.
+                            if (
+                                self.shared
+                                and update_id is not None
+                                and not await self._wait_for_earlier(key, update_id)
+                            ):
+                                continue
+                            async with self._slots:
+                                await self._run(update, coroutine)
+                            ran = True
+                    finally:
+                        queued.discard(update_id)
+                        if not queued:
+                            self._queued.pop(key, None)
             finally:
                 lock, users = self._locks[key]
                 if users <= 1:
@@ -224,11 +247,13 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
             if self.shared:
                 self.on_finished(key)
 
-    async def _wait_for_earlier(self, key: int, update_id: int) -> None:
+    async def _wait_for_earlier(self, key: int, update_id: int) -> bool:
         """Wait (holding no slot) until no earlier update of this chat is unprocessed in the
         inbox: another process still runs it, or a dead one left it (the leader replays it
         after the node lease). Polls 50 ms doubling to 1 s, woken early when an update of the
-        chat finishes here or on `wake`; gives up after `order_wait_s` and runs anyway."""
+        chat finishes or arrives here, or on `wake`; gives up after `order_wait_s` and runs
+        anyway. True: run now; False: the earlier update is queued in this process behind
+        this one (it must go first: the caller lets it)."""
         started = time.monotonic()
         delay = _ORDER_POLL_FIRST_S
         waited_for: int | None = None
@@ -239,7 +264,7 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
                 earlier = await self.inbox.earlier_pending(key, update_id)
             except Exception as exc:  # the handlers will meet the fault themselves
                 log.warning("chat_order_check_failed", update_id=update_id, error=str(exc))
-                return
+                return True
             waited_s = time.monotonic() - started
             if earlier is None:
                 if waited_for is not None:
@@ -249,7 +274,10 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
                         waited_for=waited_for,
                         waited_s=round(waited_s, 3),
                     )
-                return
+                return True
+            if earlier in self._queued.get(key, ()):
+                log.info("chat_order_stepped_aside", update_id=update_id, waiting_for=earlier)
+                return False
             if waited_for is None:
                 log.info("chat_order_waiting", update_id=update_id, waiting_for=earlier)
             waited_for = earlier
@@ -261,7 +289,7 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
                     chat_id=key,
                     waited_s=round(waited_s, 3),
                 )
-                return
+                return True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), min(delay, self.order_wait_s - waited_s))
             delay = min(delay * 2, _ORDER_POLL_MAX_S)

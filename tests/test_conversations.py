@@ -8,6 +8,7 @@ webhooks as a load balancer would; the kill -9 tests run on either store."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,53 @@ async def test_chat_order_gives_up_on_an_update_nobody_runs(
         orphan["update_id"],
     )
     assert gave_up["waited_s"] >= 1
+
+
+async def test_an_earlier_update_adopted_after_a_later_one_goes_first(
+    tmp_path: Path,
+    telegram: FakeTelegram,
+    replicate: FakeReplicate,
+    fal: FakeFal,
+    pg_url: str,
+) -> None:
+    """A chat's update saved by a process that then dies reaches this process (adopted and
+    replayed) after the chat's next update, which already waits for it: the waiting one
+    steps aside, the earlier runs first, then the later; no wait for chat_order_wait_s."""
+    a = make_daemon(tmp_path, "a", telegram, replicate, fal, pg_url, cluster=FAST_LEASE)
+    try:
+        await a.start()
+        earlier = updates.command("/help")
+        alive_until = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        write(
+            pg_url,
+            [
+                (  # a process that saved the update and is about to go silent (dead 1 s on)
+                    "INSERT INTO nodes (id, host, pid, roles, started_at, heartbeat_at)"
+                    " VALUES ('gone', 'elsewhere', 1, 'intake', ?, ?)",
+                    (alive_until, alive_until),
+                ),
+                (
+                    "INSERT INTO inbox (update_id, kind, received_at, payload, chat_key,"
+                    " received_by) VALUES (?, 'message', ?, ?, ?, 'gone')",
+                    (earlier["update_id"], alive_until, json.dumps(earlier), CHAT),
+                ),
+            ],
+        )
+        later = updates.command("/edit")
+        await post(a, telegram, later)
+        await said(telegram, texts.EDIT_ASK_PHOTO)
+        texts_in_order = telegram.texts(CHAT)
+        stepped = a.log_events("chat_order_stepped_aside")
+        gave_up = a.log_events("chat_order_wait_gave_up")
+    finally:
+        await a.close()
+    asked = texts_in_order.index(texts.EDIT_ASK_PHOTO)
+    assert asked > 0 and all(t != texts.EDIT_ASK_PHOTO for t in texts_in_order[:asked])
+    assert [(e["update_id"], e["waiting_for"]) for e in stepped] == [
+        (later["update_id"], earlier["update_id"])
+    ]
+    assert gave_up == []
+    assert processed(pg_url, earlier) and processed(pg_url, later)
 
 
 async def test_kill_9_after_the_photo_keeps_the_conversation(
