@@ -19,7 +19,7 @@ from imagebot.delivery import Delivery, cancel_keyboard
 from imagebot.errors import DeliveryError
 from imagebot.logs import get_logger
 from imagebot.models import Job
-from imagebot.store.db import is_storage_fault
+from imagebot.store.db import INTERACTIVE, is_storage_fault
 from imagebot.store.jobs import JobStore
 
 log = get_logger(__name__)
@@ -95,7 +95,8 @@ class Progress:
             log.warning("status_message_failed", job_id=job.id, error_code=exc.code)
             return job
         job.status_message_id = message.message_id
-        await self.store.update(job.id, status_message_id=message.message_id)
+        # the first answer to a waiting user: ahead of queued job writes (store.db INTERACTIVE)
+        await self.store.update(job.id, status_message_id=message.message_id, priority=INTERACTIVE)
         return job
 
     async def show_queued(self, job: Job, position: int, *, force: bool = False) -> None:

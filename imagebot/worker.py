@@ -79,6 +79,7 @@ class JobRunner:
         self._telegram_failing = False
         self._runs: dict[int, _Run] = {}
         self._pump_lock = asyncio.Lock()
+        self._next_pump: asyncio.Future[None] | None = None  # the pump callers wait for
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._started = 0  # runs launched (recover reports how many it started)
@@ -165,29 +166,52 @@ class JobRunner:
     async def pump(self) -> None:
         """Release deferred holds and resume suspended jobs, then adopt ownerless running
         jobs and claim the oldest queued ones, under the cluster-wide cap (see
-        JobStore.claim_next). Runs at every job's end, every `tend`, and when a job is made."""
+        JobStore.claim_next). Runs at every job's end, every `tend`, and when a job is made.
+
+        Callers that ask while a pump runs share the next one, which starts once the running
+        one has ended and so sees every job they made: at 200 updates a second each handler's
+        own pump (a claim transaction under the cluster-wide claim lock) queued behind the
+        others for seconds, and so did the update's handler and its chat's next update."""
         if self._stopping:
             return
-        async with self._pump_lock:
-            try:
-                for job_id in sorted(self._unreleased):
-                    await self.store.release(job_id)
-                    self._unreleased.discard(job_id)
-                    self.on_claimable()
-                if not self.worker or not self.cluster.trusted:
-                    return
-                if self._suspended and self.store.db.writes.ok:
-                    await self._resume_suspended()
-                claimed = await self.store.claim_next(
-                    self.settings.runner.max_running,
-                    self.pipeline.timeouts,
-                    lease_s=self.cluster.config.lease_s,
-                )
-                self._take(claimed)
-            except Exception as exc:
-                if not is_storage_fault(exc):
-                    raise
-                log.warning("pump_store_fault", error=str(exc))
+        waiter = self._next_pump
+        if waiter is not None:
+            await asyncio.shield(waiter)
+            return
+        waiter = self._next_pump = asyncio.get_running_loop().create_future()
+        try:
+            async with self._pump_lock:
+                if self._next_pump is waiter:
+                    self._next_pump = None  # from here on, a caller needs a pump after this one
+                await self._pump_once()
+        finally:
+            if self._next_pump is waiter:
+                self._next_pump = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _pump_once(self) -> None:
+        if self._stopping:
+            return
+        try:
+            for job_id in sorted(self._unreleased):
+                await self.store.release(job_id)
+                self._unreleased.discard(job_id)
+                self.on_claimable()
+            if not self.worker or not self.cluster.trusted:
+                return
+            if self._suspended and self.store.db.writes.ok:
+                await self._resume_suspended()
+            claimed = await self.store.claim_next(
+                self.settings.runner.max_running,
+                self.pipeline.timeouts,
+                lease_s=self.cluster.config.lease_s,
+            )
+            self._take(claimed)
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            log.warning("pump_store_fault", error=str(exc))
 
     def _take(self, claimed: Claimed, *, slot: bool = True) -> None:
         """Start what a claim handed over; a job taken over from dead processes more than

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from itertools import pairwise
+from typing import Any
 
 from tests import updates
 from tests.fakes.base import wait_until
@@ -85,6 +86,10 @@ async def test_cancel_button_only_for_the_owner(
     assert len(replicate.cancels) == 1
 
 
+def statuses(app: Any) -> dict[str, str]:
+    return {r["prompt"]: r["status"] for r in rows(db_path(app))}
+
+
 async def test_queued_job_can_be_canceled(
     bot, telegram: FakeTelegram, replicate: FakeReplicate
 ) -> None:
@@ -92,13 +97,15 @@ async def test_queued_job_can_be_canceled(
     replicate.latency_s = 3
     async with bot(runner={"max_running": 1}) as app:
         telegram.push_update(updates.command("/generate first"))
+        await wait_until(lambda: len(replicate.creates) == 1)  # the one slot is taken
         telegram.push_update(updates.command("/generate second", user_id=2, chat_id=2))
         await wait_until(lambda: len(rows(db_path(app))) == 2)
         telegram.push_update(updates.command("/cancel", user_id=2, chat_id=2))
-        await wait_until(lambda: rows(db_path(app))[1]["status"] == "canceled")
+        await wait_until(lambda: statuses(app)["second"] == "canceled")
         await wait_until(lambda: len(telegram.photos(CHAT)) == 1, within=10)
     assert len(replicate.creates) == 1
-    assert [r["status"] for r in rows(db_path(app))] == ["succeeded", "canceled"]
+    assert replicate.creates[0].params["input"]["prompt"] == "first"
+    assert statuses(app) == {"first": "succeeded", "second": "canceled"}
 
 
 async def test_result_buttons_work_after_restart(

@@ -221,6 +221,12 @@ async def test_frozen_process_wakes_as_a_zombie_that_does_nothing(
             lambda: all(n == 1 for n in cl.photos_by_prompt(list(sent.values())).values()),
             within=10,
         )
+        # and the new owner has tidied their chats (settling -> done): its last writes, so
+        # that any later change to the rows is the zombie's
+        await cl.wait_jobs(
+            lambda rows: all(r["phase"] == "done" for r in rows if r["id"] in held_ids),
+            within=10,
+        )
     except AssertionError:
         raise AssertionError(f"not finished without the frozen node; {describe(cl)}") from None
     asleep_s = time.time() - frozen_at

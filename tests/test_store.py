@@ -212,9 +212,13 @@ async def test_database_newer_than_the_code_is_refused(db: Database) -> None:
         await migrate(db)
 
 
-async def test_concurrent_requests_of_one_user_never_pass_the_cap(target: str) -> None:
+@pytest.mark.parametrize("with_spend", [True, False], ids=["spend-cap", "no-spend-cap"])
+async def test_concurrent_requests_of_one_user_never_pass_the_cap(
+    target: str, with_spend: bool
+) -> None:
     """Sixty requests of one user at once, through two stores on one database (as two
-    processes would), make exactly the daily cap of jobs; the rest are refused."""
+    processes would), make exactly the daily cap of jobs; the rest are refused. Without a
+    spend cap only the user's own lock guards the count."""
     cap = 5
     stores = [Database(target), Database(target)]
     for store_db in stores:
@@ -230,7 +234,9 @@ async def test_concurrent_requests_of_one_user_never_pass_the_cap(target: str) -
 
         results = await asyncio.gather(
             *(
-                JobStore(stores[n % 2]).create(new_job(1000 + n, user_id=42), decide)
+                JobStore(stores[n % 2]).create(
+                    new_job(1000 + n, user_id=42), decide, with_spend=with_spend
+                )
                 for n in range(60)
             )
         )
@@ -261,8 +267,12 @@ async def test_credits_are_never_overspent_under_concurrency(target: str) -> Non
 
         async def ask(n: int) -> Job | None:
             try:
+                # no spend cap: only the user's own lock guards the balance
                 _, job = await JobStore(stores[n % 2]).create(
-                    new_job(2000 + n, user_id=77), lambda c: ALLOW, after_insert=reserve
+                    new_job(2000 + n, user_id=77),
+                    lambda c: ALLOW,
+                    after_insert=reserve,
+                    with_spend=False,
                 )
             except NotEnoughCredits:
                 return None

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from imagebot.clock import iso
-from imagebot.store.db import Conn, Database
+from imagebot.store.db import URGENT, Conn, Database
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +73,15 @@ class ClusterStore:
 
     async def heartbeat(self, node_id: str, lease_s: float) -> bool:
         """Renew this node's heartbeat; False when it was silent past the lease (the others
-        may have taken its work over already: it must drop what it runs and start afresh)."""
+        may have taken its work over already: it must drop what it runs and start afresh).
+
+        URGENT, as lease renewals: a backlog of job writes (hundreds of jobs running) must not
+        hold it up towards the trust window, or a busy node would stop trusting itself."""
         changed = await self.db.execute_write(
             f"UPDATE nodes SET heartbeat_at = {self.db.clock_sql()}"  # noqa: S608 - our own expression
             f" WHERE id = ? AND heartbeat_at > {self.db.clock_sql(-lease_s)}",
             (node_id,),
+            priority=URGENT,
         )
         return changed == 1
 
@@ -133,7 +137,7 @@ class ClusterStore:
                 return None
             return int(row["term"])
 
-        return await self.db.write(acquire)
+        return await self.db.write(acquire, priority=URGENT)
 
     async def resign(self, name: str, node_id: str) -> None:
         """Give lease `name` up now (it expires; the row stays, so terms keep counting up)."""
@@ -141,6 +145,7 @@ class ClusterStore:
             f"UPDATE leases SET expires_at = {self.db.clock_sql(-1)}"  # noqa: S608 - our own expression
             " WHERE name = ? AND holder = ?",
             (name, node_id),
+            priority=URGENT,
         )
 
     async def holders(self) -> dict[str, str]:

@@ -36,7 +36,12 @@ T = TypeVar("T")
 Row: TypeAlias = Any
 
 
-URGENT, NORMAL = 0, 1
+URGENT, NORMAL = 0, 2
+# A handler's writes while its user waits for the first answer (creating a job, saving its
+# status message, releasing it to the runner): on SQLite ahead of queued job writes, on
+# PostgreSQL on writers of their own. With hundreds of jobs running, their writes queued in
+# front of the handlers' and the first answer came seconds late.
+INTERACTIVE = 1
 # Short writes that pace Telegram sends (send slots): on PostgreSQL they have a writer of
 # their own, so they neither wait behind job writes nor hold up the webhook's saves.
 PACING = -1
@@ -185,7 +190,9 @@ class Database(ABC):
         even if the awaiting task is canceled. URGENT work goes ahead of queued job writes."""
 
     @abstractmethod
-    async def execute_write(self, sql: str, params: Iterable[Any] = ()) -> int:
+    async def execute_write(
+        self, sql: str, params: Iterable[Any] = (), *, priority: int = NORMAL
+    ) -> int:
         """One statement in its own transaction; returns the rows changed."""
 
     @abstractmethod
@@ -272,6 +279,7 @@ def connect_store(
 
 
 __all__ = [
+    "INTERACTIVE",
     "NORMAL",
     "PACING",
     "STORE_READ_ERRORS",

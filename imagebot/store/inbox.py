@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from imagebot.clock import iso, utcnow
-from imagebot.store.db import URGENT, Conn, Database, is_storage_fault
+from imagebot.store.db import INTERACTIVE, URGENT, Conn, Database, is_storage_fault
 
 # Every update type of the Bot API; anything else is "other", so a body with made-up keys
 # cannot mint new metric labels.
@@ -256,18 +256,21 @@ class Inbox:
         """Close the update; `failure` says why it could not be handled (None: it was).
 
         A failure is recorded even when the row was closed already (a handler that raised after
-        its job was created, which closes the row in the same transaction).
+        its job was created, which closes the row in the same transaction). INTERACTIVE: the
+        end of a handler, which the chat's next update (on any process) waits for.
         """
         if failure is None:
             await self.db.execute_write(
                 "UPDATE inbox SET processed_at = ? WHERE update_id = ? AND processed_at IS NULL",
                 (iso(), update_id),
+                priority=INTERACTIVE,
             )
             return
         await self.db.execute_write(
             "UPDATE inbox SET processed_at = coalesce(processed_at, ?), failure = ?"
             " WHERE update_id = ?",
             (iso(), failure, update_id),
+            priority=INTERACTIVE,
         )
 
     async def newest_update_id(self) -> int | None:

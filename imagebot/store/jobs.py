@@ -10,8 +10,8 @@ from typing import Any, Protocol, TypeVar
 
 from imagebot.clock import iso, utcnow
 from imagebot.models import FINAL_STATUSES, Job, JobKind, JobStatus, NewJob, Phase
-from imagebot.store.db import Conn, Database, Row
-from imagebot.store.usage import Counters, read_counters
+from imagebot.store.db import INTERACTIVE, NORMAL, Conn, Database, Row
+from imagebot.store.usage import SPEND_LOCK, Counters, read_counters, user_lock
 
 
 class _Decision(Protocol):
@@ -128,9 +128,13 @@ class JobStore:
         held_until = iso(now + timedelta(seconds=hold_s)) if hold_s is not None else None
 
         def create(conn: Conn) -> tuple[D | None, Row | None]:
-            # Every job creation takes this lock first: the counters read below stay true until
-            # the insert commits, even with several processes on one database.
-            self.db.lock(conn, "jobs:create")
+            # The counters read below stay true until the insert commits, even with several
+            # processes on one database: the user's own lock, and the global one only when
+            # the whole day's spend is read (one global lock serialized every creation of
+            # every process, and each process's job writes queued behind that wait).
+            if with_spend:
+                self.db.lock(conn, SPEND_LOCK)
+            self.db.lock(conn, user_lock(new.user_id))
             if conn.execute("SELECT 1 FROM jobs WHERE update_id = ?", (new.update_id,)).fetchone():
                 return None, None
             counters = read_counters(
@@ -188,7 +192,7 @@ class JobStore:
                 "SELECT * FROM jobs WHERE id = ?", (row.lastrowid,)
             ).fetchone()
 
-        decision, row = await self.db.write(create)
+        decision, row = await self.db.write(create, priority=INTERACTIVE)
         return decision, (_row_to_job(row) if row is not None else None)
 
     async def release(self, job_id: int) -> None:
@@ -197,6 +201,7 @@ class JobStore:
         await self.db.execute_write(
             "UPDATE jobs SET held_until = NULL WHERE id = ? AND held_until IS NOT NULL",
             (job_id,),
+            priority=INTERACTIVE,
         )
 
     async def disown_running(self) -> list[int]:
@@ -272,6 +277,7 @@ class JobStore:
         fence: Job | None = None,
         bump: bool = False,
         not_phases: Sequence[Phase] = (),
+        priority: int = NORMAL,
         **values: Any,
     ) -> bool:
         """Set columns of one job; with `expect`, only if its status is one of those; with
@@ -298,7 +304,7 @@ class JobStore:
         if not_phases:
             sql += f" AND phase NOT IN ({', '.join('?' for _ in not_phases)})"
             params.extend(phase.value for phase in not_phases)
-        return await self.db.execute_write(sql, params) == 1
+        return await self.db.execute_write(sql, params, priority=priority) == 1
 
     async def owns(self, job: Job) -> bool:
         """The job is still running under `job`'s owner and lease token (nobody took it)."""

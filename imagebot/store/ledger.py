@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from imagebot.clock import iso
 from imagebot.store.db import URGENT, Conn, Database, Row
+from imagebot.store.usage import user_lock
 
 ORDER_OPEN, ORDER_PAID = "open", "paid"
 PURCHASE, STAR_REFUND, GRANT, WELCOME, SPEND, JOB_REFUND = (
@@ -262,8 +263,6 @@ class Ledger:
         """
 
         def reserve(conn: Conn) -> tuple[str, Entry | None, int]:
-            # Balances only go down under the job-creation lock (see JobStore.create).
-            self.db.lock(conn, "jobs:create")
             row = conn.execute(
                 "SELECT * FROM credit_ledger WHERE kind = 'purchase' AND charge_id = ?",
                 (charge_id,),
@@ -271,6 +270,9 @@ class Ledger:
             if row is None:
                 return "unknown", None, 0
             bought = _entry(row)
+            # Balances only go down under the user's job-creation lock (JobStore.create); a
+            # purchase row never changes, so reading it first is safe.
+            self.db.lock(conn, user_lock(bought.user_id))
             balance = balance_in(conn, bought.user_id)
             if conn.execute(
                 "SELECT 1 FROM credit_ledger WHERE kind = 'star_refund' AND charge_id = ?",
@@ -308,7 +310,6 @@ class Ledger:
         stamp = iso()
 
         def record(conn: Conn) -> tuple[Entry, int] | None:
-            self.db.lock(conn, "jobs:create")  # balances only go down under this lock
             row = conn.execute(
                 "SELECT * FROM credit_ledger WHERE kind = 'purchase' AND charge_id = ?",
                 (charge_id,),
@@ -316,6 +317,7 @@ class Ledger:
             if row is None:
                 return None
             bought = _entry(row)
+            self.db.lock(conn, user_lock(bought.user_id))  # balances only go down under it
             taken = max(0, min(bought.credits, balance_in(conn, bought.user_id)))
             row_id = _insert(
                 conn,

@@ -1,12 +1,16 @@
 """The PostgreSQL store (psycopg 3): same interface and rules as the SQLite one.
 
-Writes: four writer threads, each owning one connection: URGENT (updates saved before
-Telegram is answered, payments), NORMAL (job writes), PACING (send-slot reservations, one
-per Telegram send) and the aside lane (`write_aside`: result images, megabytes each), so the
-webhook never waits behind a job transaction or a burst of sends, and job writes keep the
-order they were submitted in, as on SQLite. Each write function runs whole inside
-BEGIN … COMMIT on its thread. Reads go through a small
-psycopg-pool (checked on checkout, so a restarted server costs no failed read).
+Writes: lanes of writer threads, each thread owning one connection: URGENT (updates saved
+before Telegram is answered, payments, heartbeats and leases), INTERACTIVE (a handler's job
+creation and status message while its user waits; two threads), NORMAL (job writes), PACING
+(send-slot reservations, one per Telegram send; two threads) and the aside lane
+(`write_aside`: result images, megabytes each), so the webhook never waits behind a job
+transaction or a burst of sends, and job writes keep the order they were submitted in, as
+on SQLite. A lane of two threads hands writes out in turn: its writes are each whole on the
+server (one statement, or a transaction under its advisory locks) and their callers await
+them one by one. Each write function runs whole inside BEGIN … COMMIT on its thread. Reads
+go through a small psycopg-pool (checked on checkout, so a restarted server costs no failed
+read).
 
 The connection handed to write functions has sqlite3's shape, so the store modules' SQL is
 written once: `?` placeholders become `%s`, an INSERT into a table with an identity `id`
@@ -22,6 +26,7 @@ and the next call connects again, at most once per backoff step (0.1 s doubling 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import threading
@@ -42,6 +47,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from imagebot.clock import iso
 from imagebot.errors import StoreError
 from imagebot.store.db import (
+    INTERACTIVE,
     NORMAL,
     PACING,
     URGENT,
@@ -63,6 +69,10 @@ READ_WAIT_S = 2  # a read waits this long for a pooled connection while the serv
 CHECK_IDLE_S = 1.0
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.1, 2.0
 _ASIDE = NORMAL + 1  # the key of write_aside's lane (large rows: result images)
+# Writer threads (connections) per lane; the rest have one. Each process holds these plus
+# the read pool's READ_POOL_MAX, the LISTEN connection and the NOTIFY one.
+_LANE_SIZES = {INTERACTIVE: 2, PACING: 2}
+READ_POOL_MAX = 4
 _INSERT_RE = re.compile(r'^\s*INSERT\s+INTO\s+"?(\w+)"?', re.IGNORECASE)
 _CHANGES_RE = re.compile(r"^\s*(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
 
@@ -310,7 +320,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 class PostgresDatabase(Database):
-    """`storage.database = "postgresql://…"`: two writer threads, a read pool."""
+    """`storage.database = "postgresql://…"`: lanes of writer threads, a read pool."""
 
     dialect = "postgresql"
     for_update = " FOR UPDATE SKIP LOCKED"
@@ -325,8 +335,9 @@ class PostgresDatabase(Database):
         self.address = server_address(url)
         self.dbname = database_name(url)
         self.writes = WriteHealth()
-        self._lanes: dict[int, _WriterThread] = {}
-        self._links: dict[int, _Link] = {}
+        # lane key -> its writer threads, each with the connection it owns
+        self._lanes: dict[int, list[tuple[_WriterThread, _Link]]] = {}
+        self._turn = itertools.count()
         self._pool: ConnectionPool[Any] | None = None
         self._identity: frozenset[str] | None = None
         self._identity_lock = threading.Lock()
@@ -345,17 +356,20 @@ class PostgresDatabase(Database):
         await asyncio.to_thread(probe.close)
         lanes = (
             (URGENT, "pg-writer-urgent"),
+            (INTERACTIVE, "pg-writer-interactive"),
             (NORMAL, "pg-writer"),
             (_ASIDE, "pg-writer-aside"),
             (PACING, "pg-writer-pacing"),
         )
-        for priority, name in lanes:
-            self._lanes[priority] = _WriterThread(name)
-            self._links[priority] = _Link(self.url, self.address)
+        for key, name in lanes:
+            self._lanes[key] = [
+                (_WriterThread(f"{name}-{n}" if n else name), _Link(self.url, self.address))
+                for n in range(_LANE_SIZES.get(key, 1))
+            ]
         self._pool = ConnectionPool(
             self.url,
             min_size=1,
-            max_size=4,
+            max_size=READ_POOL_MAX,
             open=False,
             timeout=READ_WAIT_S,
             check=_check_if_idle,
@@ -371,12 +385,11 @@ class PostgresDatabase(Database):
         await asyncio.to_thread(self._pool.open)
 
     async def close(self) -> None:
-        for priority, lane in list(self._lanes.items()):
-            link = self._links[priority]
-            await asyncio.wrap_future(lane.submit(link.drop, NORMAL))
-            await asyncio.to_thread(lane.stop)
+        for writers in list(self._lanes.values()):
+            for lane, link in writers:
+                await asyncio.wrap_future(lane.submit(link.drop, NORMAL))
+                await asyncio.to_thread(lane.stop)
         self._lanes.clear()
-        self._links.clear()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await asyncio.to_thread(pool.close)
@@ -405,11 +418,11 @@ class PostgresDatabase(Database):
         return await self._submit(fn, priority, transaction=True)
 
     async def _submit(self, fn: Callable[[Any], T], priority: int, *, transaction: bool) -> T:
-        key = priority if priority in (URGENT, _ASIDE, PACING) else NORMAL
-        lane = self._lanes.get(key)
-        link = self._links.get(key)
-        if lane is None or link is None:
+        key = priority if priority in (URGENT, INTERACTIVE, _ASIDE, PACING) else NORMAL
+        writers = self._lanes.get(key)
+        if not writers:
             raise StoreError("database is not open")
+        lane, link = writers[next(self._turn) % len(writers)]
         health = self.writes
 
         def call() -> T:
@@ -439,9 +452,11 @@ class PostgresDatabase(Database):
         writes (and a fence check behind them) should not wait for."""
         return await self._submit(fn, _ASIDE, transaction=True)
 
-    async def execute_write(self, sql: str, params: Iterable[Any] = ()) -> int:
+    async def execute_write(
+        self, sql: str, params: Iterable[Any] = (), *, priority: int = NORMAL
+    ) -> int:
         values = tuple(params)
-        return await self.run(lambda conn: conn.execute(sql, values).rowcount)
+        return await self.run(lambda conn: conn.execute(sql, values).rowcount, priority=priority)
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
         return await self._fetchall(sql, params, binary=False)

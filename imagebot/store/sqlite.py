@@ -265,10 +265,12 @@ class SqliteDatabase(Database):
 
         return await self.run(transaction, priority=priority)
 
-    async def execute_write(self, sql: str, params: Iterable[Any] = ()) -> int:
+    async def execute_write(
+        self, sql: str, params: Iterable[Any] = (), *, priority: int = NORMAL
+    ) -> int:
         """One statement in its own (autocommit) transaction; returns the rows changed."""
         values = tuple(params)
-        return await self.run(lambda conn: conn.execute(sql, values).rowcount)
+        return await self.run(lambda conn: conn.execute(sql, values).rowcount, priority=priority)
 
     @property
     def reader(self) -> aiosqlite.Connection:

@@ -33,6 +33,18 @@ _PER_KIND = (
 )
 
 
+# Advisory locks of job creation (Database.lock: PostgreSQL; one writer on SQLite). A user's
+# counters and credit balance change only under that user's lock, so processes creating jobs
+# for different users never wait for each other; the day's spend of every user (read only
+# when a spend cap is set) is guarded by the global lock, taken first.
+SPEND_LOCK = "jobs:create"
+
+
+def user_lock(user_id: int) -> str:
+    """The lock a user's job creations and balance decreases take."""
+    return f"jobs:create:user:{user_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class Counters:
     """What the policy needs to know about one user's request, read in the write transaction."""
