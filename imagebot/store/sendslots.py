@@ -14,7 +14,10 @@ slot plus the gate's step. So the gate's spacing counts from the moment the send
 (a gate slot taken before a wait for the global one would let two sends to one chat come
 closer than the spacing when the global queue is long), and no global slot is held by a send
 that still waits for its chat. A 429 from Telegram pushes `global` forward, so every process
-pauses.
+pauses. On PostgreSQL those steps are one call of the function `imagebot_send_slot`
+(migration 0015) in autocommit: one round trip, and the 'global' row is locked only while the
+server runs it (as a client transaction it stayed locked across three round trips, and three
+busy processes queued on it). Holds, pauses and prunes are single autocommit statements.
 """
 
 from __future__ import annotations
@@ -77,6 +80,17 @@ class SendSlots:
 
     async def reserve(self, global_step_s: float, gate: tuple[str, float] | None = None) -> Slot:
         """Reserve the next global slot (behind the gate key `(key, step_s)` if given)."""
+        if self.db.dialect == "postgresql":
+            # The same steps as below, in the function of migration 0015: one statement in
+            # autocommit, so the 'global' row is locked only while the server runs it.
+            def call(conn: Conn) -> Slot:
+                row = conn.execute(
+                    "SELECT reserved, wait_s FROM imagebot_send_slot(?, ?, ?)",
+                    (gate[0] if gate else None, gate[1] if gate else 0.0, global_step_s),
+                ).fetchone()
+                return Slot(reserved=bool(row["reserved"]), wait_s=max(0.0, row["wait_s"]))
+
+            return await self.db.run(call, priority=self.priority)
         take_sql = self._take_sql(global_step_s)
         gate_sql = self._gate_sql() if gate is not None else ""
 
@@ -105,9 +119,7 @@ class SendSlots:
             f"UPDATE send_slots SET tat = CASE WHEN tat > {until}"  # noqa: S608 - the clock
             f" THEN tat ELSE {until} END WHERE key = ?"
         )
-        await self.db.write(
-            lambda conn: conn.execute(sql, (key,)).rowcount, priority=self.priority
-        )
+        await self.db.execute_write(sql, (key,), priority=self.priority)
 
     async def pause(self, seconds: float) -> None:
         """Telegram said "retry after `seconds`": no process sends before then."""
@@ -118,11 +130,11 @@ class SendSlots:
             f" ON CONFLICT (key) DO UPDATE SET tat = CASE WHEN send_slots.tat > {until}"
             f" THEN send_slots.tat ELSE {until} END"
         )
-        await db.write(lambda conn: conn.execute(sql, (GLOBAL,)).rowcount, priority=self.priority)
+        await db.execute_write(sql, (GLOBAL,), priority=self.priority)
 
     async def prune(self) -> int:
         """Delete rows of keys that have been free for a while; returns how many."""
         db = self.db
         before = db.clock_sql(-PRUNE_AFTER_S)
         sql = f"DELETE FROM send_slots WHERE tat < {before}"  # noqa: S608 - the clock
-        return await db.write(lambda conn: conn.execute(sql).rowcount, priority=self.priority)
+        return await db.execute_write(sql, priority=self.priority)

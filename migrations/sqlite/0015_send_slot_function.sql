@@ -1,0 +1,5 @@
+-- imagebot schema 15: one send-slot reservation in one round trip (issue 16).
+-- On PostgreSQL this adds the function imagebot_send_slot (several processes share the send
+-- slots there). SQLite serves one process: store/sendslots.py reserves in one transaction on
+-- the writer thread, so there is nothing to add; the number is kept so both dialects count
+-- their schema the same.
