@@ -533,10 +533,15 @@ def _schedule_maintenance(app: App) -> None:
 
 
 async def _cluster_chores(services: Services) -> None:
-    """After each heartbeat: the maintenance leader hands on dead processes' jobs; an intake
-    process takes over the updates a dead one saved but never handled, and replays them."""
+    """After each heartbeat: the vendors' request caps are shared out again among the live
+    workers; the maintenance leader hands on dead processes' jobs; an intake process takes
+    over the updates a dead one saved but never handled, and replays them."""
     cluster = services.cluster
     unbind_all()
+    if cluster.has_role("worker") and services.store.db.shared:
+        workers = sum(1 for peer in await cluster.peers() if "worker" in peer.roles)
+        for provider in set(services.runner.pipeline.providers.values()):
+            provider.share_rate(workers)
     if cluster.holds(MAINTENANCE):
         reaped = await cluster.reap()
         if reaped.jobs_freed or reaped.holds_released:

@@ -9,16 +9,20 @@ from contextlib import contextmanager
 from typing import Protocol
 
 import httpx
+from aiolimiter import AsyncLimiter
 
 from imagebot.errors import (
     ProviderError,
     ProviderRejected,
     SubmitOutcomeUnknown,
 )
+from imagebot.logs import get_logger
 from imagebot.models import ImageFile, PollResult, ProviderRequest
 
 # Words vendors use when a safety filter refused the prompt or the output.
 _SAFETY_WORDS = ("nsfw", "safety", "content policy", "content_policy", "moderation", "flagged")
+
+log = get_logger(__name__)
 
 
 class ImageProvider(Protocol):
@@ -46,6 +50,42 @@ class ImageProvider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+    def share_rate(self, processes: int) -> None:
+        """`processes` processes call this vendor now: pace this one at its share of the
+        account's request cap."""
+        ...
+
+
+class RequestRate:
+    """A vendor account's request cap (`max_requests_per_s`), which every process calling the
+    vendor shares: each paces itself at the cap divided by the live worker processes
+    (re-counted after each heartbeat), so N processes do not ask N times the cap (and draw
+    the vendor's 429s). Jobs spread evenly over the workers, so even shares fit the load."""
+
+    def __init__(self, vendor: str, per_s: float) -> None:
+        self.vendor = vendor
+        self.per_s = per_s
+        self.processes = 1
+        self.limiter = self._limiter(per_s)
+
+    @staticmethod
+    def _limiter(per_s: float) -> AsyncLimiter:
+        # a bucket of at least one request (aiolimiter refuses to take more than it holds)
+        capacity = max(1.0, per_s)
+        return AsyncLimiter(capacity, capacity / per_s)
+
+    def share(self, processes: int) -> None:
+        processes = max(1, processes)
+        if processes != self.processes:
+            self.processes = processes
+            self.limiter = self._limiter(self.per_s / processes)
+            log.info(
+                "vendor_rate_shared",
+                vendor=self.vendor,
+                processes=processes,
+                max_requests_per_s=round(self.per_s / processes, 2),
+            )
 
 
 def retry_after_seconds(headers: Mapping[str, str] | httpx.Headers | None) -> float | None:

@@ -19,13 +19,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
-from aiolimiter import AsyncLimiter
 
 from imagebot.config import FalSettings
 from imagebot.errors import ProviderError, ProviderRejected
 from imagebot.logs import get_logger
 from imagebot.models import ImageFile, PollResult, PollState, ProviderRequest
 from imagebot.providers.base import (
+    RequestRate,
     error_for_status,
     is_safety_refusal,
     lost_create,
@@ -95,7 +95,7 @@ class FalProvider:
         self.settings = settings
         self.poll_interval_s = settings.poll_interval_s
         self._fetch_image = fetch_image
-        self._limiter = AsyncLimiter(settings.max_requests_per_s, 1)
+        self._rate = RequestRate(NAME, settings.max_requests_per_s)
         owner, name, *_ = settings.edit_app.split("/")
         self._submit_path = f"/{settings.edit_app}"
         # Status, result and cancel live under owner/app, without the subpath ("/edit").
@@ -112,7 +112,7 @@ class FalProvider:
     async def _send(
         self, method: str, path: str, *, submit: bool, **kwargs: Any
     ) -> httpx.Response:
-        async with self._limiter:
+        async with self._rate.limiter:
             with map_transport_errors(NAME, submit=submit):
                 return await self._http.request(method, path, **kwargs)
 
@@ -271,3 +271,6 @@ class FalProvider:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def share_rate(self, processes: int) -> None:
+        self._rate.share(processes)

@@ -108,5 +108,8 @@ class LocalProvider:
             raise MediaExpired("local result is gone (the process restarted)")
         return images[int(index)]
 
+    def share_rate(self, processes: int) -> None:
+        """Draws in-process: no account to share."""
+
     async def aclose(self) -> None:
         self._results.clear()

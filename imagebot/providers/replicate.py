@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-from aiolimiter import AsyncLimiter
 from replicate.client import Client
 from replicate.exceptions import ReplicateError
 
@@ -28,6 +27,7 @@ from imagebot.errors import ProviderError
 from imagebot.logs import get_logger
 from imagebot.models import ImageFile, JobKind, PollResult, PollState, ProviderRequest
 from imagebot.providers.base import (
+    RequestRate,
     create_may_exist,
     error_for_status,
     is_safety_refusal,
@@ -116,7 +116,7 @@ class ReplicateProvider:
         self.poll_interval_s = settings.poll_interval_s
         self._client = _Client(api_token, settings.base_url, settings.request_timeout_s, transport)
         self._fetch_image = fetch_image
-        self._limiter = AsyncLimiter(settings.max_requests_per_s, 1)
+        self._rate = RequestRate(NAME, settings.max_requests_per_s)
         model, _, version = settings.model.partition(":")
         self._model = model
         self._version = version or None
@@ -146,7 +146,7 @@ class ReplicateProvider:
             hook = {"webhook": request.notify_url, "webhook_events_filter": ["completed"]}
         sent_at = time.time()
         try:
-            async with self._limiter:
+            async with self._rate.limiter:
                 with map_transport_errors(NAME, submit=True):
                     if version:
                         prediction = await self._client.predictions.async_create(
@@ -190,7 +190,7 @@ class ReplicateProvider:
         try:
             if named:
                 try:
-                    async with self._limiter:
+                    async with self._rate.limiter:
                         await self._client._async_request("GET", f"/v1/predictions/{named}")
                 except ReplicateError as missing:
                     if missing.status == 404:
@@ -216,7 +216,7 @@ class ReplicateProvider:
         params: dict[str, str] | None = {"created_after": _iso(since)}
         for _ in range(_LOOKUP_PAGES):
             assert path is not None
-            async with self._limiter:
+            async with self._rate.limiter:
                 resp = await self._client._async_request("GET", path, params=params)
             page = resp.json()
             results = page.get("results") if isinstance(page, dict) else None
@@ -270,7 +270,7 @@ class ReplicateProvider:
         return prediction_id
 
     async def poll(self, request_id: str) -> PollResult:
-        async with self._limiter:
+        async with self._rate.limiter:
             with _errors(submit=False):
                 resp = await self._client._async_request("GET", f"/v1/predictions/{request_id}")
         # Parsed by hand: client 1.0.7's model rejects newer statuses such as "aborted".
@@ -292,7 +292,7 @@ class ReplicateProvider:
         return PollResult(PollState.FAILED, error=error, error_code=code)
 
     async def cancel(self, request_id: str) -> None:
-        async with self._limiter:
+        async with self._rate.limiter:
             with _errors(submit=False):
                 await self._client.predictions.async_cancel(request_id)
 
@@ -301,6 +301,9 @@ class ReplicateProvider:
 
     async def aclose(self) -> None:
         await self._client._http.aclose()
+
+    def share_rate(self, processes: int) -> None:
+        self._rate.share(processes)
 
 
 @contextmanager
