@@ -45,7 +45,7 @@ from imagebot.metrics import Metrics
 from imagebot.models import ImageFile, Job, JobKind
 from imagebot.netguard import AddressGuard, Resolver, system_resolver
 from imagebot.network import Network
-from imagebot.notify import HINT, INBOX, JOBS, Coalesced, notifier_for
+from imagebot.notify import HINT, INBOX, JOBS, SLOT_FREED, Coalesced, notifier_for
 from imagebot.ops_server import OpsServer, OpsState
 from imagebot.pipeline import Pipeline
 from imagebot.policy import Policy
@@ -315,9 +315,17 @@ def _wire_wakeups(services: Services) -> None:
     every waiting job polls once and the runner pumps (what was missed is looked at)."""
     notifier, runner, hints = services.notifier, services.runner, services.runner.pipeline.hints
     pump = Coalesced(runner.pump)
-    runner.on_claimable = lambda: notifier.notify(JOBS, here=False)
+    runner.on_claimable = lambda freed: notifier.notify(
+        JOBS, SLOT_FREED if freed else "", here=False
+    )
     if runner.worker:
-        notifier.subscribe(JOBS, pump.trigger)
+
+        def claimable(payload: str) -> None:
+            if payload == SLOT_FREED:
+                runner.room_may_have_freed()
+            pump.trigger()
+
+        notifier.subscribe(JOBS, claimable)
     hints.route_to(runner.runs, lambda job_id: notifier.notify(HINT, str(job_id)))
 
     def hinted(payload: str) -> None:
@@ -545,7 +553,8 @@ async def _cluster_chores(services: Services) -> None:
     if cluster.holds(MAINTENANCE):
         reaped = await cluster.reap()
         if reaped.jobs_freed or reaped.holds_released:
-            services.notifier.notify(JOBS, here=False)  # every worker may adopt them
+            services.notifier.notify(JOBS, SLOT_FREED, here=False)  # every worker may adopt them
+            services.runner.room_may_have_freed()
             await services.runner.pump()
     if cluster.has_role("intake") and cluster.trusted:
         adopted = await cluster.adopt_updates()
@@ -643,7 +652,7 @@ async def run(app: App) -> int:
             await services.intake.stop()
             await services.runner.shutdown(SHUTDOWN_GRACE_S)
             await services.cluster.stop()
-            services.notifier.notify(JOBS, here=False)  # jobs handed back: peers adopt them
+            services.notifier.notify(JOBS, SLOT_FREED, here=False)  # handed back: peers adopt them
             if app.application.running:
                 await app.application.stop()
             await app.application.shutdown()

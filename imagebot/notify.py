@@ -1,8 +1,8 @@
 """Wake-ups across processes (issue 16): LISTEN/NOTIFY on PostgreSQL, local calls on SQLite.
 
 Channels:
-- `imagebot_jobs`: a job became claimable (released by its handler, a slot freed, a dead
-  process's jobs handed on); every worker process pumps its runner.
+- `imagebot_jobs`: a job became claimable (released by its handler; payload `slot`: a slot
+  freed, a dead process's jobs handed on); every worker process pumps its runner.
 - `imagebot_hint` (payload: job id): a completion hint reached some process; the one running
   the job wakes its wait.
 - `imagebot_inbox` (payload: chat key): an update of that chat was processed.
@@ -46,6 +46,7 @@ JOBS = "imagebot_jobs"
 HINT = "imagebot_hint"
 INBOX = "imagebot_inbox"
 CHANNELS = (JOBS, HINT, INBOX)
+SLOT_FREED = "slot"  # the payload on JOBS when a slot may have been freed (not only a release)
 
 LISTEN_APP_NAME = "imagebot-listen"
 SEND_APP_NAME = "imagebot-notify"

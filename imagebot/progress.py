@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiolimiter import AsyncLimiter
 
@@ -70,10 +71,13 @@ class Progress:
             return False
         return ok
 
-    async def ensure_status(self, job: Job, *, queued_at: int | None = None) -> Job:
+    async def ensure_status(
+        self, job: Job, *, queued_at: int | None = None, release: bool = False
+    ) -> Job:
         """Send the status message, unless it was sent already (the handler sends it; the
         runner again if the handler could not, e.g. after a crash). `queued_at`: the job
-        waits for a slot at this place in line."""
+        waits for a slot at this place in line. `release`: the write that saves the message
+        id also lifts the job's hold (see JobStore.create `hold_s`): one write, not two."""
         if job.status_message_id is not None:
             return job
         with texts.speaking(job.language):
@@ -96,7 +100,10 @@ class Progress:
             return job
         job.status_message_id = message.message_id
         # the first answer to a waiting user: ahead of queued job writes (store.db INTERACTIVE)
-        await self.store.update(job.id, status_message_id=message.message_id, priority=INTERACTIVE)
+        values: dict[str, Any] = {"status_message_id": message.message_id}
+        if release:
+            values["held_until"] = None
+        await self.store.update(job.id, priority=INTERACTIVE, **values)
         return job
 
     async def show_queued(self, job: Job, position: int, *, force: bool = False) -> None:

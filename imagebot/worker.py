@@ -37,6 +37,9 @@ from imagebot.store.jobs import Claimed, JobStore
 
 log = get_logger(__name__)
 T = TypeVar("T")
+# How long a claim that found no room is trusted without a word of a freed slot (a
+# notification lost while the listener reconnects, a share grown as a process joined)
+FULL_TRUST_S = 1.0
 
 
 @dataclass
@@ -79,13 +82,21 @@ class JobRunner:
         self._telegram_failing = False
         self._runs: dict[int, _Run] = {}
         self._pump_lock = asyncio.Lock()
+        # A claim that found no room (the cap, or this node's share of it, all taken) is not
+        # made again until a slot may have been freed (`room_may_have_freed`: a job ended
+        # here or elsewhere, a process died, the periodic tend) or FULL_TRUST_S passed: at 200
+        # updates a second each new job's release pumped every process, and each pump was a
+        # claim transaction under the cluster-wide lock that could take nothing.
+        self._frees = 0  # events that may have freed a slot, counted
+        self._no_room: tuple[int, float] | None = None  # (_frees, monotonic) of that claim
         self._next_pump: asyncio.Future[None] | None = None  # the pump callers wait for
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self._started = 0  # runs launched (recover reports how many it started)
-        # Called when a job may have become claimable for other processes (released, a slot
-        # freed); app.py makes it a NOTIFY (issue 16). This process pumps by itself.
-        self.on_claimable: Callable[[], None] = lambda: None
+        # Called when a job may have become claimable for other processes (released, or a
+        # slot freed: the argument); app.py makes it a NOTIFY (issue 16). This process pumps
+        # by itself.
+        self.on_claimable: Callable[[bool], None] = lambda slot_freed: None
         # Read at scrape time, so the gauge is never behind the runner.
         metrics.jobs_running.set_function(lambda: len(self._scheduled))
 
@@ -119,20 +130,24 @@ class JobRunner:
         """This process runs job `job_id` now (thread-safe: a set lookup)."""
         return job_id in self._runs or job_id in self._scheduled
 
-    async def has_free_slot(self) -> bool:
-        """A job created now would start at once: fewer than `runner.max_running` jobs hold a
-        provider slot. On a shared database that is the cluster-wide count (one indexed
-        count query); on SQLite (one process) this runner's own."""
-        if self._stopping:
-            return False
+    async def place_in_line(self, job_id: int) -> int | None:
+        """Where job `job_id`, just created, stands: None when it would start at once (fewer
+        than `runner.max_running` jobs hold a provider slot), else its 1-based place among
+        the queued jobs. On a shared database the cluster-wide count and the place come in
+        one query (each awaited query costs a handler a turn of a busy loop before its user
+        sees an answer); on SQLite (one process) the count is this runner's own."""
         cap = self.settings.runner.max_running
-        if self.store.db.shared:
+        if self.store.db.shared and not self._stopping:
             try:
-                return await self.store.slots_busy() < cap
+                busy, position = await self.store.busy_and_position(job_id)
             except Exception as exc:
                 if not is_storage_fault(exc):
                     raise
-        return len(self._scheduled) < cap
+            else:
+                return None if busy < cap else position
+        if not self._stopping and len(self._scheduled) < cap:
+            return None
+        return await self.store.queue_position(job_id)
 
     async def submit(self, job_id: int) -> bool:
         """A job was created: start it if a slot is free. True if it started (here, or in
@@ -150,9 +165,14 @@ class JobRunner:
             return False
         return job is not None and job.status is not JobStatus.QUEUED
 
-    async def release(self, job_id: int) -> None:
+    async def release(self, job_id: int, *, written: bool = False) -> None:
         """The handler that created job `job_id` (held) is done with it: the runner may claim
-        it. A storage fault now leaves the release to the next pump."""
+        it. `written`: the hold was lifted already (with the status message id, see
+        Progress.ensure_status), only the other processes are told. A storage fault now
+        leaves the release to the next pump."""
+        if written:
+            self.on_claimable(False)
+            return
         try:
             await self.store.release(job_id)
         except Exception as exc:
@@ -161,7 +181,7 @@ class JobRunner:
             self._unreleased.add(job_id)
             log.warning("job_release_deferred", job_id=job_id, error=str(exc))
         else:
-            self.on_claimable()
+            self.on_claimable(False)
 
     async def pump(self) -> None:
         """Release deferred holds and resume suspended jobs, then adopt ownerless running
@@ -197,21 +217,35 @@ class JobRunner:
             for job_id in sorted(self._unreleased):
                 await self.store.release(job_id)
                 self._unreleased.discard(job_id)
-                self.on_claimable()
+                self.on_claimable(False)
             if not self.worker or not self.cluster.trusted:
                 return
             if self._suspended and self.store.db.writes.ok:
                 await self._resume_suspended()
+            no_room = self._no_room
+            if (
+                no_room is not None
+                and no_room[0] == self._frees
+                and time.monotonic() - no_room[1] < FULL_TRUST_S
+            ):
+                return  # nothing freed since the last claim found no room: it would take nothing
+            frees = self._frees
             claimed = await self.store.claim_next(
                 self.settings.runner.max_running,
                 self.pipeline.timeouts,
                 lease_s=self.cluster.config.lease_s,
             )
+            self._no_room = (frees, time.monotonic()) if claimed.no_room else None
             self._take(claimed)
         except Exception as exc:
             if not is_storage_fault(exc):
                 raise
             log.warning("pump_store_fault", error=str(exc))
+
+    def room_may_have_freed(self) -> None:
+        """A slot may be free now (a job ended, here or elsewhere; a process died): the next
+        pump claims again even if the last claim found no room."""
+        self._frees += 1
 
     def _take(self, claimed: Claimed, *, slot: bool = True) -> None:
         """Start what a claim handed over; a job taken over from dead processes more than
@@ -302,8 +336,9 @@ class JobRunner:
             self.pipeline.progress.stop(job_id)
             structlog.contextvars.clear_contextvars()
             if not self._stopping:
+                self.room_may_have_freed()
                 self._in_background(self.pump())
-                self.on_claimable()
+                self.on_claimable(True)
 
     async def _run(self, job_id: int, task: asyncio.Task[Any]) -> None:
         try:
@@ -434,6 +469,7 @@ class JobRunner:
             if latest is not None and latest.phase in (Phase.FETCHED, Phase.DELIVERING):
                 return CancelOutcome.TOO_LATE
             return CancelOutcome.FINISHED
+        self.room_may_have_freed()
         self._in_background(self.pump())
         return CancelOutcome.CANCELED
 
@@ -453,6 +489,7 @@ class JobRunner:
         slack = self.settings.runner.stale_slack_s
         if not self.store.db.writes.ok:
             return  # nothing could be recorded; a storage fault is no job's timeout
+        swept = False
         for job in await self.store.overdue(utcnow(), slack):
             if job.id in self._suspended:
                 continue  # stopped by a storage fault: resumed with a fresh deadline
@@ -470,6 +507,10 @@ class JobRunner:
             )
             structlog.contextvars.clear_contextvars()
             self._scheduled.discard(job.id)
+            swept = True
+        if swept:
+            self.on_claimable(True)  # (jobs of other processes too: their slots are free)
+        self.room_may_have_freed()
         await self.pump()
 
     async def recover(self) -> int:
@@ -520,6 +561,7 @@ class JobRunner:
             for job in await self.store.unsettled(due_by=now):
                 self._in_background(self.pipeline.settle_due(job.id))
         await self._drop_lost()
+        self.room_may_have_freed()  # the periodic look whatever was missed
         await self.pump()
 
     async def _drop_lost(self) -> None:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     # Typing only: at run time the bot layer must not pull in the runner and the providers.
     from imagebot.bot.callbacks import ChoicePress, Press
     from imagebot.services import Services
+    from imagebot.store.prefs import Prefs
 
 SERVICES_KEY = "services"
 
@@ -31,6 +32,9 @@ class BotContext(CallbackContext[ExtBot[None], dict[Any, Any], dict[Any, Any], d
     # run inside the transaction that creates this update's job (the /edit conversation
     # ends there: bot/edit.py), with the write connection
     also_in_job_transaction: Callable[[Any], object] | None = None
+    # the user's stored choices, read with their language at the start of the update
+    # (bot/language.py) so that a request reads the user_prefs row once, not twice
+    prefs: Prefs | None = None
 
     @property
     def services(self) -> Services:

@@ -56,7 +56,7 @@ async def remember_language(update: Update, context: BotContext) -> None:
         return
     chosen: str | None = None
     try:
-        chosen = await context.services.prefs.chosen_language(user.id)
+        chosen, context.prefs = await context.services.prefs.with_language(user.id)
     except Exception as exc:  # a storage fault must not silence the bot: Telegram's guess
         log.warning("language_lookup_failed", error=str(exc))
     texts.use_language(chosen or texts.negotiate(user.language_code))

@@ -234,6 +234,7 @@ async def _create(update: Update, context: BotContext, new: NewJob) -> Job | Non
         elif not isinstance(decision, Paid):
             await refuse(update, context, kind, decision)
         return None
+    services.inbox.closed_with_job(new.update_id)
     services.metrics.jobs_created.labels(kind.value).inc()
     paid = decision.credits if isinstance(decision, Paid) else 0
     log.info(
@@ -282,7 +283,7 @@ async def request_job(
         await refuse(update, context, kind, decision)
         return None
     provider, _ = _operation(context, kind)
-    prefs = await services.prefs.get(user.id)
+    prefs = context.prefs if context.prefs is not None else await services.prefs.get(user.id)
     chosen = Choices(services.settings).resolve(
         kind, prefs, style_id=style_id, shape=shape, count=count
     )
@@ -316,23 +317,26 @@ async def request_job(
     if job is None:
         return None
     position = None
+    released = False
     try:
         if not services.runner.pipeline.breakers.get(provider).admit(job.id):
             await refuse_while_down(services, job)
             return job
         # When every slot is taken, the first answer is the place in line (not "Generating…"
         # edited a moment later). If Telegram refuses it now, the worker sends it at the start.
-        if not await services.runner.has_free_slot():
-            position = await services.store.queue_position(job.id)
-        job = await services.progress.ensure_status(job, queued_at=position)
+        position = await services.runner.place_in_line(job.id)
+        job = await services.progress.ensure_status(job, queued_at=position, release=True)
+        released = job.status_message_id is not None
         arrived = services.intake.received_at(update.update_id)
         if arrived is not None:
             services.metrics.ack_latency.labels(kind.value).observe(time.monotonic() - arrived)
     finally:
         # The job was created held (the runner does not claim it) so that it never starts
         # before its status message id is saved: the runner may take it now.
-        await services.runner.release(job.id)
-    if not await services.runner.submit(job.id) and position is None:
+        await services.runner.release(job.id, written=released)
+    if position is not None:
+        await services.runner.pump()  # the user was told the place in line already
+    elif not await services.runner.submit(job.id):
         position = await services.store.queue_position(job.id)
         await services.progress.show_queued(job, position, force=True)
     return job

@@ -45,6 +45,7 @@ _MAX_FAILURE_CHARS = 300
 # Rows per INSERT of a group commit (5 parameters each: far below either database's limit).
 # A single save with more rows (a polling batch is at most 100) still gets one statement.
 MAX_BATCH_ROWS = 200
+_MAX_CLOSED = 10_000
 _COLUMNS = ("update_id", "kind", "received_at", "payload", "received_by", "chat_key")
 _Row = tuple[Any, ...]
 
@@ -167,6 +168,9 @@ class Inbox:
         # writer thread: hence a lock, held only to add a saver or to close the batch.
         self._lock = threading.Lock()
         self._open: _Batch | None = None
+        # updates whose job creation closed them in its own transaction (JobStore.create):
+        # their handler's end needs no second write (see `closed_with_job`)
+        self._closed: set[int] = set()
 
     async def save(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
         """Commit raw updates (all of them or none); True where the update is new.
@@ -252,6 +256,14 @@ class Inbox:
         if first_error is not None:
             raise first_error
 
+    def closed_with_job(self, update_id: int) -> None:
+        """The update's job was created, and the same transaction closed the update: its
+        handler's end writes nothing more (a write matching no row is still a round trip on
+        the connection the next user's job creation waits for)."""
+        if len(self._closed) >= _MAX_CLOSED:  # handlers that never ended (bounded, harmless)
+            self._closed.clear()
+        self._closed.add(update_id)
+
     async def mark_processed(self, update_id: int, failure: str | None = None) -> None:
         """Close the update; `failure` says why it could not be handled (None: it was).
 
@@ -259,6 +271,10 @@ class Inbox:
         its job was created, which closes the row in the same transaction). INTERACTIVE: the
         end of a handler, which the chat's next update (on any process) waits for.
         """
+        if update_id in self._closed:
+            self._closed.discard(update_id)
+            if failure is None:
+                return
         if failure is None:
             await self.db.execute_write(
                 "UPDATE inbox SET processed_at = ? WHERE update_id = ? AND processed_at IS NULL",

@@ -29,7 +29,8 @@ _JSON_LIST_FIELDS = (
     "input_file_ids",
 )
 _COLUMNS = tuple(f.name for f in fields(Job))
-_WRITABLE = frozenset(_COLUMNS) - {"id", "created_at", "update_id"}
+# held_until is no Job field (only claims read it); a handler lifts it with the status id
+_WRITABLE = (frozenset(_COLUMNS) - {"id", "created_at", "update_id"}) | {"held_until"}
 
 
 def _row_to_job(row: Row) -> Job:
@@ -88,9 +89,12 @@ SLOT_PHASES = "('new', 'submitting', 'submitted')"
 
 class Claimed(list[Job]):
     """Jobs one claim handed to this node (oldest first); `adopted`: the ids among them that
-    were running already (ownerless: their process died or stopped) rather than queued."""
+    were running already (ownerless: their process died or stopped) rather than queued;
+    `no_room`: the cap (or this node's share of it) left no slot to fill, so a claim takes no
+    queued job until a slot is freed."""
 
     adopted: frozenset[int] = frozenset()
+    no_room: bool = False
 
 
 class JobStore:
@@ -183,11 +187,19 @@ class JobStore:
             )
             if after_insert is not None:
                 after_insert(conn, int(row.lastrowid or 0), decision)
+            # The inbox row is closed and the job read back in one statement on PostgreSQL
+            # (each statement of this transaction is a round trip while the user waits);
+            # SQLite has no data-modifying CTE (nor RETURNING before 3.35, e.g. Debian 11).
+            if self.db.dialect == "postgresql":
+                return decision, conn.execute(
+                    "WITH closed AS (UPDATE inbox SET processed_at = ? WHERE update_id = ?"
+                    " AND processed_at IS NULL) SELECT * FROM jobs WHERE id = ?",
+                    (stamp, new.update_id, row.lastrowid),
+                ).fetchone()
             conn.execute(
                 "UPDATE inbox SET processed_at = ? WHERE update_id = ? AND processed_at IS NULL",
                 (stamp, new.update_id),
             )
-            # (no RETURNING: SQLite before 3.35, e.g. Debian 11, lacks it)
             return decision, conn.execute(
                 "SELECT * FROM jobs WHERE id = ?", (row.lastrowid,)
             ).fetchone()
@@ -373,7 +385,10 @@ class JobStore:
             f" AND heartbeat_at > {self.db.clock_sql(-lease_s)}"
         )
 
+        no_room: list[bool] = []  # set by the claim (on the writer thread)
+
         def claim(conn: Conn) -> tuple[list[Row], list[int]]:
+            no_room.clear()  # (a retried transaction starts over)
             self.db.lock(conn, "jobs:claim")
             row = conn.execute(
                 "SELECT count(*) AS busy, sum(CASE WHEN owner = ? THEN 1 ELSE 0 END) AS mine"  # noqa: S608 - a constant
@@ -384,6 +399,7 @@ class JobStore:
             workers = max(1, int(conn.execute(workers_sql).fetchone()["n"]))
             share = -(-cap // workers) - mine
             if share <= 0:
+                no_room.append(True)
                 return [], []
             adopted = [
                 int(r[0])
@@ -394,6 +410,8 @@ class JobStore:
                 )
             ]
             take = min(share - len(adopted), cap - busy)
+            if take <= 0:
+                no_room.append(True)
             queued = (
                 [
                     int(r[0])
@@ -438,6 +456,7 @@ class JobStore:
         rows, adopted = await self.db.write(claim)
         claimed.extend(_row_to_job(row) for row in rows)
         claimed.adopted = frozenset(adopted)
+        claimed.no_room = bool(no_room)
         return claimed
 
     async def finish(
@@ -561,6 +580,17 @@ class JobStore:
         """1-based place in line of every queued job."""
         rows = await self.db.fetchall("SELECT id FROM jobs WHERE status = 'queued' ORDER BY id")
         return {row["id"]: n for n, row in enumerate(rows, start=1)}
+
+    async def busy_and_position(self, job_id: int) -> tuple[int, int]:
+        """Slot-holding running jobs (every process) and `job_id`'s 1-based place among the
+        queued jobs, in one query: what a handler asks of a job it just made."""
+        row = await self.db.fetchone(
+            "SELECT (SELECT count(*) FROM jobs WHERE status = 'running'"  # noqa: S608 - a constant
+            f" AND phase IN {SLOT_PHASES}) AS busy,"
+            " (SELECT count(*) FROM jobs WHERE status = 'queued' AND id <= ?) AS position",
+            (job_id,),
+        )
+        return (int(row["busy"]), int(row["position"])) if row else (0, 0)
 
     async def queue_position(self, job_id: int) -> int:
         row = await self.db.fetchone(

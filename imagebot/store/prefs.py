@@ -69,13 +69,20 @@ class PrefStore:
         return await languages.language_of(self.db, user_id)
 
     async def get(self, user_id: int) -> Prefs:
+        return (await self.with_language(user_id))[1]
+
+    async def with_language(self, user_id: int) -> tuple[str | None, Prefs]:
+        """The language the user chose (None: never) and their other choices, in one read
+        (every update needs the language; a request needs the rest too)."""
         row = await self.db.fetchone(
-            "SELECT style_id, shape, image_count FROM user_prefs WHERE user_id = ?", (user_id,)
+            "SELECT language, style_id, shape, image_count FROM user_prefs WHERE user_id = ?",
+            (user_id,),
         )
         if row is None:
-            return Prefs()
+            return None, Prefs()
         count = row["image_count"]
-        return Prefs(row["style_id"], row["shape"], int(count) if count is not None else None)
+        prefs = Prefs(row["style_id"], row["shape"], int(count) if count is not None else None)
+        return (str(row["language"]) if row["language"] else None), prefs
 
     async def set_style(self, user_id: int, style_id: str) -> None:
         await self.db.execute_write(_UPSERT["style_id"], (user_id, style_id, iso()))
