@@ -10,7 +10,9 @@ load generator sends request i to process i mod N (a round-robin balancer's view
   bot, not a cap, is the limit); the rate is taken over the middle
   80 % of the photos' arrivals (the whole-run rate is reported beside it);
 - update → first reply (the chat's first sendMessage at the fake Telegram) p50/p99 and webhook
-  ack p99 at 200 updates/s, default settings.
+  ack p99 at 200 updates/s, default settings; on PostgreSQL also the server's transactions
+  per update over that run (each autocommit statement is one: the round trips an update
+  costs, a figure the machine's noise does not move).
 
 Duplicates (a prompt created twice at the provider, a photo sent twice) are counted and
 reported, never hidden: with more than one process they are what a broken claim looks like.
@@ -26,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from bench.postgresql import _cluster, server_cpu_seconds
+from bench.postgresql import _cluster, server_cpu_seconds, server_transactions
 from bench.procs import BenchError, Bot, cpu_seconds, run_load, start_imagebot
 from bench.scenarios import LATENCY_JITTER_S, Context, _ack_figures, _reply_latency
 from tests.pgcluster import Cluster
@@ -42,6 +44,7 @@ SATURATION_VENDOR_RATE = 10_000
 REPLY_RATE = 200
 TARGET_SCALE = 1.6  # PostgreSQL x 2 jobs/s >= 1.6 x PostgreSQL x 1
 TARGET_REPLY_P99_MS = 1000.0  # update -> first reply p99 at 200/s with 2 processes
+STATS_FLUSH_S = 1.5  # PostgreSQL's statistics reach pg_stat_database within about a second
 
 
 def label(store: str, procs: int) -> str:
@@ -179,12 +182,20 @@ async def _saturation(setups: Setups, store: str, procs: int) -> dict[str, Any]:
 async def _at_rate(setups: Setups, store: str, procs: int) -> dict[str, Any]:
     ctx = setups.ctx
     count = int(REPLY_RATE * ctx.seconds(4))
+    server = setups.server(store)
     async with setups.bots(store, procs, f"rate-{REPLY_RATE}") as bots:
         spec = _spec_for(ctx, bots, REPLY_RATE, count)
+        before = await asyncio.to_thread(server_transactions, server)
         result = await run_load(spec)
         reply = await _reply_latency(ctx, result)
+        await asyncio.sleep(STATS_FLUSH_S)
+        # (the jobs started meanwhile are in it too: the same load for every revision)
+        spent = await asyncio.to_thread(server_transactions, server) - before
     ack = _ack_figures(result)
-    return {"ack": ack, "reply": reply}
+    out: dict[str, Any] = {"ack": ack, "reply": reply}
+    if server is not None:
+        out["db_transactions_per_update"] = round(spent / max(1, count), 2)
+    return out
 
 
 async def _guarded(run: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:

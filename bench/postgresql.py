@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from bench.procs import Bot, cpu_seconds, run_load
 from bench.scenarios import (
     ACK_P99_LIMIT_S,
@@ -66,6 +68,21 @@ def _server_pids(cluster: Cluster) -> list[int]:
         if fields and int(fields[1]) == root:
             pids.append(int(stat.parent.name))
     return pids
+
+
+def server_transactions(cluster: Cluster | None) -> int:
+    """Transactions the server has finished so far, every database (0 for SQLite). Each
+    statement a bot sends outside BEGIN … COMMIT is one: a count of the round trips an update
+    costs that no noise on the machine changes. The statistics reach this view within the
+    server's stats flush (about a second): read after the work has settled."""
+    if cluster is None:
+        return 0
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pg_stat_clear_snapshot(),"
+            " sum(xact_commit + xact_rollback)::bigint FROM pg_stat_database"
+        ).fetchone()
+    return int(row[1]) if row is not None and row[1] is not None else 0
 
 
 def server_cpu_seconds(cluster: Cluster | None) -> float:

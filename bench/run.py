@@ -442,6 +442,13 @@ def _cluster_rows(fig: dict[str, Any]) -> list[Row]:
             verdict("reply_p99_ms_pg2"),
         ),
         (
+            "  database transactions per update @200/s",
+            each(rate, lambda d: d.get("db_transactions_per_update", "-")),
+            "",
+            "",
+            "",
+        ),
+        (
             "8 webhook ack @200/s p99 ms (errors)",
             each(rate, lambda d: f"{(d.get('ack') or {}).get('p99_ms')}"),
             each(rate, lambda d: (d.get("ack") or {}).get("errors")),
