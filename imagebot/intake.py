@@ -224,6 +224,7 @@ class PerChatUpdateProcessor(BaseUpdateProcessor):
                             if (
                                 self.shared
                                 and update_id is not None
+                                and not self.inbox.first_open_at_save(update_id)
                                 and not await self._wait_for_earlier(key, update_id)
                             ):
                                 continue

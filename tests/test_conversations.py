@@ -255,6 +255,9 @@ async def test_an_earlier_update_adopted_after_a_later_one_goes_first(
         later = updates.command("/edit")
         await post(a, telegram, later)
         await said(telegram, texts.EDIT_ASK_PHOTO)
+        # the conversation's state and the update's close are committed just after the
+        # question is sent: wait for them (bounded) before stopping the process
+        await wait_until(lambda: processed(pg_url, later), within=10)
         texts_in_order = telegram.texts(CHAT)
         stepped = a.log_events("chat_order_stepped_aside")
         gave_up = a.log_events("chat_order_wait_gave_up")

@@ -104,6 +104,10 @@ async def test_poller_failover_after_kill(
         )
         took_over = min(c.at for c in telegram.calls_of("getUpdates") if c.at > killed_at)
         await wait_until(lambda: all(_replies(telegram, during).values()), within=15)
+        # a handler closes its update in the inbox just after its reply: wait for the record
+        # too (bounded), then read it
+        closed = "SELECT 1 FROM inbox WHERE processed_at IS NOT NULL"
+        await wait_until(lambda: len(query(pg_url, closed)) >= 10, within=10)
         b_id = _node_id(second)
         rows = query(pg_url, "SELECT update_id, processed_at, received_by FROM inbox")
     finally:

@@ -211,3 +211,39 @@ def test_timestamps_and_json_are_native_types_in_postgresql(pg_url: str) -> None
         k for k, v in types.items() if k[1].endswith("_at") and v != "timestamp with time zone"
     ]
     assert text_times == []
+
+
+def _message(update_id: int, chat_id: int) -> dict[str, object]:
+    return {
+        "update_id": update_id,
+        "message": {"message_id": update_id, "date": 0, "chat": {"id": chat_id}, "text": "hi"},
+    }
+
+
+async def test_the_save_says_whether_an_earlier_update_of_the_chat_is_open(pg_url: str) -> None:
+    """Several processes: an update saved while none of its chat's earlier ones is open needs
+    no look before its handler runs; one saved behind an open one does (per-chat order)."""
+    db = Database(pg_url)
+    await db.open()
+    try:
+        await migrate(db)
+        inbox = Inbox(db)
+        # 1 and 2 of chat 7 in one batch (a poll): neither sees the other, this process
+        # runs them in order; 3 of chat 7 comes while 1 and 2 are open; 4 is another chat's
+        assert await inbox.save([_message(1, 7), _message(2, 7)]) == [True, True]
+        assert await inbox.save([_message(3, 7)]) == [True]
+        assert await inbox.save([_message(4, 8)]) == [True]
+        assert inbox.first_open_at_save(1) and inbox.first_open_at_save(2)
+        assert not inbox.first_open_at_save(3)
+        assert inbox.first_open_at_save(4)
+        assert not inbox.first_open_at_save(4)  # told once: a second turn looks again
+        # a resent update is no new one and says nothing
+        assert await inbox.save([_message(3, 7)]) == [False]
+        assert not inbox.first_open_at_save(3)
+        for update_id in (1, 2, 3):
+            await inbox.mark_processed(update_id)
+        assert await inbox.save([_message(5, 7)]) == [True]
+        assert inbox.first_open_at_save(5)
+        assert await inbox.earlier_pending(7, 6) == 5  # what the look would have found
+    finally:
+        await db.close()

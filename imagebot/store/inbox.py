@@ -133,10 +133,11 @@ def _chunks(waiters: list[_Waiter]) -> Iterator[list[_Waiter]]:
         yield chunk
 
 
-def _insert(conn: Conn, rows: list[_Row]) -> list[bool]:
+def _insert(conn: Conn, rows: list[_Row], clear: set[int] | None = None) -> list[bool]:
     """One statement (its own transaction, outside BEGIN … COMMIT) inserting `rows`; True for
     the rows it added. An update_id already stored, or earlier in `rows` (Telegram sent it
-    again meanwhile), is not new."""
+    again meanwhile), is not new. `clear` (a database several processes share): gets the
+    new rows of whose chat no earlier update was open when they were saved."""
     seen: set[int] = set()
     unique = []
     for row in rows:
@@ -144,12 +145,25 @@ def _insert(conn: Conn, rows: list[_Row]) -> list[bool]:
             seen.add(row[0])
             unique.append(row)
     one = "(" + ", ".join("?" for _ in _COLUMNS) + ")"
+    # The statement's snapshot does not see the rows it inserts: a chat's earlier update in
+    # the same batch is this process's own, and its handlers take them in order.
+    opened = (
+        ", NOT EXISTS (SELECT 1 FROM inbox AS e WHERE e.chat_key = inbox.chat_key"
+        " AND e.processed_at IS NULL AND e.update_id < inbox.update_id)"
+        if clear is not None
+        else ""
+    )
     cursor = conn.execute(
         f"INSERT INTO inbox ({', '.join(_COLUMNS)}) VALUES {', '.join(one for _ in unique)}"  # noqa: S608 - placeholders only
-        " ON CONFLICT (update_id) DO NOTHING RETURNING update_id",
+        f" ON CONFLICT (update_id) DO NOTHING RETURNING update_id{opened}",
         [value for row in unique for value in row],
     )
-    added = {int(row[0]) for row in cursor.fetchall()}
+    returned = cursor.fetchall()
+    added = {int(row[0]) for row in returned}
+    if clear is not None:
+        if len(clear) >= _MAX_CLOSED:  # never asked for (bounded, harmless)
+            clear.clear()
+        clear.update(int(row[0]) for row in returned if row[1])
     fresh = []
     for row in rows:
         fresh.append(row[0] in added)
@@ -171,6 +185,9 @@ class Inbox:
         # updates whose job creation closed them in its own transaction (JobStore.create):
         # their handler's end needs no second write (see `closed_with_job`)
         self._closed: set[int] = set()
+        # A database several processes share: updates saved here while no earlier update of
+        # their chat was open (see `first_open_at_save`); written on the writer thread.
+        self._clear: set[int] | None = set() if db.shared else None
 
     async def save(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
         """Commit raw updates (all of them or none); True where the update is new.
@@ -233,7 +250,7 @@ class Inbox:
         first_error: BaseException | None = None
         for chunk in _chunks(batch.waiters):
             try:
-                fresh = _insert(conn, [row for w in chunk for row in w.rows])
+                fresh = _insert(conn, [row for w in chunk for row in w.rows], self._clear)
             except Exception as exc:
                 if len(chunk) == 1 or is_storage_fault(exc):
                     for waiter in chunk:
@@ -244,7 +261,7 @@ class Inbox:
                 # each saver on its own statement.
                 for waiter in chunk:
                     try:
-                        _settle(waiter.future, _insert(conn, waiter.rows))
+                        _settle(waiter.future, _insert(conn, waiter.rows, self._clear))
                     except Exception as own:
                         _settle(waiter.future, error=own)
                         first_error = first_error or own
@@ -255,6 +272,18 @@ class Inbox:
                 start += len(waiter.rows)
         if first_error is not None:
             raise first_error
+
+    def first_open_at_save(self, update_id: int) -> bool:
+        """True (once) if, when this process saved the update, no earlier update of its chat
+        was open in the inbox: its handler need not ask again before it runs (the read each
+        update made before its handler started, measured at 200 updates a second, waited for
+        the loop's turn as long as the job creation). An earlier one arriving later still (out
+        of order) is not waited for, as one arriving after that read was not."""
+        clear = self._clear
+        if clear is None or update_id not in clear:
+            return False
+        clear.discard(update_id)
+        return True
 
     def closed_with_job(self, update_id: int) -> None:
         """The update's job was created, and the same transaction closed the update: its
