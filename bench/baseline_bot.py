@@ -90,8 +90,7 @@ async def serve(api_base: str, port: int, secret: str) -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
-        server = site._server  # aiohttp has no public accessor for the bound port
-        bound = server.sockets[0].getsockname()[1] if server and server.sockets else port
+        bound = runner.addresses[0][1] if runner.addresses else port  # port 0: the OS chose
         sys.stdout.write(f"ready {bound}\n")
         sys.stdout.flush()
         try:

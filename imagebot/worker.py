@@ -284,23 +284,34 @@ class JobRunner:
         for job_id in sorted(self._suspended):
             if len(self._scheduled) >= self.settings.runner.max_running:
                 return
+            # Left suspended until its row was read and its deadline moved: a storage fault
+            # here (the first use of a connection a server restart broke) raises out of the
+            # pump with the job still suspended, for the next pump (it was dropped from the
+            # set before, and waited for the sweep: seen under the server-crash test).
+            job = await self._resumable(job_id)
             self._suspended.discard(job_id)
-            job = await self.store.get(job_id)
-            if job is None or job.status is not JobStatus.RUNNING:
-                continue
-            if job.owner != self.store.node_id:
-                continue  # taken over meanwhile (this process was silent too long)
-            if job.id in self._scheduled or job.id in self._slotless:
-                continue
-            if job.phase in (Phase.FETCHED, Phase.DELIVERING):
-                continue
-            timeout = self.pipeline.timeouts[job.kind]
-            fresh = iso(utcnow() + timedelta(seconds=timeout))
-            if not await self.store.update(job.id, fence=job, deadline_at=fresh):
-                continue
-            job.deadline_at = fresh
-            log.info("job_resumed", job_id=job.id, phase=job.phase.value)
-            self._schedule(job)
+            if job is not None:
+                log.info("job_resumed", job_id=job.id, phase=job.phase.value)
+                self._schedule(job)
+
+    async def _resumable(self, job_id: int) -> Job | None:
+        """The suspended job `job_id` with a fresh deadline, if it is still this process's
+        to resume in a slot (None: ended, taken over, running, or its images made)."""
+        job = await self.store.get(job_id)
+        if job is None or job.status is not JobStatus.RUNNING:
+            return None
+        if job.owner != self.store.node_id:
+            return None  # taken over meanwhile (this process was silent too long)
+        if job.id in self._scheduled or job.id in self._slotless:
+            return None
+        if job.phase in (Phase.FETCHED, Phase.DELIVERING):
+            return None
+        timeout = self.pipeline.timeouts[job.kind]
+        fresh = iso(utcnow() + timedelta(seconds=timeout))
+        if not await self.store.update(job.id, fence=job, deadline_at=fresh):
+            return None
+        job.deadline_at = fresh
+        return job
 
     def _schedule(self, job: Job, *, slot: bool = True) -> None:
         assert self._launch is not None, "attach() the JobQueue first"

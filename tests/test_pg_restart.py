@@ -34,16 +34,21 @@ def own_cluster(pg_cluster: Cluster) -> Iterator[Cluster]:
         cluster.destroy()
 
 
-async def healthz_status(port: int) -> int:
+async def healthz(port: int) -> tuple[int, str]:
+    """/healthz's status and body (0 and the error when it did not answer)."""
     timeout = aiohttp.ClientTimeout(total=10)
     try:
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
             session.get(f"http://127.0.0.1:{port}/healthz") as resp,
         ):
-            return resp.status
-    except (aiohttp.ClientError, TimeoutError, OSError):
-        return 0
+            return resp.status, await resp.text()
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        return 0, repr(exc)
+
+
+async def healthz_status(port: int) -> int:
+    return (await healthz(port))[0]
 
 
 @pytest.mark.slow
@@ -96,7 +101,8 @@ async def test_server_crash_under_load_loses_nothing_acknowledged(
             if await healthz_status(bot.ops_port) == 200:
                 break
             await asyncio.sleep(0.25)
-        assert await healthz_status(bot.ops_port) == 200
+        status, body = await healthz(bot.ops_port)
+        assert status == 200, f"{body}; log: {bot.log_tail(30)}"
         await feeder
         wanted = set(sent)
         await wait_until(lambda: wanted <= telegram.webhook_acked_update_ids, within=60)
@@ -132,3 +138,58 @@ async def test_server_crash_under_load_loses_nothing_acknowledged(
     # (never resubmitted); every other job succeeds.
     assert set(outcomes) <= {"succeeded", "submit_unknown"}, outcomes
     print("pg restart outcomes:", outcomes, "healthz seen:", statuses)  # noqa: T201
+
+
+async def test_after_connections_are_cut_one_write_fails_not_one_per_writer(pg_url: str) -> None:
+    """The server drops every connection (what a restart does): the write that finds out
+    fails, and every writer after it, whatever its lane, checks its own connection first and
+    commits; /healthz's write check is back to ok at once (it used to fail once per writer
+    connection, each one's first transaction after the restart, seven times in all)."""
+    import psycopg
+
+    from imagebot.store.db import INTERACTIVE, NORMAL, PACING, URGENT, Database, is_storage_fault
+
+    db = Database(pg_url)
+    await db.open()
+    try:
+        await db.run(
+            lambda conn: conn.execute("CREATE TABLE touched (lane TEXT, n INTEGER)"),
+        )
+        lanes = {"urgent": URGENT, "interactive": INTERACTIVE, "normal": NORMAL, "pacing": PACING}
+
+        async def write_everywhere(round_: int) -> None:
+            for name, priority in lanes.items():
+                for _ in range(3):  # round robin: every writer of a lane with several
+                    await db.execute_write(
+                        "INSERT INTO touched (lane, n) VALUES (?, ?)",
+                        (name, round_),
+                        priority=priority,
+                    )
+            await db.write_aside(
+                lambda conn: conn.execute("INSERT INTO touched VALUES ('aside', ?)", (round_,))
+            )
+
+        await write_everywhere(1)  # every writer has its connection now
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            cut = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        assert cut is not None and cut[0] >= 7
+        with pytest.raises(Exception) as found:  # noqa: PT011 - what psycopg raises varies
+            await db.execute_write("INSERT INTO touched VALUES ('finder', 2)", priority=URGENT)
+        assert is_storage_fault(found.value) and not db.writes.ok
+        await write_everywhere(2)
+        assert db.writes.ok
+        rows = await db.fetchall(
+            "SELECT lane, count(*) AS n FROM touched WHERE n = 2 GROUP BY lane"
+        )
+        assert {r["lane"]: r["n"] for r in rows} == {
+            "urgent": 3,
+            "interactive": 3,
+            "normal": 3,
+            "pacing": 3,
+            "aside": 1,
+        }
+    finally:
+        await db.close()

@@ -65,6 +65,7 @@ from imagebot.store import db as db_module
 from imagebot.store import migrate, usage
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
+from imagebot.store.sqlite import SqliteDatabase
 
 T = TypeVar("T")
 
@@ -155,10 +156,11 @@ def _install_sites() -> None:
 
 
 def _install_writer() -> None:
-    original_run = db_module.Database.run
+    # SQLite's writer thread is what these counters explain (PostgreSQL has a pool).
+    original_run = SqliteDatabase.run
 
     async def run(
-        self: db_module.Database,
+        self: SqliteDatabase,
         fn: Callable[[sqlite3.Connection], T],
         *,
         connected: bool = True,
@@ -196,7 +198,7 @@ def _install_writer() -> None:
                 with _lock:
                     _bounded_append(_writes, item)
 
-    db_module.Database.run = run  # type: ignore[method-assign]
+    SqliteDatabase.run = run  # type: ignore[method-assign]
 
     original_execute = aiosqlite.core.Connection._execute
 

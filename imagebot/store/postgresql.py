@@ -26,6 +26,7 @@ and the next call connects again, at most once per backoff step (0.1 s doubling 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
@@ -268,20 +269,40 @@ class PgConn:
         return _Cursor(cursor, None)
 
 
+class _Breaks:
+    """How many times a writer found its connection broken, shared by a database's links.
+
+    A server restart breaks every connection, but psycopg learns it only when one is used:
+    without this, each writer's first transaction after the restart would fail in turn (a
+    job suspended, /healthz unready again) long after the first writer had found out."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class _Link:
     """The connection one writer thread owns; made again after the server went away."""
 
-    def __init__(self, url: str, where: str) -> None:
+    def __init__(self, url: str, where: str, breaks: _Breaks) -> None:
         self.url = url
         self.where = where
         self.conn: psycopg.Connection[Any] | None = None
         self._delay = 0.0
         self._next_try = 0.0
+        self._breaks = breaks
+        self._breaks_seen = breaks.count
 
     def get(self) -> psycopg.Connection[Any]:
         conn = self.conn
         if conn is not None and not conn.closed and not conn.broken:
-            return conn
+            if self._breaks_seen == self._breaks.count:
+                return conn
+            # Another writer's connection broke since this one was last used: one round trip
+            # to see that this one survived, rather than a failed transaction.
+            self._breaks_seen = self._breaks.count
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT 1")
+                return conn
         self.drop()
         now = time.monotonic()
         if now < self._next_try:
@@ -296,8 +317,15 @@ class _Link:
             ) from exc
         self._delay = 0.0
         self._next_try = 0.0
+        self._breaks_seen = self._breaks.count
         self.conn = conn
         return conn
+
+    def broke(self) -> None:
+        """This link's connection was found broken (the server went away): drop it, and have
+        every other link of the database check its own before its next use."""
+        self._breaks.count += 1
+        self.drop()
 
     def drop(self) -> None:
         if self.conn is not None:
@@ -338,6 +366,7 @@ class PostgresDatabase(Database):
         # lane key -> its writer threads, each with the connection it owns
         self._lanes: dict[int, list[tuple[_WriterThread, _Link]]] = {}
         self._turn = itertools.count()
+        self._breaks = _Breaks()
         self._pool: ConnectionPool[Any] | None = None
         self._identity: frozenset[str] | None = None
         self._identity_lock = threading.Lock()
@@ -363,7 +392,10 @@ class PostgresDatabase(Database):
         )
         for key, name in lanes:
             self._lanes[key] = [
-                (_WriterThread(f"{name}-{n}" if n else name), _Link(self.url, self.address))
+                (
+                    _WriterThread(f"{name}-{n}" if n else name),
+                    _Link(self.url, self.address, self._breaks),
+                )
                 for n in range(_LANE_SIZES.get(key, 1))
             ]
         self._pool = ConnectionPool(
@@ -438,7 +470,7 @@ class PostgresDatabase(Database):
                 if is_storage_fault(exc):
                     health.failed(exc)
                     if link.conn is not None and link.conn.broken:
-                        link.drop()
+                        link.broke()
                 raise
             if conn.changes:
                 health.succeeded()
