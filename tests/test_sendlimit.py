@@ -8,6 +8,7 @@ which enforces the real flood limits with 429s.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import statistics
 import time
@@ -103,6 +104,31 @@ async def test_slots_are_spaced_on_the_database_clock(store_target: str) -> None
         await slots.pause(1000.0)
         assert 990 < (await slots.reserve(0.001)).wait_s < 1001
         assert await slots.prune() == 0  # every row is in the future: none is free
+
+
+async def test_asks_at_once_share_a_round_trip_and_each_sees_the_ones_before(
+    pg_url: str,
+) -> None:
+    """40 sends ask at once (a busy process): fewer writer calls than asks, one global slot
+    each a step apart, a chat asked for twice in one group reserved once (the second ask sees
+    the first's slot), a hold and the holds of a group applied, every ask answered."""
+    async with opened(pg_url) as db:
+        slots = SendSlots(db)
+        gates = [("chat:1", 30.0), ("chat:1", 30.0), *((f"chat:{n}", 30.0) for n in range(2, 40))]
+        answers = await asyncio.gather(*(slots.reserve(1.0, gate) for gate in gates))
+        taken = sorted(a.wait_s for a in answers if a.reserved)
+        refused = [a for a in answers if not a.reserved]
+        assert len(taken) == 39 and len(refused) == 1
+        assert 29 < refused[0].wait_s < 70  # chat:1's slot (0 to 39 s away) + its 30 s
+        assert taken[0] < 0.05
+        steps = [later - earlier for earlier, later in itertools.pairwise(taken)]
+        assert all(0.95 < step < 1.05 for step in steps), steps
+        assert 0 < slots.calls < slots.asks == 40
+        # holds grouped too: each key busy for its own step from now
+        await asyncio.gather(slots.hold("chat:2", 100.0), slots.hold("chat:3", 500.0))
+        busy = [await slots.reserve(1.0, (key, 30.0)) for key in ("chat:2", "chat:3")]
+        assert not busy[0].reserved and 95 < busy[0].wait_s <= 100
+        assert not busy[1].reserved and 495 < busy[1].wait_s <= 500
 
 
 async def test_three_processes_share_one_limit(telegram: FakeTelegram, pg_url: str) -> None:
