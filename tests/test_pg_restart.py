@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,10 +99,10 @@ async def test_server_crash_under_load_loses_nothing_acknowledged(
         await asyncio.sleep(1.0)  # the server stays away a while, updates keep arriving
         await asyncio.to_thread(own_cluster.start)
         for _ in range(40):
-            if await healthz_status(bot.ops_port) == 200:
+            status, body = await healthz(bot.ops_port)
+            if status == 200:
                 break
             await asyncio.sleep(0.25)
-        status, body = await healthz(bot.ops_port)
         assert status == 200, f"{body}; log: {bot.log_tail(30)}"
         await feeder
         wanted = set(sent)
@@ -193,3 +194,28 @@ async def test_after_connections_are_cut_one_write_fails_not_one_per_writer(pg_u
         }
     finally:
         await db.close()
+
+
+def test_a_writer_in_backoff_tries_at_once_when_another_has_connected(pg_url: str) -> None:
+    """A writer link waiting out its reconnect backoff connects at once when another link of
+    the database has connected meanwhile (the server is back): its writes do not keep failing
+    for up to two seconds after the server returned."""
+    from imagebot.store.db import StoreUnavailable
+    from imagebot.store.postgresql import _Breaks, _Link
+
+    with socket.socket() as spare:  # a loopback port nobody listens on: refused at once
+        spare.bind(("127.0.0.1", 0))
+        dead_port = spare.getsockname()[1]
+    breaks = _Breaks()
+    away = _Link(f"postgresql://postgres@127.0.0.1:{dead_port}/x", "away", breaks)
+    back = _Link(pg_url, "back", breaks)
+    with pytest.raises(StoreUnavailable, match="unreachable: "):
+        away.get()
+    with pytest.raises(StoreUnavailable, match=r"\(retrying\)"):
+        away.get()  # in its backoff: not even tried
+    back.get()  # another writer connected: the server is up
+    try:
+        with pytest.raises(StoreUnavailable, match="unreachable: "):
+            away.get()  # tried again at once (this URL still leads nowhere)
+    finally:
+        back.drop()

@@ -270,14 +270,18 @@ class PgConn:
 
 
 class _Breaks:
-    """How many times a writer found its connection broken, shared by a database's links.
+    """What a database's writer links learned about the server, shared between them.
 
     A server restart breaks every connection, but psycopg learns it only when one is used:
-    without this, each writer's first transaction after the restart would fail in turn (a
-    job suspended, /healthz unready again) long after the first writer had found out."""
+    without `count`, each writer's first transaction after the restart would fail in turn (a
+    job suspended, /healthz unready again) long after the first writer had found out. And a
+    writer waiting out its reconnect backoff while another has connected again (`connects`)
+    tries at once: otherwise its writes kept failing for up to the backoff's 2 s after the
+    server was back, and /healthz went from ready back to unready."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.count = 0  # connections found broken
+        self.connects = 0  # connections made (after the first, each means "the server is up")
 
 
 class _Link:
@@ -291,6 +295,7 @@ class _Link:
         self._next_try = 0.0
         self._breaks = breaks
         self._breaks_seen = breaks.count
+        self._connects_seen = breaks.connects
 
     def get(self) -> psycopg.Connection[Any]:
         conn = self.conn
@@ -305,8 +310,9 @@ class _Link:
                 return conn
         self.drop()
         now = time.monotonic()
-        if now < self._next_try:
+        if now < self._next_try and self._connects_seen == self._breaks.connects:
             raise StoreUnavailable(f"PostgreSQL at {self.where} is unreachable (retrying)")
+        self._connects_seen = self._breaks.connects
         try:
             conn = connect(self.url)
         except psycopg.OperationalError as exc:
@@ -317,7 +323,9 @@ class _Link:
             ) from exc
         self._delay = 0.0
         self._next_try = 0.0
+        self._breaks.connects += 1
         self._breaks_seen = self._breaks.count
+        self._connects_seen = self._breaks.connects
         self.conn = conn
         return conn
 
