@@ -102,7 +102,7 @@ class SendSlots:
         # the writer thread closes the group: a lock, held only to join or to close.
         self._lock = threading.Lock()
         self._open: _Group | None = None
-        #: asks and writer calls so far (the benchmark's asks-per-round-trip figure)
+        #: asks and writer calls so far: how well asks are grouped (tests read them)
         self.asks = 0
         self.calls = 0
 
