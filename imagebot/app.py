@@ -590,6 +590,23 @@ async def _make_results_dir(path: Path) -> None:
         ) from exc
 
 
+async def stop_application(application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+    """Stop PTB's Application without cutting a scheduled task short.
+
+    Application.stop() waits for the JobQueue tasks running when it starts waiting, then
+    shuts APScheduler down, which cancels whatever it submitted in the meantime (a periodic
+    tick that fell due during the wait) and logs that cancellation as a job error with a
+    traceback. Pausing the scheduler first means nothing new starts, so every task that did
+    start runs to its end and the stop logs no error.
+    """
+    if not application.running:
+        return
+    job_queue = application.job_queue
+    if job_queue is not None and job_queue.scheduler.running:
+        job_queue.scheduler.pause()
+    await application.stop()
+
+
 async def run(app: App) -> int:
     """Run until `app.stop_event` is set; return the process exit code."""
     services = app.services
@@ -653,8 +670,7 @@ async def run(app: App) -> int:
             await services.runner.shutdown(SHUTDOWN_GRACE_S)
             await services.cluster.stop()
             services.notifier.notify(JOBS, SLOT_FREED, here=False)  # handed back: peers adopt them
-            if app.application.running:
-                await app.application.stop()
+            await stop_application(app.application)
             await app.application.shutdown()
             if services.stars is not None:
                 await services.stars.stop()

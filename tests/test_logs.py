@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -13,8 +14,10 @@ from typing import Any
 
 import pytest
 import structlog
+from telegram.ext import Application, CallbackContext
 
 from imagebot import logs
+from imagebot.app import stop_application
 from imagebot.logs import configure_logging, get_logger, install_excepthook
 from tests import updates
 from tests.conftest import BOT_TOKEN, FAL_KEY, REPLICATE_TOKEN, WEBHOOK_SECRET
@@ -257,3 +260,41 @@ def test_console_format_is_readable(capture: Configure) -> None:
     assert "job_created" in line and "job_id=3" in line and "provider=local" in line
     with pytest.raises(json.JSONDecodeError):
         json.loads(line)
+
+
+async def test_a_tick_due_while_stopping_is_not_cut_short(
+    telegram: FakeTelegram, log_output: io.StringIO
+) -> None:
+    """A periodic task that falls due while the stop waits for a slow one is not started and
+    then cancelled: the stop logs no job error (APScheduler logs a cancellation with a
+    traceback), and the task that was running ends by itself."""
+    application = (
+        Application.builder()
+        .token(telegram.token)
+        .base_url(f"{telegram.url}/bot")
+        .base_file_url(f"{telegram.url}/file/bot")
+        .updater(None)
+        .build()
+    )
+    assert application.job_queue is not None
+    started: list[str] = []
+    ended: list[str] = []
+
+    async def slow(context: CallbackContext[Any, Any, Any, Any]) -> None:
+        assert context.job is not None
+        started.append(context.job.name or "")
+        await asyncio.sleep(0.6)
+        ended.append(context.job.name or "")
+
+    await application.initialize()
+    await application.start()
+    application.job_queue.run_once(slow, 0, name="slow")
+    # Falls due 0.3 s after the stop began, while the stop waits for "slow".
+    application.job_queue.run_repeating(slow, 0.5, name="tick")
+    await wait_until(lambda: started == ["slow"])
+    await asyncio.sleep(0.2)
+    await stop_application(application)
+    await application.shutdown()
+    assert started == ended == ["slow"]
+    out = log_output.getvalue()
+    assert "raised an exception" not in out and "Traceback" not in out, out
