@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from imagebot.clock import iso, utcnow
 from imagebot.store.db import INTERACTIVE, URGENT, Conn, Database, is_storage_fault
+from imagebot.store.groupcall import GroupCall, Member
 
 # Every update type of the Bot API; anything else is "other", so a body with made-up keys
 # cannot mint new metric labels.
@@ -87,48 +85,20 @@ class SavedUpdate:
     payload: dict[str, Any] | None  # None: the stored text is not a JSON object any more
 
 
-class _Waiter:
-    """One `save` call: its rows and the future its caller awaits ([is new] per row)."""
-
-    __slots__ = ("future", "rows")
-
-    def __init__(self, rows: list[_Row]) -> None:
-        self.rows = rows
-        self.future: Future[list[bool]] = Future()
+_Saver = Member[list[_Row], list[bool]]  # one `save` call: its rows, [is new] per row
 
 
-@dataclass(slots=True)
-class _Batch:
-    """Saves committed together; `taken` once the writer (or a failed submit) closed it."""
-
-    waiters: list[_Waiter] = field(default_factory=list)
-    taken: bool = False
-
-
-def _settle(
-    future: Future[list[bool]],
-    result: list[bool] | None = None,
-    error: BaseException | None = None,
-) -> None:
-    if future.done():  # settled already (cannot happen: shielded), never twice
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result or [])
-
-
-def _chunks(waiters: list[_Waiter]) -> Iterator[list[_Waiter]]:
+def _chunks(savers: list[_Saver]) -> Iterator[list[_Saver]]:
     """Consecutive savers, up to MAX_BATCH_ROWS rows a chunk; a saver is never split (its
     rows are committed all together or not at all)."""
-    chunk: list[_Waiter] = []
+    chunk: list[_Saver] = []
     rows = 0
-    for waiter in waiters:
-        if chunk and rows + len(waiter.rows) > MAX_BATCH_ROWS:
+    for saver in savers:
+        if chunk and rows + len(saver.arg) > MAX_BATCH_ROWS:
             yield chunk
             chunk, rows = [], 0
-        chunk.append(waiter)
-        rows += len(waiter.rows)
+        chunk.append(saver)
+        rows += len(saver.arg)
     if chunk:
         yield chunk
 
@@ -177,11 +147,10 @@ class Inbox:
     def __init__(self, db: Database, node_id: str | None = None) -> None:
         self.db = db
         self.node_id = node_id  # recorded as received_by: whose handlers run the update
-        # The batch of saves waiting for the writer (None: none waits). Saves come from the
-        # main loop (polling) and from the webhook thread's loop, the commit runs on the
-        # writer thread: hence a lock, held only to add a saver or to close the batch.
-        self._lock = threading.Lock()
-        self._open: _Batch | None = None
+        # Saves come from the main loop (polling) and from the webhook thread's loop; the ones
+        # that arrive while one waits for the writer are committed with it. Telegram waits
+        # for these: they go ahead of queued job writes.
+        self._saves = GroupCall(db, self._commit, priority=URGENT)
         # updates whose job creation closed them in its own transaction (JobStore.create):
         # their handler's end needs no second write (see `closed_with_job`)
         self._closed: set[int] = set()
@@ -213,63 +182,35 @@ class Inbox:
             )
             for payload in payloads
         ]
-        waiter = _Waiter(rows)
-        with self._lock:
-            batch = self._open
-            leader = batch is None
-            if batch is None:
-                batch = self._open = _Batch()
-            batch.waiters.append(waiter)
-        if leader:
-            # Telegram waits for this one: it goes ahead of queued job writes. The write is
-            # submitted before this coroutine first suspends, and once submitted it runs.
-            try:
-                await self.db.run(lambda conn: self._commit(conn, batch), priority=URGENT)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                # The batch never reached the writer (store closed, server away): nobody else
-                # will settle its savers. (When it did, _commit settled each one already.)
-                with self._lock:
-                    unsettled = [] if batch.taken else batch.waiters
-                    batch.taken = True
-                    if self._open is batch:
-                        self._open = None
-                for other in unsettled:
-                    _settle(other.future, error=exc)
-        return await asyncio.shield(asyncio.wrap_future(waiter.future))
+        return await self._saves.call(rows)
 
-    def _commit(self, conn: Conn, batch: _Batch) -> None:
-        """On the writer: close the batch to newcomers and commit it, chunk by chunk; every
-        saver is settled (its result or its error) before this returns. Re-raises the first
-        error afterwards, so the store records a failed write (/healthz)."""
-        with self._lock:
-            batch.taken = True
-            if self._open is batch:
-                self._open = None
+    def _commit(self, conn: Conn, savers: list[_Saver]) -> None:
+        """On the writer: commit the batch, chunk by chunk; every saver is settled (its result
+        or its error) before this returns. Re-raises the first error afterwards, so the store
+        records a failed write (/healthz)."""
         first_error: BaseException | None = None
-        for chunk in _chunks(batch.waiters):
+        for chunk in _chunks(savers):
             try:
-                fresh = _insert(conn, [row for w in chunk for row in w.rows], self._clear)
+                fresh = _insert(conn, [row for saver in chunk for row in saver.arg], self._clear)
             except Exception as exc:
                 if len(chunk) == 1 or is_storage_fault(exc):
-                    for waiter in chunk:
-                        _settle(waiter.future, error=exc)
+                    for saver in chunk:
+                        saver.fail(exc)
                     first_error = first_error or exc
                     continue
                 # One saver's rows the database refuses must not fail the others' updates:
                 # each saver on its own statement.
-                for waiter in chunk:
+                for saver in chunk:
                     try:
-                        _settle(waiter.future, _insert(conn, waiter.rows, self._clear))
+                        saver.settle(_insert(conn, saver.arg, self._clear))
                     except Exception as own:
-                        _settle(waiter.future, error=own)
+                        saver.fail(own)
                         first_error = first_error or own
                 continue
             start = 0
-            for waiter in chunk:
-                _settle(waiter.future, fresh[start : start + len(waiter.rows)])
-                start += len(waiter.rows)
+            for saver in chunk:
+                saver.settle(fresh[start : start + len(saver.arg)])
+                start += len(saver.arg)
         if first_error is not None:
             raise first_error
 

@@ -21,22 +21,21 @@ busy processes queued on it). Holds, pauses and prunes are single autocommit sta
 
 Group calls (PostgreSQL): every limited send asks twice (a reservation before, a hold after),
 hundreds of times a second under load, on two writer connections per process. The asks that
-arrive while one waits for a writer join it (as the inbox's saves do), and the writer runs them
-as one statement per kind: the holds first (they happened first), then every reservation in
-arrival order, each one `imagebot_send_slot` call of a single `SELECT … LATERAL`, so each
-sees the slots the ones before it took. One round trip and one thread hop for the lot.
+arrive while one waits for a writer join it (imagebot.store.groupcall, as the inbox's saves
+do), and the writer runs them as one statement per kind: the holds first (they happened
+first), then every reservation in arrival order, each one `imagebot_send_slot` call of a
+single `SELECT … LATERAL`, so each sees the slots the ones before it took. One round trip and
+one thread hop for the lot.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 from imagebot.clock import iso, parse_iso
 from imagebot.store.db import PACING, Conn, Database
+from imagebot.store.groupcall import GroupCall, Member
 
 GLOBAL = "global"
 PRUNE_AFTER_S = 60.0  # a row this far in the past is a free key: deleting it changes nothing
@@ -74,20 +73,13 @@ _HOLD_MANY_SQL = (
 )
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Ask:
     """One reservation (`global_step` set) or hold (None) waiting in a group call."""
 
     key: str | None
     step: float
     global_step: float | None
-    future: Future[Slot | None] = field(default_factory=Future)
-
-
-@dataclass(slots=True)
-class _Group:
-    asks: list[_Ask] = field(default_factory=list)
-    taken: bool = False  # the writer (or a failed submit) closed it to newcomers
 
 
 class SendSlots:
@@ -98,75 +90,34 @@ class SendSlots:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        # The group waiting for a writer (None: none waits). Asks come from any event loop and
-        # the writer thread closes the group: a lock, held only to join or to close.
-        self._lock = threading.Lock()
-        self._open: _Group | None = None
+        self._asks: GroupCall[_Ask, Slot | None] = GroupCall(db, self._run_group, PACING)
         #: asks and writer calls so far: how well asks are grouped (tests read them)
         self.asks = 0
         self.calls = 0
 
-    async def _ask(self, ask: _Ask) -> Slot | None:
-        """Join the waiting group, or submit a new one; the answer once the writer ran it."""
-        with self._lock:
-            group = self._open
-            leader = group is None
-            if group is None:
-                group = self._open = _Group()
-            group.asks.append(ask)
-        if leader:
-            try:
-                await self.db.run(lambda conn: self._run_group(conn, group), priority=PACING)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                # The group never reached the writer (store closed): settle its asks here.
-                # (When it did, _run_group settled every one already.)
-                with self._lock:
-                    unsettled = [] if group.taken else group.asks
-                    group.taken = True
-                    if self._open is group:
-                        self._open = None
-                for other in unsettled:
-                    if not other.future.done():
-                        other.future.set_exception(exc)
-        return await asyncio.shield(asyncio.wrap_future(ask.future))
-
-    def _run_group(self, conn: Conn, group: _Group) -> None:
-        """On the writer: close the group and run it, holds first; every ask is settled
-        before this returns (the error, if any, raised again for the store's write health)."""
-        with self._lock:
-            group.taken = True
-            if self._open is group:
-                self._open = None
-        holds = [a for a in group.asks if a.global_step is None]
-        reservations = [a for a in group.asks if a.global_step is not None]
-        self.asks += len(group.asks)
+    def _run_group(self, conn: Conn, asks: list[Member[_Ask, Slot | None]]) -> None:
+        """On the writer: one group's asks, holds first; each is settled (an error is raised
+        for the group call to settle them all with, and for the store's write health)."""
+        holds = [a for a in asks if a.arg.global_step is None]
+        reservations = [a for a in asks if a.arg.global_step is not None]
+        self.asks += len(asks)
         self.calls += 1
-        try:
-            if holds:
-                conn.execute(_HOLD_MANY_SQL, ([a.key for a in holds], [a.step for a in holds]))
-            rows = []
-            if reservations:
-                rows = conn.execute(
-                    _RESERVE_MANY_SQL,
-                    (
-                        [a.key for a in reservations],
-                        [a.step for a in reservations],
-                        [a.global_step for a in reservations],
-                    ),
-                ).fetchall()
-        except BaseException as exc:
-            for ask in group.asks:
-                if not ask.future.done():
-                    ask.future.set_exception(exc)
-            raise
+        if holds:
+            conn.execute(_HOLD_MANY_SQL, ([a.arg.key for a in holds], [a.arg.step for a in holds]))
+        rows = []
+        if reservations:
+            rows = conn.execute(
+                _RESERVE_MANY_SQL,
+                (
+                    [a.arg.key for a in reservations],
+                    [a.arg.step for a in reservations],
+                    [a.arg.global_step for a in reservations],
+                ),
+            ).fetchall()
         for ask in holds:
-            ask.future.set_result(None)
+            ask.settle(None)
         for ask, row in zip(reservations, rows, strict=True):
-            ask.future.set_result(
-                Slot(reserved=bool(row["reserved"]), wait_s=max(0.0, row["wait_s"]))
-            )
+            ask.settle(Slot(reserved=bool(row["reserved"]), wait_s=max(0.0, row["wait_s"])))
 
     def _take_sql(self, step_s: float) -> str:
         """The GCRA reservation of SCALE_OUT §5.4: one statement per key."""
@@ -196,7 +147,7 @@ class SendSlots:
             # The same steps as below, in the function of migration 0015, in a group call: in
             # autocommit, so the 'global' row is locked only while the server runs it.
             ask = _Ask(gate[0] if gate else None, gate[1] if gate else 0.0, global_step_s)
-            slot = await self._ask(ask)
+            slot = await self._asks.call(ask)
             assert slot is not None
             return slot
         take_sql = self._take_sql(global_step_s)
@@ -223,7 +174,7 @@ class SendSlots:
     async def hold(self, key: str, seconds: float) -> None:
         """Keep `key` busy for `seconds` from now (a send that goes later than its slot)."""
         if self.db.dialect == "postgresql":
-            await self._ask(_Ask(key, seconds, None))
+            await self._asks.call(_Ask(key, seconds, None))
             return
         until = self.db.clock_sql(seconds)
         sql = (
