@@ -138,6 +138,10 @@ class JobRunner:
         sees an answer); on SQLite (one process) the count is this runner's own."""
         cap = self.settings.runner.max_running
         if self.store.db.shared and not self._stopping:
+            placed = self.store.placed(job_id)  # read when the job was created
+            if placed is not None:
+                busy, position = placed
+                return None if busy < cap else position
             try:
                 busy, position = await self.store.busy_and_position(job_id)
             except Exception as exc:

@@ -61,6 +61,25 @@ async def test_one_job_per_update(db: Database) -> None:
     assert second == (None, None)
 
 
+async def test_creation_on_postgresql_answers_the_place_in_line(db: Database) -> None:
+    """On PostgreSQL the creating transaction reads what the handler asks next (slot-holding
+    running jobs, the new job's place among the queued), the same as a read after the commit,
+    handed out once; on SQLite (one process, the runner counts its own) nothing is kept."""
+    store = JobStore(db)
+    made = [(await store.create(new_job(n), lambda c: ALLOW))[1] for n in (21, 22, 23)]
+    assert all(job is not None for job in made)
+    await db.execute_write(
+        "UPDATE jobs SET status = 'running', phase = 'submitted' WHERE id = ?", (made[0].id,)
+    )
+    _, job = await store.create(new_job(24), lambda c: ALLOW)
+    assert job is not None
+    if db.dialect != "postgresql":
+        assert store.placed(job.id) is None
+        return
+    assert store.placed(job.id) == (1, 3) == await store.busy_and_position(job.id)
+    assert store.placed(job.id) is None  # once
+
+
 async def test_refusal_makes_no_job_and_marks_update(db: Database) -> None:
     """A refused decision is returned and no row is written."""
     store = JobStore(db)
