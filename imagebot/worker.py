@@ -139,15 +139,14 @@ class JobRunner:
         cap = self.settings.runner.max_running
         if self.store.db.shared and not self._stopping:
             placed = self.store.placed(job_id)  # read when the job was created
+            if placed is None:
+                try:
+                    placed = await self.store.busy_and_position(job_id)
+                except Exception as exc:
+                    if not is_storage_fault(exc):
+                        raise
             if placed is not None:
                 busy, position = placed
-                return None if busy < cap else position
-            try:
-                busy, position = await self.store.busy_and_position(job_id)
-            except Exception as exc:
-                if not is_storage_fault(exc):
-                    raise
-            else:
                 return None if busy < cap else position
         if not self._stopping and len(self._scheduled) < cap:
             return None

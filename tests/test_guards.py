@@ -119,6 +119,9 @@ async def test_queue_position_is_shown(
         for n in range(3):
             telegram.push_update(updates.command(f"/generate queued {n}"))
         await wait_until(lambda: len(telegram.photos(CHAT)) == 3, within=20)
+        # PostgreSQL: each place was read by the job's creation and used by its handler
+        # (none left over); SQLite keeps none.
+        assert [app.services.store.placed(job_id) for job_id in (1, 2, 3)] == [None] * 3
     sent = [call.params.get("text", "") for call in telegram.calls_of("sendMessage")]
     assert [text for text in sent if "(job " in text] == [
         "Generating… (job 1)",

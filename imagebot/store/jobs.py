@@ -86,13 +86,17 @@ class JobFilter:
 # a job whose images are made (fetched, delivering) waits for Telegram without one.
 SLOT_PHASES = "('new', 'submitting', 'submitted')"
 _MAX_PLACED = 10_000
+# Slot-holding running jobs (every process) and a job's 1-based place among the queued ones
+# (its id the one parameter): what a handler asks of a job it just made.
+_BUSY_AND_POSITION = (
+    f"(SELECT count(*) FROM jobs WHERE status = 'running' AND phase IN {SLOT_PHASES}) AS busy,"  # noqa: S608
+    " (SELECT count(*) FROM jobs WHERE status = 'queued' AND id <= ?) AS position"
+)
 # PostgreSQL, the job creation's last statement: the update closed, the job read back, with
-# the slot-holding running jobs and its place in line (what `busy_and_position` answers).
+# `_BUSY_AND_POSITION` (the jobs table has no column of either name).
 _CLOSE_AND_READ_BACK_SQL = (
     "WITH closed AS (UPDATE inbox SET processed_at = ? WHERE update_id = ?"  # noqa: S608 - constants
-    " AND processed_at IS NULL) SELECT *, (SELECT count(*) FROM jobs WHERE status = 'running'"
-    f" AND phase IN {SLOT_PHASES}) AS busy_at_creation, (SELECT count(*) FROM jobs"
-    " WHERE status = 'queued' AND id <= ?) AS place_at_creation FROM jobs WHERE id = ?"
+    f" AND processed_at IS NULL) SELECT *, {_BUSY_AND_POSITION} FROM jobs WHERE id = ?"
 )
 
 
@@ -220,10 +224,10 @@ class JobStore:
         if row is None:
             return decision, None
         job = _row_to_job(row)
-        if "busy_at_creation" in row.keys():  # noqa: SIM118 - Row has no __iter__ over keys
+        if "busy" in row.keys():  # noqa: SIM118 - Row has no __iter__ over keys
             if len(self._placed) >= _MAX_PLACED:  # handlers that never asked (bounded)
                 self._placed.clear()
-            self._placed[job.id] = (int(row["busy_at_creation"]), int(row["place_at_creation"]))
+            self._placed[job.id] = (int(row["busy"]), int(row["position"]))
         return decision, job
 
     def placed(self, job_id: int) -> tuple[int, int] | None:
@@ -608,14 +612,8 @@ class JobStore:
         return {row["id"]: n for n, row in enumerate(rows, start=1)}
 
     async def busy_and_position(self, job_id: int) -> tuple[int, int]:
-        """Slot-holding running jobs (every process) and `job_id`'s 1-based place among the
-        queued jobs, in one query: what a handler asks of a job it just made."""
-        row = await self.db.fetchone(
-            "SELECT (SELECT count(*) FROM jobs WHERE status = 'running'"  # noqa: S608 - a constant
-            f" AND phase IN {SLOT_PHASES}) AS busy,"
-            " (SELECT count(*) FROM jobs WHERE status = 'queued' AND id <= ?) AS position",
-            (job_id,),
-        )
+        """`_BUSY_AND_POSITION` for `job_id`, in one query."""
+        row = await self.db.fetchone(f"SELECT {_BUSY_AND_POSITION}", (job_id,))
         return (int(row["busy"]), int(row["position"])) if row else (0, 0)
 
     async def queue_position(self, job_id: int) -> int:
