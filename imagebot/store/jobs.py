@@ -88,15 +88,28 @@ SLOT_PHASES = "('new', 'submitting', 'submitted')"
 _MAX_PLACED = 10_000
 # Slot-holding running jobs (every process) and a job's 1-based place among the queued ones
 # (its id the one parameter): what a handler asks of a job it just made.
+_BUSY = f"(SELECT count(*) FROM jobs WHERE status = 'running' AND phase IN {SLOT_PHASES}) AS busy"  # noqa: S608
 _BUSY_AND_POSITION = (
-    f"(SELECT count(*) FROM jobs WHERE status = 'running' AND phase IN {SLOT_PHASES}) AS busy,"  # noqa: S608
-    " (SELECT count(*) FROM jobs WHERE status = 'queued' AND id <= ?) AS position"
+    f"{_BUSY}, (SELECT count(*) FROM jobs WHERE status = 'queued' AND id <= ?) AS position"  # noqa: S608
 )
-# PostgreSQL, the job creation's last statement: the update closed, the job read back, with
-# `_BUSY_AND_POSITION` (the jobs table has no column of either name).
-_CLOSE_AND_READ_BACK_SQL = (
-    "WITH closed AS (UPDATE inbox SET processed_at = ? WHERE update_id = ?"  # noqa: S608 - constants
-    f" AND processed_at IS NULL) SELECT *, {_BUSY_AND_POSITION} FROM jobs WHERE id = ?"
+_INSERT_JOB_SQL = (
+    "INSERT INTO jobs (kind, status, phase, update_id, chat_id, user_id, chat_type,"
+    " command_message_id, prompt, input_file_id, input_file_size, input_width,"
+    " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
+    " updated_at, style_id, model, prompt_suffix, shape, images_asked, input_file_ids,"
+    " source_index, held_until, language, owner) VALUES (?, 'queued', 'new',"
+    " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# PostgreSQL, the job creation's statement after its reads: the job inserted, the update
+# closed and the job read back with the running jobs and its place in line, in one round
+# trip. The new row is not yet visible to the subqueries (one snapshot): the job counts
+# itself in its place with the `+ 1`, and a queued job is not running.
+_INSERT_CLOSE_AND_READ_BACK_SQL = (
+    f"WITH new AS ({_INSERT_JOB_SQL} RETURNING *),"  # noqa: S608 - constants
+    " closed AS (UPDATE inbox SET processed_at = ? WHERE update_id = ?"
+    " AND processed_at IS NULL)"
+    f" SELECT new.*, {_BUSY}, (SELECT count(*) FROM jobs WHERE status = 'queued'"
+    " AND id < new.id) + 1 AS position FROM new"
 )
 
 
@@ -155,70 +168,69 @@ class JobStore:
             if with_spend:
                 self.db.lock(conn, SPEND_LOCK)
             self.db.lock(conn, user_lock(new.user_id))
-            if conn.execute("SELECT 1 FROM jobs WHERE update_id = ?", (new.update_id,)).fetchone():
-                return None, None
             counters = read_counters(
-                conn, user_id=new.user_id, kind=new.kind, now=now, with_spend=with_spend
+                conn,
+                user_id=new.user_id,
+                kind=new.kind,
+                now=now,
+                with_spend=with_spend,
+                update_id=new.update_id,
+                dialect=self.db.dialect,
             )
+            if counters is None:
+                return None, None
             decision = decide(counters)
             if not decision.allowed:
                 return decision, None
-            row = conn.execute(
-                "INSERT INTO jobs (kind, status, phase, update_id, chat_id, user_id, chat_type,"
-                " command_message_id, prompt, input_file_id, input_file_size, input_width,"
-                " input_height, parent_job_id, provider, params, cost_estimate_usd, created_at,"
-                " updated_at, style_id, model, prompt_suffix, shape, images_asked, input_file_ids,"
-                " source_index, held_until, language, owner) VALUES (?, 'queued', 'new',"
-                " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    new.kind.value,
-                    new.update_id,
-                    new.chat_id,
-                    new.user_id,
-                    new.chat_type,
-                    new.command_message_id,
-                    new.prompt,
-                    new.input_file_id,
-                    new.input_file_size,
-                    new.input_width,
-                    new.input_height,
-                    new.parent_job_id,
-                    new.provider,
-                    json.dumps(new.params, ensure_ascii=False),
-                    new.cost_estimate_usd,
-                    stamp,
-                    stamp,
-                    new.style_id,
-                    new.model,
-                    new.prompt_suffix,
-                    new.shape,
-                    new.images_asked,
-                    json.dumps(list(new.input_file_ids)),
-                    new.source_index,
-                    held_until,
-                    new.language,
-                    # the creating process: its hold is released if it dies (ClusterStore.reap)
-                    self.node_id,
-                ),
+            values = (
+                new.kind.value,
+                new.update_id,
+                new.chat_id,
+                new.user_id,
+                new.chat_type,
+                new.command_message_id,
+                new.prompt,
+                new.input_file_id,
+                new.input_file_size,
+                new.input_width,
+                new.input_height,
+                new.parent_job_id,
+                new.provider,
+                json.dumps(new.params, ensure_ascii=False),
+                new.cost_estimate_usd,
+                stamp,
+                stamp,
+                new.style_id,
+                new.model,
+                new.prompt_suffix,
+                new.shape,
+                new.images_asked,
+                json.dumps(list(new.input_file_ids)),
+                new.source_index,
+                held_until,
+                new.language,
+                # the creating process: its hold is released if it dies (ClusterStore.reap)
+                self.node_id,
             )
-            if after_insert is not None:
-                after_insert(conn, int(row.lastrowid or 0), decision)
-            # The inbox row is closed and the job read back in one statement on PostgreSQL
-            # (each statement of this transaction is a round trip while the user waits);
-            # SQLite has no data-modifying CTE (nor RETURNING before 3.35, e.g. Debian 11).
-            # The same statement reads the slot-holding running jobs and the job's place in
-            # line: the handler's next question, answered without an awaited read of its own.
+            # On PostgreSQL the insert, the inbox row's close and the read-back (with the
+            # handler's next question, its place in line) are one statement: each statement
+            # of this transaction is a round trip while the user waits. SQLite has no
+            # data-modifying CTE (nor RETURNING before 3.35, e.g. Debian 11).
             if self.db.dialect == "postgresql":
-                return decision, conn.execute(
-                    _CLOSE_AND_READ_BACK_SQL, (stamp, new.update_id, row.lastrowid, row.lastrowid)
+                row = conn.execute(
+                    _INSERT_CLOSE_AND_READ_BACK_SQL, (*values, stamp, new.update_id)
                 ).fetchone()
+                if after_insert is not None:
+                    after_insert(conn, int(row["id"]), decision)
+                return decision, row
+            job_id = int(conn.execute(_INSERT_JOB_SQL, values).lastrowid or 0)
+            if after_insert is not None:
+                after_insert(conn, job_id, decision)
             conn.execute(
                 "UPDATE inbox SET processed_at = ? WHERE update_id = ? AND processed_at IS NULL",
                 (stamp, new.update_id),
             )
-            return decision, conn.execute(
-                "SELECT * FROM jobs WHERE id = ?", (row.lastrowid,)
-            ).fetchone()
+            return decision, conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
         decision, row = await self.db.write(create, priority=INTERACTIVE)
         if row is None:

@@ -59,24 +59,53 @@ def day_start(now: datetime) -> datetime:
 
 
 def read_counters(
-    conn: Conn, *, user_id: int, kind: JobKind, now: datetime, with_spend: bool
-) -> Counters:
-    """Read inside the job-creating transaction (on the writer thread).
+    conn: Conn,
+    *,
+    user_id: int,
+    kind: JobKind,
+    now: datetime,
+    with_spend: bool,
+    update_id: int,
+    dialect: str,
+) -> Counters | None:
+    """Read inside the job-creating transaction, after its locks: None when update
+    `update_id` made a job already (a resent update), else the user's counters.
 
-    `with_spend=False` skips summing the whole day's spend when no spend cap is set.
+    `with_spend=False` skips summing the whole day's spend when no spend cap is set. On
+    PostgreSQL the reads are one statement (each statement is a round trip while the user
+    waits); its snapshot is taken when it starts, after the lock statement returned, as the
+    separate reads' were. SQLite runs them one by one (no round trips there).
     """
     since_day = iso(day_start(now))
+    window = iso(now - RATE_WINDOW)
+    used_sql = _COUNT_CHARGED + " AND user_id = ? AND kind = ?"
+    if dialect == "postgresql":
+        spent_sql = f", ({_SPENT}) AS spent" if with_spend else ""
+        row = conn.execute(
+            f"SELECT EXISTS (SELECT 1 FROM jobs WHERE update_id = ?) AS made,"  # noqa: S608
+            " ARRAY(SELECT created_at FROM jobs WHERE user_id = ? AND created_at >= ?"
+            f" ORDER BY created_at) AS recent, ({used_sql}) AS used{spent_sql}",
+            (update_id, user_id, window, since_day, user_id, kind.value)
+            + ((since_day,) if with_spend else ()),
+        ).fetchone()
+        if row["made"]:
+            return None
+        return Counters(
+            tuple(parse_iso(stamp) for stamp in row["recent"]),
+            int(row["used"]),
+            float(row["spent"]) if with_spend else 0.0,
+        )
+    if conn.execute("SELECT 1 FROM jobs WHERE update_id = ?", (update_id,)).fetchone():
+        return None
     recent = tuple(
         parse_iso(row[0])
         for row in conn.execute(
             "SELECT created_at FROM jobs WHERE user_id = ? AND created_at >= ?"
             " ORDER BY created_at",
-            (user_id, iso(now - RATE_WINDOW)),
+            (user_id, window),
         )
     )
-    row = conn.execute(
-        _COUNT_CHARGED + " AND user_id = ? AND kind = ?", (since_day, user_id, kind.value)
-    ).fetchone()
+    row = conn.execute(used_sql, (since_day, user_id, kind.value)).fetchone()
     used = int(row[0]) if row else 0
     spent = 0.0
     if with_spend:
