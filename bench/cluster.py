@@ -12,7 +12,9 @@ load generator sends request i to process i mod N (a round-robin balancer's view
 - update → first reply (the chat's first sendMessage at the fake Telegram) p50/p99 and webhook
   ack p99 at 200 updates/s, default settings; on PostgreSQL also the server's transactions
   per update over that run (each autocommit statement is one: the round trips an update
-  costs, a figure the machine's noise does not move).
+  costs, a figure the machine's noise does not move), and what the load left of the
+  machine: its busy share, and how long each bot's main thread (its event loop) ran and how
+  long it waited, ready, for a CPU.
 
 Duplicates (a prompt created twice at the provider, a photo sent twice) are counted and
 reported, never hidden: with more than one process they are what a broken claim looks like.
@@ -29,7 +31,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from bench.postgresql import _cluster, server_cpu_seconds, server_transactions
-from bench.procs import BenchError, Bot, cpu_seconds, run_load, start_imagebot
+from bench.procs import (
+    BenchError,
+    Bot,
+    cpu_seconds,
+    machine_busy_seconds,
+    main_thread_schedule,
+    run_load,
+    start_imagebot,
+)
 from bench.scenarios import LATENCY_JITTER_S, Context, _ack_figures, _reply_latency
 from tests.pgcluster import Cluster
 from tests.support import deep_merge
@@ -186,13 +196,32 @@ async def _at_rate(setups: Setups, store: str, procs: int) -> dict[str, Any]:
     async with setups.bots(store, procs, f"rate-{REPLY_RATE}") as bots:
         spec = _spec_for(ctx, bots, REPLY_RATE, count)
         before = await asyncio.to_thread(server_transactions, server)
+        machine_before = machine_busy_seconds()
+        mains_before = [main_thread_schedule(bot.pid) for bot in bots]
         result = await run_load(spec)
+        mains = [
+            (ran - ran0, waited - waited0)
+            for (ran0, waited0), (ran, waited) in zip(
+                mains_before, (main_thread_schedule(bot.pid) for bot in bots), strict=True
+            )
+        ]
+        busy, total = (a - b for a, b in zip(machine_busy_seconds(), machine_before, strict=True))
         reply = await _reply_latency(ctx, result)
         await asyncio.sleep(STATS_FLUSH_S)
         # (the jobs started meanwhile are in it too: the same load for every revision)
         spent = await asyncio.to_thread(server_transactions, server) - before
     ack = _ack_figures(result)
-    out: dict[str, Any] = {"ack": ack, "reply": reply}
+    window = result["elapsed_s"] or 1.0
+    # What the load left of the machine: its busy share (all processes: bots, database, fakes,
+    # load generator) and, per bot, how long its main thread (the event loop) ran and how
+    # long it was ready to run but waited for a CPU. Latency on two cores moves with these.
+    cpu = {
+        "machine_busy_share": round(busy / total, 2) if total else None,
+        "main_thread_ran_s": [round(ran, 2) for ran, _ in mains],
+        "main_thread_waited_s": [round(waited, 2) for _, waited in mains],
+        "window_s": round(window, 2),
+    }
+    out: dict[str, Any] = {"ack": ack, "reply": reply, "cpu": cpu}
     if server is not None:
         out["db_transactions_per_update"] = round(spent / max(1, count), 2)
     return out

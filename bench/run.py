@@ -386,6 +386,17 @@ def _postgresql_rows(pg: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _cpu_wait(data: dict[str, Any]) -> str:
+    """ "85% 1.0+1.0/2.2+2.3": the machine's busy share over the load, then each bot's main
+    thread: seconds it ran / seconds it waited, ready, for a CPU."""
+    cpu = data.get("cpu") or {}
+    share = cpu.get("machine_busy_share")
+    ran = "+".join(_fmt(v) for v in cpu.get("main_thread_ran_s") or [])
+    waited = "+".join(_fmt(v) for v in cpu.get("main_thread_waited_s") or [])
+    busy = "-" if share is None else f"{round(100 * share)}%"
+    return f"{busy} {ran}/{waited}"
+
+
 def _cluster_rows(fig: dict[str, Any]) -> list[Row]:
     """Report 8: one value per set-up (SQLite x1 / PostgreSQL x1 / PostgreSQL x2)."""
     setups = fig["setups"]
@@ -444,6 +455,13 @@ def _cluster_rows(fig: dict[str, Any]) -> list[Row]:
         (
             "  database transactions per update @200/s",
             each(rate, lambda d: d.get("db_transactions_per_update", "-")),
+            "",
+            "",
+            "",
+        ),
+        (
+            "  machine busy; main threads ran / waited for a CPU s",
+            each(rate, _cpu_wait),
             "",
             "",
             "",
