@@ -252,7 +252,11 @@ class JobRunner:
 
     def _take(self, claimed: Claimed, *, slot: bool = True) -> None:
         """Start what a claim handed over; a job taken over from dead processes more than
-        `cluster.max_rescues` times fails instead (it may be what killed them)."""
+        `cluster.max_rescues` times fails instead (it may be what killed them), unless its
+        images are made: then the vendor's part and the image checks are behind it, and its
+        photos may have reached the chat already (a process killed between a send and its
+        record). Failing it would tell a user who has the photo that the job failed; it is
+        delivered (at least once), as any made result."""
         for job in claimed:
             if job.id in claimed.adopted:
                 log.warning(
@@ -262,7 +266,10 @@ class JobRunner:
                     rescues=job.rescues,
                     slot=slot,
                 )
-                if job.rescues > self.cluster.config.max_rescues:
+                if job.rescues > self.cluster.config.max_rescues and job.phase not in (
+                    Phase.FETCHED,
+                    Phase.DELIVERING,
+                ):
                     self._in_background(self._give_up(job))
                     continue
             self._schedule(job, slot=slot)

@@ -72,12 +72,17 @@ async def insert_orphan(app: Any, prediction_id: str, deadline_in_s: float, prom
 
 
 async def usage_line(telegram: FakeTelegram) -> str:
-    """Ask /usage and return its 'Generate' line."""
+    """Ask /usage and return its 'Generate' line. (The runner adopts the ownerless jobs the
+    tests insert and may post their status lines meanwhile: the answer is found by its
+    heading, not taken as the chat's last text.)"""
     before = len(telegram.texts(CHAT))
     telegram.push_update(updates.command("/usage"))
-    await wait_until(lambda: len(telegram.texts(CHAT)) > before)
-    text = telegram.texts(CHAT)[-1]
-    assert text.startswith("Today (UTC):"), text
+
+    def answers() -> list[str]:
+        return [t for t in telegram.texts(CHAT)[before:] if t.startswith("Today (UTC):")]
+
+    await wait_until(lambda: bool(answers()))
+    (text,) = answers()
     return text.splitlines()[1]
 
 
