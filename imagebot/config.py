@@ -213,7 +213,8 @@ class ClusterSettings(Section):
     # others notice at their next heartbeat, so takeover comes within lease_s + heartbeat_s
     # of the last beat: 30 s with the defaults.
     lease_s: float = Field(25.0, gt=0, le=3600)
-    # a job taken over from dead processes this many times fails (it may be what kills them)
+    # a job taken over from dead processes more often fails (it may be what kills them), unless
+    # its images are made: those are delivered (see JobRunner._take)
     max_rescues: int = Field(3, ge=1, le=100)
     # A chat's update waits at most this long for the chat's earlier update that another
     # process still runs (or a dead one left: replayed once its lease lapses), then runs
