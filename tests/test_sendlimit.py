@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import statistics
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -23,7 +24,7 @@ from telegram.request import HTTPXRequest
 
 from imagebot.config import TelegramSettings
 from imagebot.sharedlimit import SharedRateLimiter
-from imagebot.store.db import Database
+from imagebot.store.db import PACING, Database
 from imagebot.store.migrate import migrate
 from imagebot.store.sendslots import SendSlots
 from tests import storeview, updates
@@ -129,6 +130,33 @@ async def test_asks_at_once_share_a_round_trip_and_each_sees_the_ones_before(
         busy = [await slots.reserve(1.0, (key, 30.0)) for key in ("chat:2", "chat:3")]
         assert not busy[0].reserved and 95 < busy[0].wait_s <= 100
         assert not busy[1].reserved and 495 < busy[1].wait_s <= 500
+
+
+async def test_two_processes_groups_over_the_same_chats_do_not_deadlock(pg_url: str) -> None:
+    """Two processes each send to the same 20 chats, in opposite orders, while their writers
+    are busy, so that each process's asks go as one group and the two groups meet on the
+    server (each reservation locks its chat's row, then 'global'). Every ask is answered,
+    and each chat is reserved by exactly one process. (PostgreSQL found a deadlock here and
+    failed a whole group; its process paced in memory for 5 s and drew 429s.)"""
+    keys = [f"chat:{n}" for n in range(20)]
+    async with opened(pg_url) as db_a, opened(pg_url) as db_b:
+        releases = [threading.Event() for _ in range(4)]
+        holds = [  # both PACING writers of each process, until released
+            asyncio.create_task(db.run(lambda conn, r=r: r.wait(10), priority=PACING))
+            for db, r in zip((db_a, db_a, db_b, db_b), releases, strict=True)
+        ]
+        await asyncio.sleep(0.1)
+        a, b = SendSlots(db_a), SendSlots(db_b)
+        asks = [asyncio.create_task(a.reserve(0.001, (key, 5.0))) for key in keys]
+        asks += [asyncio.create_task(b.reserve(0.001, (key, 5.0))) for key in reversed(keys)]
+        await asyncio.sleep(0.2)  # every ask joined its process's one open group
+        for release in releases:
+            release.set()
+        await asyncio.gather(*holds)
+        answers = await asyncio.wait_for(asyncio.gather(*asks), 20)
+        assert (a.calls, b.calls) == (1, 1)
+    by_a, by_b = answers[:20], list(reversed(answers[20:]))
+    assert [x.reserved != y.reserved for x, y in zip(by_a, by_b, strict=True)] == [True] * 20
 
 
 async def test_three_processes_share_one_limit(telegram: FakeTelegram, pg_url: str) -> None:

@@ -61,10 +61,14 @@ class GroupCall(Generic[A, R]):
         db: Database,
         run: Callable[[Conn, list[Member[A, R]]], None],
         priority: int,
+        *,
+        transaction: bool = False,
     ) -> None:
         self.db = db
         self._run = run
         self.priority = priority
+        # `run` in one transaction (it takes a lock first); else each statement commits alone
+        self._submit = db.write if transaction else db.run
         # Calls come from any event loop and the writer thread closes the group: a lock, held
         # only to join or to close.
         self._lock = threading.Lock()
@@ -83,7 +87,7 @@ class GroupCall(Generic[A, R]):
         if leader:
             # Submitted before this coroutine first suspends; once submitted it runs.
             try:
-                await self.db.run(
+                await self._submit(
                     lambda conn: self._run_group(conn, group), priority=self.priority
                 )
             except asyncio.CancelledError:

@@ -17,15 +17,16 @@ that still waits for its chat. A 429 from Telegram pushes `global` forward, so e
 pauses. On PostgreSQL those steps are one call of the function `imagebot_send_slot`
 (migration 0015) in autocommit: one round trip, and the 'global' row is locked only while the
 server runs it (as a client transaction it stayed locked across three round trips, and three
-busy processes queued on it). Holds, pauses and prunes are single autocommit statements.
+busy processes queued on it). Pauses are single autocommit statements.
 
 Group calls (PostgreSQL): every limited send asks twice (a reservation before, a hold after),
 hundreds of times a second under load, on two writer connections per process. The asks that
 arrive while one waits for a writer join it (imagebot.store.groupcall, as the inbox's saves
 do), and the writer runs them as one statement per kind: the holds first (they happened
 first), then every reservation in arrival order, each one `imagebot_send_slot` call of a
-single `SELECT … LATERAL`, so each sees the slots the ones before it took. One round trip and
-one thread hop for the lot.
+single `SELECT … LATERAL`, so each sees the slots the ones before it took: one transaction
+and one thread hop for the lot, which takes the advisory lock SLOTS_LOCK first (as the prune
+does), so that no two of them lock the same rows in different orders.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ from imagebot.store.db import PACING, Conn, Database
 from imagebot.store.groupcall import GroupCall, Member
 
 GLOBAL = "global"
+# Taken first by every transaction that locks several keys' rows (a group's holds and
+# reservations, the prune). A group's reservations lock each ask's gate row and then the
+# 'global' row, one ask after another in one statement, and another process's group the same
+# rows in its own order: CI saw PostgreSQL break such a deadlock (one group failed, its process
+# paced in memory for 5 s, and its sends drew 429s). One lock first makes their order one.
+SLOTS_LOCK = "send_slots"
 PRUNE_AFTER_S = 60.0  # a row this far in the past is a free key: deleting it changes nothing
 
 
@@ -90,7 +97,9 @@ class SendSlots:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._asks: GroupCall[_Ask, Slot | None] = GroupCall(db, self._run_group, PACING)
+        self._asks: GroupCall[_Ask, Slot | None] = GroupCall(
+            db, self._run_group, PACING, transaction=True
+        )
         #: asks and writer calls so far: how well asks are grouped (tests read them)
         self.asks = 0
         self.calls = 0
@@ -102,6 +111,7 @@ class SendSlots:
         reservations = [a for a in asks if a.arg.global_step is not None]
         self.asks += len(asks)
         self.calls += 1
+        self.db.lock(conn, SLOTS_LOCK)
         if holds:
             conn.execute(_HOLD_MANY_SQL, ([a.arg.key for a in holds], [a.arg.step for a in holds]))
         rows = []
@@ -199,4 +209,9 @@ class SendSlots:
         db = self.db
         before = db.clock_sql(-PRUNE_AFTER_S)
         sql = f"DELETE FROM send_slots WHERE tat < {before}"  # noqa: S608 - the clock
-        return await db.execute_write(sql, priority=self.priority)
+
+        def prune(conn: Conn) -> int:
+            db.lock(conn, SLOTS_LOCK)  # it locks many keys' rows too (see SLOTS_LOCK)
+            return int(conn.execute(sql).rowcount)
+
+        return await db.write(prune, priority=self.priority)
