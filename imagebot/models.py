@@ -42,6 +42,11 @@ class Phase(StrEnum):
     DONE = "done"  # final status written and the chat tidied
 
 
+# A running job in these phases has its images made: the vendor is done with it, it needs no
+# provider slot, and its photos may be in the chat already (delivering).
+IMAGES_MADE: tuple[Phase, ...] = (Phase.FETCHED, Phase.DELIVERING)
+
+
 class CancelOutcome(StrEnum):
     """What a user's cancel of a job came to (JobRunner.cancel; the handlers word it)."""
 

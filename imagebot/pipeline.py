@@ -39,6 +39,7 @@ from imagebot.hints import CompletionHints
 from imagebot.logs import get_logger, redact
 from imagebot.metrics import Metrics
 from imagebot.models import (
+    IMAGES_MADE,
     ImageFile,
     Job,
     JobKind,
@@ -537,7 +538,7 @@ class Pipeline:
                 fence=job if fenced else None,
                 # Ended from outside its run (a cancel, the sweep): not once its images are
                 # made, since its runner may be sending them this moment (another process).
-                not_phases=() if fenced else (Phase.FETCHED, Phase.DELIVERING),
+                not_phases=() if fenced else IMAGES_MADE,
                 **values,
             )
         )

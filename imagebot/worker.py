@@ -30,7 +30,7 @@ from imagebot.cluster import MAINTENANCE, Cluster
 from imagebot.errors import DeliveryError, ExternalError
 from imagebot.logs import get_logger
 from imagebot.metrics import Metrics
-from imagebot.models import CancelOutcome, Job, JobStatus, Phase
+from imagebot.models import IMAGES_MADE, CancelOutcome, Job, JobStatus, Phase
 from imagebot.pipeline import CANCEL_TIMEOUT_S, JobGone, Pipeline, Untrusted
 from imagebot.store.db import is_storage_fault
 from imagebot.store.jobs import Claimed, JobStore
@@ -266,10 +266,7 @@ class JobRunner:
                     rescues=job.rescues,
                     slot=slot,
                 )
-                if job.rescues > self.cluster.config.max_rescues and job.phase not in (
-                    Phase.FETCHED,
-                    Phase.DELIVERING,
-                ):
+                if job.rescues > self.cluster.config.max_rescues and job.phase not in IMAGES_MADE:
                     self._in_background(self._give_up(job))
                     continue
             self._schedule(job, slot=slot)
@@ -314,7 +311,7 @@ class JobRunner:
             return None  # taken over meanwhile (this process was silent too long)
         if job.id in self._scheduled or job.id in self._slotless:
             return None
-        if job.phase in (Phase.FETCHED, Phase.DELIVERING):
+        if job.phase in IMAGES_MADE:
             return None
         timeout = self.pipeline.timeouts[job.kind]
         fresh = iso(utcnow() + timedelta(seconds=timeout))
@@ -427,7 +424,7 @@ class JobRunner:
             log.info("job_left_running")
         except DeliveryError as exc:
             self.metrics.delivery_errors.labels(exc.code).inc()
-            if exc.is_retryable and job.phase in (Phase.FETCHED, Phase.DELIVERING):
+            if exc.is_retryable and job.phase in IMAGES_MADE:
                 # Telegram is down or busy, the images are made: wait for it without a slot.
                 self._telegram_failing = True
                 await self.pipeline.park(job, exc)
@@ -470,14 +467,14 @@ class JobRunner:
             return CancelOutcome.NOT_YOURS
         if job.status.is_final:
             return CancelOutcome.FINISHED
-        if job.phase in (Phase.FETCHED, Phase.DELIVERING):
+        if job.phase in IMAGES_MADE:
             return CancelOutcome.TOO_LATE
         await self._stop_run(job_id, "user")
         job = await self.store.get(job_id)
         assert job is not None
         if job.status.is_final:
             return CancelOutcome.FINISHED
-        if job.phase in (Phase.FETCHED, Phase.DELIVERING):
+        if job.phase in IMAGES_MADE:
             return CancelOutcome.TOO_LATE
         # Whichever process runs the job: the final write moves its lease token on, so that
         # process's next write is refused and it stops (its status line edits too).
@@ -487,7 +484,7 @@ class JobRunner:
             # Final already, or its images were made meanwhile (on another process, maybe):
             # the result is on its way.
             latest = await self.store.get(job_id)
-            if latest is not None and latest.phase in (Phase.FETCHED, Phase.DELIVERING):
+            if latest is not None and latest.phase in IMAGES_MADE:
                 return CancelOutcome.TOO_LATE
             return CancelOutcome.FINISHED
         self.room_may_have_freed()

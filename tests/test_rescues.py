@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -52,7 +53,7 @@ async def left_by_a_dead_process(app: Any, phase: str, **columns: Any) -> int:
         "created_at": now,
         "started_at": now,
         "submitted_at": now,
-        "deadline_at": iso(utcnow().replace(year=utcnow().year + 1)),
+        "deadline_at": iso(utcnow() + timedelta(days=1)),  # far off: no sweep ends it
         "updated_at": now,
         **columns,
     }

@@ -67,7 +67,8 @@ class GroupCall(Generic[A, R]):
         self.db = db
         self._run = run
         self.priority = priority
-        # `run` in one transaction (it takes a lock first); else each statement commits alone
+        # `transaction`: the group runs as one transaction (e.g. one that takes a lock first);
+        # else each of its statements commits on its own (a refused row fails only its own)
         self._submit = db.write if transaction else db.run
         # Calls come from any event loop and the writer thread closes the group: a lock, held
         # only to join or to close.
