@@ -18,6 +18,7 @@ from imagebot.models import Job, JobKind, JobStatus, NewJob, Phase
 from imagebot.policy import ALLOW, Decision, Reason
 from imagebot.store.cluster import ClusterStore
 from imagebot.store.db import NORMAL, URGENT, Conn, Database
+from imagebot.store.groupcall import GroupCall, Member
 from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobFilter, JobStore
 from imagebot.store.ledger import Ledger, NotEnoughCredits, reserve_in
@@ -170,6 +171,43 @@ async def test_submitted_write_survives_cancellation(db: Database) -> None:
     await db.run(lambda conn: None)  # the writer runs in order: the canceled write came first
     saved = await store.get(job.id)
     assert saved is not None and saved.provider_request_id == "pred-1"
+
+
+async def test_group_call_answers_each_caller_and_writes_for_the_canceled(db: Database) -> None:
+    """Calls that arrive while the writer is busy go as one group: each caller gets its own
+    answer or its own error (also a caller on another event loop, as the webhook thread's),
+    and callers canceled meanwhile, the group's submitter among them, still have their rows
+    written, while the others' answers are not disturbed."""
+    await db.run(lambda conn: conn.execute("CREATE TABLE group_probe (n INTEGER NOT NULL)"))
+
+    def run(conn: Conn, members: list[Member[int, int]]) -> None:
+        for member in members:
+            if member.arg == 3:
+                member.fail(ValueError("three refused"))
+                continue
+            conn.execute("INSERT INTO group_probe (n) VALUES (?)", (member.arg,))
+            member.settle(member.arg * 10)
+
+    group: GroupCall[int, int] = GroupCall(db, run, NORMAL)
+    blocker, release = await hold_writer(db)
+    calls = {n: asyncio.create_task(group.call(n)) for n in (1, 2, 3, 4)}
+    await asyncio.sleep(0)  # each joins: 1 opens the group and submits it
+    elsewhere = asyncio.create_task(asyncio.to_thread(asyncio.run, group.call(5)))
+    await asyncio.sleep(0.2)  # (the other loop's call joins the same group)
+    calls[1].cancel()
+    calls[2].cancel()
+    release.set()
+    await blocker
+    assert await calls[4] == 40
+    assert await elsewhere == 50
+    with pytest.raises(ValueError, match="three refused"):
+        await calls[3]
+    for n in (1, 2):
+        with pytest.raises(asyncio.CancelledError):
+            await calls[n]
+    assert await group.call(6) == 60  # the next call opens a group of its own
+    rows = await db.fetchall("SELECT n FROM group_probe ORDER BY n")
+    assert [row["n"] for row in rows] == [1, 2, 4, 5, 6]
 
 
 async def test_urgent_writes_go_first(db: Database) -> None:

@@ -19,6 +19,8 @@ whether several processes may use the database at once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import sys
 import time
@@ -45,6 +47,32 @@ INTERACTIVE = 1
 # Short writes that pace Telegram sends (send slots): on PostgreSQL they have a writer of
 # their own, so they neither wait behind job writes nor hold up the webhook's saves.
 PACING = -1
+
+
+def hand_back(
+    loop: asyncio.AbstractEventLoop,
+    waiter: asyncio.Future[Any],
+    result: Any = None,
+    error: BaseException | None = None,
+) -> None:
+    """From a writer thread: settle `waiter`, a future of `loop`, with the result or error.
+
+    The awaiting coroutine runs two turns of its loop later (this settles the future, then
+    the task steps). `asyncio.shield(asyncio.wrap_future(f))` took three, and every await of
+    the store pays it: at 200 updates a second a turn of the busy main loop lasts tens of
+    ms, and an update's first answer awaits the store three times. A waiter canceled
+    meanwhile is left alone: the write ran all the same (as it did under the shield)."""
+
+    def settle() -> None:
+        if waiter.done():
+            return
+        if error is None:
+            waiter.set_result(result)
+        else:
+            waiter.set_exception(error)
+
+    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody awaits it now
+        loop.call_soon_threadsafe(settle)
 
 
 class Cursor(Protocol):

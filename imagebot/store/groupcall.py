@@ -17,11 +17,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
-from imagebot.store.db import Conn, Database
+from imagebot.store.db import Conn, Database, hand_back
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -29,18 +28,37 @@ R = TypeVar("R")
 
 @dataclass(slots=True, eq=False)
 class Member(Generic[A, R]):
-    """One caller's part of a group: what it asked (`arg`) and its answer (`future`)."""
+    """One caller's part of a group: what it asked (`arg`) and its answer.
+
+    The answer is kept here (the group's leader reads it once its submit returned) and, for
+    every other member, handed to `waiter`, a future of the loop it awaits on (db.hand_back:
+    two turns of a busy loop, where a shielded concurrent future took three)."""
 
     arg: A
-    future: Future[R] = field(default_factory=Future)
+    waiter: asyncio.Future[R] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    settled: bool = False
+    result: R | None = None
+    error: BaseException | None = None
 
     def settle(self, result: R) -> None:
-        if not self.future.done():  # never twice (the callers await it shielded)
-            self.future.set_result(result)
+        if self.settled:  # never twice
+            return
+        self.settled, self.result = True, result
+        if self.waiter is not None and self.loop is not None:
+            hand_back(self.loop, self.waiter, result)
 
     def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
+        if self.settled:
+            return
+        self.settled, self.error = True, error
+        if self.waiter is not None and self.loop is not None:
+            hand_back(self.loop, self.waiter, error=error)
+
+    def answer(self) -> R:
+        if self.error is not None:
+            raise self.error
+        return cast(R, self.result)
 
 
 @dataclass(slots=True)
@@ -78,28 +96,33 @@ class GroupCall(Generic[A, R]):
     async def call(self, arg: A) -> R:
         """Join the group waiting for the writer, or open one and submit it; this call's
         answer once the writer ran the group."""
-        member: Member[A, R] = Member(arg)
+        loop = asyncio.get_running_loop()
         with self._lock:
             group = self._open
             leader = group is None
             if group is None:
                 group = self._open = _Group()
+                member: Member[A, R] = Member(arg)
+            else:
+                member = Member(arg, loop.create_future(), loop)
             group.members.append(member)
-        if leader:
-            # Submitted before this coroutine first suspends; once submitted it runs.
-            try:
-                await self._submit(
-                    lambda conn: self._run_group(conn, group), priority=self.priority
-                )
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                # The group never reached the writer: nobody else will settle its members.
-                # (When it did, _run_group settled every one already.)
-                for other in self._close(group):
-                    other.fail(exc)
-        # Shielded: a caller cancelled now does not cancel the others' answers.
-        return await asyncio.shield(asyncio.wrap_future(member.future))
+        if not leader:
+            # A caller canceled now leaves the group alone (its answer is dropped).
+            assert member.waiter is not None
+            return await member.waiter
+        # Submitted before this coroutine first suspends; once submitted it runs.
+        try:
+            await self._submit(lambda conn: self._run_group(conn, group), priority=self.priority)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            # The group never reached the writer: nobody else will settle its members.
+            # (When it did, _run_group settled every one already.)
+            for other in self._close(group):
+                other.fail(exc)
+        # Settled by now: by the writer (its submit returned or raised after the run), or
+        # just above.
+        return member.answer()
 
     def _close(self, group: _Group[A, R]) -> list[Member[A, R]]:
         """Close `group` to newcomers; its members if this closed it (else none)."""

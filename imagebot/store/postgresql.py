@@ -484,8 +484,8 @@ class PostgresDatabase(Database):
                 health.succeeded()
             return result
 
-        # Shielded, as on SQLite: a write once submitted runs even if its awaiter is canceled.
-        return await asyncio.shield(asyncio.wrap_future(lane.submit(call, min(priority, NORMAL))))
+        # As on SQLite: a write once submitted runs even if its awaiter is canceled.
+        return await lane.submit_here(call, min(priority, NORMAL))
 
     async def write_aside(self, fn: Callable[[Any], T]) -> T:
         """On a third writer connection: a 2 MB image takes tens of ms to commit, which job

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from imagebot.errors import StoreError
-from imagebot.store.db import NORMAL, Database, Row, WriteHealth, is_storage_fault
+from imagebot.store.db import NORMAL, Database, Row, WriteHealth, hand_back, is_storage_fault
 
 T = TypeVar("T")
 
@@ -106,7 +106,7 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-_Item = tuple[int, int, Callable[[], object] | None, "Future[object] | None"]
+_Item = tuple[int, int, Callable[[], None] | None]  # (priority, arrival, job); None: stop
 
 
 class _WriterThread:
@@ -119,24 +119,46 @@ class _WriterThread:
         self._thread.start()
 
     def submit(self, fn: Callable[[], T], priority: int) -> Future[T]:
+        """Queue `fn`; its answer on a concurrent future (skipped if that is canceled first)."""
         future: Future[T] = Future()
-        self._queue.put((priority, next(self._seq), fn, future))  # type: ignore[arg-type]
+
+        def job() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+        self._queue.put((priority, next(self._seq), job))
         return future
+
+    def submit_here(self, fn: Callable[[], T], priority: int) -> asyncio.Future[T]:
+        """Queue `fn`; its answer on a future of the running loop (db.hand_back: one turn
+        sooner than a wrapped concurrent future). `fn` runs even if that is canceled."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:  # handed to the awaiting task
+                hand_back(loop, waiter, error=exc)
+            else:
+                hand_back(loop, waiter, result)
+
+        self._queue.put((priority, next(self._seq), job))
+        return waiter
 
     def _main(self) -> None:
         while True:
-            _, _, fn, future = self._queue.get()
-            if fn is None or future is None:
+            _, _, job = self._queue.get()
+            if job is None:
                 return
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # handed to the awaiting task
-                future.set_exception(exc)
+            job()
 
     def stop(self) -> None:
-        self._queue.put((NORMAL + 1, next(self._seq), None, None))  # after queued writes
+        self._queue.put((NORMAL + 1, next(self._seq), None))  # after queued writes
         self._thread.join()
 
 
@@ -237,9 +259,9 @@ class SqliteDatabase(Database):
                 health.succeeded()
             return result
 
-        # Shielded: a write once submitted always runs, even if the awaiting task is canceled
-        # (a shutdown must not drop, say, the vendor request id on its way to the row).
-        return await asyncio.shield(asyncio.wrap_future(self._executor.submit(call, priority)))
+        # A write once submitted always runs, even if the awaiting task is canceled (a
+        # shutdown must not drop, say, the vendor request id on its way to the row).
+        return await self._executor.submit_here(call, priority)
 
     async def write(self, fn: Callable[[Any], T], *, priority: int = NORMAL) -> T:
         """Run `fn(writer)` as one transaction: BEGIN IMMEDIATE … COMMIT, ROLLBACK if it raises.
