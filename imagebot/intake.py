@@ -456,7 +456,18 @@ class Intake:
         self._received[update_id] = arrived
         if self._take_direct(payload):
             return
-        self.application.update_queue.put_nowait(update)
+        app = self.application
+        if not app.running:
+            app.update_queue.put_nowait(update)  # PTB's fetcher takes it once started
+            return
+        # What PTB's fetcher does with a queued update (a task of its own: the update
+        # processor runs updates concurrently), without the queue: through it the handlers
+        # started a turn of the busy loop later. PTB's stop() awaits these tasks too.
+        app.create_task(
+            app.update_processor.process_update(update, app.process_update(update)),
+            update=update,
+            name="imagebot:process_update",
+        )
 
     def _closed(self, task: asyncio.Task[None]) -> None:
         self._closing.discard(task)
