@@ -68,7 +68,8 @@ class _Group(Generic[A, R]):
 
 
 class GroupCall(Generic[A, R]):
-    """Run `run(conn, members)` on the writer for every group of calls.
+    """Run `run(conn, members)` on the writer for every group of calls, in autocommit: each
+    of its statements commits on its own (a refused row fails only its own callers).
 
     `run` settles each member (its result, or its own error) and may raise afterwards so the
     store counts a failed write (/healthz); a member it left unsettled gets that error.
@@ -79,15 +80,10 @@ class GroupCall(Generic[A, R]):
         db: Database,
         run: Callable[[Conn, list[Member[A, R]]], None],
         priority: int,
-        *,
-        transaction: bool = False,
     ) -> None:
         self.db = db
         self._run = run
         self.priority = priority
-        # `transaction`: the group runs as one transaction (e.g. one that takes a lock first);
-        # else each of its statements commits on its own (a refused row fails only its own)
-        self._submit = db.write if transaction else db.run
         # Calls come from any event loop and the writer thread closes the group: a lock, held
         # only to join or to close.
         self._lock = threading.Lock()
@@ -112,7 +108,7 @@ class GroupCall(Generic[A, R]):
             return await member.waiter
         # Submitted before this coroutine first suspends; once submitted it runs.
         try:
-            await self._submit(lambda conn: self._run_group(conn, group), priority=self.priority)
+            await self.db.run(lambda conn: self._run_group(conn, group), priority=self.priority)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

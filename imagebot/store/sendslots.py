@@ -22,11 +22,12 @@ busy processes queued on it). Pauses are single autocommit statements.
 Group calls (PostgreSQL): every limited send asks twice (a reservation before, a hold after),
 hundreds of times a second under load, on two writer connections per process. The asks that
 arrive while one waits for a writer join it (imagebot.store.groupcall, as the inbox's saves
-do), and the writer runs them as one statement per kind: the holds first (they happened
-first), then every reservation in arrival order, each one `imagebot_send_slot` call of a
-single `SELECT … LATERAL`, so each sees the slots the ones before it took: one transaction
-and one thread hop for the lot, which takes the advisory lock SLOTS_LOCK first (as the prune
-does), so that no two of them lock the same rows in different orders.
+do), and the writer sends the lot as one call of the function `imagebot_send_slots`
+(migration 0016) in autocommit: it takes the advisory lock SLOTS_LOCK first (as the prune
+does), so that no two groups lock the same rows in different orders, applies the holds (they
+happened first), then makes every reservation in arrival order with `imagebot_send_slot`, each
+seeing the ones before it. One round trip and one thread hop for the lot, and the lock is held
+only while the server runs it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ GLOBAL = "global"
 # 'global' row, one ask after another in one statement, and another process's group the same
 # rows in its own order: CI saw PostgreSQL break such a deadlock (one group failed, its process
 # paced in memory for 5 s, and its sends drew 429s). One lock first makes their order one.
+# (The group's function, migration 0016, takes it by this very name: hashtext('send_slots').)
 SLOTS_LOCK = "send_slots"
 PRUNE_AFTER_S = 60.0  # a row this far in the past is a free key: deleting it changes nothing
 
@@ -63,20 +65,11 @@ def _seconds(later: str, earlier: str) -> float:
     return (parse_iso(later) - parse_iso(earlier)).total_seconds()
 
 
-# One statement for many reservations (PostgreSQL): the function of migration 0015 once per
-# row, in the rows' order (WITH ORDINALITY); each call's statements see the calls before it.
-_RESERVE_MANY_SQL = (
-    "SELECT r.reserved, r.wait_s"
-    " FROM unnest(?::text[], ?::float8[], ?::float8[]) WITH ORDINALITY AS g(key, step, glob, i)"
-    " CROSS JOIN LATERAL imagebot_send_slot(g.key, g.step, g.glob) AS r ORDER BY g.i"
-)
-# One statement for many holds: each key busy until at least now + its step (the longest step
-# where a key comes twice).
-_HOLD_MANY_SQL = (
-    "UPDATE send_slots AS s"
-    " SET tat = greatest(s.tat, clock_timestamp() + make_interval(secs => h.step))"
-    " FROM (SELECT key, max(step) AS step FROM unnest(?::text[], ?::float8[]) AS u(key, step)"
-    " GROUP BY key) AS h WHERE s.key = h.key"
+# One statement for a group's holds and reservations (PostgreSQL): the function of migration
+# 0016, which takes SLOTS_LOCK, applies the holds, then reserves in the asks' order.
+_GROUP_SQL = (
+    "SELECT reserved, wait_s"
+    " FROM imagebot_send_slots(?::text[], ?::float8[], ?::text[], ?::float8[], ?::float8[])"
 )
 
 
@@ -97,9 +90,7 @@ class SendSlots:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._asks: GroupCall[_Ask, Slot | None] = GroupCall(
-            db, self._run_group, PACING, transaction=True
-        )
+        self._asks: GroupCall[_Ask, Slot | None] = GroupCall(db, self._run_group, PACING)
         #: asks and writer calls so far: how well asks are grouped (tests read them)
         self.asks = 0
         self.calls = 0
@@ -111,19 +102,16 @@ class SendSlots:
         reservations = [a for a in asks if a.arg.global_step is not None]
         self.asks += len(asks)
         self.calls += 1
-        self.db.lock(conn, SLOTS_LOCK)
-        if holds:
-            conn.execute(_HOLD_MANY_SQL, ([a.arg.key for a in holds], [a.arg.step for a in holds]))
-        rows = []
-        if reservations:
-            rows = conn.execute(
-                _RESERVE_MANY_SQL,
-                (
-                    [a.arg.key for a in reservations],
-                    [a.arg.step for a in reservations],
-                    [a.arg.global_step for a in reservations],
-                ),
-            ).fetchall()
+        rows = conn.execute(
+            _GROUP_SQL,
+            (
+                [a.arg.key for a in holds],
+                [a.arg.step for a in holds],
+                [a.arg.key for a in reservations],
+                [a.arg.step for a in reservations],
+                [a.arg.global_step for a in reservations],
+            ),
+        ).fetchall()
         for ask in holds:
             ask.settle(None)
         for ask, row in zip(reservations, rows, strict=True):

@@ -1,0 +1,4 @@
+-- imagebot schema 16: a group of send-slot asks in one round trip (issue 16).
+-- On PostgreSQL this adds the function imagebot_send_slots (a group call's holds and
+-- reservations, with the advisory lock that orders them, in one statement). SQLite serves one
+-- process and needs none; the number is kept so both dialects count their schema the same.
