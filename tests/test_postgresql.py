@@ -18,6 +18,7 @@ from imagebot.store.inbox import Inbox
 from imagebot.store.jobs import JobStore
 from imagebot.store.ledger import Ledger
 from imagebot.store.migrate import migrate
+from imagebot.store.prefs import Prefs, PrefStore
 from imagebot.store.usage import Usage
 from tests.crash_harness import environment, only_line, run_imagebot
 from tests.storeview import query
@@ -245,5 +246,43 @@ async def test_the_save_says_whether_an_earlier_update_of_the_chat_is_open(pg_ur
         assert await inbox.save([_message(5, 7)]) == [True]
         assert inbox.first_open_at_save(5)
         assert await inbox.earlier_pending(7, 6) == 5  # what the look would have found
+    finally:
+        await db.close()
+
+
+def _from(update_id: int, chat_id: int, user_id: int) -> dict[str, object]:
+    sender = {"id": user_id, "is_bot": False, "first_name": "A"}
+    message = {"message_id": update_id, "date": 0, "chat": {"id": chat_id}, "text": "hi"}
+    return {"update_id": update_id, "message": {**message, "from": sender}}
+
+
+async def test_the_save_reads_the_users_choices_only_where_nothing_can_change_them_first(
+    pg_url: str,
+) -> None:
+    """The save of an update that no earlier one of its chat precedes reads its user's
+    language and choices with it (the handler needs no read of its own); one behind an open
+    update of its chat, or behind one in the same batch (a /language before a /generate),
+    gets none: its handler reads them once the earlier one has run."""
+    db = Database(pg_url)
+    await db.open()
+    try:
+        await migrate(db)
+        prefs, inbox = PrefStore(db), Inbox(db)
+        await prefs.choose_language(70, "ru")
+        await prefs.set_style(70, "anime")
+        await prefs.set_count(70, 2)
+        assert await inbox.save([_from(1, 70, 70), _from(2, 70, 70)]) == [True, True]
+        assert await inbox.save([_from(3, 70, 70), _from(4, 80, 80)]) == [True, True]
+        assert await inbox.save([{"update_id": 5, "poll": {"id": "1"}}, _from(6, 90, 90)]) == [
+            True,
+            True,
+        ]
+        assert inbox.prefs_at_save(1, 70) == ("ru", Prefs("anime", None, 2))
+        assert inbox.prefs_at_save(1, 70) is None  # once: a retried update reads again
+        assert inbox.prefs_at_save(2, 70) is None  # 1 may change them first
+        assert inbox.prefs_at_save(3, 70) is None  # 1 and 2 were open
+        assert inbox.prefs_at_save(4, 80) == (None, Prefs())  # 80 chose nothing
+        assert inbox.prefs_at_save(5, 70) is None  # no chat, no sender
+        assert inbox.prefs_at_save(6, 91) is None  # not the update's user: no guess
     finally:
         await db.close()

@@ -55,8 +55,11 @@ async def remember_language(update: Update, context: BotContext) -> None:
         texts.use_language(texts.DEFAULT_LANGUAGE)
         return
     chosen: str | None = None
+    services = context.services
+    # read with the update's save, when nothing could change them since (PostgreSQL)
+    found = services.inbox.prefs_at_save(update.update_id, user.id)
     try:
-        chosen, context.prefs = await context.services.prefs.with_language(user.id)
+        chosen, context.prefs = found or await services.prefs.with_language(user.id)
     except Exception as exc:  # a storage fault must not silence the bot: Telegram's guess
         log.warning("language_lookup_failed", error=str(exc))
     texts.use_language(chosen or texts.negotiate(user.language_code))

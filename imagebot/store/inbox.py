@@ -9,8 +9,9 @@ from datetime import timedelta
 from typing import Any
 
 from imagebot.clock import iso, utcnow
-from imagebot.store.db import INTERACTIVE, URGENT, Conn, Database, is_storage_fault
+from imagebot.store.db import INTERACTIVE, URGENT, Conn, Database, Row, is_storage_fault
 from imagebot.store.groupcall import GroupCall, Member
+from imagebot.store.prefs import PREFS_COLUMNS, Prefs, language_and_prefs
 
 # Every update type of the Bot API; anything else is "other", so a body with made-up keys
 # cannot mint new metric labels.
@@ -45,7 +46,7 @@ _MAX_FAILURE_CHARS = 300
 MAX_BATCH_ROWS = 200
 _MAX_CLOSED = 10_000
 _COLUMNS = ("update_id", "kind", "received_at", "payload", "received_by", "chat_key")
-_Row = tuple[Any, ...]
+_Row = tuple[Any, ...]  # the _COLUMNS, then the update's user id (not a column: see _insert)
 
 
 def update_kind(payload: dict[str, Any]) -> str:
@@ -69,6 +70,16 @@ def chat_key(payload: dict[str, Any]) -> int | None:
         chat = message.get("chat") if isinstance(message, dict) else None
     chat_id = chat.get("id") if isinstance(chat, dict) else None
     return chat_id if type(chat_id) is int else None
+
+
+def user_key(payload: dict[str, Any]) -> int | None:
+    """Who sent a raw update (`<kind>.from`: a message's or a button press's sender); None
+    when it names nobody that way. Only a hint: Inbox.prefs_at_save checks it against the
+    parsed update's `effective_user`."""
+    body = payload.get(update_kind(payload))
+    sender = body.get("from") if isinstance(body, dict) else None
+    user_id = sender.get("id") if isinstance(sender, dict) else None
+    return user_id if type(user_id) is int else None
 
 
 def failure_text(reason: str, error: BaseException | None = None) -> str:
@@ -103,37 +114,88 @@ def _chunks(savers: list[_Saver]) -> Iterator[list[_Saver]]:
         yield chunk
 
 
-def _insert(conn: Conn, rows: list[_Row], clear: set[int] | None = None) -> list[bool]:
+# The save's statement on a database several processes share: the insert (see _insert), then
+# for each new row of whose chat no earlier update was open its user's choices, read in the
+# same snapshot.
+_PREFS_SQL = (
+    "WITH saved AS ({insert})"  # noqa: S608 - column names and placeholders only
+    " SELECT s.update_id, s.clear, p.user_id IS NOT NULL AS known, "
+    + ", ".join(f"p.{column}" for column in PREFS_COLUMNS)
+    + " FROM saved AS s LEFT JOIN (VALUES {users}) AS u(update_id, user_id)"
+    " ON u.update_id = s.update_id"
+    " LEFT JOIN user_prefs AS p ON s.clear AND p.user_id = u.user_id"
+)
+
+
+class _Clear:
+    """What a save on a shared database learned of its new updates, for their handlers: which
+    had no earlier update of their chat open (Inbox.first_open_at_save), and for those, their
+    user's choices as of the save (Inbox.prefs_at_save). Written on the writer thread."""
+
+    def __init__(self) -> None:
+        self.updates: set[int] = set()
+        self.prefs: dict[int, tuple[int, str | None, Prefs]] = {}
+
+    def add(self, update_id: int, user_id: int | None, prefs: Row | None) -> None:
+        """`user_id` None: no choices to keep (nobody named, or they may change first)."""
+        if len(self.updates) >= _MAX_CLOSED:  # never asked for (bounded, harmless)
+            self.updates.clear()
+        self.updates.add(update_id)
+        if user_id is None:
+            return
+        if len(self.prefs) >= _MAX_CLOSED:
+            self.prefs.clear()
+        self.prefs[update_id] = (user_id, *language_and_prefs(prefs))
+
+
+def _insert(conn: Conn, rows: list[_Row], clear: _Clear | None = None) -> list[bool]:
     """One statement (its own transaction, outside BEGIN … COMMIT) inserting `rows`; True for
     the rows it added. An update_id already stored, or earlier in `rows` (Telegram sent it
     again meanwhile), is not new. `clear` (a database several processes share): gets the
-    new rows of whose chat no earlier update was open when they were saved."""
+    new rows of whose chat no earlier update was open when they were saved, with their user's
+    choices read in the same statement (the read every update made before its first handler,
+    measured at 200 updates a second, cost it a thread hop and two turns of the busy loop)."""
     seen: set[int] = set()
     unique = []
     for row in rows:
         if row[0] not in seen:
             seen.add(row[0])
             unique.append(row)
+    width = len(_COLUMNS)
     one = "(" + ", ".join("?" for _ in _COLUMNS) + ")"
+    values = [value for row in unique for value in row[:width]]
     # The statement's snapshot does not see the rows it inserts: a chat's earlier update in
     # the same batch is this process's own, and its handlers take them in order.
     opened = (
         ", NOT EXISTS (SELECT 1 FROM inbox AS e WHERE e.chat_key = inbox.chat_key"
-        " AND e.processed_at IS NULL AND e.update_id < inbox.update_id)"
+        " AND e.processed_at IS NULL AND e.update_id < inbox.update_id) AS clear"
         if clear is not None
         else ""
     )
-    cursor = conn.execute(
+    sql = (
         f"INSERT INTO inbox ({', '.join(_COLUMNS)}) VALUES {', '.join(one for _ in unique)}"  # noqa: S608 - placeholders only
-        f" ON CONFLICT (update_id) DO NOTHING RETURNING update_id{opened}",
-        [value for row in unique for value in row],
+        f" ON CONFLICT (update_id) DO NOTHING RETURNING update_id{opened}"
     )
-    returned = cursor.fetchall()
+    if clear is not None:
+        sql = _PREFS_SQL.format(
+            insert=sql, users=", ".join("(?::bigint, ?::bigint)" for _ in unique)
+        )
+        values += [value for row in unique for value in (row[0], row[width])]
+    returned = conn.execute(sql, values).fetchall()
     added = {int(row[0]) for row in returned}
     if clear is not None:
-        if len(clear) >= _MAX_CLOSED:  # never asked for (bounded, harmless)
-            clear.clear()
-        clear.update(int(row[0]) for row in returned if row[1])
+        # A chat's later update in this batch is clear too (its earlier one is this
+        # process's to run first), but that earlier one may change the user's choices.
+        first: dict[int, int] = {}  # chat -> its first update in the batch
+        for row in unique:
+            chat = row[width - 1]
+            if chat is not None:
+                first[chat] = min(first.get(chat, row[0]), row[0])
+        users = {row[0]: row[width] for row in unique if first.get(row[width - 1]) == row[0]}
+        for row in returned:
+            if row["clear"]:
+                update_id = int(row["update_id"])
+                clear.add(update_id, users.get(update_id), row if row["known"] else None)
     fresh = []
     for row in rows:
         fresh.append(row[0] in added)
@@ -155,8 +217,9 @@ class Inbox:
         # their handler's end needs no second write (see `closed_with_job`)
         self._closed: set[int] = set()
         # A database several processes share: updates saved here while no earlier update of
-        # their chat was open (see `first_open_at_save`); written on the writer thread.
-        self._clear: set[int] | None = set() if db.shared else None
+        # their chat was open, and their users' choices then (see `first_open_at_save` and
+        # `prefs_at_save`); written on the writer thread.
+        self._clear: _Clear | None = _Clear() if db.shared else None
 
     async def save(self, payloads: Sequence[dict[str, Any]]) -> list[bool]:
         """Commit raw updates (all of them or none); True where the update is new.
@@ -179,6 +242,7 @@ class Inbox:
                 json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
                 self.node_id,
                 chat_key(payload),
+                user_key(payload),
             )
             for payload in payloads
         ]
@@ -221,10 +285,23 @@ class Inbox:
         the loop's turn as long as the job creation). An earlier one arriving later still (out
         of order) is not waited for, as one arriving after that read was not."""
         clear = self._clear
-        if clear is None or update_id not in clear:
+        if clear is None or update_id not in clear.updates:
             return False
-        clear.discard(update_id)
+        clear.updates.discard(update_id)
         return True
+
+    def prefs_at_save(self, update_id: int, user_id: int) -> tuple[str | None, Prefs] | None:
+        """(Once) user `user_id`'s language and choices as the save of this update read them,
+        when no earlier update of its chat was open then; None otherwise (read them now).
+
+        As good as a read now: the chat's later updates wait for this one, so what could
+        change the choices in between is an update of another chat (the same user elsewhere),
+        whose order against this one is no more defined by a read now."""
+        clear = self._clear
+        found = clear.prefs.pop(update_id, None) if clear is not None else None
+        if found is None or found[0] != user_id:
+            return None
+        return found[1], found[2]
 
     def closed_with_job(self, update_id: int) -> None:
         """The update's job was created, and the same transaction closed the update: its

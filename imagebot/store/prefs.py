@@ -6,7 +6,12 @@ from dataclasses import dataclass
 
 from imagebot.clock import iso
 from imagebot.store import languages
-from imagebot.store.db import Database
+from imagebot.store.db import Database, Row
+
+# What every update reads of its user's row (the language) and a request the rest of
+# (with_language; the inbox reads them with the save too, see Inbox.prefs_at_save)
+PREFS_COLUMNS = ("language", "style_id", "shape", "image_count")
+_SELECT_PREFS = f"SELECT {', '.join(PREFS_COLUMNS)} FROM user_prefs WHERE user_id = ?"  # noqa: S608 - column names
 
 # one statement per column: a choice changes only its own column
 _UPSERT = {
@@ -74,15 +79,7 @@ class PrefStore:
     async def with_language(self, user_id: int) -> tuple[str | None, Prefs]:
         """The language the user chose (None: never) and their other choices, in one read
         (every update needs the language; a request needs the rest too)."""
-        row = await self.db.fetchone(
-            "SELECT language, style_id, shape, image_count FROM user_prefs WHERE user_id = ?",
-            (user_id,),
-        )
-        if row is None:
-            return None, Prefs()
-        count = row["image_count"]
-        prefs = Prefs(row["style_id"], row["shape"], int(count) if count is not None else None)
-        return (str(row["language"]) if row["language"] else None), prefs
+        return language_and_prefs(await self.db.fetchone(_SELECT_PREFS, (user_id,)))
 
     async def set_style(self, user_id: int, style_id: str) -> None:
         await self.db.execute_write(_UPSERT["style_id"], (user_id, style_id, iso()))
@@ -117,3 +114,13 @@ class PrefStore:
             int(row["user_id"]),
             str(row["created_at"]),
         )
+
+
+def language_and_prefs(row: Row | None) -> tuple[str | None, Prefs]:
+    """A user_prefs row's PREFS_COLUMNS as (the chosen language or None, the choices); a
+    missing row (or one of NULLs) is no choice made."""
+    if row is None:
+        return None, Prefs()
+    count = row["image_count"]
+    prefs = Prefs(row["style_id"], row["shape"], int(count) if count is not None else None)
+    return (str(row["language"]) if row["language"] else None), prefs
