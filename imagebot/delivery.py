@@ -26,6 +26,7 @@ from imagebot import texts
 from imagebot.buttondata import Button, ButtonData
 from imagebot.errors import DeliveryError
 from imagebot.models import ImageFile
+from imagebot.ratelimit import TelegramRateLimiter
 
 PHOTO_MAX_BYTES = 10 * 1000 * 1000
 PHOTO_MAX_SIDES = 10_000
@@ -188,6 +189,14 @@ class Delivery:
 
     def __init__(self, bot: Bot) -> None:
         self.bot = bot
+
+    def expect_send(self, chat_id: int) -> None:
+        """A message to `chat_id` follows shortly, whatever the work before it comes to (a
+        request's answer while its job is being made): its rate-limit slot may be asked for
+        now, alongside that work (TelegramRateLimiter.reserve_ahead)."""
+        limiter = getattr(self.bot, "rate_limiter", None)
+        if isinstance(limiter, TelegramRateLimiter):
+            limiter.reserve_ahead(chat_id)
 
     async def send_text(
         self,

@@ -93,6 +93,10 @@ class TelegramRateLimiter(BaseRateLimiter[int]):
     async def initialize(self) -> None:
         """Nothing to set up."""
 
+    def reserve_ahead(self, chat_id: int) -> None:
+        """A send to `chat_id` follows shortly: prepare its slot now, if that takes time.
+        Here nothing does (the limits are in memory); see SharedRateLimiter."""
+
     async def shutdown(self) -> None:
         """Nothing to release."""
 

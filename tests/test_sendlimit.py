@@ -23,7 +23,7 @@ from telegram.ext import ExtBot
 from telegram.request import HTTPXRequest
 
 from imagebot.config import TelegramSettings
-from imagebot.sharedlimit import SharedRateLimiter
+from imagebot.sharedlimit import AHEAD_SLACK_S, SharedRateLimiter
 from imagebot.store.db import PACING, Database
 from imagebot.store.migrate import migrate
 from imagebot.store.sendslots import SendSlots
@@ -52,16 +52,16 @@ async def opened(target: str | Path) -> AsyncIterator[Database]:
 
 @asynccontextmanager
 async def sender(
-    telegram: FakeTelegram, db: Database, processes: int = 3
+    telegram: FakeTelegram, db: Database, processes: int = 3, slots: SendSlots | None = None
 ) -> AsyncIterator[tuple[ExtBot[None], SharedRateLimiter]]:
     """One process's sending side: a PTB bot whose requests go through a shared limiter
-    (which counts `processes` live processes)."""
+    (which counts `processes` live processes) on `slots` (made here if not given)."""
     settings = TelegramSettings(api_base_url=telegram.url, **LIMITS)
 
     async def peers() -> int:
         return processes
 
-    limiter = SharedRateLimiter(settings, SendSlots(db), peers=peers)
+    limiter = SharedRateLimiter(settings, slots or SendSlots(db), peers=peers)
     limiter.keep_timings = True
     bot: ExtBot[None] = ExtBot(
         BOT_TOKEN,
@@ -199,6 +199,38 @@ async def test_three_processes_share_one_limit(telegram: FakeTelegram, pg_url: s
         f" p50 {statistics.median(timings) * 1000:.2f} ms,"
         f" p99 {percentile(timings, 99) * 1000:.2f} ms"
     )
+
+
+async def test_a_slot_reserved_ahead_is_used_and_keeps_the_chat_spaced(
+    telegram: FakeTelegram, pg_url: str
+) -> None:
+    """A request's answer has its slot asked for while its job is being made (reserve_ahead):
+    the send goes on it without an ask of its own. Another process sending to the same chat
+    at that moment still comes a chat's spacing after it, also when the answer went later
+    than the slack its slot was reserved with (its chat's next slot is moved on first then).
+    Telegram, enforcing 1 message a second per chat, refuses nothing."""
+    telegram.enforce_flood(overall_per_s=30, per_chat_per_s=1)
+    async with opened(pg_url) as db_a, opened(pg_url) as db_b:
+        slots_a = SendSlots(db_a)
+        async with (
+            sender(telegram, db_a, slots=slots_a) as (bot_a, limiter_a),
+            sender(telegram, db_b) as (bot_b, _),
+        ):
+            # (chat, how long the job takes to make, A's asks: ahead, [move on], after)
+            for chat, making_s, asks in ((6001, 0.2, 2), (6002, AHEAD_SLACK_S + 0.4, 3)):
+                before = slots_a.asks
+                limiter_a.reserve_ahead(chat)
+                await asyncio.sleep(making_s)
+                await asyncio.gather(
+                    bot_a.send_message(chat, "A: your job is queued"),
+                    bot_b.send_message(chat, "B: your picture"),
+                )
+                assert slots_a.asks - before == asks
+    assert telegram.flood_429s == 0
+    for chat in (6001, 6002):
+        first, second = telegram.messages(chat)
+        assert first.text == "A: your job is queued"
+        assert second.sent_at - first.sent_at >= 1.0
 
 
 async def test_a_429_pauses_every_process(telegram: FakeTelegram, pg_url: str) -> None:

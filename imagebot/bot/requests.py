@@ -282,6 +282,9 @@ async def request_job(
     if not decision.allowed:
         await refuse(update, context, kind, decision)
         return None
+    # From here every outcome is answered in this chat (the place in line, "Generating…", or
+    # why not): its send slot is asked for while the job is being made.
+    services.delivery.expect_send(chat.id)
     provider, _ = _operation(context, kind)
     prefs = context.prefs if context.prefs is not None else await services.prefs.get(user.id)
     chosen = Choices(services.settings).resolve(
