@@ -51,7 +51,7 @@ LATE_S = 0.02  # a send woken this much after its slot moves its chat's next slo
 # further off, so the send, that much later than its slot, needs no second round trip to move
 # it. (A send later still moves it first, as any late send.)
 AHEAD_SLACK_S = 0.5
-AHEAD_KEEP_S = 30.0  # a slot reserved ahead and not used by then is forgotten
+AHEAD_KEEP_S = 30.0  # a slot reserved ahead, unused this long, is dropped when many are kept
 _MAX_AHEAD = 4096
 _MAX_GATE_TRIES = 1000  # bounded: a chat kept busy by other processes this long goes anyway
 
@@ -127,14 +127,10 @@ class SharedRateLimiter(TelegramRateLimiter):
         return slot, time.monotonic()
 
     def _take_ahead(self, chat_id: int | str) -> asyncio.Task[tuple[Slot, float]] | None:
+        """The chat's slot asked for ahead, if any (however old: a slot long past makes the
+        send late, which moves the chat's next slot on before it goes)."""
         taken = self._ahead.pop(chat_id, None)
-        if taken is None:
-            return None
-        ask, since = taken
-        if time.monotonic() - since > AHEAD_KEEP_S:
-            ask.cancel()
-            return None
-        return ask
+        return taken[0] if taken is not None else None
 
     def _gate(self, endpoint: str, chat_id: int | str | None) -> tuple[str, float] | None:
         if chat_id is not None and endpoint in SEND_METHODS:
@@ -199,7 +195,7 @@ class SharedRateLimiter(TelegramRateLimiter):
                 self._shared_again()
                 due = answered + slot.wait_s
                 wait_s = due - time.monotonic()
-                if wait_s <= 0 and slot.reserved and (slack == 0 or -wait_s <= slack + LATE_S):
+                if wait_s <= 0 and slot.reserved and -wait_s <= slack + LATE_S:
                     # The slot is now: send without a sleep(0), whose turn of a busy event
                     # loop (100+ ms at 200 updates/s) made nearly every send "late" and cost
                     # it a second reservation round trip (the hold below) before it went.

@@ -221,6 +221,7 @@ async def test_a_slot_reserved_ahead_is_used_and_keeps_the_chat_spaced(
                 before = slots_a.asks
                 limiter_a.reserve_ahead(chat)
                 await asyncio.sleep(making_s)
+                assert slots_a.asks - before == 1  # asked while the job was being made
                 await asyncio.gather(
                     bot_a.send_message(chat, "A: your job is queued"),
                     bot_b.send_message(chat, "B: your picture"),

@@ -47,6 +47,8 @@ MAX_BATCH_ROWS = 200
 _MAX_CLOSED = 10_000
 _COLUMNS = ("update_id", "kind", "received_at", "payload", "received_by", "chat_key")
 _Row = tuple[Any, ...]  # the _COLUMNS, then the update's user id (not a column: see _insert)
+_CHAT = _COLUMNS.index("chat_key")
+_USER = len(_COLUMNS)
 
 
 def update_kind(payload: dict[str, Any]) -> str:
@@ -161,9 +163,8 @@ def _insert(conn: Conn, rows: list[_Row], clear: _Clear | None = None) -> list[b
         if row[0] not in seen:
             seen.add(row[0])
             unique.append(row)
-    width = len(_COLUMNS)
     one = "(" + ", ".join("?" for _ in _COLUMNS) + ")"
-    values = [value for row in unique for value in row[:width]]
+    values = [value for row in unique for value in row[:_USER]]
     # The statement's snapshot does not see the rows it inserts: a chat's earlier update in
     # the same batch is this process's own, and its handlers take them in order.
     opened = (
@@ -180,7 +181,7 @@ def _insert(conn: Conn, rows: list[_Row], clear: _Clear | None = None) -> list[b
         sql = _PREFS_SQL.format(
             insert=sql, users=", ".join("(?::bigint, ?::bigint)" for _ in unique)
         )
-        values += [value for row in unique for value in (row[0], row[width])]
+        values += [value for row in unique for value in (row[0], row[_USER])]
     returned = conn.execute(sql, values).fetchall()
     added = {int(row[0]) for row in returned}
     if clear is not None:
@@ -188,10 +189,9 @@ def _insert(conn: Conn, rows: list[_Row], clear: _Clear | None = None) -> list[b
         # process's to run first), but that earlier one may change the user's choices.
         first: dict[int, int] = {}  # chat -> its first update in the batch
         for row in unique:
-            chat = row[width - 1]
-            if chat is not None:
-                first[chat] = min(first.get(chat, row[0]), row[0])
-        users = {row[0]: row[width] for row in unique if first.get(row[width - 1]) == row[0]}
+            if row[_CHAT] is not None:
+                first[row[_CHAT]] = min(first.get(row[_CHAT], row[0]), row[0])
+        users = {row[0]: row[_USER] for row in unique if first.get(row[_CHAT]) == row[0]}
         for row in returned:
             if row["clear"]:
                 update_id = int(row["update_id"])
