@@ -169,7 +169,12 @@ def build(settings: Settings, *, resolver: Resolver = system_resolver) -> App:
     """Wire every collaborator (no I/O happens here)."""
     metrics = Metrics()
     db = connect_store(
-        settings.storage.database, synchronous=settings.storage.synchronous, exclusive=True
+        settings.storage.database,
+        synchronous=settings.storage.synchronous,
+        exclusive=True,
+        # a session stalled inside a transaction loses it (and its locks) well within the
+        # lease, so the others' takeover of this process's jobs never waits behind it
+        stalled_after_s=max(1.0, settings.cluster.lease_s / 3),
     )
     cluster = Cluster(settings, db)
     inbox = Inbox(db, cluster.node_id)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -192,6 +194,52 @@ async def test_after_connections_are_cut_one_write_fails_not_one_per_writer(pg_u
             "pacing": 3,
             "aside": 1,
         }
+    finally:
+        await db.close()
+
+
+async def test_a_write_stalled_inside_its_transaction_is_ended_by_the_server(
+    pg_url: str,
+) -> None:
+    """A writer that stops between two statements of a transaction (a frozen process) for
+    longer than `stalled_after_s` loses its session: nothing of the transaction is kept, its
+    locks are gone at once for everyone else, the failure is a storage fault (retried like a
+    restart), and the next write commits on a new connection."""
+    import psycopg
+
+    from imagebot.store.db import Database, is_storage_fault
+
+    db = Database(pg_url, stalled_after_s=0.5)
+    await db.open()
+    try:
+        await db.run(lambda conn: conn.execute("CREATE TABLE touched (n INTEGER)"))
+
+        def stalls(conn: Any) -> None:
+            conn.execute("INSERT INTO touched VALUES (1)")
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('jobs:claim'))")
+            time.sleep(1.5)  # the stall: no statement, the transaction open
+            conn.execute("INSERT INTO touched VALUES (2)")
+
+        def wait_for_the_lock() -> float:
+            """Seconds another session waits for the stalled writer's advisory lock."""
+            with psycopg.connect(pg_url, autocommit=True) as other:
+                other.execute("SET lock_timeout = '5s'")
+                started = time.monotonic()
+                other.execute("SELECT pg_advisory_xact_lock(hashtext('jobs:claim'))")
+                return time.monotonic() - started
+
+        stalled = asyncio.ensure_future(db.write(stalls))
+        held = "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        await wait_until(lambda: bool(query(pg_url, held)), within=5)
+        waited_s = await asyncio.to_thread(wait_for_the_lock)
+        with pytest.raises(Exception) as found:  # noqa: PT011 - what psycopg raises varies
+            await stalled
+        assert is_storage_fault(found.value)
+        # held until the server ended the session (0.5 s), not until the stall ended (1.5 s)
+        assert 0.2 < waited_s < 1.2, waited_s
+        await db.execute_write("INSERT INTO touched VALUES (3)")
+        rows = await db.fetchall("SELECT n FROM touched ORDER BY n")
+        assert [r["n"] for r in rows] == [3]
     finally:
         await db.close()
 

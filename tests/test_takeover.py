@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from imagebot.store.postgresql import connect
 from tests import updates
 from tests.conftest import SettingsFactory, running
 from tests.crash_harness import Daemon, query
@@ -206,6 +207,62 @@ async def test_frozen_process_wakes_and_sends_nothing_for_a_taken_job(
     assert dict(jobs(pg_url)[0]) == before_row
     assert running_on(before_row["owner"], [survivor]) is survivor
     assert len(replicate.creates) == 1 and len(telegram.photos(CHAT)) == 1
+
+
+# a session that holds an advisory lock (the reaper's, the claim's) and waits for another lock
+LOCK_HOLDER_WAITING = (
+    "SELECT DISTINCT held.pid FROM pg_locks held JOIN pg_locks waiting"
+    " ON waiting.pid = held.pid AND NOT waiting.granted"
+    " WHERE held.locktype = 'advisory' AND held.granted"
+)
+
+
+def session_state(pg_url: str, pid: int) -> str | None:
+    rows = query(pg_url, "SELECT state FROM pg_stat_activity WHERE pid = ?", (pid,))
+    return str(rows[0]["state"]) if rows else None
+
+
+async def test_a_process_frozen_inside_a_transaction_does_not_hold_up_the_takeover(
+    daemons: MakeDaemon, telegram: FakeTelegram, replicate: FakeReplicate, pg_url: str
+) -> None:
+    """SIGSTOP a process in the middle of a write transaction that holds a cluster-wide lock
+    (the test catches it there: a table lock of its own stops the transaction's next
+    statement). The server ends that session within a third of the lease, so its locks go:
+    a second process starts, takes the frozen one's job over and delivers it; after SIGCONT
+    the frozen process finds its connection gone, sends nothing and carries on."""
+    replicate.latency_s = LEASE_S + 3
+    zombie = daemons("a")
+    await zombie.start()
+    telegram.push_update(updates.command("/generate a frozen pond"))
+    await wait_rows(pg_url, lambda r: bool(r) and r[0]["phase"] == "submitted", within=20)
+    assert zombie.proc is not None
+    with connect(pg_url) as blocker, blocker.transaction():
+        blocker.execute("LOCK TABLE nodes IN ACCESS EXCLUSIVE MODE")
+        # the leader's reap (every heartbeat) takes its lock, then reads nodes: stuck
+        await wait_until(lambda: bool(query(pg_url, LOCK_HOLDER_WAITING)), within=10)
+        (pid,) = {row["pid"] for row in query(pg_url, LOCK_HOLDER_WAITING)}
+        zombie.proc.send_signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        # its statement ends now, on the server; the session waits for a client that is frozen
+        await wait_until(lambda: session_state(pg_url, pid) == "idle in transaction", within=1)
+        survivor = daemons("b")
+        await survivor.start()  # its start-up reap takes the same lock
+        await telegram.wait_for(lambda: len(telegram.photos(CHAT)) == 1, within=LEASE_S + 30)
+        delivered_s = time.monotonic() - frozen_at
+        await wait_rows(pg_url, lambda r: r[0]["phase"] == "done", within=10)
+        assert session_state(pg_url, pid) is None  # the server ended the frozen session
+        before_row = dict(jobs(pg_url)[0])
+        before_chat = chat_snapshot(telegram)
+    finally:
+        zombie.proc.send_signal(signal.SIGCONT)
+    await wait_until(lambda: bool(zombie.log_events("node_rejoined")), within=15)
+    assert zombie.running
+    assert chat_snapshot(telegram) == before_chat
+    assert dict(jobs(pg_url)[0]) == before_row
+    assert running_on(before_row["owner"], [survivor]) is survivor
+    assert len(replicate.creates) == 1
+    print(f"delivered {delivered_s:.1f} s after the freeze (lease {LEASE_S} s)")  # noqa: T201
 
 
 async def test_cancel_from_another_process_stops_the_owner(

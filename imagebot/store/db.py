@@ -109,6 +109,9 @@ _STORAGE_ERRNOS = frozenset({5, 27, 28, 30, 122})  # EIO EFBIG ENOSPC EROFS EDQU
 # 08 connection exception, 53 insufficient resources (disk full), 57 operator intervention
 # (shutdown, crash recovery), 58 system error (I/O).
 _PG_FAULT_CLASSES = ("08", "53", "57", "58")
+# idle_in_transaction_session_timeout: the server ended a session that stalled inside a
+# transaction (see PostgresDatabase); nothing of it was written, so it is retried as a fault
+_PG_FAULT_STATES = ("25P03",)
 
 
 def is_storage_fault(exc: BaseException) -> bool:
@@ -126,7 +129,7 @@ def is_storage_fault(exc: BaseException) -> bool:
         if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
             return True
         sqlstate = getattr(exc, "sqlstate", None) or ""
-        return sqlstate[:2] in _PG_FAULT_CLASSES
+        return sqlstate[:2] in _PG_FAULT_CLASSES or sqlstate in _PG_FAULT_STATES
     if isinstance(exc, OSError):
         return exc.errno in _STORAGE_ERRNOS
     return False
@@ -290,17 +293,22 @@ def is_postgresql_url(target: str | Path) -> bool:
 
 
 def connect_store(
-    target: str | Path, *, synchronous: str = "full", exclusive: bool = False
+    target: str | Path,
+    *,
+    synchronous: str = "full",
+    exclusive: bool = False,
+    stalled_after_s: float | None = None,
 ) -> Database:
     """The store for `storage.database`: a postgresql:// URL or a SQLite file path.
 
     `exclusive` (the bot itself): a SQLite file serves one bot process, and `open()` raises
-    StoreInUse while another holds it; PostgreSQL ignores it.
+    StoreInUse while another holds it; PostgreSQL ignores it. `stalled_after_s` (the bot
+    itself, PostgreSQL): see PostgresDatabase.
     """
     if is_postgresql_url(target):
         from imagebot.store.postgresql import PostgresDatabase
 
-        return PostgresDatabase(str(target))
+        return PostgresDatabase(str(target), stalled_after_s=stalled_after_s)
     from imagebot.store.sqlite import SqliteDatabase
 
     return SqliteDatabase(Path(target), synchronous=synchronous, exclusive=exclusive)

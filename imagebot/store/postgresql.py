@@ -287,9 +287,12 @@ class _Breaks:
 class _Link:
     """The connection one writer thread owns; made again after the server went away."""
 
-    def __init__(self, url: str, where: str, breaks: _Breaks) -> None:
+    def __init__(
+        self, url: str, where: str, breaks: _Breaks, stalled_after_s: float | None = None
+    ) -> None:
         self.url = url
         self.where = where
+        self.stalled_after_s = stalled_after_s
         self.conn: psycopg.Connection[Any] | None = None
         self._delay = 0.0
         self._next_try = 0.0
@@ -315,6 +318,15 @@ class _Link:
         self._connects_seen = self._breaks.connects
         try:
             conn = connect(self.url)
+            if self.stalled_after_s is not None:
+                # A process frozen (SIGSTOP, a paused VM) between a transaction's statements
+                # keeps its row and advisory locks (the claim's, the reaper's) while its lease
+                # runs out; the live processes' takeover would wait behind them until it woke.
+                # The server ends such a session instead, and its transaction with it.
+                conn.execute(
+                    "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                    (str(max(1, round(self.stalled_after_s * 1000))),),
+                )
         except psycopg.OperationalError as exc:
             self._delay = min(max(self._delay * 2, _BACKOFF_FIRST_S), _BACKOFF_MAX_S)
             self._next_try = now + self._delay
@@ -366,8 +378,14 @@ class PostgresDatabase(Database):
         # clock_timestamp(), not now(): a long transaction must not see an old time
         return f"(clock_timestamp() + make_interval(secs => {float(offset_s):.3f}))"
 
-    def __init__(self, url: str, *, synchronous: str = "full") -> None:
+    def __init__(
+        self, url: str, *, synchronous: str = "full", stalled_after_s: float | None = None
+    ) -> None:
+        """`stalled_after_s`: a writer's session idle inside a transaction that long is ended
+        by the server (the bot: a third of its lease); None (tools such as the store copy,
+        whose one long transaction waits on its own reads) leaves the server's setting."""
         self.url = url
+        self.stalled_after_s = stalled_after_s
         self.address = server_address(url)
         self.dbname = database_name(url)
         self.writes = WriteHealth()
@@ -402,7 +420,7 @@ class PostgresDatabase(Database):
             self._lanes[key] = [
                 (
                     _WriterThread(f"{name}-{n}" if n else name),
-                    _Link(self.url, self.address, self._breaks),
+                    _Link(self.url, self.address, self._breaks, self.stalled_after_s),
                 )
                 for n in range(_LANE_SIZES.get(key, 1))
             ]
