@@ -185,7 +185,10 @@ def configure(conn: psycopg.Connection[Any]) -> None:
     conn.execute("SET DateStyle = 'ISO'")
 
 
-def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
+def connect(
+    url: str, *, stalled_after_s: float | None = None, **kwargs: Any
+) -> psycopg.Connection[Any]:
+    """A configured autocommit connection. `stalled_after_s`: see PostgresDatabase."""
     conn: psycopg.Connection[Any] = psycopg.connect(
         url,
         autocommit=True,
@@ -194,7 +197,21 @@ def connect(url: str, **kwargs: Any) -> psycopg.Connection[Any]:
         application_name="imagebot",
         **kwargs,
     )
-    configure(conn)
+    try:
+        configure(conn)
+        if stalled_after_s is not None:
+            # A process frozen (SIGSTOP, a paused VM) between a transaction's statements
+            # keeps its row and advisory locks (the claim's, the reaper's) while its lease
+            # runs out; the live processes' takeover would wait behind them until it woke.
+            # The server ends such a session instead, and its transaction with it. (At
+            # least 1 ms: 0 would turn the timeout off.)
+            conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(max(1, round(stalled_after_s * 1000))),),
+            )
+    except BaseException:
+        conn.close()  # not left open behind a failed set-up
+        raise
     return conn
 
 
@@ -317,16 +334,7 @@ class _Link:
             raise StoreUnavailable(f"PostgreSQL at {self.where} is unreachable (retrying)")
         self._connects_seen = self._breaks.connects
         try:
-            conn = connect(self.url)
-            if self.stalled_after_s is not None:
-                # A process frozen (SIGSTOP, a paused VM) between a transaction's statements
-                # keeps its row and advisory locks (the claim's, the reaper's) while its lease
-                # runs out; the live processes' takeover would wait behind them until it woke.
-                # The server ends such a session instead, and its transaction with it.
-                conn.execute(
-                    "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
-                    (str(max(1, round(self.stalled_after_s * 1000))),),
-                )
+            conn = connect(self.url, stalled_after_s=self.stalled_after_s)
         except psycopg.OperationalError as exc:
             self._delay = min(max(self._delay * 2, _BACKOFF_FIRST_S), _BACKOFF_MAX_S)
             self._next_try = now + self._delay
